@@ -1,0 +1,90 @@
+"""Command line: `main.py JOB [options]` dispatches to `jobs.<JOB>`; exit 0 ok, 2 usage/input error, 1 bug."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from jobs.errors import UsageError
+from jobs.runlog import get_logger
+
+JOBS = {
+    "embed": "image files -> embeddings table",
+    "index": "embeddings table -> LSH index",
+    "search": "queries -> k nearest neighbours table (or near-duplicate pairs)",
+    "evaluate": "recall@k of lsh against exact, precision@k and mAP by label",
+    "report": "neighbours table -> contact sheets, HTML gallery, embedding map",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="Vehicle image similarity search on Spark.")
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, help_text in JOBS.items():
+        module = importlib.import_module(f"jobs.{name}")
+        job_parser = sub.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(job_parser)
+    return parser
+
+
+def spark_session(job: str):  # type: ignore[no-untyped-def]
+    """The session spark-submit configured (or a local one), quiet and with Arrow on."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (
+        SparkSession.builder.appName(f"vehicle-search-{job}")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def user_error_from_spark(error: Exception) -> str | None:
+    """Spark's own errors that mean bad input (a path that does not exist, not Parquet), as one line."""
+    name = type(error).__name__
+    text = str(error)
+    if name in ("AnalysisException", "IllegalArgumentException") and (
+        "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
+    ):
+        return text.strip().splitlines()[0][:400]
+    return None
+
+
+def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]
+    """Parse, run one job, map failures to exit codes. Pass `spark` to run inside an existing session."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # argparse already printed usage and the error
+        return int(e.code or 0)
+    log = get_logger(f"jobs.{args.job}")
+    own_session = spark is None
+    try:
+        if own_session:
+            spark = spark_session(args.job)
+        module = importlib.import_module(f"jobs.{args.job}")
+        return int(module.run(spark, args) or 0)
+    except UsageError as e:
+        print(f"main.py {args.job}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"main.py {args.job}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        message = user_error_from_spark(e)
+        if message:
+            print(f"main.py {args.job}: error: {message}", file=sys.stderr, flush=True)
+            return 2
+        log.exception("%s failed unexpectedly", args.job)
+        return 1
+    finally:
+        if own_session and spark is not None:
+            spark.stop()

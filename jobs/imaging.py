@@ -1,0 +1,117 @@
+"""Decode image bytes and preprocess like torchvision's ImageNet eval transforms (resize 256, crop 224)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE = 256
+CROP = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MAX_PIXELS = 100_000_000
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+Box = tuple[float, float, float, float]
+
+
+class ImageError(ValueError):
+    """A file that cannot be embedded; its message is the `error` column's text."""
+
+
+def extension_glob(extensions: Sequence[str] = IMAGE_EXTENSIONS) -> str:
+    """A case-insensitive Hadoop glob for these extensions, e.g. `*.{[jJ][pP][gG],...}`."""
+    def insensitive(ext: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext)
+
+    return "*.{" + ",".join(insensitive(e) for e in extensions) + "}"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white, 16/32-bit scaled, not clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _draft_size(width: int, height: int, box: Box | None) -> tuple[int, int]:
+    """The smallest decode size that still leaves the (box's) shorter side >= RESIZE after scaling."""
+    region_w, region_h = (box[2] - box[0], box[3] - box[1]) if box else (width, height)
+    scale = RESIZE / max(1.0, min(region_w, region_h))
+    return int(np.ceil(width * scale)), int(np.ceil(height * scale))
+
+
+def decode(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, int]:
+    """RGB image (cropped to box if given, EXIF orientation applied) and the original width and height."""
+    if not content:
+        raise ImageError("empty file")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(content))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(f"too large: {width}x{height} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+            if img.format == "JPEG":
+                img.draft("RGB", _draft_size(width, height, box))
+            if box is not None:
+                sx, sy = img.size[0] / width, img.size[1] / height
+                x1, y1, x2, y2 = box
+                img = img.crop((max(0, int(x1 * sx)), max(0, int(y1 * sy)), min(img.size[0], int(np.ceil(x2 * sx))), min(img.size[1], int(np.ceil(y2 * sy)))))
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+            rgb.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError("not a recognised image (unknown or corrupt header)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too large: " + str(e).split(" could be decompression bomb")[0].rstrip(",")) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt or truncated image: {e}"[:200]) from e
+    if min(rgb.size) < 1:
+        raise ImageError("empty image (zero width or height)")
+    return rgb, width, height
+
+
+def resize_center_crop(img: Image.Image) -> np.ndarray:
+    """torchvision Resize(256) (bilinear, antialiased) then CenterCrop(224), as HWC uint8."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = RESIZE, int(RESIZE * h / w)
+    else:
+        new_w, new_h = int(RESIZE * w / h), RESIZE
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - CROP) / 2.0)), int(round((new_w - CROP) / 2.0))
+    return np.asarray(img.crop((left, top, left + CROP, top + CROP)), dtype=np.uint8)
+
+
+def preprocess(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+    """Bytes to a 224x224x3 uint8 array ready for `to_batch`, with the original size."""
+    img, width, height = decode(content, box, max_pixels)
+    return resize_center_crop(img), width, height
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+
+
+def to_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stack HWC uint8 crops into a normalised NCHW float batch in channels_last memory layout."""
+    nhwc = torch.from_numpy(np.stack(crops))
+    # NHWC storage viewed as NCHW is exactly channels_last: no copy, and the conv kernels prefer it
+    return (nhwc.permute(0, 3, 1, 2).float() - _MEAN) / _STD

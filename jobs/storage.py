@@ -1,0 +1,96 @@
+"""Files on any Hadoop filesystem (local, s3a, s3, gs, hdfs) through the driver's JVM, and atomic swaps."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pandas as pd
+
+from pyspark.sql import SparkSession
+
+
+def _fs_and_path(spark: SparkSession, uri: str) -> tuple[Any, Any]:
+    jvm = spark._jvm
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
+
+
+def qualify(spark: SparkSession, uri: str) -> str:
+    """The fully qualified URI, e.g. `out` -> `file:/home/me/out`."""
+    fs, path = _fs_and_path(spark, uri)
+    return str(fs.makeQualified(path).toString())
+
+
+def exists(spark: SparkSession, uri: str) -> bool:
+    fs, path = _fs_and_path(spark, uri)
+    return bool(fs.exists(path))
+
+
+def delete(spark: SparkSession, uri: str) -> None:
+    fs, path = _fs_and_path(spark, uri)
+    if fs.exists(path):
+        fs.delete(path, True)
+
+
+def read_bytes(spark: SparkSession, uri: str) -> bytes:
+    fs, path = _fs_and_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        return bytes(spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
+    finally:
+        stream.close()
+
+
+def read_text(spark: SparkSession, uri: str) -> str:
+    return read_bytes(spark, uri).decode("utf-8")
+
+
+def write_text(spark: SparkSession, uri: str, text: str) -> None:
+    """Write a small UTF-8 file, replacing any file there."""
+    fs, path = _fs_and_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def sibling(uri: str, tag: str) -> str:
+    """A unique path beside uri, hidden from Spark's readers by its leading underscore-free dot name."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.{tag}-{uuid.uuid4().hex[:8]}" if parent else f".{name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def swap_in(spark: SparkSession, staged: str, target: str) -> None:
+    """Replace target by staged: rename the old aside, rename the new in, then delete the old.
+
+    Readers see either the old or the new directory, never a half-written one (on object stores the
+    rename is a copy, so there the window is short rather than zero).
+    """
+    fs, target_path = _fs_and_path(spark, target)
+    staged_path = spark._jvm.org.apache.hadoop.fs.Path(staged)
+    old = None
+    if fs.exists(target_path):
+        old = spark._jvm.org.apache.hadoop.fs.Path(sibling(target, "old"))
+        if not fs.rename(target_path, old):
+            raise OSError(f"could not move {target} aside")
+    if not fs.rename(staged_path, target_path):
+        if old is not None:
+            fs.rename(old, target_path)
+        raise OSError(f"could not move {staged} to {target}")
+    if old is not None:
+        fs.delete(old, True)
+
+
+def stat_files(spark: SparkSession, uris: list[str], exclude: set[str]) -> pd.DataFrame:
+    """path, length, modification_us of the URI-encoded uris whose decoded path is not in exclude."""
+    jvm = spark._jvm
+    rows = []
+    for uri in uris:
+        path = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))
+        if str(path.toString()) in exclude:
+            continue
+        status = path.getFileSystem(spark._jsc.hadoopConfiguration()).getFileStatus(path)
+        rows.append((str(path.toString()), int(status.getLen()), int(status.getModificationTime()) * 1000))
+    return pd.DataFrame(rows, columns=["path", "length", "modification_us"])

@@ -1,0 +1,135 @@
+"""Find, fetch, verify and load pretrained weights: local path, s3:// URI, https URL or torchvision's cache."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+
+from jobs.backbones import build_backbone
+from jobs.errors import UsageError
+
+TORCHVISION_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
+# torchvision names checkpoints NAME-<first hex digits of sha256>.pth and checks them the same way
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A verified checkpoint: its bytes (broadcast to executors), where it came from and its sha256."""
+
+    model: str
+    source: str
+    sha256: str
+    data: bytes
+
+
+def torchvision_cache_dir() -> str:
+    """Where torchvision caches checkpoints: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def how_to_pass(model: str) -> str:
+    name = os.path.basename(TORCHVISION_URLS[model])
+    return (
+        f"download {TORCHVISION_URLS[model]} where you have internet and pass --weights /path/to/{name} "
+        f"(or an s3:// URI), or copy it to {torchvision_cache_dir()}/"
+    )
+
+
+def _download(url: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(dest), delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, tmp)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, dest)  # a half-downloaded file never sits in the cache under the real name
+
+
+def _read_s3(uri: str) -> bytes:
+    import boto3  # imported here: only drivers that read weights from S3 need it
+
+    parsed = urlparse(uri)
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+
+
+def fetch_bytes(model: str, weights: str | None) -> tuple[str, bytes]:
+    """The checkpoint's bytes and a printable source, fetching into torchvision's cache when needed."""
+    source = weights or TORCHVISION_URLS[model]
+    scheme = urlparse(source).scheme
+    try:
+        if scheme in ("s3", "s3a", "s3n"):
+            return source, _read_s3(source)
+        if scheme in ("http", "https"):
+            cached = os.path.join(torchvision_cache_dir(), os.path.basename(urlparse(source).path))
+            if not os.path.exists(cached):
+                _download(source, cached)
+            source = cached
+        with open(source.removeprefix("file://"), "rb") as f:
+            return source, f.read()
+    except (OSError, urllib.error.URLError) as e:
+        raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
+    except Exception as e:  # boto3's errors: no credentials, no such bucket or key, endpoint down
+        if type(e).__module__.startswith(("botocore", "boto3")):
+            raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
+        raise
+
+
+def verify_hash(source: str, data: bytes) -> str:
+    """The sha256 of data; raises if the file name carries a torchvision hash prefix that differs."""
+    digest = hashlib.sha256(data).hexdigest()
+    match = HASH_IN_NAME.search(os.path.basename(urlparse(source).path or source))
+    if match and not digest.startswith(match.group(1)):
+        raise UsageError(
+            f"weights file {source} is corrupt or not the one its name promises: sha256 {digest[:12]}… "
+            f"does not start with {match.group(1)}; delete it and fetch it again"
+        )
+    return digest
+
+
+def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors only: weights_only=True refuses any pickled code."""
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state_dict, found {type(state).__name__}")
+    return state
+
+
+def build_model(model: str, data: bytes) -> torch.nn.Module:
+    """The backbone with these weights loaded strictly, in eval mode."""
+    net = build_backbone(model)
+    net.load_state_dict(state_dict_from_bytes(data), strict=True)
+    return net
+
+
+def load_weights(model: str, weights: str | None) -> Weights:
+    """Fetch, verify and test-load the checkpoint on the driver, so a bad file fails before any task runs."""
+    source, data = fetch_bytes(model, weights)
+    digest = verify_hash(source, data)
+    try:
+        build_model(model, data)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"{source} is not a usable {model} checkpoint ({reason}). "
+            f"Pass torchvision's {model} weights with --weights; {how_to_pass(model)}"
+        ) from e
+    return Weights(model=model, source=source, sha256=digest, data=data)
