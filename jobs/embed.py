@@ -306,8 +306,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     extensions = [e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()]
     if args.batch_size < 1 or args.chunk_files < 1:
         raise UsageError("--batch-size and --chunk-files must be at least 1")
-    with summary.stage("weights"):
-        weights: Weights = load_weights(args.model, args.weights)
     with summary.stage("list"):
         listing = list_images(spark, args.input, extensions)
         labels = read_labels(spark, args.labels) if args.labels else None
@@ -321,6 +319,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         if not args.crop_to_box:
             plan[["x1", "y1", "x2", "y2"]] = None
         plan = plan[PLAN_COLUMNS].astype(object).where(plan[PLAN_COLUMNS].notna(), None)
+    with summary.stage("weights"):
+        weights: Weights = load_weights(args.model, args.weights)
     skipped = len(listing) - len(todo)
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(listing), len(todo), skipped)
 

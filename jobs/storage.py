@@ -6,7 +6,6 @@ import uuid
 from typing import Any
 
 import pandas as pd
-
 from pyspark.sql import SparkSession
 
 

@@ -127,7 +127,7 @@ def load_weights(model: str, weights: str | None) -> Weights:
     try:
         build_model(model, data)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise UsageError(
             f"{source} is not a usable {model} checkpoint ({reason}). "
             f"Pass torchvision's {model} weights with --weights; {how_to_pass(model)}"

@@ -9,7 +9,7 @@ def build(package: Path, target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(package.rglob("*.py")):
-            archive.write(path, path.as_posix())
+            archive.write(path, path.relative_to(package.parent).as_posix())
     tmp.replace(target)
 
 

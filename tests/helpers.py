@@ -1,0 +1,36 @@
+"""Build the shipped artefacts and run them through spark-submit, as users do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts.build_zip import build
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARK_SUBMIT = str(Path(sys.executable).parent / "spark-submit")
+
+
+def build_dist(folder: Path) -> tuple[Path, Path]:
+    """jobs.zip and main.py exactly as `make build` writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    build(ROOT / "jobs", folder / "jobs.zip")
+    shutil.copy(ROOT / "jobs" / "__main__.py", folder / "main.py")
+    return folder / "jobs.zip", folder / "main.py"
+
+
+def spark_submit(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
+                 timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `spark-submit --py-files jobs.zip main.py JOB ...` from a directory outside the repository."""
+    zip_path, main_py = dist
+    command = [SPARK_SUBMIT, "--master", master, "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false"]
+    for key, value in (conf or {}).items():
+        command += ["--conf", f"{key}={value}"]
+    command += ["--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
+    run_env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+               "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}
+    run_env.pop("PYTHONPATH", None)  # the jobs must come from the zip, not from this checkout
+    return subprocess.run(command, cwd=zip_path.parent, env=run_env, capture_output=True, text=True, timeout=timeout)
