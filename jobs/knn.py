@@ -1,0 +1,144 @@
+"""Vectorised k-nearest-neighbour kernels in numpy: exact top-k and LSH bucket keys with multi-probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# odd 64-bit multipliers that mix a table's hash values into one bucket key (wrap-around arithmetic)
+_MIX = np.random.default_rng(20240229).integers(1, 2**62, size=64, dtype=np.int64) * 2 + 1
+
+
+@dataclass(frozen=True)
+class LshParams:
+    """Spark ML BucketedRandomProjectionLSH with numHashTables = tables * hashes_per_table.
+
+    Each of our `tables` ANDs `hashes_per_table` consecutive Spark hash functions into one bucket key
+    (a plain Spark table, with unit vectors, has two buckets and prunes nothing); a query probes its
+    own bucket and the `probes` neighbouring buckets whose boundaries it lies closest to.
+    """
+
+    bucket_length: float = 1.0
+    tables: int = 32
+    hashes_per_table: int = 12
+    probes: int = 2
+
+    @property
+    def num_hash_tables(self) -> int:
+        return self.tables * self.hashes_per_table
+
+
+def projections(vectors: np.ndarray, rand_unit_vectors: np.ndarray, bucket_length: float) -> np.ndarray:
+    """x . r / bucketLength for every Spark hash function: floor() of it is Spark's hash value."""
+    return (vectors.astype(np.float32) @ rand_unit_vectors.T.astype(np.float32)) / np.float32(bucket_length)
+
+
+def bucket_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshParams) -> np.ndarray:
+    """(n, tables) int64 bucket keys, the same as combining Spark's hash values for each table."""
+    hashes = np.floor(projections(vectors, rand_unit_vectors, params.bucket_length)).astype(np.int64)
+    grouped = hashes.reshape(len(vectors), params.tables, params.hashes_per_table)
+    return (grouped * _MIX[: params.hashes_per_table]).sum(axis=2)
+
+
+def probe_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshParams) -> np.ndarray:
+    """(n, tables, 1 + probes) keys: the own bucket, then neighbours across the least certain boundaries."""
+    proj = projections(vectors, rand_unit_vectors, params.bucket_length).reshape(len(vectors), params.tables, params.hashes_per_table)
+    hashes = np.floor(proj).astype(np.int64)
+    frac = proj - hashes
+    step = np.where(frac < 0.5, -1, 1)  # the nearer neighbouring bucket of each hash function
+    margin = np.minimum(frac, 1 - frac)
+    own = (hashes * _MIX[: params.hashes_per_table]).sum(axis=2)
+    nearest = np.argsort(margin, axis=2)[:, :, : params.probes]
+    moved = np.take_along_axis(step, nearest, axis=2) * _MIX[nearest]
+    return np.concatenate([own[:, :, None], own[:, :, None] + moved], axis=2)
+
+
+def _squared_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x)
+
+
+def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances) of the k nearest catalog rows per query by Euclidean distance, nearest first.
+
+    exclude: (n_queries, n_catalog) boolean mask of pairs never to return (a query itself).
+    Rows beyond the catalog size are -1 / inf.
+    """
+    d2 = _squared_norms(queries)[:, None] + _squared_norms(catalog)[None, :] - 2.0 * (queries @ catalog.T)
+    np.maximum(d2, 0.0, out=d2)
+    if exclude is not None:
+        d2[exclude] = np.inf
+    kk = min(k, catalog.shape[0])
+    if kk == 0:
+        return np.full((len(queries), k), -1), np.full((len(queries), k), np.inf, dtype=np.float32)
+    part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < catalog.shape[0] else np.tile(np.arange(kk), (len(queries), 1))
+    part_d = np.take_along_axis(d2, part, axis=1)
+    order = np.argsort(part_d, axis=1, kind="stable")
+    idx, dist = np.take_along_axis(part, order, axis=1), np.sqrt(np.take_along_axis(part_d, order, axis=1))
+    if kk < k:
+        idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
+        dist = np.pad(dist, ((0, 0), (0, k - kk)), constant_values=np.inf)
+    idx[~np.isfinite(dist)] = -1
+    return idx, dist.astype(np.float32)
+
+
+class BucketIndex:
+    """Catalog rows sorted by bucket key, per table, for fast probe look-ups."""
+
+    def __init__(self, catalog_keys: np.ndarray) -> None:
+        self.order = np.argsort(catalog_keys, axis=0, kind="stable")
+        self.sorted_keys = np.take_along_axis(catalog_keys, self.order, axis=0)
+        self.size = catalog_keys.shape[0]
+
+    def candidate_mask(self, query_probes: np.ndarray) -> np.ndarray:
+        """(n_queries, n_catalog) True where a catalog row shares a probed bucket in any table."""
+        mask = np.zeros((query_probes.shape[0], self.size), dtype=bool)
+        rows = np.arange(query_probes.shape[0])
+        for table in range(self.sorted_keys.shape[1]):
+            probes = query_probes[:, table, :]
+            lo = np.searchsorted(self.sorted_keys[:, table], probes, "left").ravel()
+            counts = np.searchsorted(self.sorted_keys[:, table], probes, "right").ravel() - lo
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            q = np.repeat(np.repeat(rows, probes.shape[1]), counts)
+            offsets = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            mask[q, self.order[offsets + np.arange(total), table]] = True
+        return mask
+
+
+def lsh_topk(queries: np.ndarray, query_probes: np.ndarray, catalog: np.ndarray, index: BucketIndex, k: int,
+             exclude: np.ndarray | None = None, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k nearest among each query's LSH candidates: (indices, distances, candidate counts).
+
+    Queries are taken in chunks of similar queries (sorted by bucket key), so a chunk's candidates
+    overlap; their union is gathered once and scored with one matrix product. Rows a query has no
+    candidate for are -1 / inf.
+    """
+    n = len(queries)
+    indices = np.full((n, k), -1, dtype=np.int64)
+    distances = np.full((n, k), np.inf, dtype=np.float32)
+    counts = np.zeros(n, dtype=np.int64)
+    catalog_sq = _squared_norms(catalog)
+    similar_first = np.lexsort(query_probes[:, ::-1, 0].T)
+    for start in range(0, n, chunk):
+        rows = similar_first[start : start + chunk]
+        mask = index.candidate_mask(query_probes[rows])
+        if exclude is not None:
+            mask &= ~exclude[rows]
+        counts[rows] = mask.sum(axis=1)
+        union = np.flatnonzero(mask.any(axis=0))
+        if len(union) == 0:
+            continue
+        q_vectors = queries[rows]
+        d2 = _squared_norms(q_vectors)[:, None] + catalog_sq[union][None, :] - 2.0 * (q_vectors @ catalog[union].T)
+        d2[~mask[:, union]] = np.inf
+        kk = min(k, len(union))
+        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < len(union) else np.tile(np.arange(kk), (len(rows), 1))
+        part_d = np.take_along_axis(d2, part, axis=1)
+        order = np.argsort(part_d, axis=1, kind="stable")
+        best, best_d = np.take_along_axis(part, order, axis=1), np.take_along_axis(part_d, order, axis=1)
+        found = np.isfinite(best_d)
+        indices[rows, :kk] = np.where(found, union[best], -1)
+        distances[rows, :kk] = np.sqrt(np.maximum(best_d, 0.0))
+    return indices, distances, counts
