@@ -24,6 +24,7 @@ WEIGHTS_ARG = $(if $(WEIGHTS),--weights $(WEIGHTS),$(if $(filter mobilenet_v2,$(
 DATA ?= data/demo
 OUT ?= out/demo
 K ?= 10
+PER_PHOTO ?= 20
 
 .PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help
 help:
@@ -58,7 +59,7 @@ embed index search evaluate report: build
 	$(SUBMIT) $@ $(ARGS)
 
 demo: build ## the whole pipeline on real photos, offline: embed -> index -> search -> evaluate -> report
-	$(PY) scripts/sample_data.py demo --out $(DATA)
+	$(PY) scripts/sample_data.py demo --out $(DATA) --per-photo $(PER_PHOTO)
 	$(SUBMIT) embed --input $(DATA)/catalog --output $(OUT)/embeddings --model $(MODEL) $(WEIGHTS_ARG)
 	$(SUBMIT) embed --input $(DATA)/queries --output $(OUT)/query_embeddings --model $(MODEL) $(WEIGHTS_ARG)
 	$(SUBMIT) index --embeddings $(OUT)/embeddings --output $(OUT)/index
