@@ -227,18 +227,32 @@ def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, weight
         if config.log_every and n_batches % config.log_every == 0:
             rate = images / (time.perf_counter() - started)
             task_log.info("task %s: %d images, %.1f images/s", _task_id(), images, rate)
-        yield pd.DataFrame({
-            "image_id": batch["image_id"],
-            "path": batch["path"],
-            "label": batch["label"],
-            "width": pd.array(widths, dtype="Int32"),
-            "height": pd.array(heights, dtype="Int32"),
-            "model": config.model,
-            "embedding": vectors,
-            "error": errors,
-            "length": batch["length"],
-            "modification_us": batch["modification_us"],
-        })
+        yield _rows(batch, widths, heights, vectors, errors, config.model)
+    if images:
+        rate = images / (time.perf_counter() - started)
+        task_log.info("task %s done: %d images, %.1f images/s, peak RSS %.0f MB", _task_id(), images, rate, _peak_rss_mb())
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rows(batch: pd.DataFrame, widths: list, heights: list, vectors: list, errors: list, model: str) -> pd.DataFrame:
+    """One output frame in the executors' schema."""
+    return pd.DataFrame({
+        "image_id": batch["image_id"],
+        "path": batch["path"],
+        "label": batch["label"],
+        "width": pd.array(widths, dtype="Int32"),
+        "height": pd.array(heights, dtype="Int32"),
+        "model": model,
+        "embedding": vectors,
+        "error": errors,
+        "length": batch["length"],
+        "modification_us": batch["modification_us"],
+    })
 
 
 def _task_id() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from conftest import run_job
@@ -45,13 +46,13 @@ def small_run(spark, tmp_path_factory, demo_dir, mobilenet_weights):
 def test_report_renders_sheets_gallery_and_map(spark, small_run):
     out = small_run / "report"
     # one neighbour image disappears before the report: it must become a placeholder, not a crash
-    victim = spark.read.parquet(str(small_run / "nb")).first().neighbor_path
-    (small_run / "moved.jpg").write_bytes(open(victim.removeprefix("file:"), "rb").read())
-    open(victim.removeprefix("file:"), "wb").close()
+    victim = Path(spark.read.parquet(str(small_run / "nb")).first().neighbor_path.removeprefix("file:"))
+    original = victim.read_bytes()
+    victim.write_bytes(b"")
     try:
         assert run_job(spark, "report", "--neighbours", small_run / "nb", "--output", out, "--embeddings", small_run / "emb", "--embeddings", small_run / "qemb") == 0
     finally:
-        (small_run / "moved.jpg").rename(victim.removeprefix("file:"))
+        victim.write_bytes(original)
     sheets = sorted((out / "sheets").glob("*.png"))
     assert len(sheets) == 2
     for sheet in sheets:
