@@ -1,0 +1,102 @@
+"""A real Spark standalone cluster on 127.0.0.1: master + worker from the pyspark installation,
+the built jobs.zip submitted with spark-submit, embed -> index -> search, cluster stopped even on failure.
+
+Executors use this virtual environment's python (spark.pyspark.python): the "torch already installed
+on the nodes" setup; `make pack-env` builds the archive for clusters without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import build_dist, spark_submit
+
+pytestmark = pytest.mark.slow
+SPARK_CLASS = str(Path(sys.executable).parent / "spark-class")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)  # polling a condition with a deadline, not sleeping in place of synchronisation
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def alive_workers(ui_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as response:
+            return int(json.load(response).get("aliveworkers", 0))
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    port, ui, worker_ui = free_port(), free_port(), free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(folder)}
+    logs = [open(folder / name, "w") for name in ("master.log", "worker.log")]  # noqa: SIM115 - closed in finally
+    processes = []
+    try:
+        processes.append(subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui)],
+                                          stdout=logs[0], stderr=subprocess.STDOUT, env=env))
+        wait_until(lambda: alive_workers(ui) == 0 and _listening(port), 90, "the master")
+        processes.append(subprocess.Popen([SPARK_CLASS, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host", "127.0.0.1",
+                                           "--cores", "2", "--memory", "3g", "--webui-port", str(worker_ui), "--work-dir", str(folder / "work")],
+                                          stdout=logs[1], stderr=subprocess.STDOUT, env=env))
+        wait_until(lambda: alive_workers(ui) == 1, 90, "the worker to register")
+        yield f"spark://127.0.0.1:{port}", folder
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_embed_index_search_on_a_standalone_cluster(cluster, spark, tmp_path, demo_dir, mobilenet_weights):
+    master, _ = cluster
+    dist = build_dist(tmp_path / "dist")
+    conf = {"spark.pyspark.python": sys.executable, "spark.executor.memory": "2g", "spark.task.cpus": "1"}
+    out = tmp_path / "out"
+    steps = [
+        ["embed", "--input", demo_dir / "catalog", "--output", out / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights],
+        ["embed", "--input", demo_dir / "queries", "--output", out / "qemb", "--model", "mobilenet_v2", "--weights", mobilenet_weights],
+        ["index", "--embeddings", out / "emb", "--output", out / "index"],
+        ["search", "--index", out / "index", "--queries", out / "qemb", "--output", out / "nb", "-k", "3"],
+    ]
+    for step in steps:
+        result = spark_submit(dist, step, master=master, conf=conf)
+        assert result.returncode == 0, f"{step[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    catalog = spark.read.parquet(str(out / "emb")).toPandas()
+    assert len(catalog) == 15 * 6 and catalog["error"].isna().all()
+    neighbours = spark.read.parquet(str(out / "nb")).toPandas()
+    assert neighbours.groupby("query_id").size().tolist() == [3] * 15
+    query_labels = spark.read.parquet(str(out / "qemb")).select("image_id", "label").toPandas().set_index("image_id")["label"]
+    top1 = neighbours[neighbours["rank"] == 1]
+    assert (top1["neighbor_label"].to_numpy() == query_labels.loc[top1["query_id"]].to_numpy()).mean() >= 0.9
