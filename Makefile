@@ -26,7 +26,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help
+.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -58,6 +58,12 @@ lint: setup
 embed index search evaluate report: build
 	$(SUBMIT) $@ $(ARGS)
 
+bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
+	$(PY) bench/embed.py
+
+bench-search: build ## search speed and recall benchmark (bench/results/search.json)
+	$(PY) bench/search.py
+
 demo: build ## the whole pipeline on real photos, offline: embed -> index -> search -> evaluate -> report
 	$(PY) scripts/sample_data.py demo --out $(DATA) --per-photo $(PER_PHOTO)
 	$(SUBMIT) embed --input $(DATA)/catalog --output $(OUT)/embeddings --model $(MODEL) $(WEIGHTS_ARG)
@@ -68,6 +74,22 @@ demo: build ## the whole pipeline on real photos, offline: embed -> index -> sea
 	$(SUBMIT) report --neighbours $(OUT)/neighbours --embeddings $(OUT)/embeddings --embeddings $(OUT)/query_embeddings \
 		--evaluation $(OUT)/evaluation.json --output $(OUT)/report
 	@$(PY) scripts/demo_summary.py $(OUT)
+
+pack-env: dist/env.tar.gz ## the executors' Python environment as an archive (venv-pack): --archives dist/env.tar.gz#environment
+dist/env.tar.gz: pyproject.toml | setup
+	@mkdir -p dist
+	rm -rf .venv-exec
+	$(PYTHON) -m venv .venv-exec
+	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' venv-pack
+	.venv-exec/bin/venv-pack -p .venv-exec -o $@ --force -q
+
+# EMR: CLUSTER_ID=j-XXX S3_PREFIX=s3://bucket/vs make emr-submit ARGS="embed --input s3://... --output s3://..."
+emr-submit: build
+	$(PY) scripts/emr_submit.py --cluster-id $(CLUSTER_ID) --s3-prefix $(S3_PREFIX) $(if $(wildcard dist/env.tar.gz),--env dist/env.tar.gz,) -- $(ARGS)
+
+# Dataproc: CLUSTER=c REGION=r GS_PREFIX=gs://bucket/vs make dataproc-submit ARGS="embed ..." (prints the gcloud command)
+dataproc-submit: build
+	$(PY) scripts/dataproc_submit.py --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) -- $(ARGS)
 
 clean:
 	rm -rf dist out .pytest_cache
