@@ -26,7 +26,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit
+.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -48,7 +48,16 @@ dist/main.py: jobs/__main__.py
 	@mkdir -p dist
 	cp $< $@
 
-test: setup build ## run the whole test suite
+# s3a:// connector for self-managed clusters and local runs: hadoop-aws + AWS SDK bundle, taken from the PyPI
+# sdist sagemaker-pyspark (no Maven access here); use with --jars jars/hadoop-aws-3.3.1.jar,jars/aws-java-sdk-bundle-1.11.901.jar
+S3A_JARS := jars/hadoop-aws-3.3.1.jar jars/aws-java-sdk-bundle-1.11.901.jar
+s3a-jars: $(S3A_JARS) ## the optional s3a connector jars under jars/
+$(S3A_JARS): | setup
+	rm -rf .cache/sagemaker-pyspark && mkdir -p jars
+	$(PY) -m pip install -q --no-deps --target .cache/sagemaker-pyspark sagemaker-pyspark==1.4.5
+	cp .cache/sagemaker-pyspark/sagemaker_pyspark/jars/hadoop-aws-3.3.1.jar .cache/sagemaker-pyspark/sagemaker_pyspark/jars/aws-java-sdk-bundle-1.11.901.jar jars/
+
+test: setup build s3a-jars ## run the whole test suite
 	$(PY) -m pytest tests
 
 lint: setup
