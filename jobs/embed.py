@@ -118,6 +118,18 @@ def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | N
     return table
 
 
+def resume_staging(spark: SparkSession, staging: str, model: str) -> DataFrame | None:
+    """The committed chunks of a killed first run, or None if it committed none."""
+    if not storage.exists(spark, staging):
+        return None
+    try:
+        table = read_existing(spark, staging, model)
+    except UsageError:
+        return None
+    log.info("resuming an interrupted first run from %s", staging)
+    return table
+
+
 def plan_files(listing: pd.DataFrame, done: pd.DataFrame | None) -> tuple[pd.DataFrame, list[str]]:
     """Files still to embed (new or changed since the output was written) and the changed paths."""
     if done is None or done.empty:
@@ -323,7 +335,16 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     with summary.stage("list"):
         listing = list_images(spark, args.input, extensions)
         labels = read_labels(spark, args.labels) if args.labels else None
+        # a first run writes beside the output and swaps it in at the end; a killed first run left its
+        # committed chunks there, and the next incremental run picks them up instead of starting over
+        staging = storage.sibling(args.output, "staging", unique=False)
+        table_uri = args.output
         existing = read_existing(spark, args.output, args.model) if args.mode == "incremental" else None
+        if existing is None:
+            table_uri = staging
+            existing = resume_staging(spark, staging, args.model) if args.mode == "incremental" else None
+            if existing is None:
+                storage.delete(spark, staging)
         done = (
             existing.select("path", "length", F.unix_micros("modification_time").alias("modification_us")).toPandas()
             if existing is not None else None
@@ -338,11 +359,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     skipped = len(listing) - len(todo)
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(listing), len(todo), skipped)
 
-    target = args.output if existing is not None else storage.sibling(args.output, "staging")
+    target = table_uri
     precision = resolve_precision(args.precision)
     config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
+    # images are small files: Parquet's 4 MB open cost would cut them into many tiny tasks
+    spark.conf.set("spark.sql.files.openCostInBytes", str(64 * 1024))
     broadcast = spark.sparkContext.broadcast(weights.data)
     readable = plan[(plan["length"] > 0) & (plan["length"] <= MAX_BINARY_FILE_BYTES)]
     rejected = plan[~plan.index.isin(readable.index)]
@@ -361,13 +384,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             rate = done_files / (time.perf_counter() - started)
             log.info("chunk %d/%d committed: %d/%d files, %.1f images/s", n, len(chunks), done_files, len(readable), rate)
     with summary.stage("commit"):
-        if existing is None:
-            storage.swap_in(spark, target, args.output)
-        elif changed:
+        if changed:
             stale = done[done["path"].isin(changed)]
             rewritten = storage.sibling(args.output, "compact")
-            drop_stale(spark.read.parquet(args.output), stale, spark).write.parquet(rewritten)
-            storage.swap_in(spark, rewritten, args.output)
+            drop_stale(spark.read.parquet(target), stale, spark).write.parquet(rewritten)
+            storage.swap_in(spark, rewritten, target)
+        if target != args.output:
+            storage.swap_in(spark, target, args.output)
     table = spark.read.parquet(args.output)
     embedded, failed, reasons = new_rows_stats(table, todo["path"].tolist(), spark)
     vanished = len(todo) - embedded - failed

@@ -58,10 +58,11 @@ def write_text(spark: SparkSession, uri: str, text: str) -> None:
         stream.close()
 
 
-def sibling(uri: str, tag: str) -> str:
-    """A unique path beside uri, hidden from Spark's readers by its leading underscore-free dot name."""
+def sibling(uri: str, tag: str, unique: bool = True) -> str:
+    """A path beside uri whose leading dot hides it from Spark's readers; unique unless asked otherwise."""
     parent, _, name = uri.rstrip("/").rpartition("/")
-    return f"{parent}/.{name}.{tag}-{uuid.uuid4().hex[:8]}" if parent else f".{name}.{tag}-{uuid.uuid4().hex[:8]}"
+    hidden = f".{name}.{tag}" + (f"-{uuid.uuid4().hex[:8]}" if unique else "")
+    return f"{parent}/{hidden}" if parent else hidden
 
 
 def swap_in(spark: SparkSession, staged: str, target: str) -> None:
