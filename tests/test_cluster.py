@@ -100,3 +100,60 @@ def test_embed_index_search_on_a_standalone_cluster(cluster, spark, tmp_path, de
     query_labels = spark.read.parquet(str(out / "qemb")).select("image_id", "label").toPandas().set_index("image_id")["label"]
     top1 = neighbours[neighbours["rank"] == 1]
     assert (top1["neighbor_label"].to_numpy() == query_labels.loc[top1["query_id"]].to_numpy()).mean() >= 0.9
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                found[int(entry.name)] = (ppid, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def executor_python_workers() -> list[int]:
+    """Python worker processes forked under this cluster's executor JVMs (not the test's local session)."""
+    table = processes()
+    executors = {pid for pid, (_, cmd) in table.items() if "CoarseGrainedExecutorBackend" in cmd}
+    daemons = {pid for pid, (ppid, cmd) in table.items() if ppid in executors and "python" in cmd}
+    return [pid for pid, (ppid, _) in table.items() if ppid in daemons]
+
+
+def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(cluster, spark, tmp_path, mobilenet_weights):
+    from signal import SIGKILL
+
+    from scripts.sample_data import synthetic_photos
+
+    master, folder = cluster
+    synthetic_photos(tmp_path / "images" / "batch", 48, seed=9)
+    zip_path, main_py = build_dist(tmp_path / "dist")
+    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", master, "--conf", f"spark.pyspark.python={sys.executable}",
+               "--conf", "spark.executor.memory=2g", "--conf", "spark.task.maxFailures=4", "--py-files", str(zip_path), str(main_py),
+               "embed", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "emb"), "--model", "mobilenet_v2",
+               "--weights", mobilenet_weights, "--batch-size", "2", "--log-every", "1"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("PYTHONPATH", None)
+    log = open(tmp_path / "submit.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def embedding_started() -> bool:
+            return any("jobs.embed.task" in p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr"))
+
+        wait_until(lambda: process.poll() is not None or (embedding_started() and executor_python_workers()), 240, "embedding to start on the executor")
+        assert process.poll() is None, "the job ended before a worker could be killed"
+        killed = executor_python_workers()
+        for pid in killed:
+            os.kill(pid, SIGKILL)
+        assert process.wait(timeout=400) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    executor_logs = "".join(p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr"))
+    assert killed and "Python worker exited unexpectedly" in executor_logs  # the kill really failed a task; Spark retried it
+    rows = spark.read.parquet(str(tmp_path / "emb")).toPandas()
+    assert len(rows) == 48 and rows["image_id"].is_unique and rows["error"].isna().all()
