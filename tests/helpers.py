@@ -22,15 +22,25 @@ def build_dist(folder: Path) -> tuple[Path, Path]:
     return folder / "jobs.zip", folder / "main.py"
 
 
-def spark_submit(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
-                 timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `spark-submit --py-files jobs.zip main.py JOB ...` from a directory outside the repository."""
+def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None) -> list[str]:
+    """`spark-submit --master M --conf ... --py-files jobs.zip main.py JOB ...` as an argument list."""
     zip_path, main_py = dist
     command = [SPARK_SUBMIT, "--master", master, "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false"]
     for key, value in (conf or {}).items():
         command += ["--conf", f"{key}={value}"]
-    command += ["--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
-    run_env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-               "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}
-    run_env.pop("PYTHONPATH", None)  # the jobs must come from the zip, not from this checkout
-    return subprocess.run(command, cwd=zip_path.parent, env=run_env, capture_output=True, text=True, timeout=timeout)
+    return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
+
+
+def submit_env(extra: dict | None = None) -> dict[str, str]:
+    """This venv's python for driver and executors, loopback only, and the jobs only from the zip."""
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1", **(extra or {})}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def spark_submit(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
+                 timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run spark-submit to completion from the folder of the zip (outside the repository)."""
+    return subprocess.run(submit_command(dist, job_args, master, conf), cwd=dist[0].parent, env=submit_env(env),
+                          capture_output=True, text=True, timeout=timeout)

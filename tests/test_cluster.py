@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import build_dist, spark_submit
+from helpers import build_dist, spark_submit, submit_command, submit_env
 
 pytestmark = pytest.mark.slow
 SPARK_CLASS = str(Path(sys.executable).parent / "spark-class")
@@ -130,15 +130,12 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(clus
 
     master, folder = cluster
     synthetic_photos(tmp_path / "images" / "batch", 48, seed=9)
-    zip_path, main_py = build_dist(tmp_path / "dist")
-    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", master, "--conf", f"spark.pyspark.python={sys.executable}",
-               "--conf", "spark.executor.memory=2g", "--conf", "spark.task.maxFailures=4", "--py-files", str(zip_path), str(main_py),
-               "embed", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "emb"), "--model", "mobilenet_v2",
-               "--weights", mobilenet_weights, "--batch-size", "2", "--log-every", "1"]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    env.pop("PYTHONPATH", None)
+    command = submit_command(build_dist(tmp_path / "dist"), [
+        "embed", "--input", tmp_path / "images", "--output", tmp_path / "emb", "--model", "mobilenet_v2",
+        "--weights", mobilenet_weights, "--batch-size", "2", "--log-every", "1",
+    ], master=master, conf={"spark.pyspark.python": sys.executable, "spark.executor.memory": "2g", "spark.task.maxFailures": "4"})
     log = open(tmp_path / "submit.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, env=submit_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         def embedding_started() -> bool:
             return any("jobs.embed.task" in p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr"))

@@ -7,14 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_job
-from helpers import SPARK_SUBMIT, build_dist
+from helpers import build_dist, submit_command, submit_env
 
 from scripts.sample_data import synthetic_photos
 
@@ -31,13 +30,10 @@ def committed_chunks(staging: Path) -> int:
 def test_killed_run_resumes_and_equals_an_uninterrupted_run(spark, tmp_path, mobilenet_weights):
     images = tmp_path / "images"
     synthetic_photos(images / "batch", 72, seed=5)
-    zip_path, main_py = build_dist(tmp_path / "dist")
     out = tmp_path / "emb"
     args = ["embed", "--input", images, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--chunk-files", "12", "--batch-size", "4"]
-    command = [SPARK_SUBMIT, "--master", "local[2]", "--conf", "spark.ui.enabled=false", "--py-files", str(zip_path), str(main_py), *map(str, args)]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    env.pop("PYTHONPATH", None)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(submit_command(build_dist(tmp_path / "dist"), args), env=submit_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     staging = tmp_path / ".emb.staging"
     deadline = time.monotonic() + 300
     try:
