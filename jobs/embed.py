@@ -284,6 +284,12 @@ def embed_images(files: DataFrame, config: EmbedConfig, weights: Any, sha256: st
     return embedded.withColumn("modification_time", F.timestamp_micros("modification_us")).select(EMBEDDINGS_COLUMNS)
 
 
+def balanced_partitions(files: int, parallelism: int, per_task: int = 64) -> int:
+    """A multiple of the parallelism giving tasks of about per_task images (fewer for small inputs)."""
+    waves = max(1, -(-files // (parallelism * per_task)))
+    return max(1, min(files, parallelism * waves))
+
+
 def rejection(length: int) -> str:
     """Why a file of this size is not read at all: Spark's scan skips empty files and cannot read >2 GiB."""
     if length == 0:
@@ -367,11 +373,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
-    # images are small files: Parquet's 4 MB open cost would cut them into many tiny tasks
-    spark.conf.set("spark.sql.files.openCostInBytes", str(64 * 1024))
     broadcast = spark.sparkContext.broadcast(weights.data)
     readable = plan[(plan["length"] > 0) & (plan["length"] <= MAX_BINARY_FILE_BYTES)]
     rejected = plan[~plan.index.isin(readable.index)]
+    parallelism = spark.sparkContext.defaultParallelism
     # a killed run can leave committed task files in _temporary that the next append would adopt
     storage.delete(spark, f"{target}/_temporary")
     with summary.stage("embed"):
@@ -381,7 +386,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         chunks = [readable.iloc[i : i + args.chunk_files] for i in range(0, len(readable), args.chunk_files)]
         for n, chunk in enumerate(chunks, 1):
             plan_df = spark.createDataFrame(chunk, "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double")
-            files = read_contents(spark, chunk["path"].tolist()).join(F.broadcast(plan_df), "path")
+            # CNN cost is per image, not per byte: equal image counts per task keep every core busy to the end
+            files = read_contents(spark, chunk["path"].tolist()).join(F.broadcast(plan_df), "path").repartition(balanced_partitions(len(chunk), parallelism))
             embed_images(files, config, broadcast, weights.sha256).write.mode("append").parquet(target)
             done_files = sum(len(c) for c in chunks[:n])
             rate = done_files / (time.perf_counter() - started)
