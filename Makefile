@@ -57,7 +57,7 @@ $(S3A_JARS): | setup
 	$(PY) -m pip install -q --no-deps --target .cache/sagemaker-pyspark sagemaker-pyspark==1.4.5
 	cp .cache/sagemaker-pyspark/sagemaker_pyspark/jars/hadoop-aws-3.3.1.jar .cache/sagemaker-pyspark/sagemaker_pyspark/jars/aws-java-sdk-bundle-1.11.901.jar jars/
 
-test: setup build s3a-jars ## run the whole test suite
+test: setup build s3a-jars pack-env ## run the whole test suite
 	$(PY) -m pytest tests
 
 # Managed clusters mostly run Spark 3.5 (EMR 7, Dataproc 2.2): the end-to-end spark-submit tests again on pyspark 3.5

@@ -7,7 +7,6 @@ a separate embeddings table. Results are printed and written as JSON (default: b
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import pandas as pd
@@ -109,8 +108,3 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     rows += [("written", output), ("seconds", f"{summary.data['seconds']['total']:.1f}")]
     print_summary("evaluate summary", rows)
     return 0
-
-
-def read_evaluation(spark: SparkSession, uri: str) -> dict:
-    """An evaluation JSON written by this job."""
-    return json.loads(storage.read_text(spark, uri))

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from helpers import build_dist, spark_submit, submit_command, submit_env
 
 pytestmark = pytest.mark.slow
@@ -154,3 +155,17 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(clus
     assert killed and "Python worker exited unexpectedly" in executor_logs  # the kill really failed a task; Spark retried it
     rows = spark.read.parquet(str(tmp_path / "emb")).toPandas()
     assert len(rows) == 48 and rows["image_id"].is_unique and rows["error"].isna().all()
+
+
+def test_packed_environment_runs_the_executors(cluster, spark, tmp_path, demo_dir, mobilenet_weights):
+    """Executors get Python from the venv-pack archive (make pack-env), shipped with --archives."""
+    master, _ = cluster
+    archive = ROOT / "dist" / "env.tar.gz"
+    assert archive.exists(), "make test builds it with `make pack-env`"
+    conf = {"spark.archives": f"{archive}#environment", "spark.pyspark.python": "./environment/bin/python",
+            "spark.pyspark.driver.python": sys.executable, "spark.executor.memory": "2g"}
+    result = spark_submit(build_dist(tmp_path / "dist"), ["embed", "--input", demo_dir / "queries", "--output", tmp_path / "emb",
+                                                         "--model", "mobilenet_v2", "--weights", mobilenet_weights], master=master, conf=conf)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    rows = spark.read.parquet(str(tmp_path / "emb")).toPandas()
+    assert len(rows) == 15 and rows["error"].isna().all()
