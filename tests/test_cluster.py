@@ -116,10 +116,18 @@ def processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def executor_python_workers() -> list[int]:
-    """Python worker processes forked under this cluster's executor JVMs (not the test's local session)."""
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def executor_python_workers(work_dir: Path) -> list[int]:
+    """Python worker processes forked under this cluster's executor JVMs (whose working directory is
+    under its worker's work dir): never the test's local session or another cluster on the machine."""
     table = processes()
-    executors = {pid for pid, (_, cmd) in table.items() if "CoarseGrainedExecutorBackend" in cmd}
+    executors = {pid for pid, (_, cmd) in table.items() if "CoarseGrainedExecutorBackend" in cmd and _cwd(pid).startswith(str(work_dir))}
     daemons = {pid for pid, (ppid, cmd) in table.items() if ppid in executors and "python" in cmd}
     return [pid for pid, (ppid, _) in table.items() if ppid in daemons]
 
@@ -141,9 +149,9 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(clus
         def embedding_started() -> bool:
             return any("jobs.embed.task" in p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr"))
 
-        wait_until(lambda: process.poll() is not None or (embedding_started() and executor_python_workers()), 240, "embedding to start on the executor")
+        wait_until(lambda: process.poll() is not None or (embedding_started() and executor_python_workers(folder / "work")), 240, "embedding to start on the executor")
         assert process.poll() is None, "the job ended before a worker could be killed"
-        killed = executor_python_workers()
+        killed = executor_python_workers(folder / "work")
         for pid in killed:
             os.kill(pid, SIGKILL)
         assert process.wait(timeout=400) == 0, (tmp_path / "submit.log").read_text()[-3000:]
