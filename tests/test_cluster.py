@@ -1,8 +1,6 @@
 """A real Spark standalone cluster on 127.0.0.1: master + worker from the pyspark installation,
-the built jobs.zip submitted with spark-submit, embed -> index -> search, cluster stopped even on failure.
-
-Executors use this virtual environment's python (spark.pyspark.python): the "torch already installed
-on the nodes" setup; `make pack-env` builds the archive for clusters without it.
+the built jobs.zip and the packed environment submitted with spark-submit, embed -> index -> search,
+a Python worker killed mid-run; the cluster is stopped even when a test fails.
 """
 
 from __future__ import annotations
@@ -83,7 +81,11 @@ def _listening(port: int) -> bool:
 def test_embed_index_search_on_a_standalone_cluster(cluster, spark, tmp_path, demo_dir, mobilenet_weights):
     master, _ = cluster
     dist = build_dist(tmp_path / "dist")
-    conf = {"spark.pyspark.python": sys.executable, "spark.executor.memory": "2g", "spark.task.cpus": "1"}
+    archive = ROOT / "dist" / "env.tar.gz"
+    assert archive.exists(), "make test builds the executors' environment with `make pack-env`"
+    # executors run Python from the venv-pack archive, as on a cluster without torch on its nodes
+    conf = {"spark.archives": f"{archive}#environment", "spark.pyspark.python": "./environment/bin/python",
+            "spark.pyspark.driver.python": sys.executable, "spark.executor.memory": "2g", "spark.task.cpus": "1"}
     out = tmp_path / "out"
     steps = [
         ["embed", "--input", demo_dir / "catalog", "--output", out / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights],
@@ -164,16 +166,3 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(clus
     rows = spark.read.parquet(str(tmp_path / "emb")).toPandas()
     assert len(rows) == 48 and rows["image_id"].is_unique and rows["error"].isna().all()
 
-
-def test_packed_environment_runs_the_executors(cluster, spark, tmp_path, demo_dir, mobilenet_weights):
-    """Executors get Python from the venv-pack archive (make pack-env), shipped with --archives."""
-    master, _ = cluster
-    archive = ROOT / "dist" / "env.tar.gz"
-    assert archive.exists(), "make test builds it with `make pack-env`"
-    conf = {"spark.archives": f"{archive}#environment", "spark.pyspark.python": "./environment/bin/python",
-            "spark.pyspark.driver.python": sys.executable, "spark.executor.memory": "2g"}
-    result = spark_submit(build_dist(tmp_path / "dist"), ["embed", "--input", demo_dir / "queries", "--output", tmp_path / "emb",
-                                                         "--model", "mobilenet_v2", "--weights", mobilenet_weights], master=master, conf=conf)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    rows = spark.read.parquet(str(tmp_path / "emb")).toPandas()
-    assert len(rows) == 15 and rows["error"].isna().all()
