@@ -347,10 +347,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         # a first run writes beside the output and swaps it in at the end; a killed first run left its
         # committed chunks there, and the next incremental run picks them up instead of starting over
         staging = storage.sibling(args.output, "staging", unique=False)
-        table_uri = args.output
+        target = args.output
         existing = read_existing(spark, args.output, args.model) if args.mode == "incremental" else None
         if existing is None:
-            table_uri = staging
+            target = staging
             existing = resume_staging(spark, staging, args.model) if args.mode == "incremental" else None
             if existing is None:
                 storage.delete(spark, staging)
@@ -368,7 +368,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     skipped = len(listing) - len(todo)
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(listing), len(todo), skipped)
 
-    target = table_uri
     precision = resolve_precision(args.precision)
     config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
