@@ -1,10 +1,15 @@
-"""Command line: `main.py JOB [options]` dispatches to `jobs.<JOB>`; exit 0 ok, 2 usage/input error, 1 bug."""
+"""Command line: `main.py JOB [options]` dispatches to `jobs.<JOB>`.
+
+Exit codes: 0 ok, 2 usage or input error, 3 storage unreachable or failing after its retries (safe to
+run again: committed work is kept), 1 a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -47,14 +52,36 @@ def spark_session(job: str):  # type: ignore[no-untyped-def]
     return spark
 
 
-def user_error_from_spark(error: Exception) -> str | None:
-    """Spark's own errors that mean bad input (a path that does not exist, not Parquet), as one line."""
+# Java exceptions that mean storage could not be reached or kept failing after the client's own retries
+STORAGE_FAILURE = re.compile(
+    r"(?:org\.apache\.hadoop\.fs\.s3a\.AWS\w*Exception|com\.amazonaws\.SdkClientException"
+    r"|java\.net\.(?:Connect|NoRouteToHost|SocketTimeout)Exception): (?P<message>[^\n]+)"
+)
+STORAGE_DENIED = re.compile(r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)")
+JAVA_CLASS_PREFIX = re.compile(r"\b(?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error): ")
+SDK_DETAILS = re.compile(r" \(Service: [^)]*\)|, S3 Extended Request ID: [^:]*")
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A Java exception message without class names or the repeated cause S3A appends to it."""
+    message = SDK_DETAILS.sub("", JAVA_CLASS_PREFIX.sub("", message.strip()))
+    message = re.sub(r": (?P<cause>.+): (?P=cause)$", r": \g<cause>", message)
+    return message[:limit]
+
+
+def classify_spark_error(error: Exception) -> tuple[int, str] | None:
+    """Spark's errors that are not bugs, as (exit code, one line): bad input paths, storage failures."""
     name = type(error).__name__
     text = str(error)
     if name in ("AnalysisException", "IllegalArgumentException") and (
         "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
     ):
-        return text.strip().splitlines()[0][:400]
+        return 2, text.strip().splitlines()[0][:400]
+    if denied := STORAGE_DENIED.search(text):
+        return 2, f"storage refused access: {one_line(denied['message'])}"
+    if failure := STORAGE_FAILURE.search(text):
+        return 3, (f"storage failed after retries: {one_line(failure['message'])}; "
+                   "committed work is kept, run the same command again when storage is back")
     return None
 
 
@@ -79,10 +106,11 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
         print(f"main.py {args.job}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as e:
-        message = user_error_from_spark(e)
-        if message:
+        known = classify_spark_error(e)
+        if known:
+            code, message = known
             print(f"main.py {args.job}: error: {message}", file=sys.stderr, flush=True)
-            return 2
+            return code
         log.exception("%s failed unexpectedly", args.job)
         return 1
     finally:

@@ -383,12 +383,18 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             error_rows(spark, rejected, args.model).write.mode("append").parquet(target)
         started = time.perf_counter()
         chunks = [readable.iloc[i : i + args.chunk_files] for i in range(0, len(readable), args.chunk_files)]
+        done_files = 0
         for n, chunk in enumerate(chunks, 1):
             plan_df = spark.createDataFrame(chunk, "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double")
             # CNN cost is per image, not per byte: equal image counts per task keep every core busy to the end
             files = read_contents(spark, chunk["path"].tolist()).join(F.broadcast(plan_df), "path").repartition(balanced_partitions(len(chunk), parallelism))
-            embed_images(files, config, broadcast, weights.sha256).write.mode("append").parquet(target)
-            done_files = sum(len(c) for c in chunks[:n])
+            try:
+                embed_images(files, config, broadcast, weights.sha256).write.mode("append").parquet(target)
+            except Exception:
+                log.warning("chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
+                            "with the same --output keeps them", n, len(chunks), done_files, len(readable), target)
+                raise
+            done_files += len(chunk)
             rate = done_files / (time.perf_counter() - started)
             log.info("chunk %d/%d committed: %d/%d files, %.1f images/s", n, len(chunks), done_files, len(readable), rate)
     with summary.stage("commit"):

@@ -4,6 +4,7 @@ write object storage, weights come from s3://, and the results equal a local run
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import boto3
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, run_job
+from faulty_endpoint import FaultyEndpoint
 from helpers import build_dist, spark_submit
 
 pytestmark = pytest.mark.slow
@@ -38,10 +40,10 @@ def short_name(path: str) -> str:
     return "/".join(path.rsplit("/", 2)[-2:])
 
 
-def read_remote(s3, prefix: str) -> pd.DataFrame:
-    listing = s3.list_objects_v2(Bucket="vehicles", Prefix=prefix)["Contents"]
-    parts = [o["Key"] for o in listing if o["Key"].rsplit("/", 1)[-1].startswith("part-")]
-    return pd.concat([pd.read_parquet(io.BytesIO(s3.get_object(Bucket="vehicles", Key=k)["Body"].read())) for k in parts], ignore_index=True)
+def read_remote(s3, prefix: str, bucket: str = "vehicles") -> pd.DataFrame:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+    parts = [o["Key"] for o in listing if o["Key"].removeprefix(prefix).startswith("part-")]  # not _temporary/'s
+    return pd.concat([pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts], ignore_index=True)
 
 
 def neighbour_names(frame: pd.DataFrame) -> list[tuple[str, int, str]]:
@@ -91,3 +93,70 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
                    "--output", tmp_path / "nb", "-k", "3", "--exclude-self", "--method", "exact") == 0
     local_nb = spark.read.parquet(str(tmp_path / "nb")).toPandas()
     assert len(local_nb) == 9 and neighbour_names(read_remote(s3, "out/nb/")) == neighbour_names(local_nb)
+
+
+
+def nth_task_output(n: int, bucket: str):  # type: ignore[no-untyped-def]
+    """A trigger that fires on the n-th upload of a Spark task's output file into the staging table."""
+    seen = []
+
+    def trigger(method: str, path: str) -> bool:
+        if method == "PUT" and path.startswith(f"/{bucket}/out/.emb.staging/_temporary/0/_temporary/attempt_") and "/part-" in path:
+            seen.append(path)
+        return len(seen) == n
+
+    return trigger
+
+
+@pytest.mark.parametrize("fault", ["refused", "503"])
+def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resumes(moto, tmp_path, demo_dir, mobilenet_weights, monkeypatch, fault):
+    """After chunk 1 of 3 is committed the endpoint goes down (connections refused) or answers 503 to
+    everything: s3a retries with backoff, embed exits 3 with one line, nothing appears under the output
+    name, chunk 1 stays in the hidden staging table, and a run against the healthy endpoint finishes the
+    rest without redoing chunk 1."""
+    for key, value in KEYS.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"faults-{fault}"
+    s3 = boto3.client("s3", endpoint_url=moto)
+    s3.create_bucket(Bucket=bucket)
+    for label in ("motorcycle", "cat"):
+        for path in sorted((demo_dir / "catalog" / label).glob("*.jpg")):
+            s3.upload_file(str(path), bucket, f"photos/{label}/{path.name}")
+    dist = build_dist(tmp_path / "dist")
+    args = ["embed", "--input", f"s3a://{bucket}/photos", "--output", f"s3a://{bucket}/out/emb", "--model", "mobilenet_v2",
+            "--weights", mobilenet_weights, "--chunk-files", "4"]
+    # chunk 1 is two tasks of two images: the third task output is chunk 2's first
+    with FaultyEndpoint(moto, nth_task_output(3, bucket), fault) as endpoint:
+        # Hadoop's default throttle retries take minutes; fewer keep the test short, and still show backoff
+        conf = {**s3a_conf(endpoint.url), "spark.hadoop.fs.s3a.retry.throttle.limit": "2", "spark.hadoop.fs.s3a.retry.throttle.interval": "100ms"}
+        failed = spark_submit(dist, args, conf=conf, env=KEYS)
+    output = failed.stdout + failed.stderr
+    assert endpoint.broke_at is not None, output[-3000:]
+    assert failed.returncode == 3, output[-5000:]
+    errors = [line for line in output.splitlines() if line.startswith("main.py embed: error:")]
+    assert len(errors) == 1 and "Traceback (most recent call last)" not in output, output[-5000:]
+    assert "storage failed after retries" in errors[0] and f"s3a://{bucket}/out/.emb.staging" in errors[0]
+    assert ("Connection refused" if fault == "refused" else "503 Service Unavailable") in errors[0]
+    assert "4/12 files of this run are committed" in output and KEYS["AWS_SECRET_ACCESS_KEY"] not in output
+
+    if fault == "503":  # every failed request was retried, with waits between tries rather than at once
+        retried = [s for s in endpoint.after_break() if s.status == 503]
+        by_request: dict[tuple[str, str], list[float]] = {}
+        for s in retried:
+            by_request.setdefault((s.method, s.path), []).append(s.at)
+        tries = max(by_request.values(), key=len)
+        assert len(tries) >= 3 and tries[-1] - tries[0] >= 0.3, by_request
+
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert not [k for k in keys if k.startswith("out/emb/")], keys
+    kept = [k for k in keys if k.startswith("out/.emb.staging/part-")]
+    assert len(read_remote(s3, "out/.emb.staging/", bucket)) == 4 and kept, keys
+
+    if fault == "refused":
+        resumed = spark_submit(dist, args, conf=s3a_conf(moto), env=KEYS)
+        assert resumed.returncode == 0, resumed.stdout[-5000:]
+        summary = json.loads(s3.get_object(Bucket=bucket, Key="out/emb/_summary.json")["Body"].read())
+        assert summary["counts"]["embedded"] == 8 and summary["counts"]["skipped"] == 4
+        table = read_remote(s3, "out/emb/", bucket)
+        assert len(table) == 12 and table["path"].is_unique and table["error"].isna().all()
+        assert not [o for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/.emb.staging").get("Contents", [])]
