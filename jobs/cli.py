@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 from collections.abc import Sequence
 
-from jobs.errors import UsageError
+from jobs.errors import StorageError, UsageError, classify_spark_error
 from jobs.runlog import get_logger
 
 JOBS = {
@@ -52,39 +51,6 @@ def spark_session(job: str):  # type: ignore[no-untyped-def]
     return spark
 
 
-# Java exceptions that mean storage could not be reached or kept failing after the client's own retries
-STORAGE_FAILURE = re.compile(
-    r"(?:org\.apache\.hadoop\.fs\.s3a\.AWS\w*Exception|com\.amazonaws\.SdkClientException"
-    r"|java\.net\.(?:Connect|NoRouteToHost|SocketTimeout)Exception): (?P<message>[^\n]+)"
-)
-STORAGE_DENIED = re.compile(r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)")
-JAVA_CLASS_PREFIX = re.compile(r"\b(?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error): ")
-SDK_DETAILS = re.compile(r" \(Service: [^)]*\)|, S3 Extended Request ID: [^:]*")
-
-
-def one_line(message: str, limit: int = 400) -> str:
-    """A Java exception message without class names or the repeated cause S3A appends to it."""
-    message = SDK_DETAILS.sub("", JAVA_CLASS_PREFIX.sub("", message.strip()))
-    message = re.sub(r": (?P<cause>.+): (?P=cause)$", r": \g<cause>", message)
-    return message[:limit]
-
-
-def classify_spark_error(error: Exception) -> tuple[int, str] | None:
-    """Spark's errors that are not bugs, as (exit code, one line): bad input paths, storage failures."""
-    name = type(error).__name__
-    text = str(error)
-    if name in ("AnalysisException", "IllegalArgumentException") and (
-        "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
-    ):
-        return 2, text.strip().splitlines()[0][:400]
-    if denied := STORAGE_DENIED.search(text):
-        return 2, f"storage refused access: {one_line(denied['message'])}"
-    if failure := STORAGE_FAILURE.search(text):
-        return 3, (f"storage failed after retries: {one_line(failure['message'])}; "
-                   "committed work is kept, run the same command again when storage is back")
-    return None
-
-
 def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]
     """Parse, run one job, map failures to exit codes. Pass `spark` to run inside an existing session."""
     parser = build_parser()
@@ -99,9 +65,9 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
             spark = spark_session(args.job)
         module = importlib.import_module(f"jobs.{args.job}")
         return int(module.run(spark, args) or 0)
-    except UsageError as e:
+    except (UsageError, StorageError) as e:
         print(f"main.py {args.job}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"main.py {args.job}: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -24,6 +24,7 @@ from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, extension_glob, preprocess, to_batch
 from jobs.labels import label_files, read_labels
 from jobs.runlog import RunSummary, get_logger, print_summary
+from jobs.tables import read_parquet_or_explain
 from jobs.weights import Weights, build_model, load_weights
 
 log = get_logger("jobs.embed")
@@ -105,10 +106,7 @@ def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | N
     """The embeddings table already at output, checked to be one this model can add to."""
     if not storage.exists(spark, output):
         return None
-    try:
-        table = spark.read.parquet(output)
-    except Exception as e:  # a folder that holds no Parquet at all
-        raise UsageError(f"output {output} exists and is not an embeddings table; use another --output") from e
+    table = read_parquet_or_explain(spark, output, f"output {output} exists and is not an embeddings table; use another --output")
     missing = [c for c in EMBEDDINGS_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"output {output} exists but is not an embeddings table (missing {', '.join(missing)}); use another --output")

@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs import storage
-from jobs.errors import UsageError
+from jobs.errors import UsageError, is_storage_failure
 
 NEIGHBOURS_SCHEMA = T.StructType([
     T.StructField("query_id", T.StringType(), False),
@@ -22,6 +22,16 @@ NEIGHBOURS_SCHEMA = T.StructType([
 VECTOR_COLUMNS = ("image_id", "path", "label", "model", "embedding")
 
 
+def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str) -> DataFrame:
+    """The Parquet table at uri; UsageError(complaint) if uri holds none, storage failures as they are."""
+    try:
+        return spark.read.parquet(uri)
+    except Exception as e:  # Spark raises several types for "no Parquet here", by version
+        if is_storage_failure(e):
+            raise
+        raise UsageError(complaint) from e
+
+
 def read_embeddings(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, str, int]:
     """Rows of an embeddings table that have an embedding, with the table's model name and dimension.
 
@@ -29,10 +39,7 @@ def read_embeddings(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame
     """
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
-    try:
-        table = spark.read.parquet(uri)
-    except Exception as e:
-        raise UsageError(f"{what} {uri} is not a Parquet table") from e
+    table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table")
     missing = [c for c in VECTOR_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{what} {uri} is not an embeddings table: missing column(s) {', '.join(missing)}")

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from jobs.backbones import build_backbone
-from jobs.errors import UsageError
+from jobs.errors import StorageError, UsageError
 
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -87,8 +87,19 @@ def fetch_bytes(model: str, weights: str | None) -> tuple[str, bytes]:
         raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
     except Exception as e:  # boto3's errors: no credentials, no such bucket or key, endpoint down
         if type(e).__module__.startswith(("botocore", "boto3")):
+            if _is_s3_outage(e):
+                raise StorageError(f"cannot get {model} weights from {source} after retries: {e}") from e
             raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
         raise
+
+
+def _is_s3_outage(error: Exception) -> bool:
+    """Endpoint unreachable, timed out, or answering 5xx (boto3 has retried already)."""
+    from botocore import exceptions
+
+    if isinstance(error, exceptions.ClientError):
+        return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    return isinstance(error, (exceptions.ConnectionError, exceptions.HTTPClientError))
 
 
 def verify_hash(source: str, data: bytes) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 
 import boto3
 import numpy as np
@@ -160,3 +161,16 @@ def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resume
         table = read_remote(s3, "out/emb/", bucket)
         assert len(table) == 12 and table["path"].is_unique and table["error"].isna().all()
         assert not [o for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/.emb.staging").get("Contents", [])]
+
+
+def test_weights_endpoint_down_is_a_storage_failure(spark, tmp_path, demo_dir, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for key, value in {**KEYS, "AWS_ENDPOINT_URL": down, "AWS_MAX_ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    code = run_job(spark, "embed", "--input", demo_dir / "catalog" / "cat", "--output", tmp_path / "emb", "--model", "mobilenet_v2",
+                   "--weights", "s3://vehicles/models/mobilenet_v2-b0353104.pth")
+    err = capsys.readouterr().err
+    assert code == 3 and "cannot get mobilenet_v2 weights from s3://vehicles/models/" in err and "after retries" in err, err
+    assert "Traceback" not in err and not (tmp_path / "emb").exists()
