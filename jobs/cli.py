@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jobs.errors import StorageError, UsageError, classify_spark_error
+from jobs.errors import StorageError, UsageError, known_error_from_spark
 from jobs.runlog import get_logger
 
 JOBS = {
@@ -65,20 +65,16 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
             spark = spark_session(args.job)
         module = importlib.import_module(f"jobs.{args.job}")
         return int(module.run(spark, args) or 0)
-    except (UsageError, StorageError) as e:
-        print(f"main.py {args.job}: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
     except KeyboardInterrupt:
         print(f"main.py {args.job}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception as e:
-        known = classify_spark_error(e)
-        if known:
-            code, message = known
-            print(f"main.py {args.job}: error: {message}", file=sys.stderr, flush=True)
-            return code
-        log.exception("%s failed unexpectedly", args.job)
-        return 1
+        known = e if isinstance(e, (UsageError, StorageError)) else known_error_from_spark(e)
+        if known is None:
+            log.exception("%s failed unexpectedly", args.job)
+            return 1
+        print(f"main.py {args.job}: error: {known}", file=sys.stderr, flush=True)
+        return known.exit_code
     finally:
         if own_session and spark is not None:
             spark.stop()

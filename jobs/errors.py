@@ -35,19 +35,19 @@ def one_line(message: str, limit: int = 400) -> str:
     return message[:limit]
 
 
-def classify_spark_error(error: Exception) -> tuple[int, str] | None:
-    """Spark's errors that are not bugs, as (exit code, one line): bad input paths, storage failures."""
+def known_error_from_spark(error: Exception) -> UsageError | StorageError | None:
+    """Spark's errors that are not bugs, as our own: bad input paths, storage refusing or failing."""
     name = type(error).__name__
     text = str(error)
     if name in ("AnalysisException", "IllegalArgumentException") and (
         "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
     ):
-        return 2, text.strip().splitlines()[0][:400]
+        return UsageError(text.strip().splitlines()[0][:400])
     if denied := STORAGE_DENIED.search(text):
-        return 2, f"storage refused access: {one_line(denied['message'])}"
+        return UsageError(f"storage refused access: {one_line(denied['message'])}")
     if failure := STORAGE_FAILURE.search(text):
-        return 3, (f"storage failed after retries: {one_line(failure['message'])}; "
-                   "committed work is kept, run the same command again when storage is back")
+        return StorageError(f"storage failed after retries: {one_line(failure['message'])}; "
+                            "committed work is kept, run the same command again when storage is back")
     return None
 
 
