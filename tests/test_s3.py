@@ -136,8 +136,9 @@ def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resume
     assert failed.returncode == 3, output[-5000:]
     errors = [line for line in output.splitlines() if line.startswith("main.py embed: error:")]
     assert len(errors) == 1 and "Traceback (most recent call last)" not in output, output[-5000:]
-    assert "storage failed after retries" in errors[0] and f"s3a://{bucket}/out/.emb.staging" in errors[0]
-    assert ("Connection refused" if fault == "refused" else "503 Service Unavailable") in errors[0]
+    # which request gives up first (a task's upload, the driver's cleanup) is up to the scheduler
+    assert "storage failed after retries" in errors[0] and "out/.emb.staging" in errors[0], errors[0]
+    assert any(cause in errors[0] for cause in (["Connection refused"] if fault == "refused" else ["503", "SlowDown"])), errors[0]
     assert "4/12 files of this run are committed" in output and KEYS["AWS_SECRET_ACCESS_KEY"] not in output
 
     if fault == "503":  # every failed request was retried, with waits between tries rather than at once
