@@ -25,7 +25,10 @@ JOBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="Vehicle image similarity search on Spark.")
+    parser = argparse.ArgumentParser(
+        prog="main.py", description="Vehicle image similarity search on Spark.",
+        epilog="exit codes: 0 ok, 2 usage or input error, 3 storage failed after retries (safe to run again), 1 bug",
+    )
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, help_text in JOBS.items():
         module = importlib.import_module(f"jobs.{name}")
