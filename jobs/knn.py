@@ -58,23 +58,35 @@ def _squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
 
+def _squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.ndarray) -> np.ndarray:
+    """(n_queries, n_catalog) squared Euclidean distances, from the catalog's precomputed squared norms."""
+    return _squared_norms(queries)[:, None] + catalog_sq[None, :] - 2.0 * (queries @ catalog.T)
+
+
+def _nearest_columns(d2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns and values of the min(k, n_columns) smallest entries of each row, smallest first (n_columns > 0)."""
+    kk = min(k, d2.shape[1])
+    part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < d2.shape[1] else np.tile(np.arange(kk), (len(d2), 1))
+    part_d = np.take_along_axis(d2, part, axis=1)
+    order = np.argsort(part_d, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_d, order, axis=1)
+
+
 def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of the k nearest catalog rows per query by Euclidean distance, nearest first.
 
     exclude: (n_queries, n_catalog) boolean mask of pairs never to return (a query itself).
     Rows beyond the catalog size are -1 / inf.
     """
-    d2 = _squared_norms(queries)[:, None] + _squared_norms(catalog)[None, :] - 2.0 * (queries @ catalog.T)
+    d2 = _squared_distances(queries, catalog, _squared_norms(catalog))
     np.maximum(d2, 0.0, out=d2)
     if exclude is not None:
         d2[exclude] = np.inf
-    kk = min(k, catalog.shape[0])
-    if kk == 0:
+    if min(k, catalog.shape[0]) == 0:
         return np.full((len(queries), k), -1), np.full((len(queries), k), np.inf, dtype=np.float32)
-    part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < catalog.shape[0] else np.tile(np.arange(kk), (len(queries), 1))
-    part_d = np.take_along_axis(d2, part, axis=1)
-    order = np.argsort(part_d, axis=1, kind="stable")
-    idx, dist = np.take_along_axis(part, order, axis=1), np.sqrt(np.take_along_axis(part_d, order, axis=1))
+    idx, nearest_d2 = _nearest_columns(d2, k)
+    dist = np.sqrt(nearest_d2)
+    kk = idx.shape[1]
     if kk < k:
         idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
         dist = np.pad(dist, ((0, 0), (0, k - kk)), constant_values=np.inf)
@@ -130,14 +142,10 @@ def lsh_topk(queries: np.ndarray, query_probes: np.ndarray, catalog: np.ndarray,
         union = np.flatnonzero(mask.any(axis=0))
         if len(union) == 0:
             continue
-        q_vectors = queries[rows]
-        d2 = _squared_norms(q_vectors)[:, None] + catalog_sq[union][None, :] - 2.0 * (q_vectors @ catalog[union].T)
+        d2 = _squared_distances(queries[rows], catalog[union], catalog_sq[union])
         d2[~mask[:, union]] = np.inf
-        kk = min(k, len(union))
-        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < len(union) else np.tile(np.arange(kk), (len(rows), 1))
-        part_d = np.take_along_axis(d2, part, axis=1)
-        order = np.argsort(part_d, axis=1, kind="stable")
-        best, best_d = np.take_along_axis(part, order, axis=1), np.take_along_axis(part_d, order, axis=1)
+        best, best_d = _nearest_columns(d2, k)
+        kk = best.shape[1]
         found = np.isfinite(best_d)
         indices[rows, :kk] = np.where(found, union[best], -1)
         distances[rows, :kk] = np.sqrt(np.maximum(best_d, 0.0))
