@@ -108,7 +108,7 @@ def main() -> None:
         index = load_index(spark, str(folder / "index"))
         queries = Queries(np.array([f"q{i}" for i in range(args.queries)], object), np.array([""] * args.queries, object),
                           np.array([None] * args.queries, object), query_vectors)
-        find_neighbours(spark, index, queries.block(0, 10), args.k, "exact", False)  # warm the Python workers
+        find_neighbours(spark, index, queries.take(slice(0, 10)), args.k, "exact", False)  # warm the Python workers
         lsh_s, (lsh, fallback) = timed(lambda index=index, queries=queries: find_neighbours(spark, index, queries, args.k, "lsh", False))
         exact_s, (exact, _) = timed(lambda index=index, queries=queries: find_neighbours(spark, index, queries, args.k, "exact", False))
         floor_s, _ = timed(lambda q=query_vectors, c=catalog_vectors: exact_topk(q, c, args.k), repeat=2)

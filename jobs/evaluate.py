@@ -72,7 +72,7 @@ def sample_queries(queries: Queries, n: int, seed: int) -> Queries:
     if n >= len(queries):
         return queries
     rows = np.sort(np.random.default_rng(seed).choice(len(queries), size=n, replace=False))
-    return Queries(queries.ids[rows], queries.paths[rows], queries.labels[rows], queries.vectors[rows])
+    return queries.take(rows)
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:

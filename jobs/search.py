@@ -54,8 +54,9 @@ class Queries:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def block(self, start: int, stop: int) -> Queries:
-        return Queries(self.ids[start:stop], self.paths[start:stop], self.labels[start:stop], self.vectors[start:stop])
+    def take(self, rows: slice | np.ndarray) -> Queries:
+        """The queries at these rows (a slice or an index array)."""
+        return Queries(self.ids[rows], self.paths[rows], self.labels[rows], self.vectors[rows])
 
 
 def queries_from_frame(frame: pd.DataFrame) -> Queries:
@@ -147,7 +148,7 @@ def find_neighbours(spark: SparkSession, index: Index, queries: Queries, k: int,
         fallback = len(short)
         if fallback:
             log.info("%d of %d queries had fewer than %d LSH candidates: answering them exactly", fallback, len(queries), k)
-            subset = Queries(queries.ids[short], queries.paths[short], queries.labels[short], queries.vectors[short])
+            subset = queries.take(short)
             exact = _search(spark, catalog, subset, None, k, exclude_self)
             exact["query_idx"] = short[exact["query_idx"].to_numpy()]
             found = pd.concat([found[~found["query_idx"].isin(short)], exact], ignore_index=True)
@@ -217,7 +218,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     results, fallback = [], 0
     with summary.stage("search"):
         for start in range(0, len(queries), args.query_block):
-            found, short = find_neighbours(spark, index, queries.block(start, start + args.query_block), args.k, args.method, exclude_self)
+            found, short = find_neighbours(spark, index, queries.take(slice(start, start + args.query_block)), args.k, args.method, exclude_self)
             found["query_idx"] += start
             results.append(found)
             fallback += short
