@@ -43,6 +43,11 @@ def known_error_from_spark(error: Exception) -> UsageError | StorageError | None
         "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
     ):
         return UsageError(text.strip().splitlines()[0][:400])
+    return storage_error(text)
+
+
+def storage_error(text: str) -> UsageError | StorageError | None:
+    """A Java error text as storage refusing access (a user mistake) or storage failing; None if neither."""
     if denied := STORAGE_DENIED.search(text):
         return UsageError(f"storage refused access: {one_line(denied['message'])}")
     if failure := STORAGE_FAILURE.search(text):
@@ -52,5 +57,5 @@ def known_error_from_spark(error: Exception) -> UsageError | StorageError | None
 
 
 def is_storage_failure(error: Exception) -> bool:
-    """True when error is storage being down or failing, which must not be reported as bad input."""
-    return bool(STORAGE_FAILURE.search(str(error)) or STORAGE_DENIED.search(str(error)))
+    """True when error is storage refusing or failing, which must not be reported as bad input."""
+    return storage_error(str(error)) is not None
