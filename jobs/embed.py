@@ -118,11 +118,11 @@ def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | N
 
 def resume_staging(spark: SparkSession, staging: str, model: str) -> DataFrame | None:
     """The committed chunks of a killed first run, or None if it committed none."""
-    if not storage.exists(spark, staging):
-        return None
     try:
         table = read_existing(spark, staging, model)
     except UsageError:
+        return None
+    if table is None:
         return None
     log.info("resuming an interrupted first run from %s", staging)
     return table
