@@ -17,9 +17,9 @@ from jobs.runlog import get_logger
 
 JOBS = {
     "embed": "image files -> embeddings table",
-    "index": "embeddings table -> LSH index",
+    "index": "embeddings table -> IVF index (KMeans cells) with LSH keys",
     "search": "queries -> k nearest neighbours table (or near-duplicate pairs)",
-    "evaluate": "recall@k of lsh against exact, precision@k and mAP by label",
+    "evaluate": "recall@k of ivf or lsh against exact, precision@k and mAP by label",
     "report": "neighbours table -> contact sheets, HTML gallery, embedding map",
 }
 

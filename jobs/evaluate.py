@@ -1,4 +1,4 @@
-"""evaluate: how good are the answers? recall@k of lsh against exact, and precision@k and mAP by label.
+"""evaluate: how good are the answers? recall@k of ivf (or lsh) against exact, and precision@k and mAP by label.
 
 Queries are a sample of the catalog itself (each excluded from its own answers) or, with --queries,
 a separate embeddings table. Results are printed and written as JSON (default: beside the index).
@@ -10,13 +10,15 @@ import argparse
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from jobs import storage
+from jobs import ivf, storage
 from jobs.errors import UsageError
-from jobs.index import load_index
+from jobs.ivf import Index
 from jobs.runlog import RunSummary, print_summary
-from jobs.search import Queries, catalog_queries, find_neighbours, queries_from_table
+from jobs.search import cells, queries, scan
+from jobs.search.results import top_k
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=10, help="neighbours per query")
     parser.add_argument("--sample", type=int, default=500, help="queries to evaluate (random, seeded)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=["ivf", "lsh"], help="the approximate method to measure (default: the index's)")
+    parser.add_argument("--nprobe", type=int, help="ivf: cells each query probes (default: the index's)")
     parser.add_argument("--output", help="evaluation JSON (default: INDEX/_evaluation.json)")
 
 
@@ -68,42 +72,63 @@ def per_query_precision(neighbours: pd.DataFrame, query_labels: dict[str, str], 
     return out
 
 
-def sample_queries(queries: Queries, n: int, seed: int) -> Queries:
-    if n >= len(queries):
-        return queries
-    rows = np.sort(np.random.default_rng(seed).choice(len(queries), size=n, replace=False))
-    return queries.take(rows)
+def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
+    """The ranked answers of a bounded sample of queries, on the driver."""
+    if method == "ivf":
+        partials, touched = cells.search(spark, index, sample, nprobe, k, exclude_self)
+        found = top_k(partials, k).toPandas()
+        touched["assigned"].unpersist()
+        return found
+    found, fallback = [], 0
+    for block in scan.blocks(sample, 4096):
+        ranked, shipped, short = scan.answer_block(spark, index, block, method, k, exclude_self)
+        found.append(ranked.toPandas())
+        fallback += short
+        for broadcast in shipped:
+            broadcast.destroy()
+    frame = pd.concat(found, ignore_index=True)
+    frame.attrs["lsh_fallback_queries"] = fallback
+    return frame
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.k < 1 or args.sample < 1:
         raise UsageError("-k and --sample must be at least 1")
     summary = RunSummary("evaluate", vars(args))
-    index = load_index(spark, args.index)
+    index = ivf.load(spark, args.index)
+    method = args.method or index.meta.get("default_method", "ivf")
+    if method == "lsh" and index.lsh is None:
+        raise UsageError(f"index {index.uri} has no LSH keys; evaluate --method ivf")
     held_out = args.queries is not None
     if args.k > index.count - (0 if held_out else 1):
         raise UsageError(f"-k {args.k} is larger than the catalog of {index.uri} allows ({index.count} images)")
     with summary.stage("queries"):
-        pool = queries_from_table(spark, args.queries, index) if held_out else catalog_queries(spark, index)
-        queries = sample_queries(pool, args.sample, args.seed)
+        pool = queries.from_table(spark, args.queries, index) if held_out else queries.from_catalog(spark, index)
+        sample = pool.orderBy(F.xxhash64("query_id", F.lit(args.seed))).limit(args.sample).cache()
+        sampled = sample.select("query_id", "query_label").toPandas()  # at most --sample rows
+    nprobe = args.nprobe or index.params.nprobe
     with summary.stage("exact"):
-        exact, _ = find_neighbours(spark, index, queries, args.k, "exact", exclude_self=not held_out)
-    with summary.stage("lsh"):
-        approx, fallback = find_neighbours(spark, index, queries, args.k, "lsh", exclude_self=not held_out)
-    metrics: dict[str, float | int] = {f"recall@{args.k}": recall_at_k(approx, exact, args.k), "queries": len(queries), "lsh_fallback_queries": fallback}
-    labels = spark.read.parquet(index.catalog_uri).groupBy("label").count().toPandas()
+        exact = answers(spark, index, sample, "exact", args.k, nprobe, not held_out)
+    with summary.stage(method):
+        approx = answers(spark, index, sample, method, args.k, nprobe, not held_out)
+    sample.unpersist()
+    metrics: dict[str, float | int] = {f"recall@{args.k}": recall_at_k(approx, exact, args.k), "queries": len(sampled)}
+    if method == "lsh":
+        metrics["lsh_fallback_queries"] = approx.attrs.get("lsh_fallback_queries", 0)
+    labels = spark.read.parquet(index.catalog_uri).groupBy("label").count().toPandas()  # one row per label
     label_counts = {r.label: int(r.count) for r in labels.itertuples() if r.label is not None}
-    query_labels = {q: lab for q, lab in zip(queries.ids, queries.labels) if lab is not None}
+    query_labels = {q: lab for q, lab in zip(sampled["query_id"], sampled["query_label"]) if lab is not None}
     if query_labels and label_counts:
-        for name, frame in (("exact", exact), ("lsh", approx)):
+        for name, frame in (("exact", exact), (method, approx)):
             for key, value in label_metrics(frame, query_labels, label_counts, args.k, not held_out).items():
                 metrics[f"{name}_{key}" if key != "labelled_queries" else key] = value
-    summary.set(index=args.index, k=args.k, metrics=metrics,
+    summary.set(index=args.index, method=method, nprobe=nprobe if method == "ivf" else None, k=args.k, metrics=metrics,
                 per_query_precision=per_query_precision(approx, query_labels, args.k) if query_labels else {})
     summary.finish()
     output = args.output or f"{args.index}/_evaluation.json"
     storage.write_text(spark, output, summary.to_json())
-    rows = [("index", f"{args.index} ({index.count} images)"), ("queries", f"{len(queries)} {'held out' if held_out else 'sampled from the catalog'}")]
+    rows = [("index", f"{args.index} ({index.count} images)"), ("queries", f"{len(sampled)} {'held out' if held_out else 'sampled from the catalog'}"),
+            ("method", f"{method}" + (f", nprobe {nprobe} of {index.cells} cells" if method == "ivf" else ""))]
     rows += [(key, f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items() if key != "queries"]
     rows += [("written", output), ("seconds", f"{summary.data['seconds']['total']:.1f}")]
     print_summary("evaluate summary", rows)

@@ -54,44 +54,62 @@ def probe_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshPa
     return np.concatenate([own[:, :, None], own[:, :, None] + moved], axis=2)
 
 
-def _squared_norms(x: np.ndarray) -> np.ndarray:
+def squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
 
-def _squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.ndarray) -> np.ndarray:
-    """(n_queries, n_catalog) squared Euclidean distances, from the catalog's precomputed squared norms."""
-    return _squared_norms(queries)[:, None] + catalog_sq[None, :] - 2.0 * (queries @ catalog.T)
+def squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.ndarray | None = None) -> np.ndarray:
+    """(n_queries, n_catalog) squared Euclidean distances (never negative), from the catalog's squared norms."""
+    catalog_sq = squared_norms(catalog) if catalog_sq is None else catalog_sq
+    d2 = squared_norms(queries)[:, None] + catalog_sq[None, :] - 2.0 * (queries @ catalog.T)
+    return np.maximum(d2, 0.0, out=d2)
 
 
-def _nearest_columns(d2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Columns and values of the min(k, n_columns) smallest entries of each row, smallest first (n_columns > 0)."""
-    kk = min(k, d2.shape[1])
-    part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < d2.shape[1] else np.tile(np.arange(kk), (len(d2), 1))
-    part_d = np.take_along_axis(d2, part, axis=1)
-    order = np.argsort(part_d, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_d, order, axis=1)
+def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns and values of the k smallest entries of each row, smallest first, ties broken by keys[column].
+
+    Rows with fewer than k finite entries are padded with column -1 and inf.
+    """
+    n_rows, n_cols = d2.shape
+    kk = min(k, n_cols)
+    if kk == 0:
+        return np.full((n_rows, k), -1, np.int64), np.full((n_rows, k), np.inf, np.float32)
+    if kk < n_cols:
+        cols = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        kth = np.take_along_axis(d2, cols, axis=1).max(axis=1)
+        for row in np.flatnonzero(np.isfinite(kth) & ((d2 <= kth[:, None]).sum(axis=1) > kk)):  # ties across the k-th place: lowest keys win
+            tied = np.flatnonzero(d2[row] <= kth[row])
+            cols[row] = tied[np.lexsort((keys[tied], d2[row, tied]))[:kk]]
+    else:
+        cols = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols))
+    values = np.take_along_axis(d2, cols, axis=1)
+    order = np.lexsort((keys[cols], values), axis=1)
+    cols, values = np.take_along_axis(cols, order, axis=1), np.take_along_axis(values, order, axis=1)
+    cols = np.where(np.isfinite(values), cols, -1)
+    if kk < k:
+        cols = np.pad(cols, ((0, 0), (0, k - kk)), constant_values=-1)
+        values = np.pad(values, ((0, 0), (0, k - kk)), constant_values=np.inf)
+    return cols, values.astype(np.float32, copy=False)
 
 
-def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def merge_nearest(best: tuple[np.ndarray, np.ndarray, np.ndarray], found: tuple[np.ndarray, np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge two (rows, squared distances, keys) top lists per query into the k best, ties broken by key."""
+    rows, d2, keys = (np.concatenate([a, b], axis=1) for a, b in zip(best, found))
+    order = np.lexsort((keys, d2), axis=1)[:, :k]
+    return tuple(np.take_along_axis(x, order, axis=1) for x in (rows, d2, keys))  # type: ignore[return-value]
+
+
+def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of the k nearest catalog rows per query by Euclidean distance, nearest first.
 
-    exclude: (n_queries, n_catalog) boolean mask of pairs never to return (a query itself).
-    Rows beyond the catalog size are -1 / inf.
+    Ties are broken by keys (default: the catalog row). exclude: (n_queries, n_catalog) boolean mask of
+    pairs never to return (a query itself). Rows beyond the catalog size are -1 / inf.
     """
-    d2 = _squared_distances(queries, catalog, _squared_norms(catalog))
-    np.maximum(d2, 0.0, out=d2)
+    d2 = squared_distances(queries, catalog)
     if exclude is not None:
         d2[exclude] = np.inf
-    if min(k, catalog.shape[0]) == 0:
-        return np.full((len(queries), k), -1), np.full((len(queries), k), np.inf, dtype=np.float32)
-    idx, nearest_d2 = _nearest_columns(d2, k)
-    dist = np.sqrt(nearest_d2)
-    kk = idx.shape[1]
-    if kk < k:
-        idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, k - kk)), constant_values=np.inf)
-    idx[~np.isfinite(dist)] = -1
-    return idx, dist.astype(np.float32)
+    idx, nearest_d2 = nearest(d2, np.arange(catalog.shape[0]) if keys is None else keys, k)
+    return idx, np.sqrt(nearest_d2)
 
 
 class BucketIndex:
@@ -131,7 +149,7 @@ def lsh_topk(queries: np.ndarray, query_probes: np.ndarray, catalog: np.ndarray,
     indices = np.full((n, k), -1, dtype=np.int64)
     distances = np.full((n, k), np.inf, dtype=np.float32)
     counts = np.zeros(n, dtype=np.int64)
-    catalog_sq = _squared_norms(catalog)
+    catalog_sq = squared_norms(catalog)
     similar_first = np.lexsort(query_probes[:, ::-1, 0].T)
     for start in range(0, n, chunk):
         rows = similar_first[start : start + chunk]
@@ -142,11 +160,9 @@ def lsh_topk(queries: np.ndarray, query_probes: np.ndarray, catalog: np.ndarray,
         union = np.flatnonzero(mask.any(axis=0))
         if len(union) == 0:
             continue
-        d2 = _squared_distances(queries[rows], catalog[union], catalog_sq[union])
+        d2 = squared_distances(queries[rows], catalog[union], catalog_sq[union])
         d2[~mask[:, union]] = np.inf
-        best, best_d = _nearest_columns(d2, k)
-        kk = best.shape[1]
-        found = np.isfinite(best_d)
-        indices[rows, :kk] = np.where(found, union[best], -1)
-        distances[rows, :kk] = np.sqrt(np.maximum(best_d, 0.0))
+        best, best_d = nearest(d2, union, k)
+        indices[rows] = np.where(best >= 0, union[best], -1)
+        distances[rows] = np.sqrt(best_d)
     return indices, distances, counts

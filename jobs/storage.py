@@ -48,14 +48,19 @@ def read_text(spark: SparkSession, uri: str) -> str:
     return read_bytes(spark, uri).decode("utf-8")
 
 
-def write_text(spark: SparkSession, uri: str, text: str) -> None:
-    """Write a small UTF-8 file, replacing any file there."""
+def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
+    """Write a small file, replacing any file there."""
     fs, path = _fs_and_path(spark, uri)
     stream = fs.create(path, True)
     try:
-        stream.write(bytearray(text.encode("utf-8")))
+        stream.write(bytearray(data))
     finally:
         stream.close()
+
+
+def write_text(spark: SparkSession, uri: str, text: str) -> None:
+    """Write a small UTF-8 file, replacing any file there."""
+    write_bytes(spark, uri, text.encode("utf-8"))
 
 
 def sibling(uri: str, tag: str, unique: bool = True) -> str:

@@ -31,10 +31,10 @@ def test_make_demo_end_to_end(spark, tmp_path):
     assert "== demo summary" in result.stdout and str(out / "report" / "index.html") in result.stdout
     metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
     assert metrics["recall@10"] >= 0.95
-    assert metrics["lsh_precision@10"] >= PRECISION_FLOOR
+    assert metrics["ivf_precision@10"] >= PRECISION_FLOOR
     assert (out / "report" / "index.html").exists() and len(list((out / "report" / "sheets").glob("*.png"))) == 15 * 2
     assert run_job(spark, "evaluate", "--index", out / "index", "-k", "5", "--output", tmp_path / "eval5.json") == 0
-    assert json.loads((tmp_path / "eval5.json").read_text())["metrics"]["lsh_precision@5"] >= PRECISION_FLOOR
+    assert json.loads((tmp_path / "eval5.json").read_text())["metrics"]["ivf_precision@5"] >= PRECISION_FLOOR
     # a second run is incremental: the same embed step re-embeds nothing
     weights = json.loads((out / "embeddings" / "_summary.json").read_text())["weights"]["source"]
     assert run_job(spark, "embed", "--input", data / "catalog", "--output", out / "embeddings", "--model", "mobilenet_v2", "--weights", weights) == 0

@@ -1,4 +1,4 @@
-"""index, search and evaluate on small synthetic tables: exact is exact, lsh keeps the contract, errors are clear."""
+"""index and search on small vectors: IVF cells and pruning, exact correctness, ties, odd cell sizes, LSH, evaluate."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_job
 from pyspark.ml.feature import BucketedRandomProjectionLSHModel
 from pyspark.ml.functions import array_to_vector
 
+from jobs import ivf
 from jobs.embed import EMBEDDINGS_SCHEMA
 from jobs.evaluate import label_metrics, recall_at_k
-from jobs.index import load_index
-from jobs.knn import LshParams, bucket_keys, exact_topk
+from jobs.index.lsh import rand_unit_vectors
+from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from scripts.vectors import clustered_unit_vectors
 
 
@@ -43,25 +45,40 @@ def read_neighbours(spark, path) -> pd.DataFrame:
     return spark.read.parquet(str(path)).toPandas().sort_values(["query_id", "rank"])
 
 
-def test_index_uses_the_spark_model_hashes(spark, catalog):
-    folder, vectors, _, _ = catalog
-    index = load_index(spark, str(folder / "index"))
-    assert index.count == 3000 and index.dim == 64 and index.params == LshParams()
+def search(spark, index, out, *args) -> dict:
+    assert run_job(spark, "search", "--index", index, "--output", out, *args) == 0
+    return json.loads((out / "_summary.json").read_text())
+
+
+def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
+    folder, vectors, _, ids = catalog
+    index = ivf.load(spark, str(folder / "index"))
+    assert index.count == 3000 and index.dim == 64 and index.cells == round(4 * np.sqrt(3000))
+    assert index.plan.sizes.sum() == 3000 and index.params.nprobe == round(1.5 * np.sqrt(index.cells))
+    stored = spark.read.parquet(index.catalog_uri).toPandas().set_index("image_id").loc[ids]
+    nearest = np.argmin(squared_distances(vectors, index.centroids), axis=1)
+    np.testing.assert_array_equal(stored["cell"].to_numpy(), nearest)
+    assert (stored["group"].to_numpy() == index.plan.first_group[nearest]).all()  # no cell is split here
+    for entry in index.meta["files"]:  # every file holds a run of groups, sorted by group then cell, in several row groups
+        table = pq.read_table(folder / "index" / "catalog" / entry["name"]).to_pandas()
+        assert list(table["group"]) == sorted(table["group"]) and (table["group"].min(), table["group"].max()) == (entry["first_group"], entry["last_group"])
+        assert all((g["cell"].diff().dropna() >= 0).all() for _, g in table.groupby("group"))
     model = BucketedRandomProjectionLSHModel.load(str(folder / "index" / "model"))
     assert model.getNumHashTables() == LshParams().num_hash_tables
     sample = spark.createDataFrame([([float(x) for x in v],) for v in vectors[:20]], "e array<float>")
     spark_hashes = np.array([[h[0] for h in row.hashes] for row in model.transform(sample.select(array_to_vector("e").alias("features"))).collect()])
-    ours = np.floor(vectors[:20].astype(np.float32) @ index.rand_unit_vectors.T / index.params.bucket_length)
-    np.testing.assert_array_equal(ours, spark_hashes)
-    stored = spark.read.parquet(str(folder / "index" / "catalog")).toPandas().set_index("image_id").loc[catalog[3][:20], "buckets"]
-    np.testing.assert_array_equal(np.stack(stored.to_numpy()), bucket_keys(vectors[:20], index.rand_unit_vectors, index.params))
+    projections = rand_unit_vectors(spark, str(folder / "index" / "model"))
+    np.testing.assert_array_equal(np.floor(vectors[:20] @ projections.T / index.lsh.bucket_length), spark_hashes)
+    np.testing.assert_array_equal(np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh))
 
 
-def test_exact_search_is_exactly_right(spark, catalog, tmp_path):
+@pytest.mark.parametrize("method", ["exact", "ivf-all-cells"])
+def test_exact_and_ivf_probing_every_cell_are_exactly_right(spark, catalog, tmp_path, method):
     folder, vectors, _, ids = catalog
     queries, _ = clustered_unit_vectors(40, dim=64, cluster_size=30, noise=0.5, seed=99)
     query_ids = write_embeddings(spark, tmp_path / "q", queries, prefix="q")
-    assert run_job(spark, "search", "--index", folder / "index", "--queries", tmp_path / "q", "--output", tmp_path / "nb", "-k", "7", "--method", "exact") == 0
+    args = ["--method", "exact"] if method == "exact" else ["--method", "ivf", "--nprobe", "100000"]
+    search(spark, folder / "index", tmp_path / "nb", "--queries", tmp_path / "q", "-k", "7", *args)
     got = read_neighbours(spark, tmp_path / "nb")
     truth_idx, truth_dist = exact_topk(queries, vectors, 7)
     assert len(got) == 40 * 7
@@ -74,10 +91,11 @@ def test_exact_search_is_exactly_right(spark, catalog, tmp_path):
         assert rows["query_path"].iloc[0] == f"file:/data/q/{qi}.jpg"
 
 
-def test_lsh_returns_k_sorted_rows_per_query_with_high_recall(spark, catalog, tmp_path):
+@pytest.mark.parametrize("method", ["ivf", "lsh"])
+def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spark, catalog, tmp_path, method):
     folder, vectors, _, ids = catalog
     picked = ids[:50]
-    assert run_job(spark, "search", "--index", folder / "index", "--query-ids", ",".join(picked), "--output", tmp_path / "nb", "-k", "10", "--exclude-self") == 0
+    summary = search(spark, folder / "index", tmp_path / "nb", "--query-ids", ",".join(picked), "-k", "10", "--exclude-self", "--method", method)
     got = read_neighbours(spark, tmp_path / "nb")
     assert set(got["query_id"]) == set(picked)
     for qid, rows in got.groupby("query_id"):
@@ -88,34 +106,94 @@ def test_lsh_returns_k_sorted_rows_per_query_with_high_recall(spark, catalog, tm
     truth = {ids[q]: {ids[i] for i in truth_idx[q] if i != q} for q in range(50)}
     recall = np.mean([len(set(rows["neighbor_id"]) & truth[q]) / 10 for q, rows in got.groupby("query_id")])
     assert recall >= 0.9
-    summary = json.loads((tmp_path / "nb" / "_summary.json").read_text())
     assert summary["counts"]["queries"] == 50 and summary["counts"]["rows"] == 500
 
 
-def test_lsh_falls_back_to_exact_when_buckets_are_too_small(spark, catalog, tmp_path):
+def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catalog, tmp_path):
     folder, vectors, _, ids = catalog
-    # 64 hashes ANDed in a single table, no probes: nearly every bucket holds one vector
-    assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", tmp_path / "tiny", "--num-hash-tables", "1", "--hashes-per-table", "64", "--probes", "0") == 0
-    assert run_job(spark, "search", "--index", tmp_path / "tiny", "--query-ids", ",".join(ids[:5]), "--output", tmp_path / "nb", "-k", "5") == 0
+    index = ivf.load(spark, str(folder / "index"))
+    summary = search(spark, folder / "index", tmp_path / "nb", "--query-ids", ids[7], "-k", "5", "--nprobe", "2")
+    touched = summary["touched"]
+    assert touched["groups_probed"] <= 2 < touched["groups"]
+    assert touched["catalog_files_read"] < touched["catalog_files"] == len(index.meta["files"])
+    catalog_bytes = sum((folder / "index" / "catalog" / f["name"]).stat().st_size for f in index.meta["files"])
+    assert 0 < touched["bytes_read"] < 0.5 * catalog_bytes
     got = read_neighbours(spark, tmp_path / "nb")
-    assert got.groupby("query_id").size().tolist() == [5] * 5
-    assert json.loads((tmp_path / "nb" / "_summary.json").read_text())["counts"]["lsh_fallback_queries"] >= 4
-    truth_idx, _ = exact_topk(vectors[:5], vectors, 5)
-    assert [set(r["neighbor_id"]) for _, r in got.groupby("query_id")] == [{ids[i] for i in t} for t in truth_idx]
+    assert got["neighbor_id"].iloc[0] == ids[7] and len(got) == 5
 
 
-def test_duplicates_lists_each_close_pair_once(spark, tmp_path):
+def test_ties_are_broken_by_id(spark, tmp_path):
+    # exactly representable vectors: every copy of a vector is at exactly the same distance
+    base = np.eye(8, dtype=np.float32)
+    vectors = np.vstack([base[[i % 8 for i in range(40)]]])
+    order = np.random.default_rng(1).permutation(40)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors[order])
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "4") == 0
+    write_embeddings(spark, tmp_path / "q", base[:2], prefix="q")
+    for method in ("exact", "ivf"):
+        search(spark, tmp_path / "index", tmp_path / method, "--queries", tmp_path / "q", "-k", "3", "--method", method)
+        got = read_neighbours(spark, tmp_path / method)
+        for q, rows in got.groupby("query_id"):
+            twins = sorted(ids[i] for i in range(40) if order[i] % 8 == int(q[1:]))
+            assert list(rows["neighbor_id"]) == twins[:3], method
+
+
+def test_odd_cells_huge_cell_empty_cells_and_short_probes(spark, tmp_path):
+    rng = np.random.default_rng(5)
+    crowd = np.tile(np.array([[1.0] + [0.0] * 15], np.float32), (300, 1)) + 0.01 * rng.standard_normal((300, 16)).astype(np.float32)
+    rest, _ = clustered_unit_vectors(200, dim=16, cluster_size=10, noise=0.3, seed=6)
+    vectors = np.vstack([crowd / np.linalg.norm(crowd, axis=1, keepdims=True), rest])
+    ids = write_embeddings(spark, tmp_path / "emb", vectors)
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "60", "--max-group-rows", "40") == 0
+    index = ivf.load(spark, str(tmp_path / "index"))
+    assert index.plan.sizes.max() > 40 and index.plan.parts.max() > 1  # the crowd's cell is split over groups
+    assert index.meta["largest_cell"] == index.plan.sizes.max()
+    queries = np.vstack([vectors[:3], vectors[300:303]])
+    write_embeddings(spark, tmp_path / "q", queries, prefix="q")
+    # nprobe 1 with k 30: the probed cell holds fewer than 30 rows for most queries, so they probe further
+    search(spark, tmp_path / "index", tmp_path / "nb", "--queries", tmp_path / "q", "-k", "30", "--nprobe", "1")
+    got = read_neighbours(spark, tmp_path / "nb")
+    assert got.groupby("query_id").size().tolist() == [30] * 6
+    truth_idx, _ = exact_topk(queries, vectors, 1)
+    assert list(got[got["rank"] == 1]["neighbor_id"]) == [ids[i] for i in truth_idx[:, 0]]
+
+
+def test_k_larger_than_the_catalog_returns_the_whole_catalog(spark, tmp_path):
+    vectors, _ = clustered_unit_vectors(12, dim=8, cluster_size=4, seed=2)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors)
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
+    for method in ("ivf", "exact", "lsh"):
+        search(spark, tmp_path / "index", tmp_path / method, "--query-ids", ids[0], "-k", "50", "--exclude-self", "--method", method)
+        got = read_neighbours(spark, tmp_path / method)
+        assert set(got["neighbor_id"]) == set(ids[1:]) and list(got["rank"]) == list(range(1, 12)), method
+
+
+def test_an_index_from_an_older_version_says_rebuild(spark, catalog, tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text(json.dumps({"model": "resnet18", "dim": 64, "count": 3, "params": {}}))
+    capsys.readouterr()
+    assert run_job(spark, "search", "--index", tmp_path / "old", "--query-ids", "x", "--output", tmp_path / "nb") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older version" in err[0] and "rebuild" in err[0]
+
+
+def test_all_gives_the_knn_graph_and_duplicates_lists_each_close_pair_once(spark, tmp_path):
     rng = np.random.default_rng(0)
     base = rng.standard_normal((200, 32)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     near = base[:10] + 0.01 * rng.standard_normal((10, 32)).astype(np.float32)
     vectors = np.vstack([base, near / np.linalg.norm(near, axis=1, keepdims=True)])
-    ids = write_embeddings(spark, tmp_path / "emb", vectors)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors, labels=[f"l{i % 7}" for i in range(210)])
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
-    assert run_job(spark, "search", "--index", tmp_path / "index", "--duplicates", "--threshold", "0.2", "--output", tmp_path / "dups", "-k", "3") == 0
+    search(spark, tmp_path / "index", tmp_path / "dups", "--duplicates", "--min-similarity", "0.98", "-k", "3")
     pairs = spark.read.parquet(str(tmp_path / "dups")).toPandas()
     assert {(a, b) for a, b in zip(pairs["image_a"], pairs["image_b"])} == {(ids[i], ids[200 + i]) for i in range(10)}
-    assert (pairs["distance"] < 0.2).all()
+    assert (pairs["similarity"] >= 0.98).all() and (pairs["label_a"] == pairs["label_b"]).all()
+    summary = search(spark, tmp_path / "index", tmp_path / "graph", "--all", "-k", "4", "--method", "exact")
+    graph = read_neighbours(spark, tmp_path / "graph")
+    assert summary["counts"]["queries"] == 210 and len(graph) == 840 and not (graph["query_id"] == graph["neighbor_id"]).any()
+    truth_idx, _ = exact_topk(vectors, vectors, 5)
+    assert all(list(graph[graph["query_id"] == ids[q]]["neighbor_id"]) == [ids[i] for i in truth_idx[q] if i != q][:4] for q in range(0, 210, 15))
 
 
 def test_evaluate_reports_recall_precision_and_map(spark, catalog, tmp_path):
@@ -136,7 +214,7 @@ def test_recall_and_label_metrics_on_known_cases():
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
 
 
-@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "k too large", "unknown ids", "other model", "not an index"])
+@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "not an index", "no lsh keys"])
 def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     folder, vectors, _, ids = catalog
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
@@ -151,13 +229,15 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     elif case == "empty catalog":
         spark.createDataFrame([], EMBEDDINGS_SCHEMA).write.parquet(str(tmp_path / "bad"))
         args = ["index", "--embeddings", tmp_path / "bad", "--output", tmp_path / "i"]
-    elif case == "k too large":
-        args = [*index_args, "--query-ids", ids[0], "-k", "5000"]
     elif case == "unknown ids":
         args = [*index_args, "--query-ids", f"{ids[0]},nope"]
     elif case == "other model":
         write_embeddings(spark, tmp_path / "q", vectors[:3], model="mobilenet_v2")
         args = [*index_args, "--queries", tmp_path / "q"]
+    elif case == "no lsh keys":
+        write_embeddings(spark, tmp_path / "e", vectors[:50])
+        assert run_job(spark, "index", "--embeddings", tmp_path / "e", "--output", tmp_path / "i", "--num-hash-tables", "0") == 0
+        args = ["search", "--index", tmp_path / "i", "--query-ids", "img00001", "--output", tmp_path / "nb", "--method", "lsh"]
     else:
         args = ["search", "--index", tmp_path, "--query-ids", ids[0], "--output", tmp_path / "nb"]
     capsys.readouterr()

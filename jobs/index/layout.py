@@ -1,0 +1,98 @@
+"""Lay the catalog out by cell: each row gets its cell (and LSH bucket keys), then the rows are written
+sorted by group and cell in small Parquet row groups, so a search reads only the cells it probes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.ivf import CellPlan
+from jobs.knn import LshParams, bucket_keys, squared_distances
+from jobs.vectors import binary_from_matrix, matrix_from_list
+
+ROW_GROUP_BYTES = 1 << 20  # small row groups: a search skips every row group outside its cells
+FILE_BYTES = 64 << 20
+ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
+
+
+def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:
+    """image_id, path, label, cell (nearest centroid), vector (float32 bytes) and, with lsh, buckets."""
+    schema = "image_id string, path string, label string, cell int, vector binary" + (", buckets array<bigint>" if lsh else "")
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            matrix = matrix_from_list(batch.column("embedding"))
+            cells = np.concatenate([np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
+                                    for s in range(0, len(matrix), ASSIGN_ROWS)] or [np.empty(0, np.int64)])
+            columns = [batch.column("image_id"), batch.column("path"), batch.column("label"), pa.array(cells.astype(np.int32)), binary_from_matrix(matrix)]
+            if lsh:
+                keys = bucket_keys(matrix, *lsh)
+                columns.append(pa.ListArray.from_arrays(pa.array(np.arange(0, keys.size + 1, keys.shape[1], dtype=np.int32)), pa.array(keys.ravel())))
+            yield pa.RecordBatch.from_arrays(columns, names=[f.split()[0] for f in schema.split(", ")])
+
+    return vectors.select("image_id", "path", "label", "embedding").mapInArrow(assign, schema)
+
+
+def cell_sizes(assigned: DataFrame, cells: int) -> np.ndarray:
+    """Rows per cell (one small row per cell reaches the driver)."""
+    sizes = np.zeros(cells, np.int64)
+    for row in assigned.groupBy("cell").count().collect():
+        sizes[row["cell"]] = row["count"]
+    return sizes
+
+
+def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.ndarray:
+    """Each group's file: consecutive groups fill a file up to rows_per_file rows (a group is never split)."""
+    group_rows = np.zeros(plan.groups, np.int64)
+    for cell in np.flatnonzero(plan.sizes):
+        share = -(-plan.sizes[cell] // plan.parts[cell])
+        group_rows[plan.first_group[cell] : plan.first_group[cell] + plan.parts[cell]] += share
+    rows_per_file = max(1, min(rows_per_file, -(-int(group_rows.sum()) // max(min_files, 1))))
+    files, rows, current = np.zeros(plan.groups, np.int32), 0, 0
+    for group, n in enumerate(group_rows):
+        if rows and rows + n > rows_per_file:
+            current, rows = current + 1, 0
+        files[group], rows = current, rows + n
+    return files
+
+
+def partition_key(spark: SparkSession, column: Column, partitions: int) -> Column:
+    """An int key that Spark's hash partitioning sends to partition `column` exactly (no collisions)."""
+    candidates = spark.range(partitions * 32).select(F.col("id").cast("int").alias("key"), F.expr(f"pmod(hash(cast(id as int)), {partitions})").alias("p"))
+    chosen: dict[int, int] = {}
+    for row in candidates.collect():
+        chosen.setdefault(row["p"], row["key"])
+    return F.array(*[F.lit(chosen[p]) for p in range(partitions)])[column]
+
+
+def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int, min_files: int) -> DataFrame:
+    """The catalog with its group, one Spark partition per output file, sorted by group, cell and id."""
+    cell_table = spark.createDataFrame([(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
+                                       "cell int, first_group int, parts int")
+    files = file_of_groups(plan, FILE_BYTES // (dim * 4 + 160), min_files)
+    group_table = spark.createDataFrame([(int(g), int(f)) for g, f in enumerate(files)], "group int, file int")
+    rows = (assigned.join(F.broadcast(cell_table), "cell")
+            .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))
+            .join(F.broadcast(group_table), "group"))
+    n_files = int(files.max()) + 1 if len(files) else 1
+    return (rows.repartition(n_files, partition_key(spark, F.col("file"), n_files))
+            .sortWithinPartitions("group", "cell", "image_id")
+            .select("group", "cell", "image_id", "path", "label", "vector", *(["buckets"] if "buckets" in assigned.columns else [])))
+
+
+def write_catalog(frame: DataFrame, uri: str) -> None:
+    frame.write.option("parquet.block.size", ROW_GROUP_BYTES).parquet(uri)
+
+
+def manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
+    """Each catalog file's name, group range and rows (read from the group column alone)."""
+    files = (spark.read.parquet(uri).groupBy(F.input_file_name().alias("file"))
+             .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows")))
+    found = [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"]}
+             for r in files.collect()]
+    return sorted(found, key=lambda f: f["first_group"])

@@ -1,0 +1,24 @@
+"""LSH hash functions for `search --method lsh`: a Spark ML BucketedRandomProjectionLSH model, saved in the index."""
+
+from __future__ import annotations
+
+import numpy as np
+from pyspark.ml.feature import BucketedRandomProjectionLSH
+from pyspark.ml.functions import array_to_vector
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs.knn import LshParams
+
+
+def fit_and_save(vectors: DataFrame, params: LshParams, seed: int, uri: str) -> np.ndarray:
+    """Fit the model (its random projections need one row only), save it at uri, return its unit vectors."""
+    lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes", bucketLength=params.bucket_length,
+                                      numHashTables=params.num_hash_tables, seed=seed)
+    model = lsh.fit(vectors.limit(1).select(array_to_vector("embedding").alias("features")))
+    model.write().overwrite().save(uri)
+    return rand_unit_vectors(vectors.sparkSession, uri)
+
+
+def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:
+    """The fitted model's random unit vectors (numHashTables x dim), read from its saved data."""
+    return np.asarray(spark.read.parquet(f"{model_uri}/data").first()[0].toArray(), dtype=np.float32)

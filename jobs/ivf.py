@@ -1,0 +1,149 @@
+"""The IVF index as one object: its cells (centroids, sizes), the groups of cells a search task scores, and probing.
+
+Cells are numbered in locality order (nearby centroids get nearby numbers), so the cells a query probes
+fall into few groups; a group is a run of consecutive cells holding at most `max_group_rows` rows, and
+a cell larger than that is split over several groups.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from pyspark.sql import SparkSession
+
+from jobs import storage
+from jobs.errors import UsageError
+from jobs.knn import LshParams, squared_distances
+
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class IvfParams:
+    """How the index was built and how it searches by default."""
+
+    cells: int
+    nprobe: int
+    train_sample: int
+    iterations: int
+    max_group_rows: int
+    seed: int = 42
+
+
+@dataclass
+class CellPlan:
+    """Rows per cell, and the groups each cell's rows are stored in (first_group .. first_group + parts - 1)."""
+
+    sizes: np.ndarray
+    first_group: np.ndarray
+    parts: np.ndarray
+
+    @property
+    def groups(self) -> int:
+        return int((self.first_group + self.parts).max()) if len(self.sizes) else 0
+
+    @classmethod
+    def build(cls, sizes: np.ndarray, max_group_rows: int) -> CellPlan:
+        """Greedy runs of consecutive cells up to max_group_rows rows; a bigger cell gets groups of its own."""
+        first = np.zeros(len(sizes), np.int32)
+        parts = np.ones(len(sizes), np.int32)
+        group, rows = 0, 0
+        for cell, size in enumerate(sizes):
+            if size > max_group_rows:
+                group += 1 if rows else 0
+                first[cell], parts[cell] = group, -(-size // max_group_rows)
+                group, rows = group + parts[cell], 0
+                continue
+            if rows and rows + size > max_group_rows:
+                group, rows = group + 1, 0
+            first[cell] = group
+            rows += size
+        return cls(np.asarray(sizes, np.int64), first, parts)
+
+    def groups_of(self, cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct groups of each query's cells, as CSR (flat groups, offsets) from CSR cells."""
+        query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        counts = self.parts[cells]
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        groups = np.repeat(self.first_group[cells], counts) + (np.arange(counts.sum()) - starts)
+        query = np.repeat(query, counts)
+        order = np.lexsort((groups, query))
+        query, groups = query[order], groups[order]
+        keep = np.ones(len(groups), bool)
+        keep[1:] = (query[1:] != query[:-1]) | (groups[1:] != groups[:-1])
+        query, groups = query[keep], groups[keep]
+        return groups.astype(np.int32), np.searchsorted(query, np.arange(len(offsets))).astype(np.int32)
+
+
+@dataclass
+class Index:
+    """A loaded index: where it lives, what it holds, its cells and parameters (see index.json)."""
+
+    uri: str
+    model: str
+    dim: int
+    count: int
+    params: IvfParams
+    centroids: np.ndarray
+    plan: CellPlan
+    lsh: LshParams | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def catalog_uri(self) -> str:
+        return f"{self.uri}/catalog"
+
+    @property
+    def cells(self) -> int:
+        return len(self.centroids)
+
+    def probe(self, queries: np.ndarray, nprobe: int, min_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's nprobe nearest cells, nearest first, and further cells while they hold < min_rows rows.
+
+        Returns CSR (flat cells, offsets).
+        """
+        n, p = len(queries), min(max(nprobe, 1), self.cells)
+        d2 = squared_distances(queries.astype(np.float32, copy=False), self.centroids)
+        near = np.argpartition(d2, p - 1, axis=1)[:, :p] if p < self.cells else np.tile(np.arange(self.cells), (n, 1))
+        near = np.take_along_axis(near, np.argsort(np.take_along_axis(d2, near, axis=1), axis=1), axis=1)
+        lists = list(near)
+        target = min(min_rows, int(self.plan.sizes.sum()))
+        for row in np.flatnonzero(self.plan.sizes[near].sum(axis=1) < target):
+            ranked = np.argsort(d2[row], kind="stable")
+            lists[row] = ranked[: max(p, int(np.searchsorted(np.cumsum(self.plan.sizes[ranked]), target)) + 1)]
+        counts = np.array([len(c) for c in lists], np.int64)
+        return np.concatenate(lists).astype(np.int32) if n else np.empty(0, np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+
+    def files_for(self, groups: set[int]) -> list[str]:
+        """The catalog files that hold any of these groups."""
+        return [f"{self.catalog_uri}/{f['name']}" for f in self.meta["files"] if any(f["first_group"] <= g <= f["last_group"] for g in groups)]
+
+
+def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:
+    """index.json (small, readable) and cells.npz (centroids and the cell plan)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, centroids=centroids.astype(np.float32), sizes=plan.sizes, first_group=plan.first_group, parts=plan.parts)
+    storage.write_bytes(spark, f"{uri}/cells.npz", buffer.getvalue())
+    storage.write_text(spark, f"{uri}/index.json", json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+
+
+def load(spark: SparkSession, uri: str) -> Index:
+    """The index at uri; UsageError if there is none, or if an older version wrote it."""
+    if not storage.exists(spark, f"{uri}/index.json"):
+        raise UsageError(f"{uri} is not an index (no index.json); build one with the index job")
+    meta = json.loads(storage.read_text(spark, f"{uri}/index.json"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"index {uri} was written by an older version of this tool; rebuild it with the index job")
+    with np.load(io.BytesIO(storage.read_bytes(spark, f"{uri}/cells.npz")), allow_pickle=False) as cells:
+        plan = CellPlan(cells["sizes"], cells["first_group"], cells["parts"])
+        centroids = cells["centroids"]
+    lsh = LshParams(**meta["lsh"]) if meta.get("lsh") else None
+    return Index(uri, meta["model"], meta["dim"], meta["count"], IvfParams(**meta["ivf"]), centroids, plan, lsh, meta)
+
+
+def params_dict(params: IvfParams) -> dict[str, Any]:
+    return asdict(params)

@@ -1,0 +1,132 @@
+"""search: the k nearest catalog images of many queries in one Spark job, a kNN graph, or near-duplicate pairs.
+
+Queries and results stay distributed tables. ivf (the default) sends each query to the cells it probes
+and scores only their rows (cells.py); exact and lsh scan the whole catalog once per block of queries
+(scan.py); both merge per-query top-k in Spark and write from the executors (results.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs import ivf, sparkstats, storage
+from jobs.errors import UsageError
+from jobs.runlog import RunSummary, get_logger, print_summary
+from jobs.search import cells, queries, results, scan
+
+log = get_logger("jobs.search")
+PAIRS_SCHEMA = "image_a string, path_a string, label_a string, image_b string, path_b string, label_b string, distance float, similarity float"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index folder written by the index job")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--queries", help="embeddings table of query images (embed run on a folder of queries)")
+    source.add_argument("--query-ids", help="comma-separated image_id values from the catalog")
+    source.add_argument("--all", action="store_true", help="every catalog image is a query: the kNN graph of the catalog (self excluded)")
+    source.add_argument("--duplicates", action="store_true", help="catalog pairs with similarity >= --min-similarity (among each image's k nearest)")
+    parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")
+    parser.add_argument("-k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--method", choices=["ivf", "lsh", "exact"], help="ivf: probe the nearest cells (default); lsh: LSH buckets; exact: brute force")
+    parser.add_argument("--nprobe", type=int, help="ivf: cells each query probes (default: the index's)")
+    parser.add_argument("--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)")
+    parser.add_argument("--min-similarity", type=float, help="with --duplicates: the cosine similarity a pair needs (e.g. 0.95)")
+    parser.add_argument("--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)")
+    parser.add_argument("--query-block", type=int, default=4096, help="exact and lsh: queries broadcast per scan of the catalog")
+
+
+def check(args: argparse.Namespace, index: ivf.Index) -> None:
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    if args.query_block < 1 or args.nprobe is not None and args.nprobe < 1:
+        raise UsageError("--query-block and --nprobe must be at least 1")
+    if not (args.queries or args.query_ids or args.all or args.duplicates):
+        raise UsageError("give --queries, --query-ids, --all or --duplicates")
+    if args.duplicates and args.min_similarity is None and args.threshold is None:
+        raise UsageError("--duplicates needs --min-similarity (a cosine, e.g. 0.95)")
+    if args.method == "lsh" and index.lsh is None:
+        raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
+
+
+def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame:
+    if args.all or args.duplicates:
+        return queries.from_catalog(spark, index)
+    if args.queries:
+        return queries.from_table(spark, args.queries, index)
+    return queries.from_ids(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
+
+
+def shape(ranked: DataFrame, args: argparse.Namespace) -> DataFrame:
+    """The table to write: neighbours, or duplicate pairs."""
+    if not args.duplicates:
+        return ranked.select(*results.NEIGHBOUR_COLUMNS)
+    minimum = args.min_similarity if args.min_similarity is not None else 1 - args.threshold**2 / 2
+    return results.duplicate_pairs(ranked, minimum)
+
+
+def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
+    """(queries, rows written, what was touched) of an IVF search."""
+    partials, touched = cells.search(spark, index, table, args.nprobe or index.params.nprobe, args.k, exclude_self)
+    assigned = touched.pop("assigned")
+    log.info("probing %d of %d groups in %d of %d catalog files", touched["groups_probed"], touched["groups"], touched["catalog_files_read"], touched["catalog_files"])
+    written = results.write(spark, shape(results.top_k(partials, args.k), args), args.output)
+    count = assigned.count()
+    assigned.unpersist()
+    return count, written, touched
+
+
+def run_scan(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
+    """(queries, rows written, fallbacks) of an exact or LSH search, one catalog scan per query block."""
+    staged = storage.sibling(args.output, "staging")
+    answered, fallback = 0, 0
+    for block in scan.blocks(table, args.query_block):
+        ranked, shipped, short = scan.answer_block(spark, index, block, args.method, args.k, exclude_self)
+        shape(ranked, args).write.mode("append").parquet(staged)
+        for broadcast in shipped:
+            broadcast.destroy()
+        answered, fallback = answered + len(block), fallback + short
+        log.info("%d queries answered", answered)
+    if not answered:
+        spark.createDataFrame([], PAIRS_SCHEMA if args.duplicates else results.NEIGHBOURS_SCHEMA).write.parquet(staged)
+    storage.swap_in(spark, staged, args.output)
+    return answered, spark.read.parquet(args.output).count(), {"lsh_fallback_queries": fallback} if args.method == "lsh" else {}
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> int:
+    summary = RunSummary("search", vars(args))
+    index = ivf.load(spark, args.index)
+    args.method = args.method or index.meta.get("default_method", "ivf")
+    check(args, index)
+    exclude_self = args.exclude_self or args.all or args.duplicates
+    if args.k > index.count - (1 if exclude_self else 0):
+        log.warning("-k %d is more than the catalog of %d images holds: every query gets all of them", args.k, index.count)
+    with summary.stage("search"):
+        started = time.perf_counter()
+        table = query_table(spark, args, index)
+        engine = run_ivf if args.method == "ivf" else run_scan
+        with sparkstats.measured(spark, "search") as stats:
+            count, written, touched = engine(spark, index, table, args, exclude_self)
+        touched.update(stats)
+        seconds = time.perf_counter() - started
+    summary.count(queries=count, rows=written, catalog=index.count, **{k: v for k, v in touched.items() if k == "lsh_fallback_queries"})
+    summary.set(index=args.index, method=args.method, k=args.k, nprobe=args.nprobe or index.params.nprobe if args.method == "ivf" else None,
+                touched=touched, queries_per_second=round(count / seconds, 2) if seconds else None)
+    summary.finish()
+    storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
+    method = args.method + (f", nprobe {args.nprobe or index.params.nprobe} of {index.cells} cells" if args.method == "ivf" else "")
+    rows = [
+        ("index", f"{args.index} ({index.count} images, {index.model})"),
+        ("queries", count), ("method", f"{method}, k={args.k}" + (", excluding self" if exclude_self else "")),
+        ("duplicate pairs" if args.duplicates else "neighbour rows", written), ("output", args.output),
+        ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching ({summary.data['queries_per_second']} queries/s)"),
+        ("bytes read", f"{touched['bytes_read'] / 2**20:.1f} MiB (queries and catalog)"),
+    ]
+    if args.method == "ivf":
+        rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files, {touched['groups_probed']} of {touched['groups']} groups"))
+    if args.method == "lsh":
+        rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
+    print_summary("search summary", rows)
+    return 0

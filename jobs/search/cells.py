@@ -1,0 +1,167 @@
+"""IVF search on Spark: queries pick their cells, meet the rows of those cells in one shuffle keyed by group,
+and each group's task scores every query against each probed cell with one matrix product."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.index.layout import partition_key
+from jobs.ivf import Index
+from jobs.knn import merge_nearest, nearest, squared_distances, squared_norms
+from jobs.runlog import get_logger
+from jobs.search.results import PARTIAL_SCHEMA, partial_batch
+from jobs.vectors import matrix_from_binary
+
+log = get_logger("jobs.search")
+UNION_COLUMNS = ["group", "kind", "cell", "qidx", "id", "path", "label", "probes", "vector"]
+CATALOG, QUERY = 0, 1
+PUSHDOWN_LIMIT = 4096  # at most this many groups are listed in the pushed-down filter
+
+
+def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int) -> DataFrame:
+    """queries + probes (cells, nearest first, enough for min_rows) + groups (where those cells' rows are)."""
+    shipped = spark.sparkContext.broadcast((index.centroids, index.plan))
+    dim = index.dim
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        centroids, plan = shipped.value
+        probe_index = Index("", "", dim, 0, index.params, centroids, plan)
+        for batch in batches:
+            cells, offsets = probe_index.probe(matrix_from_binary(batch.column("vector"), dim), nprobe, min_rows)
+            groups, group_offsets = plan.groups_of(cells, offsets)
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, pa.ListArray.from_arrays(pa.array(offsets), pa.array(cells)), pa.ListArray.from_arrays(pa.array(group_offsets), pa.array(groups))],
+                names=[*batch.schema.names, "probes", "groups"],
+            )
+
+    return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, probes array<int>, groups array<int>")
+
+
+def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[DataFrame, list[str]]:
+    """The catalog rows of these groups, reading only the files (and row groups) that hold them."""
+    if len(groups) >= index.plan.groups:
+        return spark.read.parquet(index.catalog_uri), [f"{index.catalog_uri}/{f['name']}" for f in index.meta["files"]]
+    files = index.files_for(set(groups))
+    rows = spark.read.parquet(*files)
+    if len(groups) <= PUSHDOWN_LIMIT:  # listed values are pushed to Parquet as row-group filters
+        spark.conf.set("spark.sql.parquet.pushdown.inFilterThreshold", str(max(10, len(groups))))
+        rows = rows.where(F.col("group").isin(groups))
+    return rows, files
+
+
+def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k: int, exclude_self: bool) -> tuple[DataFrame, dict]:
+    """Candidate neighbours (results.PARTIAL_SCHEMA) of every query, and what the search touched."""
+    assigned = assign_probes(spark, queries, index, nprobe, k + (1 if exclude_self else 0)).persist(StorageLevel.MEMORY_AND_DISK)
+    groups = sorted(r[0] for r in assigned.select(F.explode("groups")).distinct().collect())  # at most the index's groups
+    rows, files = catalog_rows(spark, index, groups)
+    null = F.lit(None)
+    both = rows.select(F.col("group"), F.lit(CATALOG).alias("kind"), "cell", null.cast("bigint").alias("qidx"), F.col("image_id").alias("id"),
+                       "path", "label", null.cast("array<int>").alias("probes"), "vector").unionByName(
+        assigned.select(F.explode("groups").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx",
+                        F.col("query_id").alias("id"), F.col("query_path").alias("path"), F.col("query_label").alias("label"), "probes", "vector"))
+    tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
+    spread = both.repartition(tasks, partition_key(spark, F.col("group") % tasks, tasks)).sortWithinPartitions("group", "kind", "cell", "id")
+    dim = index.dim
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        return score_groups(batches, dim, k, exclude_self)
+
+    touched = {"groups_probed": len(groups), "groups": index.plan.groups, "catalog_files_read": len(files), "catalog_files": len(index.meta["files"])}
+    return spread.mapInArrow(score, PARTIAL_SCHEMA), {"assigned": assigned, **touched}
+
+
+def segments(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+    """(group, kind, rows) runs of a stream sorted by group and kind."""
+    for batch in batches:
+        group, kind = batch.column("group").to_numpy(), batch.column("kind").to_numpy()
+        cuts = np.flatnonzero((group[1:] != group[:-1]) | (kind[1:] != kind[:-1])) + 1
+        for start, end in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(batch)]])):
+            yield int(group[start]), int(kind[start]), batch.slice(start, end - start)
+
+
+def score_groups(batches: Iterator[pa.RecordBatch], dim: int, k: int, exclude_self: bool) -> Iterator[pa.RecordBatch]:
+    """Executor side: for each group, hold its catalog rows, then answer its queries as they stream past."""
+    current, parts, held = None, [], None
+    for group, kind, rows in segments(batches):
+        if group != current:
+            current, parts, held = group, [], None
+        if kind == CATALOG:
+            parts.append(rows)
+            continue
+        if held is None and parts:
+            held = GroupRows.of(parts, dim)
+        if held is not None:
+            yield held.answer(rows, k, exclude_self)
+
+
+@dataclass
+class GroupRows:
+    """One group's catalog rows (sorted by cell), their vectors, and the bounds of each cell."""
+
+    rows: pa.RecordBatch
+    vectors: np.ndarray
+    squares: np.ndarray
+    cells: np.ndarray
+    bounds: np.ndarray
+    keys: np.ndarray  # rank of each row's id: ties go to the smaller id
+
+    @classmethod
+    def of(cls, parts: list[pa.RecordBatch], dim: int) -> GroupRows:
+        table = pa.Table.from_batches(parts).combine_chunks()
+        rows = pa.RecordBatch.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+                                          names=[c if c != "id" else "image_id" for c in table.column_names])
+        vectors = matrix_from_binary(rows.column("vector"), dim)
+        cells, starts = np.unique(rows.column("cell").to_numpy(), return_index=True)
+        ids = np.asarray(rows.column("image_id").to_numpy(zero_copy_only=False), dtype=object)
+        keys = np.empty(len(ids), np.int64)
+        keys[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+        return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(ids)), keys)
+
+    def answer(self, queries: pa.RecordBatch, k: int, exclude_self: bool) -> pa.RecordBatch:
+        """Each query's k nearest rows among the cells it probes in this group."""
+        n = len(queries)
+        vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
+        probes = queries.column("probes")
+        offsets = probes.offsets.to_numpy()
+        cells = probes.values.to_numpy()[offsets[0] : offsets[-1]]
+        owner = np.repeat(np.arange(n), np.diff(offsets))
+        slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
+        here = self.cells[slot] == cells
+        owner, slot = owner[here], slot[here]
+        by_cell = np.argsort(slot, kind="stable")
+        owner, slot = owner[by_cell], slot[by_cell]
+        own_row = self.own_rows(queries) if exclude_self else None
+        best = (np.full((n, k), -1, np.int64), np.full((n, k), np.inf, np.float32), np.full((n, k), np.iinfo(np.int64).max))
+        for start, end in np.column_stack(run_bounds(slot)) if len(slot) else []:
+            asking, lo, hi = owner[start:end], self.bounds[slot[start]], self.bounds[slot[start] + 1]
+            d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
+            if own_row is not None:
+                mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
+                d2[mine, own_row[asking[mine]] - lo] = np.inf
+            cols, values = nearest(d2, self.keys[lo:hi], k)
+            found = np.where(cols >= 0, cols + lo, -1)
+            merged = merge_nearest(tuple(b[asking] for b in best), (found, values, np.where(found >= 0, self.keys[found], np.iinfo(np.int64).max)), k)
+            for b, m in zip(best, merged):
+                b[asking] = m
+        q, r = np.nonzero(best[0] >= 0)
+        asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
+                                           names=["qidx", "query_id", "query_path", "query_label"])
+        return partial_batch(asked, q, squared_norms(vectors), self.rows, best[0][q, r], self.squares, best[1][q, r])
+
+    def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
+        """The row of each query's own id in this group, or -1."""
+        position = {image_id: row for row, image_id in enumerate(self.rows.column("image_id").to_pylist())}
+        return np.array([position.get(q, -1) for q in queries.column("id").to_pylist()], np.int64)
+
+
+def run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each run of equal values in a sorted array."""
+    cuts = np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1
+    return np.concatenate([[0], cuts]).astype(np.int64), np.concatenate([cuts, [len(sorted_values)]]).astype(np.int64)

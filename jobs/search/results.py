@@ -1,0 +1,62 @@
+"""Candidates to answers: per-query top-k merge in Spark, similarity, and the neighbours table written by the executors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from jobs import storage
+from jobs.tables import NEIGHBOURS_SCHEMA
+
+PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
+                  "neighbor_label string, distance float, similarity float")
+PARTIAL_ARROW = pa.schema([("qidx", pa.int64()), ("query_id", pa.string()), ("query_path", pa.string()), ("query_label", pa.string()), ("neighbor_id", pa.string()),
+                           ("neighbor_path", pa.string()), ("neighbor_label", pa.string()), ("distance", pa.float32()), ("similarity", pa.float32())])
+NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
+
+
+def partial_batch(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.ndarray, catalog: pa.Table | pa.RecordBatch,
+                  catalog_rows: np.ndarray, catalog_sq: np.ndarray, d2: np.ndarray) -> pa.RecordBatch:
+    """Candidate rows: query row i matched catalog row j at squared distance d2 (all arrays aligned)."""
+    norms = np.sqrt(query_sq[query_rows] * catalog_sq[catalog_rows])
+    similarity = (query_sq[query_rows] + catalog_sq[catalog_rows] - d2) / np.maximum(2 * norms, 1e-12)
+    q, c = pa.array(query_rows), pa.array(catalog_rows)
+    return pa.RecordBatch.from_arrays(
+        [queries.column("qidx").take(q), queries.column("query_id").take(q), queries.column("query_path").take(q), queries.column("query_label").take(q),
+         catalog.column("image_id").take(c), catalog.column("path").take(c), catalog.column("label").take(c),
+         pa.array(np.sqrt(d2).astype(np.float32)), pa.array(np.clip(similarity, -1, 1).astype(np.float32))],
+        schema=PARTIAL_ARROW,
+    )
+
+
+def top_k(partials: DataFrame, k: int) -> DataFrame:
+    """The k nearest candidates per query, ranked 1..k, ties broken by neighbour id: the neighbours table + query_label."""
+    order = Window.partitionBy("qidx").orderBy("distance", "neighbor_id")
+    ranked = partials.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= k)
+    return ranked.select(*NEIGHBOUR_COLUMNS, "query_label")
+
+
+def duplicate_pairs(ranked: DataFrame, min_similarity: float) -> DataFrame:
+    """Pairs at or above min_similarity from a catalog-against-itself search, each once as (a, b) with a < b."""
+    close = ranked.where(F.col("similarity") >= min_similarity)
+    query_first = F.col("query_id") < F.col("neighbor_id")
+
+    def side(first: str, second: str) -> Column:
+        return F.when(query_first, F.col(first)).otherwise(F.col(second))
+
+    return close.select(
+        side("query_id", "neighbor_id").alias("image_a"), side("query_path", "neighbor_path").alias("path_a"),
+        side("query_label", "neighbor_label").alias("label_a"), side("neighbor_id", "query_id").alias("image_b"),
+        side("neighbor_path", "query_path").alias("path_b"), side("neighbor_label", "query_label").alias("label_b"),
+        "distance", "similarity",
+    ).dropDuplicates(["image_a", "image_b"])
+
+
+def write(spark: SparkSession, table: DataFrame, output: str) -> int:
+    """Write a result table from the executors, staged beside output and swapped in; its row count."""
+    staged = storage.sibling(output, "staging")
+    table.write.parquet(staged)
+    storage.swap_in(spark, staged, output)
+    return spark.read.parquet(output).count()

@@ -1,0 +1,99 @@
+"""Exact and LSH search: queries stream to the driver a block at a time, each block is broadcast and the
+whole catalog is scanned once per block; every block's answers are written by the executors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark import Broadcast
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.index.lsh import rand_unit_vectors
+from jobs.ivf import Index
+from jobs.knn import BucketIndex, exact_topk, lsh_topk, probe_keys, squared_norms
+from jobs.runlog import get_logger
+from jobs.search.results import PARTIAL_SCHEMA, partial_batch, top_k
+from jobs.vectors import matrix_from_binary
+
+log = get_logger("jobs.search")
+
+
+def blocks(queries: DataFrame, size: int) -> Iterator[pa.RecordBatch]:
+    """The queries as Arrow batches of up to `size` rows, one Spark partition at a time on the driver."""
+    rows: list = []
+    for row in queries.toLocalIterator():
+        rows.append(row)
+        if len(rows) == size:
+            yield to_batch(rows)
+            rows = []
+    if rows:
+        yield to_batch(rows)
+
+
+def to_batch(rows: list) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array([r.qidx for r in rows], pa.int64()), pa.array([r.query_id for r in rows], pa.string()),
+         pa.array([r.query_path for r in rows], pa.string()), pa.array([r.query_label for r in rows], pa.string()),
+         pa.array([bytes(r.vector) for r in rows], pa.binary())],
+        names=["qidx", "query_id", "query_path", "query_label", "vector"])
+
+
+def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.ndarray | None, k: int, exclude_self: bool) -> tuple[DataFrame, Broadcast]:
+    """One pass over the catalog for a broadcast block of queries: the block's k nearest (among LSH candidates
+    when probes are given), ranked, and the broadcast to release once they are written."""
+    shipped = spark.sparkContext.broadcast((block, probes))
+    dim = index.dim
+
+    def partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        queries, query_probes = shipped.value
+        vectors = matrix_from_binary(queries.column("vector"), dim)
+        query_sq = squared_norms(vectors)
+        own = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())} if exclude_self else {}
+        for batch in batches:
+            catalog = matrix_from_binary(batch.column("vector"), dim)
+            ids = batch.column("image_id").to_pylist()
+            keys = np.empty(len(ids), np.int64)
+            keys[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+            exclude = None
+            if own:
+                exclude = np.zeros((len(vectors), len(ids)), bool)
+                for col, image_id in enumerate(ids):
+                    if image_id in own:
+                        exclude[own[image_id], col] = True
+            if query_probes is None:
+                idx, dist = exact_topk(vectors, catalog, k, exclude, keys)
+            else:
+                buckets = batch.column("buckets").flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+                idx, dist, _ = lsh_topk(vectors, query_probes, catalog, BucketIndex(buckets), k, exclude)
+            q, r = np.nonzero(idx >= 0)
+            yield partial_batch(queries, q, query_sq, batch, idx[q, r], squared_norms(catalog), dist[q, r] ** 2)
+
+    columns = ["image_id", "path", "label", "vector"] + (["buckets"] if probes is not None else [])
+    return top_k(spark.read.parquet(index.catalog_uri).select(*columns).mapInArrow(partition, PARTIAL_SCHEMA), k), shipped
+
+
+def answer_block(spark: SparkSession, index: Index, block: pa.RecordBatch, method: str, k: int, exclude_self: bool) -> tuple[DataFrame, list[Broadcast], int]:
+    """The ranked answers of one block, the broadcasts to release once they are written, and the LSH fallbacks.
+
+    With lsh, a query with fewer than k candidates in its buckets is answered exactly instead.
+    """
+    if method == "exact":
+        ranked, shipped = scan(spark, index, block, None, k, exclude_self)
+        return ranked, [shipped], 0
+    vectors = matrix_from_binary(block.column("vector"), index.dim)
+    projections = rand_unit_vectors(spark, f"{index.uri}/model")
+    ranked, shipped = scan(spark, index, block, probe_keys(vectors, projections, index.lsh), k, exclude_self)
+    ranked = ranked.cache()
+    expected = min(k, index.count - (1 if exclude_self else 0))
+    counts = dict(ranked.groupBy("query_id").count().collect())  # one row per query of the block
+    short = [i for i, q in enumerate(block.column("query_id").to_pylist()) if counts.get(q, 0) < expected]
+    handles = [shipped]
+    if short:
+        log.info("%d of %d queries had fewer than %d LSH candidates: answering them exactly", len(short), len(block), expected)
+        exact, shipped = scan(spark, index, block.take(pa.array(short)), None, k, exclude_self)
+        handles.append(shipped)
+        ranked = ranked.where(~F.col("query_id").isin([block.column("query_id")[i].as_py() for i in short])).unionByName(exact)
+    return ranked, handles, len(short)
