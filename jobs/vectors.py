@@ -6,27 +6,38 @@ import numpy as np
 import pyarrow as pa
 
 
-def matrix_from_binary(column: pa.Array, dim: int) -> np.ndarray:
-    """(n, dim) float32 rows from a binary column whose every value is dim little-endian float32s (no copy)."""
+def values_from_binary(column: pa.Array, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The values of a binary column of packed 4-byte numbers, flat, and each row's offsets into them (no copy)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
     if n == 0:
-        return np.empty((0, dim), np.float32)
+        return np.empty(0, dtype), np.zeros(1, np.int64)
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
     offsets = np.frombuffer(column.buffers()[1], offset_type)[column.offset : column.offset + n + 1]
     data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    if len(data) != n * dim * 4:
-        raise ValueError(f"vector column holds {len(data)} bytes for {n} vectors of {dim} floats")
-    return data.view(np.float32).reshape(n, dim)
+    return data.view(dtype), (offsets - offsets[0]) // 4
+
+
+def matrix_from_binary(column: pa.Array, dim: int) -> np.ndarray:
+    """(n, dim) float32 rows from a binary column whose every value is dim little-endian float32s (no copy)."""
+    values, offsets = values_from_binary(column)
+    if len(values) != (len(offsets) - 1) * dim:
+        raise ValueError(f"vector column holds {len(values)} floats for {len(offsets) - 1} vectors of {dim}")
+    return values.reshape(-1, dim)
 
 
 def binary_from_matrix(matrix: np.ndarray) -> pa.Array:
     """A binary column with one row of float32 bytes per matrix row."""
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     n, dim = matrix.shape
-    offsets = np.arange(0, (n + 1) * dim * 4, dim * 4, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(matrix.tobytes())])
+    return binary_from_values(matrix.ravel(), np.arange(0, (n + 1) * dim, dim))
+
+
+def binary_from_values(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """A binary column whose row i packs values[offsets[i]:offsets[i + 1]] (4-byte numbers)."""
+    data = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.binary(), len(offsets) - 1, [None, pa.py_buffer((np.asarray(offsets) * 4).astype(np.int32)), pa.py_buffer(data.tobytes())])
 
 
 def matrix_from_list(column: pa.Array) -> np.ndarray:

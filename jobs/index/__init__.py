@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", required=True, help="embeddings table written by embed")
     parser.add_argument("--output", required=True, help="index folder (replaced atomically on re-runs)")
     parser.add_argument("--cells", type=int, help="IVF cells (KMeans k); default about 4 x sqrt(vectors)")
-    parser.add_argument("--nprobe", type=int, help="cells a query probes by default at search time; default about 1.5 x sqrt(cells)")
+    parser.add_argument("--nprobe", type=int, help="cells a query probes by default at search time; default about 2 x sqrt(cells)")
     parser.add_argument("--train-sample", type=int, help="vectors KMeans trains on; default 16 per cell, at least 10,000")
     parser.add_argument("--kmeans-iterations", type=int, default=10, help="KMeans maxIter")
     parser.add_argument("--max-group-rows", type=int, default=MAX_GROUP_ROWS, help="most catalog rows one search task holds (bigger cells are split)")
@@ -72,7 +72,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         log.info("KMeans: %d cells from %d of %d vectors, %d iterations", cells, sample, count, args.kmeans_iterations)
         centroids = train.train_centroids(vectors, count, cells, sample, args.kmeans_iterations, args.seed)
         projections = lsh.fit_and_save(vectors, lsh_params, args.seed, f"{staged}/model") if lsh_params else None
-    params = IvfParams(len(centroids), args.nprobe or max(1, min(len(centroids), round(1.5 * np.sqrt(len(centroids))))), sample,
+    params = IvfParams(len(centroids), args.nprobe or max(1, min(len(centroids), round(2 * np.sqrt(len(centroids))))), sample,
                        args.kmeans_iterations, args.max_group_rows, args.seed)
     with summary.stage("assign"):
         assigned = layout.assign_cells(vectors, centroids, (projections, lsh_params) if lsh_params else None).persist(StorageLevel.MEMORY_AND_DISK)
@@ -101,8 +101,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     print_summary("index summary", [
         ("embeddings", args.embeddings), ("index", args.output), ("model", f"{model_name}, {dim}-d"), ("vectors indexed", count),
         ("IVF", f"{params.cells} cells (KMeans on {sample} vectors, {params.iterations} iterations), default nprobe {params.nprobe}"),
-        ("layout", f"{plan.groups} groups of <= {plan.sizes.max() if plan.parts.max() > 1 else int(max(sizes.max(), 1))} rows in {len(files)} files; "
-                   f"largest cell {int(sizes.max())} rows, {int((sizes == 0).sum())} empty"),
+        ("layout", f"{plan.groups} groups in {len(files)} files; largest cell {int(sizes.max())} rows, {int((sizes == 0).sum())} cells empty"),
         ("LSH", f"{lsh_params.tables} tables x {lsh_params.hashes_per_table} hashes, bucketLength {lsh_params.bucket_length:g}, {lsh_params.probes} probes" if lsh_params else "none"),
         ("seconds", " ".join(f"{k} {v:.1f}" for k, v in summary.data["seconds"].items())),
     ])

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from jobs import storage
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.vectors import binary_from_matrix, matrix_from_list
@@ -90,9 +91,9 @@ def write_catalog(frame: DataFrame, uri: str) -> None:
 
 
 def manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
-    """Each catalog file's name, group range and rows (read from the group column alone)."""
+    """Each catalog file's name, group range, rows (read from the group column alone) and bytes."""
     files = (spark.read.parquet(uri).groupBy(F.input_file_name().alias("file"))
              .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows")))
-    found = [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"]}
-             for r in files.collect()]
+    found = [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"],
+              "bytes": storage.size(spark, r["file"])} for r in files.collect()]
     return sorted(found, key=lambda f: f["first_group"])

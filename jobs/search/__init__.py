@@ -12,7 +12,7 @@ import time
 
 from pyspark.sql import DataFrame, SparkSession
 
-from jobs import ivf, sparkstats, storage
+from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.search import cells, queries, results, scan
@@ -107,9 +107,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         started = time.perf_counter()
         table = query_table(spark, args, index)
         engine = run_ivf if args.method == "ivf" else run_scan
-        with sparkstats.measured(spark, "search") as stats:
-            count, written, touched = engine(spark, index, table, args, exclude_self)
-        touched.update(stats)
+        count, written, touched = engine(spark, index, table, args, exclude_self)
         seconds = time.perf_counter() - started
     summary.count(queries=count, rows=written, catalog=index.count, **{k: v for k, v in touched.items() if k == "lsh_fallback_queries"})
     summary.set(index=args.index, method=args.method, k=args.k, nprobe=args.nprobe or index.params.nprobe if args.method == "ivf" else None,
@@ -122,10 +120,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         ("queries", count), ("method", f"{method}, k={args.k}" + (", excluding self" if exclude_self else "")),
         ("duplicate pairs" if args.duplicates else "neighbour rows", written), ("output", args.output),
         ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching ({summary.data['queries_per_second']} queries/s)"),
-        ("bytes read", f"{touched['bytes_read'] / 2**20:.1f} MiB (queries and catalog)"),
     ]
     if args.method == "ivf":
-        rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files, {touched['groups_probed']} of {touched['groups']} groups"))
+        rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files ({touched['catalog_bytes_read'] / 2**20:.1f} of "
+                             f"{touched['catalog_bytes'] / 2**20:.1f} MiB, fewer row groups), {touched['groups_probed']} of {touched['groups']} groups"))
     if args.method == "lsh":
         rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
     print_summary("search summary", rows)

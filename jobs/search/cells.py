@@ -17,7 +17,7 @@ from jobs.ivf import Index
 from jobs.knn import merge_nearest, nearest, squared_distances, squared_norms
 from jobs.runlog import get_logger
 from jobs.search.results import PARTIAL_SCHEMA, partial_batch
-from jobs.vectors import matrix_from_binary
+from jobs.vectors import binary_from_values, matrix_from_binary, values_from_binary
 
 log = get_logger("jobs.search")
 UNION_COLUMNS = ["group", "kind", "cell", "qidx", "id", "path", "label", "probes", "vector"]
@@ -26,7 +26,7 @@ PUSHDOWN_LIMIT = 4096  # at most this many groups are listed in the pushed-down 
 
 
 def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int) -> DataFrame:
-    """queries + probes (cells, nearest first, enough for min_rows) + groups (where those cells' rows are)."""
+    """queries + probes (cells as packed int32, nearest first, enough for min_rows) + groups (where those cells' rows are)."""
     shipped = spark.sparkContext.broadcast((index.centroids, index.plan))
     dim = index.dim
 
@@ -37,19 +37,19 @@ def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe:
             cells, offsets = probe_index.probe(matrix_from_binary(batch.column("vector"), dim), nprobe, min_rows)
             groups, group_offsets = plan.groups_of(cells, offsets)
             yield pa.RecordBatch.from_arrays(
-                [*batch.columns, pa.ListArray.from_arrays(pa.array(offsets), pa.array(cells)), pa.ListArray.from_arrays(pa.array(group_offsets), pa.array(groups))],
+                [*batch.columns, binary_from_values(cells.astype(np.int32), offsets), pa.ListArray.from_arrays(pa.array(group_offsets), pa.array(groups))],
                 names=[*batch.schema.names, "probes", "groups"],
             )
 
-    return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, probes array<int>, groups array<int>")
+    return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, probes binary, groups array<int>")
 
 
-def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[DataFrame, list[str]]:
+def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[DataFrame, list[dict]]:
     """The catalog rows of these groups, reading only the files (and row groups) that hold them."""
     if len(groups) >= index.plan.groups:
-        return spark.read.parquet(index.catalog_uri), [f"{index.catalog_uri}/{f['name']}" for f in index.meta["files"]]
+        return spark.read.parquet(index.catalog_uri), index.meta["files"]
     files = index.files_for(set(groups))
-    rows = spark.read.parquet(*files)
+    rows = spark.read.parquet(*[f"{index.catalog_uri}/{f['name']}" for f in files])
     if len(groups) <= PUSHDOWN_LIMIT:  # listed values are pushed to Parquet as row-group filters
         spark.conf.set("spark.sql.parquet.pushdown.inFilterThreshold", str(max(10, len(groups))))
         rows = rows.where(F.col("group").isin(groups))
@@ -63,7 +63,7 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k
     rows, files = catalog_rows(spark, index, groups)
     null = F.lit(None)
     both = rows.select(F.col("group"), F.lit(CATALOG).alias("kind"), "cell", null.cast("bigint").alias("qidx"), F.col("image_id").alias("id"),
-                       "path", "label", null.cast("array<int>").alias("probes"), "vector").unionByName(
+                       "path", "label", F.lit(b"").alias("probes"), "vector").unionByName(
         assigned.select(F.explode("groups").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx",
                         F.col("query_id").alias("id"), F.col("query_path").alias("path"), F.col("query_label").alias("label"), "probes", "vector"))
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
@@ -73,7 +73,8 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         return score_groups(batches, dim, k, exclude_self)
 
-    touched = {"groups_probed": len(groups), "groups": index.plan.groups, "catalog_files_read": len(files), "catalog_files": len(index.meta["files"])}
+    touched = {"groups_probed": len(groups), "groups": index.plan.groups, "catalog_files_read": len(files), "catalog_files": len(index.meta["files"]),
+               "catalog_bytes_read": sum(f["bytes"] for f in files), "catalog_bytes": sum(f["bytes"] for f in index.meta["files"])}
     return spread.mapInArrow(score, PARTIAL_SCHEMA), {"assigned": assigned, **touched}
 
 
@@ -128,9 +129,7 @@ class GroupRows:
         """Each query's k nearest rows among the cells it probes in this group."""
         n = len(queries)
         vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
-        probes = queries.column("probes")
-        offsets = probes.offsets.to_numpy()
-        cells = probes.values.to_numpy()[offsets[0] : offsets[-1]]
+        cells, offsets = values_from_binary(queries.column("probes"), np.int32)
         owner = np.repeat(np.arange(n), np.diff(offsets))
         slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
         here = self.cells[slot] == cells
