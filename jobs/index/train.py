@@ -20,8 +20,9 @@ def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, ite
     features = rows.limit(sample).select(array_to_vector("embedding").alias("features")).cache()
     try:
         k = min(cells, features.count())
-        # random init: k-means|| costs more than all the iterations at thousands of cells, for little gain here
-        kmeans = KMeans(k=k, maxIter=iterations, seed=seed, initMode="random", solver="block", tol=1e-4)
+        # k-means|| costs more than all the iterations at thousands of cells; random init is then enough
+        # (and k-means|| copes with samples of few distinct points, where Spark's random init fails)
+        kmeans = KMeans(k=k, maxIter=iterations, seed=seed, initMode="random" if k > 256 else "k-means||", solver="block", tol=1e-4)
         centroids = np.array(kmeans.fit(features).clusterCenters(), dtype=np.float32)
     finally:
         features.unpersist()
