@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep the tables and index of an earlier run with the same sizes")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    folder = DATA / f"search_{args.dataset}_{args.catalog}_{args.queries}"
+    folder = DATA / f"search_{args.dataset}_{args.catalog}"
     if args.dataset == "glove":
         catalog, queries = glove(args.catalog, args.queries, args.seed)
     else:
@@ -149,9 +149,10 @@ def main() -> None:
         catalog, queries = vectors[args.queries :], vectors[: args.queries]
     dist = build_dist(DATA / "dist")
     rows: list[dict] = []
+    query_table = folder / f"q{args.queries}"
+    write_embeddings(query_table, queries, "q")
     if not (args.reuse and (folder / "index" / "index.json").exists()):
         write_embeddings(folder / "emb", catalog, "c")
-        write_embeddings(folder / "q", queries, "q")
         built = submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
         rows.append({"method": "our index build", "wall_s": built["wall_s"], "peak_rss_mib": built["peak_rss_mib"]})
     meta = json.loads((folder / "index" / "index.json").read_text())
@@ -164,8 +165,8 @@ def main() -> None:
     ours: list[dict] = []
     for method in args.methods.split(","):
         extra = ["--nprobe", str(nprobe)] if method == "ivf" else []
-        out = folder / f"nb_{method}"
-        run = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q", "--output", out, "-k", args.k, "--method", method, *extra], args.driver_memory)
+        out = folder / f"nb_{method}_{args.queries}"
+        run = submit(dist, ["search", "--index", folder / "index", "--queries", query_table, "--output", out, "-k", args.k, "--method", method, *extra], args.driver_memory)
         summary = json.loads((out / "_summary.json").read_text())
         ours.append({"method": f"our {method}" + (f" nprobe {nprobe}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
                      "queries_per_s": summary["queries_per_second"], "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "peak_rss_mib": run["peak_rss_mib"], "out": out})

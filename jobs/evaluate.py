@@ -76,13 +76,13 @@ def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k
     """The ranked answers of a bounded sample of queries, on the driver."""
     if method == "ivf":
         partials, touched = cells.search(spark, index, sample, nprobe, k, exclude_self)
-        found = top_k(partials, k).toPandas()
+        found = top_k(partials, k).toPandas()  # at most --sample x k rows
         touched["assigned"].unpersist()
         return found
     found, fallback = [], 0
     for block in scan.blocks(sample, 4096):
         ranked, shipped, short = scan.answer_block(spark, index, block, method, k, exclude_self)
-        found.append(ranked.toPandas())
+        found.append(ranked.toPandas())  # at most --sample x k rows
         fallback += short
         for broadcast in shipped:
             broadcast.destroy()
