@@ -24,18 +24,19 @@ JOBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(job: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only the named job's module is imported (embed's imports torch, which costs seconds)."""
     parser = argparse.ArgumentParser(
         prog="main.py", description="Vehicle image similarity search on Spark.",
         epilog="exit codes: 0 ok, 2 usage or input error, 3 storage failed after retries (safe to run again), 1 bug",
     )
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, help_text in JOBS.items():
+        if name != job:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(f"jobs.{name}")
-        job_parser = sub.add_parser(
-            name, help=help_text, description=module.__doc__,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
+        job_parser = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(job_parser)
     return parser
 
@@ -56,9 +57,10 @@ def spark_session(job: str):  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]
     """Parse, run one job, map failures to exit codes. Pass `spark` to run inside an existing session."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if a in JOBS), None))
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage and the error
         return int(e.code or 0)
     log = get_logger(f"jobs.{args.job}")

@@ -145,5 +145,10 @@ def load(spark: SparkSession, uri: str) -> Index:
     return Index(uri, meta["model"], meta["dim"], meta["count"], IvfParams(**meta["ivf"]), centroids, plan, lsh, meta)
 
 
+def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:
+    """The LSH model's random unit vectors (numHashTables x dim), read from its saved data."""
+    return np.asarray(spark.read.parquet(f"{model_uri}/data").first()[0].toArray(), dtype=np.float32)
+
+
 def params_dict(params: IvfParams) -> dict[str, Any]:
     return asdict(params)

@@ -16,7 +16,7 @@ from pyspark.ml.functions import array_to_vector
 from jobs import ivf
 from jobs.embed import EMBEDDINGS_SCHEMA
 from jobs.evaluate import label_metrics, recall_at_k
-from jobs.index.lsh import rand_unit_vectors
+from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from scripts.vectors import clustered_unit_vectors
 
@@ -244,3 +244,14 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     assert run_job(spark, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0], err
+
+
+def test_partition_keys_land_exactly_where_spark_hashes_them(spark):
+    from pyspark.sql import functions as F
+
+    from jobs.partitions import partition_key, spark_hash_int
+
+    assert [spark_hash_int(i) for i in (-7, 0, 1, 2**31 - 1)] == [r[0] for r in spark.createDataFrame([(-7,), (0,), (1,), (2**31 - 1,)], "v int").select(F.hash("v")).collect()]
+    spread = spark.range(60).select((F.col("id") % 12).cast("int").alias("target")).repartition(12, partition_key(F.col("target"), 12))
+    placed = spread.rdd.mapPartitionsWithIndex(lambda p, rows: [(p, r.target) for r in rows]).collect()
+    assert all(p == target for p, target in placed) and len(placed) == 60

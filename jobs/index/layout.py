@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
+from jobs.partitions import partition_key
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
 ROW_GROUP_BYTES = 1 << 20  # small row groups: a search skips every row group outside its cells
@@ -62,15 +63,6 @@ def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.nda
     return files
 
 
-def partition_key(spark: SparkSession, column: Column, partitions: int) -> Column:
-    """An int key that Spark's hash partitioning sends to partition `column` exactly (no collisions)."""
-    candidates = spark.range(partitions * 32).select(F.col("id").cast("int").alias("key"), F.expr(f"pmod(hash(cast(id as int)), {partitions})").alias("p"))
-    chosen: dict[int, int] = {}
-    for row in candidates.collect():
-        chosen.setdefault(row["p"], row["key"])
-    return F.array(*[F.lit(chosen[p]) for p in range(partitions)])[column]
-
-
 def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int, min_files: int) -> DataFrame:
     """The catalog with its group, one Spark partition per output file, sorted by group, cell and id."""
     cell_table = spark.createDataFrame([(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
@@ -81,7 +73,7 @@ def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int
             .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))
             .join(F.broadcast(group_table), "group"))
     n_files = int(files.max()) + 1 if len(files) else 1
-    return (rows.repartition(n_files, partition_key(spark, F.col("file"), n_files))
+    return (rows.repartition(n_files, partition_key(F.col("file"), n_files))
             .sortWithinPartitions("group", "cell", "image_id")
             .select("group", "cell", "image_id", "path", "label", "vector", *(["buckets"] if "buckets" in assigned.columns else [])))
 

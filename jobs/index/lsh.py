@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from pyspark.ml.feature import BucketedRandomProjectionLSH
 from pyspark.ml.functions import array_to_vector
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 
+from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams
 
 
@@ -17,8 +18,3 @@ def fit_and_save(vectors: DataFrame, params: LshParams, seed: int, uri: str) -> 
     model = lsh.fit(vectors.limit(1).select(array_to_vector("embedding").alias("features")))
     model.write().overwrite().save(uri)
     return rand_unit_vectors(vectors.sparkSession, uri)
-
-
-def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:
-    """The fitted model's random unit vectors (numHashTables x dim), read from its saved data."""
-    return np.asarray(spark.read.parquet(f"{model_uri}/data").first()[0].toArray(), dtype=np.float32)

@@ -12,9 +12,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.index.layout import partition_key
 from jobs.ivf import Index
 from jobs.knn import merge_nearest, nearest, squared_distances, squared_norms
+from jobs.partitions import partition_key
 from jobs.runlog import get_logger
 from jobs.search.results import PARTIAL_SCHEMA, partial_batch
 from jobs.vectors import binary_from_values, matrix_from_binary, values_from_binary
@@ -67,7 +67,7 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k
         assigned.select(F.explode("groups").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx",
                         F.col("query_id").alias("id"), F.col("query_path").alias("path"), F.col("query_label").alias("label"), "probes", "vector"))
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
-    spread = both.repartition(tasks, partition_key(spark, F.col("group") % tasks, tasks)).sortWithinPartitions("group", "kind", "cell", "id")
+    spread = both.repartition(tasks, partition_key(F.col("group") % tasks, tasks)).sortWithinPartitions("group", "kind")
     dim = index.dim
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -104,7 +104,7 @@ def score_groups(batches: Iterator[pa.RecordBatch], dim: int, k: int, exclude_se
 
 @dataclass
 class GroupRows:
-    """One group's catalog rows (sorted by cell), their vectors, and the bounds of each cell."""
+    """One group's catalog rows (sorted here by cell), their vectors, and the bounds of each cell."""
 
     rows: pa.RecordBatch
     vectors: np.ndarray
@@ -115,7 +115,8 @@ class GroupRows:
 
     @classmethod
     def of(cls, parts: list[pa.RecordBatch], dim: int) -> GroupRows:
-        table = pa.Table.from_batches(parts).combine_chunks()
+        table = pa.Table.from_batches(parts)
+        table = table.take(pa.array(np.argsort(table.column("cell").to_numpy(), kind="stable"))).combine_chunks()
         rows = pa.RecordBatch.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns],
                                           names=[c if c != "id" else "image_id" for c in table.column_names])
         vectors = matrix_from_binary(rows.column("vector"), dim)
@@ -144,6 +145,9 @@ class GroupRows:
             if own_row is not None:
                 mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
                 d2[mine, own_row[asking[mine]] - lo] = np.inf
+            improving = (d2 <= best[1][asking, k - 1][:, None]).any(axis=1)  # only queries this cell can improve
+            if not improving.all():
+                asking, d2 = asking[improving], d2[improving]
             cols, values = nearest(d2, self.keys[lo:hi], k)
             found = np.where(cols >= 0, cols + lo, -1)
             merged = merge_nearest(tuple(b[asking] for b in best), (found, values, np.where(found >= 0, self.keys[found], np.iinfo(np.int64).max)), k)

@@ -11,8 +11,7 @@ from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.index.lsh import rand_unit_vectors
-from jobs.ivf import Index
+from jobs.ivf import Index, rand_unit_vectors
 from jobs.knn import BucketIndex, exact_topk, lsh_topk, probe_keys, squared_norms
 from jobs.runlog import get_logger
 from jobs.search.results import PARTIAL_SCHEMA, partial_batch, top_k
