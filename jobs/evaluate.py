@@ -75,7 +75,7 @@ def per_query_precision(neighbours: pd.DataFrame, query_labels: dict[str, str], 
 def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
     """The ranked answers of a bounded sample of queries, on the driver."""
     if method == "ivf":
-        partials, touched = cells.search(spark, index, sample, nprobe, k, exclude_self)
+        partials, touched = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
         found = top_k(partials, k).toPandas()  # at most --sample x k rows
         touched["assigned"].unpersist()
         return found

@@ -255,3 +255,27 @@ def test_partition_keys_land_exactly_where_spark_hashes_them(spark):
     spread = spark.range(60).select((F.col("id") % 12).cast("int").alias("target")).repartition(12, partition_key(F.col("target"), 12))
     placed = spread.rdd.mapPartitionsWithIndex(lambda p, rows: [(p, r.target) for r in rows]).collect()
     assert all(p == target for p, target in placed) and len(placed) == 60
+
+
+def test_duplicates_keep_every_pair_once_inclusive_threshold_and_empty_results(spark, tmp_path):
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((300, 24)).astype(np.float32)
+    crowd = base[0] + 0.002 * rng.standard_normal((15, 24)).astype(np.float32)  # 16 near-copies of one image
+    vectors = np.vstack([base, crowd])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors)
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
+    similarity = vectors @ vectors.T
+    truth = {(ids[a], ids[b]) for a in range(len(ids)) for b in range(len(ids)) if ids[a] < ids[b] and similarity[a, b] >= 0.99}
+    assert len(truth) == 16 * 15 // 2
+    for method in ("ivf", "exact"):
+        summary = search(spark, tmp_path / "index", tmp_path / method, "--duplicates", "--min-similarity", "0.99", "--method", method)
+        pairs = spark.read.parquet(str(tmp_path / method)).toPandas()
+        assert len(pairs) == len(truth) == summary["counts"]["rows"] and {(a, b) for a, b in zip(pairs["image_a"], pairs["image_b"])} == truth, method
+    weakest = float(pairs["similarity"].min())  # the threshold is inclusive: a pair exactly at it stays
+    search(spark, tmp_path / "index", tmp_path / "at", "--duplicates", "--min-similarity", repr(weakest), "--method", "exact")
+    at = spark.read.parquet(str(tmp_path / "at")).toPandas()
+    assert len(at) >= 1 and (at["similarity"] >= weakest).all() and weakest in set(at["similarity"])
+    search(spark, tmp_path / "index", tmp_path / "none", "--duplicates", "--min-similarity", "1.5")
+    empty = spark.read.parquet(str(tmp_path / "none"))
+    assert empty.count() == 0 and empty.columns == ["image_a", "path_a", "label_a", "image_b", "path_b", "label_b", "distance", "similarity"]

@@ -18,7 +18,6 @@ from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.search import cells, queries, results, scan
 
 log = get_logger("jobs.search")
-PAIRS_SCHEMA = "image_a string, path_a string, label_a string, image_b string, path_b string, label_b string, distance float, similarity float"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--queries", help="embeddings table of query images (embed run on a folder of queries)")
     source.add_argument("--query-ids", help="comma-separated image_id values from the catalog")
     source.add_argument("--all", action="store_true", help="every catalog image is a query: the kNN graph of the catalog (self excluded)")
-    source.add_argument("--duplicates", action="store_true", help="catalog pairs with similarity >= --min-similarity (among each image's k nearest)")
+    source.add_argument("--duplicates", action="store_true", help="every catalog pair with similarity >= --min-similarity, each once (ivf: in the cells each image probes; exact: all)")
     parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")
     parser.add_argument("-k", type=int, default=10, help="neighbours per query")
     parser.add_argument("--method", choices=["ivf", "lsh", "exact"], help="ivf: probe the nearest cells (default); lsh: LSH buckets; exact: brute force")
@@ -59,20 +58,21 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
     return queries.from_ids(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
 
 
-def shape(ranked: DataFrame, args: argparse.Namespace) -> DataFrame:
-    """The table to write: neighbours, or duplicate pairs."""
+def min_similarity(args: argparse.Namespace) -> float | None:
+    """The cosine a duplicate pair needs (--threshold is a Euclidean distance between unit vectors)."""
     if not args.duplicates:
-        return ranked.select(*results.NEIGHBOUR_COLUMNS)
-    minimum = args.min_similarity if args.min_similarity is not None else 1 - args.threshold**2 / 2
-    return results.duplicate_pairs(ranked, minimum)
+        return None
+    return args.min_similarity if args.min_similarity is not None else 1 - args.threshold**2 / 2
 
 
 def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
-    partials, touched = cells.search(spark, index, table, args.nprobe or index.params.nprobe, args.k, exclude_self)
+    nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
+    partials, touched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)))
     assigned = touched.pop("assigned")
     log.info("probing %d of %d groups in %d of %d catalog files", touched["groups_probed"], touched["groups"], touched["catalog_files_read"], touched["catalog_files"])
-    written = results.write(spark, shape(results.top_k(partials, args.k), args), args.output)
+    found = results.duplicate_pairs(partials) if args.duplicates else results.top_k(partials, args.k).select(*results.NEIGHBOUR_COLUMNS)
+    written = results.write(spark, found, args.output)
     count = assigned.count()
     assigned.unpersist()
     return count, written, touched
@@ -84,13 +84,13 @@ def run_scan(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argp
     answered, fallback = 0, 0
     for block in scan.blocks(table, args.query_block):
         ranked, shipped, short = scan.answer_block(spark, index, block, args.method, args.k, exclude_self)
-        shape(ranked, args).write.mode("append").parquet(staged)
+        ranked.select(*results.NEIGHBOUR_COLUMNS).write.mode("append").parquet(staged)
         for broadcast in shipped:
             broadcast.destroy()
         answered, fallback = answered + len(block), fallback + short
         log.info("%d queries answered", answered)
     if not answered:
-        spark.createDataFrame([], PAIRS_SCHEMA if args.duplicates else results.NEIGHBOURS_SCHEMA).write.parquet(staged)
+        spark.createDataFrame([], results.NEIGHBOURS_SCHEMA).write.parquet(staged)
     storage.swap_in(spark, staged, args.output)
     return answered, spark.read.parquet(args.output).count(), {"lsh_fallback_queries": fallback} if args.method == "lsh" else {}
 
@@ -106,7 +106,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     with summary.stage("search"):
         started = time.perf_counter()
         table = query_table(spark, args, index)
-        engine = run_ivf if args.method == "ivf" else run_scan
+        engine = run_ivf if args.method == "ivf" or args.duplicates else run_scan
         count, written, touched = engine(spark, index, table, args, exclude_self)
         seconds = time.perf_counter() - started
     summary.count(queries=count, rows=written, catalog=index.count, **{k: v for k, v in touched.items() if k == "lsh_fallback_queries"})

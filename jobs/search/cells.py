@@ -16,7 +16,7 @@ from jobs.ivf import Index
 from jobs.knn import merge_nearest, nearest, squared_distances, squared_norms
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
-from jobs.search.results import PARTIAL_SCHEMA, partial_batch
+from jobs.search.results import PARTIAL_SCHEMA, cosine, partial_batch
 from jobs.vectors import binary_from_values, matrix_from_binary, values_from_binary
 
 log = get_logger("jobs.search")
@@ -56,9 +56,19 @@ def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[
     return rows, files
 
 
-def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k: int, exclude_self: bool) -> tuple[DataFrame, dict]:
+@dataclass(frozen=True)
+class Wanted:
+    """What a query wants from the cells it probes: its k nearest, or (min_similarity set) every row at least that similar."""
+
+    k: int
+    exclude_self: bool = False
+    min_similarity: float | None = None
+
+
+def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, wanted: Wanted) -> tuple[DataFrame, dict]:
     """Candidate neighbours (results.PARTIAL_SCHEMA) of every query, and what the search touched."""
-    assigned = assign_probes(spark, queries, index, nprobe, k + (1 if exclude_self else 0)).persist(StorageLevel.MEMORY_AND_DISK)
+    enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
+    assigned = assign_probes(spark, queries, index, nprobe, enough).persist(StorageLevel.MEMORY_AND_DISK)
     groups = sorted(r[0] for r in assigned.select(F.explode("groups")).distinct().collect())  # at most the index's groups
     rows, files = catalog_rows(spark, index, groups)
     null = F.lit(None)
@@ -71,7 +81,7 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, k
     dim = index.dim
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        return score_groups(batches, dim, k, exclude_self)
+        return score_groups(batches, dim, wanted)
 
     touched = {"groups_probed": len(groups), "groups": index.plan.groups, "catalog_files_read": len(files), "catalog_files": len(index.meta["files"]),
                "catalog_bytes_read": sum(f["bytes"] for f in files), "catalog_bytes": sum(f["bytes"] for f in index.meta["files"])}
@@ -87,7 +97,7 @@ def segments(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[int, int, pa.R
             yield int(group[start]), int(kind[start]), batch.slice(start, end - start)
 
 
-def score_groups(batches: Iterator[pa.RecordBatch], dim: int, k: int, exclude_self: bool) -> Iterator[pa.RecordBatch]:
+def score_groups(batches: Iterator[pa.RecordBatch], dim: int, wanted: Wanted) -> Iterator[pa.RecordBatch]:
     """Executor side: for each group, hold its catalog rows, then answer its queries as they stream past."""
     current, parts, held = None, [], None
     for group, kind, rows in segments(batches):
@@ -99,7 +109,7 @@ def score_groups(batches: Iterator[pa.RecordBatch], dim: int, k: int, exclude_se
         if held is None and parts:
             held = GroupRows.of(parts, dim)
         if held is not None:
-            yield held.answer(rows, k, exclude_self)
+            yield held.answer(rows, wanted)
 
 
 @dataclass
@@ -126,42 +136,75 @@ class GroupRows:
         keys[np.argsort(ids, kind="stable")] = np.arange(len(ids))
         return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(ids)), keys)
 
-    def answer(self, queries: pa.RecordBatch, k: int, exclude_self: bool) -> pa.RecordBatch:
-        """Each query's k nearest rows among the cells it probes in this group."""
-        n = len(queries)
+    def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
+        """What each query wants among the rows of the cells it probes in this group, cell by cell."""
         vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
+        query_sq = squared_norms(vectors)
         cells, offsets = values_from_binary(queries.column("probes"), np.int32)
-        owner = np.repeat(np.arange(n), np.diff(offsets))
+        owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
         slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
         here = self.cells[slot] == cells
         owner, slot = owner[here], slot[here]
         by_cell = np.argsort(slot, kind="stable")
         owner, slot = owner[by_cell], slot[by_cell]
-        own_row = self.own_rows(queries) if exclude_self else None
-        best = (np.full((n, k), -1, np.int64), np.full((n, k), np.inf, np.float32), np.full((n, k), np.iinfo(np.int64).max))
+        own_row = self.own_rows(queries) if wanted.exclude_self else None
+        keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
         for start, end in np.column_stack(run_bounds(slot)) if len(slot) else []:
             asking, lo, hi = owner[start:end], self.bounds[slot[start]], self.bounds[slot[start] + 1]
             d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
             if own_row is not None:
                 mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
                 d2[mine, own_row[asking[mine]] - lo] = np.inf
-            improving = (d2 <= best[1][asking, k - 1][:, None]).any(axis=1)  # only queries this cell can improve
-            if not improving.all():
-                asking, d2 = asking[improving], d2[improving]
-            cols, values = nearest(d2, self.keys[lo:hi], k)
-            found = np.where(cols >= 0, cols + lo, -1)
-            merged = merge_nearest(tuple(b[asking] for b in best), (found, values, np.where(found >= 0, self.keys[found], np.iinfo(np.int64).max)), k)
-            for b, m in zip(best, merged):
-                b[asking] = m
-        q, r = np.nonzero(best[0] >= 0)
+            keep.add(asking, d2, lo, self.keys[lo:hi])
+        q, rows, d2 = keep.found()
         asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
                                            names=["qidx", "query_id", "query_path", "query_label"])
-        return partial_batch(asked, q, squared_norms(vectors), self.rows, best[0][q, r], self.squares, best[1][q, r])
+        return partial_batch(asked, q, query_sq, self.rows, rows, self.squares, d2)
 
     def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
         """The row of each query's own id in this group, or -1."""
         position = {image_id: row for row, image_id in enumerate(self.rows.column("image_id").to_pylist())}
         return np.array([position.get(q, -1) for q in queries.column("id").to_pylist()], np.int64)
+
+
+class TopK:
+    """Each query's k nearest rows so far, ties to the smaller key; a cell only touches the queries it improves."""
+
+    def __init__(self, queries: int, k: int) -> None:
+        self.k = k
+        self.best = (np.full((queries, k), -1, np.int64), np.full((queries, k), np.inf, np.float32), np.full((queries, k), np.iinfo(np.int64).max))
+
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+        improving = (d2 <= self.best[1][asking, self.k - 1][:, None]).any(axis=1)
+        if not improving.all():
+            asking, d2 = asking[improving], d2[improving]
+        cols, values = nearest(d2, keys, self.k)
+        found = np.where(cols >= 0, cols + first_row, -1)
+        merged = merge_nearest(tuple(b[asking] for b in self.best), (found, values, np.where(cols >= 0, keys[cols], np.iinfo(np.int64).max)), self.k)
+        for b, m in zip(self.best, merged):
+            b[asking] = m
+
+    def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q, r = np.nonzero(self.best[0] >= 0)
+        return q, self.best[0][q, r], self.best[1][q, r]
+
+
+class Similar:
+    """Every (query, row) pair with cosine similarity at or above a threshold."""
+
+    def __init__(self, threshold: float, query_sq: np.ndarray, row_sq: np.ndarray) -> None:
+        self.threshold, self.query_sq, self.row_sq = np.float32(threshold), query_sq, row_sq
+        self.pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+        similarity = cosine(self.query_sq[asking][:, None], self.row_sq[first_row : first_row + d2.shape[1]][None, :], d2)
+        q, col = np.nonzero(similarity >= self.threshold)
+        self.pairs.append((asking[q], col + first_row, d2[q, col]))
+
+    def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.pairs:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        return tuple(np.concatenate(parts) for parts in zip(*self.pairs))  # type: ignore[return-value]
 
 
 def run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,16 +17,21 @@ PARTIAL_ARROW = pa.schema([("qidx", pa.int64()), ("query_id", pa.string()), ("qu
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
 
 
+def cosine(query_sq: np.ndarray, row_sq: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """Cosine similarity from squared norms and squared distance (shapes broadcast); the one formula everywhere."""
+    similarity = (query_sq + row_sq - d2) / np.maximum(2 * np.sqrt(query_sq * row_sq), 1e-12)
+    return np.clip(similarity, -1, 1).astype(np.float32, copy=False)
+
+
 def partial_batch(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.ndarray, catalog: pa.Table | pa.RecordBatch,
                   catalog_rows: np.ndarray, catalog_sq: np.ndarray, d2: np.ndarray) -> pa.RecordBatch:
     """Candidate rows: query row i matched catalog row j at squared distance d2 (all arrays aligned)."""
-    norms = np.sqrt(query_sq[query_rows] * catalog_sq[catalog_rows])
-    similarity = (query_sq[query_rows] + catalog_sq[catalog_rows] - d2) / np.maximum(2 * norms, 1e-12)
+    similarity = cosine(query_sq[query_rows], catalog_sq[catalog_rows], d2)
     q, c = pa.array(query_rows), pa.array(catalog_rows)
     return pa.RecordBatch.from_arrays(
         [queries.column("qidx").take(q), queries.column("query_id").take(q), queries.column("query_path").take(q), queries.column("query_label").take(q),
          catalog.column("image_id").take(c), catalog.column("path").take(c), catalog.column("label").take(c),
-         pa.array(np.sqrt(d2).astype(np.float32)), pa.array(np.clip(similarity, -1, 1).astype(np.float32))],
+         pa.array(np.sqrt(d2).astype(np.float32)), pa.array(similarity)],
         schema=PARTIAL_ARROW,
     )
 
@@ -38,9 +43,9 @@ def top_k(partials: DataFrame, k: int) -> DataFrame:
     return ranked.select(*NEIGHBOUR_COLUMNS, "query_label")
 
 
-def duplicate_pairs(ranked: DataFrame, min_similarity: float) -> DataFrame:
-    """Pairs at or above min_similarity from a catalog-against-itself search, each once as (a, b) with a < b."""
-    close = ranked.where(F.col("similarity") >= min_similarity)
+def duplicate_pairs(partials: DataFrame) -> DataFrame:
+    """The similar pairs a catalog-against-itself range search found (each may be found from both ends), once each as (a, b), a < b."""
+    close = partials
     query_first = F.col("query_id") < F.col("neighbor_id")
 
     def side(first: str, second: str) -> Column:
