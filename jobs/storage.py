@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from pyspark.sql import SparkSession
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _fs_and_path(spark: SparkSession, uri: str) -> tuple[Any, Any]:
@@ -98,6 +100,8 @@ def swap_in(spark: SparkSession, staged: str, target: str) -> None:
 
 def stat_files(spark: SparkSession, uris: list[str], exclude: set[str]) -> pd.DataFrame:
     """path, length, modification_us of the URI-encoded uris whose decoded path is not in exclude."""
+    import pandas as pd  # here: every Python worker imports this module, and most never need pandas
+
     jvm = spark._jvm
     rows = []
     for uri in uris:
