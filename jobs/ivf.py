@@ -64,19 +64,23 @@ class CellPlan:
             rows += size
         return cls(np.asarray(sizes, np.int64), first, parts)
 
-    def groups_of(self, cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct groups of each query's cells, as CSR (flat groups, offsets) from CSR cells."""
+    def visits(self, cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """From each query's cells (CSR), its visits: the groups holding them, each with the cells it probes there.
+
+        Returns (visit offsets per query, group of each visit, cell offsets per visit, cells in visit order).
+        """
         query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         counts = self.parts[cells]
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         groups = np.repeat(self.first_group[cells], counts) + (np.arange(counts.sum()) - starts)
-        query = np.repeat(query, counts)
-        order = np.lexsort((groups, query))
-        query, groups = query[order], groups[order]
-        keep = np.ones(len(groups), bool)
-        keep[1:] = (query[1:] != query[:-1]) | (groups[1:] != groups[:-1])
-        query, groups = query[keep], groups[keep]
-        return groups.astype(np.int32), np.searchsorted(query, np.arange(len(offsets))).astype(np.int32)
+        query, cells = np.repeat(query, counts), np.repeat(cells, counts)
+        order = np.lexsort((groups, query))  # stable: within a visit, cells keep the query's nearest-first order
+        query, groups, cells = query[order], groups[order], cells[order]
+        first = np.ones(len(groups), bool)
+        first[1:] = (query[1:] != query[:-1]) | (groups[1:] != groups[:-1])
+        visit_starts = np.flatnonzero(first)
+        visit_offsets = np.searchsorted(query[visit_starts], np.arange(len(offsets)))
+        return visit_offsets.astype(np.int32), groups[visit_starts].astype(np.int32), np.append(visit_starts, len(cells)).astype(np.int32), cells.astype(np.int32)
 
 
 @dataclass

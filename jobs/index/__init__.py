@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="index folder (replaced atomically on re-runs)")
     parser.add_argument("--cells", type=int, help="IVF cells (KMeans k); default about 4 x sqrt(vectors)")
     parser.add_argument("--nprobe", type=int, help="cells a query probes by default at search time; default about 2 x sqrt(cells)")
-    parser.add_argument("--train-sample", type=int, help="vectors KMeans trains on; default 16 per cell, at least 10,000")
+    parser.add_argument("--train-sample", type=int, help="vectors KMeans trains on; default 32 per cell, at least 10,000")
     parser.add_argument("--kmeans-iterations", type=int, default=10, help="KMeans maxIter")
     parser.add_argument("--max-group-rows", type=int, default=MAX_GROUP_ROWS, help="most catalog rows one search task holds (bigger cells are split)")
     parser.add_argument("--bucket-length", type=float, default=lsh_defaults.bucket_length, help="LSH: BRP bucketLength; with unit vectors 1.0 gives two buckets per hash (a sign bit)")
@@ -66,7 +66,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         if vectors.groupBy("image_id").count().where("count > 1").limit(1).count():
             raise UsageError(f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite")
     cells = min(args.cells or train.default_cells(count), count)
-    sample = min(count, args.train_sample or max(16 * cells, 10_000))
+    sample = min(count, args.train_sample or max(32 * cells, 10_000))
     staged = storage.sibling(args.output, "staging")
     with summary.stage("train"):
         log.info("KMeans: %d cells from %d of %d vectors, %d iterations", cells, sample, count, args.kmeans_iterations)

@@ -26,7 +26,7 @@ PUSHDOWN_LIMIT = 4096  # at most this many groups are listed in the pushed-down 
 
 
 def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int) -> DataFrame:
-    """queries + probes (cells as packed int32, nearest first, enough for min_rows) + groups (where those cells' rows are)."""
+    """queries + visits: each group holding cells the query probes (nearest first, enough for min_rows), with those cells (packed int32)."""
     shipped = spark.sparkContext.broadcast((index.centroids, index.plan))
     dim = index.dim
 
@@ -35,13 +35,12 @@ def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe:
         probe_index = Index("", "", dim, 0, index.params, centroids, plan)
         for batch in batches:
             cells, offsets = probe_index.probe(matrix_from_binary(batch.column("vector"), dim), nprobe, min_rows)
-            groups, group_offsets = plan.groups_of(cells, offsets)
-            yield pa.RecordBatch.from_arrays(
-                [*batch.columns, binary_from_values(cells.astype(np.int32), offsets), pa.ListArray.from_arrays(pa.array(group_offsets), pa.array(groups))],
-                names=[*batch.schema.names, "probes", "groups"],
-            )
+            visit_offsets, groups, cell_offsets, visit_cells = plan.visits(cells, offsets)
+            visits = pa.StructArray.from_arrays([pa.array(groups), binary_from_values(visit_cells, cell_offsets)], names=["group", "probes"])
+            yield pa.RecordBatch.from_arrays([*batch.columns, pa.ListArray.from_arrays(pa.array(visit_offsets), visits)], names=[*batch.schema.names, "visits"])
 
-    return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, probes binary, groups array<int>")
+    return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, "
+                                      "visits array<struct<group: int, probes: binary>>")
 
 
 def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[DataFrame, list[dict]]:
@@ -69,13 +68,14 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     """Candidate neighbours (results.PARTIAL_SCHEMA) of every query, and what the search touched."""
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     assigned = assign_probes(spark, queries, index, nprobe, enough).persist(StorageLevel.MEMORY_AND_DISK)
-    groups = sorted(r[0] for r in assigned.select(F.explode("groups")).distinct().collect())  # at most the index's groups
+    groups = sorted(r[0] for r in assigned.select(F.explode("visits.group")).distinct().collect())  # at most the index's groups
     rows, files = catalog_rows(spark, index, groups)
     null = F.lit(None)
     both = rows.select(F.col("group"), F.lit(CATALOG).alias("kind"), "cell", null.cast("bigint").alias("qidx"), F.col("image_id").alias("id"),
                        "path", "label", F.lit(b"").alias("probes"), "vector").unionByName(
-        assigned.select(F.explode("groups").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx",
-                        F.col("query_id").alias("id"), F.col("query_path").alias("path"), F.col("query_label").alias("label"), "probes", "vector"))
+        assigned.select(F.explode("visits").alias("visit"), "*").select(
+            F.col("visit.group").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx", F.col("query_id").alias("id"),
+            F.col("query_path").alias("path"), F.col("query_label").alias("label"), F.col("visit.probes").alias("probes"), "vector"))
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
     spread = both.repartition(tasks, partition_key(F.col("group") % tasks, tasks)).sortWithinPartitions("group", "kind")
     dim = index.dim
@@ -142,20 +142,23 @@ class GroupRows:
         query_sq = squared_norms(vectors)
         cells, offsets = values_from_binary(queries.column("probes"), np.int32)
         owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
+        rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell in this group
         slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
         here = self.cells[slot] == cells
-        owner, slot = owner[here], slot[here]
-        by_cell = np.argsort(slot, kind="stable")
-        owner, slot = owner[by_cell], slot[by_cell]
+        owner, slot, rank = owner[here], slot[here], rank[here]
         own_row = self.own_rows(queries) if wanted.exclude_self else None
         keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
-        for start, end in np.column_stack(run_bounds(slot)) if len(slot) else []:
-            asking, lo, hi = owner[start:end], self.bounds[slot[start]], self.bounds[slot[start] + 1]
-            d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
-            if own_row is not None:
-                mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
-                d2[mine, own_row[asking[mine]] - lo] = np.inf
-            keep.add(asking, d2, lo, self.keys[lo:hi])
+        # nearest cells first: they set each query's k-th distance, which then rules out most rows of the other cells
+        for later, phase in enumerate((rank == 0, rank > 0)):
+            by_cell = np.argsort(slot[phase], kind="stable")
+            phase_owner, phase_slot = owner[phase][by_cell], slot[phase][by_cell]
+            for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
+                asking, lo, hi = phase_owner[start:end], self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
+                d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
+                if own_row is not None:
+                    mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
+                    d2[mine, own_row[asking[mine]] - lo] = np.inf
+                keep.add(asking, d2, lo, self.keys[lo:hi], bool(later))
         q, rows, d2 = keep.found()
         asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
                                            names=["qidx", "query_id", "query_path", "query_label"])
@@ -168,25 +171,46 @@ class GroupRows:
 
 
 class TopK:
-    """Each query's k nearest rows so far, ties to the smaller key; a cell only touches the queries it improves."""
+    """Each query's k nearest rows so far (row, squared distance, key), ties to the smaller key."""
 
     def __init__(self, queries: int, k: int) -> None:
         self.k = k
-        self.best = (np.full((queries, k), -1, np.int64), np.full((queries, k), np.inf, np.float32), np.full((queries, k), np.iinfo(np.int64).max))
+        self.rows = np.full((queries, k), -1, np.int64)
+        self.d2 = np.full((queries, k), np.inf, np.float32)
+        self.keys = np.full((queries, k), np.iinfo(np.int64).max, np.int64)
 
-    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray) -> None:
-        improving = (d2 <= self.best[1][asking, self.k - 1][:, None]).any(axis=1)
-        if not improving.all():
-            asking, d2 = asking[improving], d2[improving]
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
+        """Fold in d2 (len(asking) x cell rows) of the rows first_row.. . bounded: most rows cannot beat the
+        queries' current k-th distance, so only those that can are gathered and merged."""
+        if bounded:
+            q, col = np.nonzero(d2 <= self.d2[asking, self.k - 1][:, None])
+            if len(q):
+                self.merge(asking[q], d2[q, col], col, first_row, keys)
+            return
         cols, values = nearest(d2, keys, self.k)
         found = np.where(cols >= 0, cols + first_row, -1)
-        merged = merge_nearest(tuple(b[asking] for b in self.best), (found, values, np.where(cols >= 0, keys[cols], np.iinfo(np.int64).max)), self.k)
-        for b, m in zip(self.best, merged):
-            b[asking] = m
+        merged = merge_nearest((self.rows[asking], self.d2[asking], self.keys[asking]),
+                               (found, values, np.where(cols >= 0, keys[cols], np.iinfo(np.int64).max)), self.k)
+        self.rows[asking], self.d2[asking], self.keys[asking] = merged
+
+    def merge(self, query: np.ndarray, d2: np.ndarray, col: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+        """Merge loose candidates (one per entry) into the k best of their queries."""
+        touched = np.unique(query)
+        queries = np.concatenate([np.repeat(touched, self.k), query])
+        d = np.concatenate([self.d2[touched].ravel(), d2])
+        key = np.concatenate([self.keys[touched].ravel(), keys[col]])
+        row = np.concatenate([self.rows[touched].ravel(), col + first_row])
+        order = np.lexsort((key, d, queries))
+        queries, d, key, row = queries[order], d[order], key[order], row[order]
+        starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
+        rank = np.arange(len(queries)) - np.repeat(starts, np.diff(np.r_[starts, len(queries)]))
+        top = rank < self.k
+        target = (queries[top], rank[top])
+        self.rows[target], self.d2[target], self.keys[target] = row[top], d[top], key[top]
 
     def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q, r = np.nonzero(self.best[0] >= 0)
-        return q, self.best[0][q, r], self.best[1][q, r]
+        q, r = np.nonzero(self.rows >= 0)
+        return q, self.rows[q, r], self.d2[q, r]
 
 
 class Similar:
@@ -196,7 +220,7 @@ class Similar:
         self.threshold, self.query_sq, self.row_sq = np.float32(threshold), query_sq, row_sq
         self.pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
         similarity = cosine(self.query_sq[asking][:, None], self.row_sq[first_row : first_row + d2.shape[1]][None, :], d2)
         q, col = np.nonzero(similarity >= self.threshold)
         self.pairs.append((asking[q], col + first_row, d2[q, col]))
