@@ -170,6 +170,12 @@ def main() -> None:
         summary = json.loads((out / "_summary.json").read_text())
         ours.append({"method": f"our {method}" + (f" nprobe {nprobe}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
                      "queries_per_s": summary["queries_per_second"], "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "peak_rss_mib": run["peak_rss_mib"], "out": out})
+    if "ivf" in args.methods:  # one query alone: how much of the catalog does it read?
+        write_embeddings(folder / "q1", queries[:1], "q")
+        single = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_single", "-k", args.k], args.driver_memory)
+        touched = json.loads((folder / "nb_single" / "_summary.json").read_text())["touched"]
+        rows.append({"method": "our ivf, one query", "wall_s": single["wall_s"], "catalog_share_read": touched["catalog_bytes_read"] / catalog_bytes,
+                     "peak_rss_mib": single["peak_rss_mib"]})
     vectors, truth, flat = faiss_flat(folder / "emb", queries, args.k)
     for row in ours:
         row["recall"] = recall(read_neighbours(row.pop("out")), truth)

@@ -78,7 +78,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         assigned = layout.assign_cells(vectors, centroids, (projections, lsh_params) if lsh_params else None).persist(StorageLevel.MEMORY_AND_DISK)
         sizes = layout.cell_sizes(assigned, len(centroids))
         parallelism = spark.sparkContext.defaultParallelism
-        plan = CellPlan.build(sizes, max(1, min(args.max_group_rows, -(-count // (4 * parallelism)))))
+        plan = CellPlan.build(sizes, max(1, min(args.max_group_rows, -(-count // (2 * parallelism)))))  # about two groups per core
     with summary.stage("write"):
         layout.write_catalog(layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog")
         assigned.unpersist()
