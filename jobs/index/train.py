@@ -17,7 +17,9 @@ def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, ite
     """(cells, dim) float32 centroids from Spark ML KMeans (block solver) on a sample of `embedding`."""
     fraction = min(1.0, 1.1 * sample / max(count, 1))
     rows = vectors.sample(fraction=fraction, seed=seed) if fraction < 1.0 else vectors
-    features = rows.limit(sample).select(array_to_vector("embedding").alias("features")).cache()
+    # limit() leaves one partition: spread the sample again, or KMeans runs on one core
+    parallelism = vectors.sparkSession.sparkContext.defaultParallelism
+    features = rows.limit(sample).repartition(parallelism).select(array_to_vector("embedding").alias("features")).cache()
     try:
         k = min(cells, features.count())
         # k-means|| costs more than all the iterations at thousands of cells; random init is then enough
