@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -152,7 +152,3 @@ def load(spark: SparkSession, uri: str) -> Index:
 def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:
     """The LSH model's random unit vectors (numHashTables x dim), read from its saved data."""
     return np.asarray(spark.read.parquet(f"{model_uri}/data").first()[0].toArray(), dtype=np.float32)
-
-
-def params_dict(params: IvfParams) -> dict[str, Any]:
-    return asdict(params)

@@ -54,6 +54,13 @@ def probe_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshPa
     return np.concatenate([own[:, :, None], own[:, :, None] + moved], axis=2)
 
 
+def id_ranks(ids: list | np.ndarray) -> np.ndarray:
+    """Each id's rank among these ids: the tie-break key that makes ties go to the smaller id."""
+    ranks = np.empty(len(ids), np.int64)
+    ranks[np.argsort(np.asarray(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+    return ranks
+
+
 def squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 

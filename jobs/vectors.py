@@ -47,10 +47,3 @@ def matrix_from_list(column: pa.Array) -> np.ndarray:
     n = len(column)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return values.reshape(n, -1) if n else np.empty((0, 0), np.float32)
-
-
-def list_from_matrix(matrix: np.ndarray) -> pa.Array:
-    """A list<float> column with one list per matrix row."""
-    n, dim = matrix.shape
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, np.float32).ravel()))

@@ -8,6 +8,7 @@ cell in small row groups (layout.py), then index.json + cells.npz beside it.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import numpy as np
@@ -87,8 +88,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     provenance = {c: source.select(c).first()[0] for c in ("weights_sha256",) if c in source.columns}
     meta = {
         "model": model_name, "dim": dim, "count": count, "default_method": "ivf", "source": args.embeddings, **provenance,
-        "ivf": ivf.params_dict(params), "groups": plan.groups, "largest_cell": int(sizes.max()), "empty_cells": int((sizes == 0).sum()),
-        "lsh": lsh_params.__dict__ if lsh_params else None, "files": files,
+        "ivf": asdict(params), "groups": plan.groups, "largest_cell": int(sizes.max()), "empty_cells": int((sizes == 0).sum()),
+        "lsh": asdict(lsh_params) if lsh_params else None, "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     ivf.save(spark, staged, meta, centroids, plan)

@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.ivf import Index
-from jobs.knn import merge_nearest, nearest, squared_distances, squared_norms
+from jobs.knn import id_ranks, merge_nearest, nearest, squared_distances, squared_norms
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
 from jobs.search.results import PARTIAL_SCHEMA, cosine, partial_batch
@@ -27,15 +27,13 @@ PUSHDOWN_LIMIT = 4096  # at most this many groups are listed in the pushed-down 
 
 def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int) -> DataFrame:
     """queries + visits: each group holding cells the query probes (nearest first, enough for min_rows), with those cells (packed int32)."""
-    shipped = spark.sparkContext.broadcast((index.centroids, index.plan))
-    dim = index.dim
+    shipped = spark.sparkContext.broadcast(index)
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        centroids, plan = shipped.value
-        probe_index = Index("", "", dim, 0, index.params, centroids, plan)
+        shipped_index = shipped.value
         for batch in batches:
-            cells, offsets = probe_index.probe(matrix_from_binary(batch.column("vector"), dim), nprobe, min_rows)
-            visit_offsets, groups, cell_offsets, visit_cells = plan.visits(cells, offsets)
+            cells, offsets = shipped_index.probe(matrix_from_binary(batch.column("vector"), shipped_index.dim), nprobe, min_rows)
+            visit_offsets, groups, cell_offsets, visit_cells = shipped_index.plan.visits(cells, offsets)
             visits = pa.StructArray.from_arrays([pa.array(groups), binary_from_values(visit_cells, cell_offsets)], names=["group", "probes"])
             yield pa.RecordBatch.from_arrays([*batch.columns, pa.ListArray.from_arrays(pa.array(visit_offsets), visits)], names=[*batch.schema.names, "visits"])
 
@@ -131,10 +129,8 @@ class GroupRows:
                                           names=[c if c != "id" else "image_id" for c in table.column_names])
         vectors = matrix_from_binary(rows.column("vector"), dim)
         cells, starts = np.unique(rows.column("cell").to_numpy(), return_index=True)
-        ids = np.asarray(rows.column("image_id").to_numpy(zero_copy_only=False), dtype=object)
-        keys = np.empty(len(ids), np.int64)
-        keys[np.argsort(ids, kind="stable")] = np.arange(len(ids))
-        return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(ids)), keys)
+        keys = id_ranks(rows.column("image_id").to_numpy(zero_copy_only=False))
+        return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(keys)), keys)
 
     def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
         """What each query wants among the rows of the cells it probes in this group, cell by cell."""

@@ -12,7 +12,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.ivf import Index, rand_unit_vectors
-from jobs.knn import BucketIndex, exact_topk, lsh_topk, probe_keys, squared_norms
+from jobs.knn import BucketIndex, exact_topk, id_ranks, lsh_topk, probe_keys, squared_norms
 from jobs.runlog import get_logger
 from jobs.search.results import PARTIAL_SCHEMA, partial_batch, top_k
 from jobs.vectors import matrix_from_binary
@@ -54,8 +54,7 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
         for batch in batches:
             catalog = matrix_from_binary(batch.column("vector"), dim)
             ids = batch.column("image_id").to_pylist()
-            keys = np.empty(len(ids), np.int64)
-            keys[np.argsort(np.array(ids, dtype=object), kind="stable")] = np.arange(len(ids))
+            keys = id_ranks(ids)
             exclude = None
             if own:
                 exclude = np.zeros((len(vectors), len(ids)), bool)
