@@ -67,12 +67,16 @@ def parse_labels(data: bytes, source: str, meta: bytes | None = None) -> pd.Data
 
 
 def read_labels(spark: SparkSession, uri: str) -> pd.DataFrame:
-    """The labels file at uri (any Hadoop filesystem): key, label, x1, y1, x2, y2."""
+    """The labels file at uri (any Hadoop filesystem): key, label, x1, y1, x2, y2; attrs["root"] is its folder."""
     if not storage.exists(spark, uri):
         raise UsageError(f"labels file {uri} does not exist")
     meta_uri = posixpath.join(posixpath.dirname(uri), "cars_meta.mat")
     meta = storage.read_bytes(spark, meta_uri) if uri.endswith(".mat") and storage.exists(spark, meta_uri) else None
-    return parse_labels(storage.read_bytes(spark, uri), uri, meta)
+    labels = parse_labels(storage.read_bytes(spark, uri), uri, meta)
+    # keys are relative to the labels file's folder, qualified the way Spark lists the images (file:/..., s3a://...)
+    labels.attrs["root"] = posixpath.dirname(storage.qualify(spark, uri))
+    labels.attrs["source"] = uri
+    return labels
 
 
 def parent_folder(paths: pd.Series) -> pd.Series:
@@ -80,20 +84,50 @@ def parent_folder(paths: pd.Series) -> pd.Series:
     return paths.str.rsplit("/", n=2).str[-2]
 
 
-def label_files(paths: pd.Series, labels: pd.DataFrame | None) -> pd.DataFrame:
-    """path, label, x1..y2 for each path: labels matched on the path's tail (longest key wins), else folder."""
+def relative_paths(paths: pd.Series, root: str | None) -> pd.Series:
+    """Each path relative to root when it lies under root, else the path itself (then only a key's tail can match)."""
+    if not root:
+        return paths
+    prefix = root.rstrip("/") + "/"
+    return paths.where(~paths.str.startswith(prefix), paths.str.slice(len(prefix)))
+
+
+def _ambiguity(claims: pd.DataFrame, source: str, root: str | None) -> UsageError:
+    key = claims["key"].iloc[0]
+    files = claims.loc[claims["key"] == key, "path"].sort_values().tolist()
+    others = claims["key"].nunique() - 1
+    more = f" ({others} more keys are ambiguous)" if others else ""
+    return UsageError(
+        f"labels file {source}: key {key!r} matches {len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}){more}; "
+        f"write the paths relative to {root or 'the images'} (e.g. {relative_paths(pd.Series(files[:1]), root).iloc[0]}) or label one folder at a time"
+    )
+
+
+def label_files(paths: pd.Series, labels: pd.DataFrame | None, root: str | None = None) -> pd.DataFrame:
+    """path, label, x1..y2 for each path, else its folder's name when no labels are given.
+
+    A key matches a file when it is the file's path relative to root (default: labels.attrs["root"], the
+    labels file's folder) or that path's tail. A file takes its exact key, else its longest matching key;
+    a key that is then the best match of two files (cars_train/00001.jpg and cars_test/00001.jpg for
+    `00001.jpg`) is a UsageError naming it: a label is never guessed.
+    """
     files = pd.DataFrame({"path": paths.astype(str)})
     if labels is None:
         return files.assign(label=parent_folder(files["path"]), x1=None, y1=None, x2=None, y2=None)
+    root = root or labels.attrs.get("root")
+    files["relative"] = relative_paths(files["path"], root)
     files["basename"] = files["path"].str.rsplit("/", n=1).str[-1]
     keyed = labels.assign(basename=labels["key"].str.rsplit("/", n=1).str[-1])
     joined = files.merge(keyed, on="basename", how="inner")
-    suffix = [p == k or p.endswith("/" + k) for p, k in zip(joined["path"], joined["key"])]
-    best = (
-        joined[suffix]
-        .assign(key_length=lambda f: f["key"].str.len())
-        .sort_values("key_length", ascending=False)
-        .drop_duplicates("path")
-    )
+    exact = joined["relative"] == joined["key"]
+    tail = [r.endswith("/" + k) for r, k in zip(joined["relative"], joined["key"])]
+    joined = joined.assign(exact=exact, key_length=joined["key"].str.len())[exact | tail]
+    # each file's best key: an exact match first, then the longest (most specific) tail
+    best = joined.sort_values(["exact", "key_length"], ascending=False).drop_duplicates("path")
+    # a key that is an exact match for one file does not also label the files it is merely a tail of
+    best = best[best["exact"] | ~best["key"].isin(best.loc[best["exact"], "key"])]
+    shared = best[best.duplicated("key", keep=False)].sort_values("key")
+    if len(shared):
+        raise _ambiguity(shared, labels.attrs.get("source", "given"), root)
     out = files[["path"]].merge(best[["path", "label", "x1", "y1", "x2", "y2"]], on="path", how="left")
     return out.astype(object).where(out.notna(), None)
