@@ -97,13 +97,21 @@ demo: build ## the whole pipeline on real photos, offline: embed -> index -> sea
 		--evaluation $(OUT)/evaluation.json --output $(OUT)/report
 	@$(PY) scripts/demo_summary.py $(OUT)
 
-pack-env: dist/env.tar.gz ## the executors' Python environment as an archive (venv-pack): --archives dist/env.tar.gz#environment
+# The packed environment runs the executors and, in cluster mode, the driver: it holds everything jobs/ imports.
+# A venv holds no interpreter: the archive's bin/python points at $(PYTHON_PREFIX)/bin/python3.11 on the nodes
+# (EMR 7.1+: /usr; Dataproc 2.2: make -B pack-env PYTHON_PREFIX=/opt/conda/default), so pack with Python 3.11.
+PACK_PYTHON ?= python3.11
+PYTHON_PREFIX ?= /usr
+pack-env: dist/env.tar.gz ## the driver's and executors' Python environment (venv-pack): --archives dist/env.tar.gz#environment
 dist/env.tar.gz: pyproject.toml | setup
 	@mkdir -p dist
 	rm -rf .venv-exec
-	$(PYTHON) -m venv .venv-exec
-	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' venv-pack
-	.venv-exec/bin/venv-pack -p .venv-exec -o $@ --force -q
+	$(PACK_PYTHON) -m venv .venv-exec
+	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'boto3>=1.28' 'matplotlib>=3.7' scipy
+	# venv-pack 0.2 rewrites a link only when it reads <base prefix>/bin/python (python3.11 would become python3.113.11)
+	base=$$(.venv-exec/bin/python -c 'import sys; print(sys.base_prefix)') && cd .venv-exec/bin && \
+		rm -f python python3 python3.11 && ln -s "$$base/bin/python" python3.11 && ln -s python3.11 python3 && ln -s python3.11 python
+	$(VENV)/bin/venv-pack -p .venv-exec -o $@ --force -q --python-prefix $(PYTHON_PREFIX)
 
 # EMR: CLUSTER_ID=j-XXX S3_PREFIX=s3://bucket/vs make emr-submit ARGS="embed --input s3://... --output s3://..."
 emr-submit: build
