@@ -1,0 +1,97 @@
+"""embed: image files (local dir or any Hadoop URI) -> L2-normalised CNN embeddings as Parquet.
+
+plan.py lists the images and plans what to compute (incremental re-runs skip unchanged files),
+model.py decodes and embeds them in batches on the executors with the fastest faithful backend,
+write.py appends each chunk to the table, so that an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pyspark.sql import SparkSession
+
+from jobs import storage
+from jobs.embed.model import AUTO_ORDER, BACKENDS, EmbedConfig, choose_backend, embed_images, resolve_precision
+from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, plan_files
+from jobs.embed.write import Outcome, commit, write_chunks
+from jobs.errors import UsageError
+from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from jobs.runlog import RunSummary, get_logger, print_summary
+from jobs.weights import load_weights
+
+__all__ = ["EMBEDDINGS_COLUMNS", "EMBEDDINGS_SCHEMA", "EmbedConfig", "add_arguments", "embed_images", "plan_files", "run"]
+log = get_logger("jobs.embed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="folder or URI of images, read recursively (local, s3a://, s3://, gs://, hdfs://)")
+    parser.add_argument("--output", required=True, help="embeddings table (Parquet folder or URI)")
+    parser.add_argument("--labels", help="labels CSV (path,label[,x1,y1,x2,y2]) or Stanford Cars annos CSV/.mat; default: parent folder name")
+    parser.add_argument("--crop-to-box", action="store_true", help="crop to the labels file's bounding box before resizing")
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"], help="backbone")
+    parser.add_argument("--weights", help="checkpoint: local path, s3:// URI or https URL (default: torchvision's, cached in $TORCH_HOME/hub/checkpoints)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (and per Arrow batch)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = fp32; bf16 autocast is opt-in (see bench/README.md: it changes neighbours)")
+    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help=f"how the model runs; auto = the first of {', '.join(AUTO_ORDER)} that is installed and gives eager's vectors "
+                             "(cosine >= 0.9999); one that is unavailable falls back with one log line")
+    parser.add_argument("--mode", default="incremental", choices=["incremental", "overwrite"], help="incremental skips files whose path, length and modification time are in the output")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images become error rows (decompression-bomb guard)")
+    parser.add_argument("--max-error-rate", type=float, default=0.5, help="fail (exit 2) when more than this fraction of new files cannot be embedded (1 never fails)")
+    parser.add_argument("--chunk-files", type=int, default=20000, help="files per committed chunk: an interrupted run loses at most one chunk")
+    parser.add_argument("--log-every", type=int, default=10, help="log throughput every N batches per task")
+    parser.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS), help="file extensions to read (case-insensitive)")
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> int:
+    summary = RunSummary("embed", vars(args))
+    extensions = [e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()]
+    if args.batch_size < 1 or args.chunk_files < 1:
+        raise UsageError("--batch-size and --chunk-files must be at least 1")
+    with summary.stage("list"):
+        plan = make_plan(spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box)
+    log.info("%d images listed, %d to embed, %d unchanged and skipped", len(plan.listing), len(plan.todo), plan.skipped)
+    precision = resolve_precision(args.precision)
+    with summary.stage("weights"):
+        weights = load_weights(args.model, args.weights)
+        backend = choose_backend(args.backend, args.model, weights, precision)
+    log.info("model %s (%s) on backend %s", args.model, precision, backend.name)
+
+    config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
+    spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
+    # executors read a broadcast's value only when they use it: the weights only on a fallback to eager
+    weights_bc = spark.sparkContext.broadcast(weights.data)
+    backend_bc = spark.sparkContext.broadcast(backend)
+    with summary.stage("embed"):
+        write_chunks(spark, plan, args.model, args.chunk_files, lambda files: embed_images(files, config, weights.sha256, weights_bc, backend_bc))
+    with summary.stage("commit"):
+        commit(spark, plan, args.output)
+
+    table = spark.read.parquet(args.output)
+    outcome = Outcome(table, plan.todo["path"].tolist(), spark)
+    vanished = len(plan.todo) - outcome.embedded - outcome.failed
+    seconds = summary.data["seconds"].get("embed", 0.0)
+    summary.count(read=len(plan.listing), embedded=outcome.embedded, failed=outcome.failed, skipped=plan.skipped,
+                  vanished=vanished, table_rows=table.count())
+    summary.set(
+        input=args.input, output=args.output, model=args.model, precision=precision, backend=backend.name,
+        weights={"source": weights.source, "sha256": weights.sha256},
+        images_per_second=round((outcome.embedded + outcome.failed) / seconds, 2) if seconds else None,
+        **outcome.summary(),
+    )
+    summary.finish()
+    storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
+    rows = [
+        ("input", args.input), ("output", args.output),
+        ("model", f"{args.model} ({precision}, {backend.name}), weights sha256 {weights.sha256[:12]}"),
+        ("images listed", len(plan.listing)), ("embedded", outcome.embedded), ("failed", outcome.failed),
+        ("skipped (unchanged)", plan.skipped), ("vanished before read", vanished),
+        ("table rows", summary.data["counts"]["table_rows"]),
+        ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} embedding"),
+        ("images/s", summary.data["images_per_second"]),
+    ]
+    print_summary("embed summary", rows, outcome.lines())
+    outcome.check(args.max_error_rate)
+    return 0

@@ -1,0 +1,183 @@
+"""embed, stage 1: list the input, pick what to (re)compute, and read the chosen files' bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from jobs import storage
+from jobs.errors import UsageError
+from jobs.imaging import extension_glob
+from jobs.labels import label_files, read_labels
+from jobs.runlog import get_logger
+from jobs.tables import read_parquet_or_explain
+
+log = get_logger("jobs.embed")
+
+EMBEDDINGS_SCHEMA = T.StructType([
+    T.StructField("image_id", T.StringType(), False),
+    T.StructField("path", T.StringType(), False),
+    T.StructField("label", T.StringType(), True),
+    T.StructField("width", T.IntegerType(), True),
+    T.StructField("height", T.IntegerType(), True),
+    T.StructField("model", T.StringType(), False),
+    T.StructField("embedding", T.ArrayType(T.FloatType()), True),
+    T.StructField("error", T.StringType(), True),
+    T.StructField("length", T.LongType(), False),
+    T.StructField("modification_time", T.TimestampType(), False),
+])
+EMBEDDINGS_COLUMNS = EMBEDDINGS_SCHEMA.fieldNames()
+PLAN_COLUMNS = ["path", "length", "modification_us", "label", "x1", "y1", "x2", "y2"]
+PLAN_SCHEMA = "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double"
+MAX_BINARY_FILE_BYTES = 2**31 - 1  # Spark's binaryFile cannot read a file larger than this
+
+
+@dataclass
+class Plan:
+    """What this run reads and writes: the listing, the files to embed, and where they go."""
+
+    listing: pd.DataFrame  # every image file under --input: path, length, modification_us
+    todo: pd.DataFrame  # files to embed, PLAN_COLUMNS (label and box when known)
+    done: pd.DataFrame | None  # what the existing table holds: path, length, modification_us
+    changed: list[str]  # paths in `done` whose file has changed since
+    target: str  # where chunks are appended: the output, or its staging sibling on a first run
+
+    @property
+    def skipped(self) -> int:
+        return len(self.listing) - len(self.todo)
+
+    def readable(self) -> pd.DataFrame:
+        return self.todo[(self.todo["length"] > 0) & (self.todo["length"] <= MAX_BINARY_FILE_BYTES)]
+
+    def rejected(self) -> pd.DataFrame:
+        return self.todo[~self.todo.index.isin(self.readable().index)]
+
+
+def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode: str,
+              extensions: list[str], labels_uri: str | None, crop_to_box: bool) -> Plan:
+    """List the input, find the table to add to (or a killed first run's chunks) and plan the work."""
+    listing = list_images(spark, input_uri, extensions)
+    labels = read_labels(spark, labels_uri) if labels_uri else None
+    # a first run writes beside the output and swaps it in at the end; a killed first run left its
+    # committed chunks there, and the next incremental run picks them up instead of starting over
+    staging = storage.sibling(output, "staging", unique=False)
+    target = output
+    existing = read_existing(spark, output, model) if mode == "incremental" else None
+    if existing is None:
+        target = staging
+        existing = resume_staging(spark, staging, model) if mode == "incremental" else None
+        if existing is None:
+            storage.delete(spark, staging)
+    done = (
+        existing.select("path", "length", F.unix_micros("modification_time").alias("modification_us")).toPandas()
+        if existing is not None else None
+    )
+    todo, changed = plan_files(listing, done)
+    todo = todo.merge(label_files(todo["path"], labels), on="path", how="left")
+    if not crop_to_box:
+        todo[["x1", "y1", "x2", "y2"]] = None
+    todo = todo[PLAN_COLUMNS].astype(object).where(todo[PLAN_COLUMNS].notna(), None)
+    return Plan(listing, todo, done, changed, target)
+
+
+def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
+    """path, length, modification_us of every image file under input_uri (file contents are not read)."""
+    if not storage.exists(spark, input_uri):
+        raise UsageError(f"input {input_uri} does not exist")
+    files = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", extension_glob(extensions))
+        .load(input_uri)
+    )
+    listing = files.select("path", "length", F.unix_micros("modificationTime").alias("modification_us")).toPandas()
+    # Spark's scan drops zero-byte files; its file index still knows them, and they deserve an error row
+    indexed = files.inputFiles()
+    if len(indexed) > len(listing):
+        listing = pd.concat([listing, storage.stat_files(spark, indexed, exclude=set(listing["path"]))], ignore_index=True)
+    if listing.empty:
+        raise UsageError(f"no image files ({', '.join(extensions)}) under {input_uri}")
+    return listing
+
+
+def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | None:
+    """The embeddings table already at output, checked to be one this model can add to."""
+    if not storage.exists(spark, output):
+        return None
+    table = read_parquet_or_explain(spark, output, f"output {output} exists and is not an embeddings table; use another --output")
+    missing = [c for c in EMBEDDINGS_COLUMNS if c not in table.columns]
+    if missing:
+        raise UsageError(f"output {output} exists but is not an embeddings table (missing {', '.join(missing)}); use another --output")
+    models = [r.model for r in table.select("model").distinct().limit(3).collect()]
+    if models and models != [model]:
+        raise UsageError(f"output {output} holds {', '.join(models)} embeddings, not {model}; use --mode overwrite or another --output")
+    return table
+
+
+def resume_staging(spark: SparkSession, staging: str, model: str) -> DataFrame | None:
+    """The committed chunks of a killed first run, or None if it committed none."""
+    try:
+        table = read_existing(spark, staging, model)
+    except UsageError:
+        return None
+    if table is None:
+        return None
+    log.info("resuming an interrupted first run from %s", staging)
+    return table
+
+
+def plan_files(listing: pd.DataFrame, done: pd.DataFrame | None) -> tuple[pd.DataFrame, list[str]]:
+    """Files still to embed (new or changed since the output was written) and the changed paths."""
+    if done is None or done.empty:
+        return listing, []
+    merged = listing.merge(done, on=["path", "length", "modification_us"], how="left", indicator=True)
+    todo = merged[merged["_merge"] == "left_only"].drop(columns="_merge")
+    changed = sorted(set(todo["path"]) & set(done["path"]))
+    return todo.reset_index(drop=True), changed
+
+
+def escape_glob(path: str) -> str:
+    """Hadoop treats {}[]*?\\ in load() paths as a glob; a file name may hold them literally."""
+    return "".join("\\" + c if c in "{}[]*?\\" else c for c in path)
+
+
+def balanced_partitions(files: int, parallelism: int, per_task: int = 64) -> int:
+    """A multiple of the parallelism giving tasks of about per_task images (fewer for small inputs)."""
+    waves = max(1, -(-files // (parallelism * per_task)))
+    return max(1, min(files, parallelism * waves))
+
+
+def read_files(spark: SparkSession, chunk: pd.DataFrame) -> DataFrame:
+    """path, content and the plan columns of these files, in equal-count partitions; vanished files are skipped."""
+    plan_df = spark.createDataFrame(chunk, PLAN_SCHEMA)
+    contents = spark.read.format("binaryFile").load([escape_glob(p) for p in chunk["path"]]).select("path", "content")
+    # CNN cost is per image, not per byte: equal image counts per task keep every core busy to the end
+    return contents.join(F.broadcast(plan_df), "path").repartition(balanced_partitions(len(chunk), spark.sparkContext.defaultParallelism))
+
+
+def rejection(length: int) -> str:
+    """Why a file of this size is not read at all: Spark's scan skips empty files and cannot read >2 GiB."""
+    if length == 0:
+        return "empty file"
+    return f"file too large: {length} bytes (Spark's binaryFile reads at most {MAX_BINARY_FILE_BYTES})"
+
+
+def error_rows(spark: SparkSession, rejected: pd.DataFrame, model: str) -> DataFrame:
+    """Error rows for files rejected by size before reading."""
+    rows = [
+        (r.path, r.label, None, None, model, None, rejection(int(r.length)), int(r.length), int(r.modification_us))
+        for r in rejected.itertuples(index=False)
+    ]
+    frame = spark.createDataFrame(
+        rows,
+        "path string, label string, width int, height int, model string, embedding array<float>, error string, length long, modification_us long",
+    )
+    return (
+        frame.withColumn("image_id", F.sha1("path"))
+        .withColumn("modification_time", F.timestamp_micros("modification_us"))
+        .select(EMBEDDINGS_COLUMNS)
+    )

@@ -1,0 +1,104 @@
+"""embed, stage 3: append each chunk to the table, swap it in, count what happened and say why files failed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs import storage
+from jobs.embed.plan import EMBEDDINGS_COLUMNS, Plan, error_rows, read_files
+from jobs.errors import UsageError
+from jobs.runlog import get_logger
+
+log = get_logger("jobs.embed")
+FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the pattern, bounded for a big input
+
+
+def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[DataFrame], DataFrame]) -> None:
+    """Embed the plan's files chunk by chunk, each chunk committed to plan.target before the next starts."""
+    readable, rejected = plan.readable(), plan.rejected()
+    # a killed run can leave committed task files in _temporary that the next append would adopt
+    storage.delete(spark, f"{plan.target}/_temporary")
+    if not rejected.empty:
+        error_rows(spark, rejected, model).write.mode("append").parquet(plan.target)
+    started = time.perf_counter()
+    chunks = [readable.iloc[i : i + chunk_files] for i in range(0, len(readable), chunk_files)]
+    done_files = 0
+    for n, chunk in enumerate(chunks, 1):
+        try:
+            embed(read_files(spark, chunk)).write.mode("append").parquet(plan.target)
+        except Exception:
+            log.warning("chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
+                        "with the same --output keeps them", n, len(chunks), done_files, len(readable), plan.target)
+            raise
+        done_files += len(chunk)
+        rate = done_files / (time.perf_counter() - started)
+        log.info("chunk %d/%d committed: %d/%d files, %.1f images/s", n, len(chunks), done_files, len(readable), rate)
+
+
+def commit(spark: SparkSession, plan: Plan, output: str) -> None:
+    """Drop rows of changed files, then swap a first run's staging table in under the output's name."""
+    if plan.changed and plan.done is not None:
+        stale = plan.done[plan.done["path"].isin(plan.changed)]
+        rewritten = storage.sibling(output, "compact")
+        drop_stale(spark.read.parquet(plan.target), stale, spark).write.parquet(rewritten)
+        storage.swap_in(spark, rewritten, plan.target)
+    if plan.target != output:
+        storage.swap_in(spark, plan.target, output)
+
+
+def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> DataFrame:
+    """The table without rows for files that have changed since they were embedded."""
+    keys = spark.createDataFrame(stale[["path", "length", "modification_us"]])
+    return table.withColumn("modification_us", F.unix_micros("modification_time")).join(
+        F.broadcast(keys), ["path", "length", "modification_us"], "left_anti"
+    ).select(EMBEDDINGS_COLUMNS)
+
+
+class Outcome:
+    """Embedded and failed counts among this run's files, the commonest reasons, and the first failed files."""
+
+    def __init__(self, table: DataFrame, paths: list[str], spark: SparkSession) -> None:
+        self.embedded, self.failed = 0, 0
+        self.reasons: list[tuple[str, int]] = []
+        self.failed_files: list[tuple[str, str]] = []
+        if not paths:
+            return
+        wanted = spark.createDataFrame([(p,) for p in paths], "path string")
+        mine = table.join(F.broadcast(wanted), "path", "left_semi")
+        counts = mine.groupBy("error").count().collect()
+        self.embedded = sum(r["count"] for r in counts if r.error is None)
+        self.reasons = sorted(((r.error, r["count"]) for r in counts if r.error is not None), key=lambda x: -x[1])
+        self.failed = sum(n for _, n in self.reasons)
+        if self.failed:
+            first = mine.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
+            self.failed_files = [(r.path, r.error) for r in first.collect()]
+
+    def summary(self) -> dict:
+        return {
+            "errors": [{"error": e, "count": n} for e, n in self.reasons[:20]],
+            "failed_files": [{"path": p, "error": e} for p, e in self.failed_files],
+        }
+
+    def lines(self) -> list[str]:
+        """What the console summary says about failures: reasons by count, then the first failed files."""
+        lines = [f"failed x{n}: {e}" for e, n in self.reasons[:5]]
+        if self.failed_files:
+            more = f" (first {len(self.failed_files)} of {self.failed}, by path)" if self.failed > len(self.failed_files) else ""
+            lines.append(f"failed files{more}:")
+            lines += [f"  {p}: {e}" for p, e in self.failed_files]
+        return lines
+
+    def check(self, max_error_rate: float) -> None:
+        """Exit 2 when more than max_error_rate of the files this run tried could not be embedded."""
+        attempted = self.embedded + self.failed
+        if attempted and self.failed / attempted > max_error_rate:
+            path, error = self.failed_files[0]
+            raise UsageError(
+                f"{self.failed} of {attempted} files ({self.failed / attempted:.0%}) could not be embedded, more than "
+                f"--max-error-rate {max_error_rate:g}; is --input the right folder? (e.g. {path}: {error})"
+            )
