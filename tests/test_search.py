@@ -279,3 +279,29 @@ def test_duplicates_keep_every_pair_once_inclusive_threshold_and_empty_results(s
     search(spark, tmp_path / "index", tmp_path / "none", "--duplicates", "--min-similarity", "1.5")
     empty = spark.read.parquet(str(tmp_path / "none"))
     assert empty.count() == 0 and empty.columns == ["image_a", "path_a", "label_a", "image_b", "path_b", "label_b", "distance", "similarity"]
+
+
+def test_duplicate_groups_join_chains_in_spark_and_count_images_with_pairs(spark, tmp_path):
+    rng = np.random.default_rng(8)
+    others = rng.standard_normal((200, 24)).astype(np.float32)
+    others[:, :4] = 0  # far from the chain and the pair, which live in dimensions 0-3
+    step = np.arccos(0.995)  # neighbours on the chain are at cosine 0.995, two steps apart at 0.980
+    chain = np.zeros((6, 24), np.float32)
+    chain[:, 0], chain[:, 1] = np.cos(step * np.arange(6)), np.sin(step * np.arange(6))
+    pair = np.zeros((2, 24), np.float32)
+    pair[:, 2], pair[:, 3] = [1, np.cos(step)], [0, np.sin(step)]
+    vectors = np.vstack([others, chain, pair])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors)
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "4") == 0
+    summary = search(spark, tmp_path / "index", tmp_path / "dups", "--duplicates", "--min-similarity", "0.99", "--groups", tmp_path / "groups", "--method", "exact")
+    pairs = spark.read.parquet(str(tmp_path / "dups")).toPandas()
+    assert len(pairs) == 5 + 1 and (pairs["similarity"] < 0.99).sum() == 0  # the chain's 5 links (not a-c) and the pair
+    groups = spark.read.parquet(str(tmp_path / "groups")).toPandas()
+    members = groups.groupby("group_id")["image_id"].apply(set).to_dict()
+    assert members == {ids[200]: set(ids[200:206]), ids[206]: set(ids[206:208])}
+    assert (groups["group_size"] == groups["group_id"].map(lambda g: len(members[g]))).all()
+    assert summary["counts"]["images_with_pairs"] == 8 and summary["counts"]["groups"] == 2 and summary["counts"]["largest_group"] == 6
+    search(spark, tmp_path / "index", tmp_path / "none", "--duplicates", "--min-similarity", "1.5", "--groups", tmp_path / "nogroups")
+    empty = spark.read.parquet(str(tmp_path / "nogroups"))
+    assert empty.count() == 0 and empty.columns == ["group_id", "group_size", "image_id", "path", "label"]

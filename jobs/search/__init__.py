@@ -11,11 +11,12 @@ import argparse
 import time
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import cells, queries, results, scan
+from jobs.search import cells, groups, queries, results, scan
 
 log = get_logger("jobs.search")
 
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)")
     parser.add_argument("--min-similarity", type=float, help="with --duplicates: the cosine similarity a pair needs (e.g. 0.95)")
     parser.add_argument("--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)")
+    parser.add_argument("--groups", help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table")
     parser.add_argument("--query-block", type=int, default=4096, help="exact and lsh: queries broadcast per scan of the catalog")
 
 
@@ -46,6 +48,8 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError("give --queries, --query-ids, --all or --duplicates")
     if args.duplicates and args.min_similarity is None and args.threshold is None:
         raise UsageError("--duplicates needs --min-similarity (a cosine, e.g. 0.95)")
+    if args.groups and not args.duplicates:
+        raise UsageError("--groups needs --duplicates (groups are the connected components of the duplicate pairs)")
     if args.method == "lsh" and index.lsh is None:
         raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
 
@@ -75,7 +79,20 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argpa
     written = results.write(spark, found, args.output)
     count = assigned.count()
     assigned.unpersist()
+    if args.duplicates:
+        touched.update(duplicate_stats(spark, args))
     return count, written, touched
+
+
+def duplicate_stats(spark: SparkSession, args: argparse.Namespace) -> dict:
+    """Images with at least one pair and, with --groups, the groups table written and its shape."""
+    pairs = spark.read.parquet(args.output)
+    if not args.groups:
+        return {"images_with_pairs": groups.edges(pairs).select("node").distinct().count()}
+    results.write(spark, groups.group_table(pairs), args.groups)
+    shape = spark.read.parquet(args.groups).agg(F.count("*").alias("images"), F.countDistinct("group_id").alias("groups"),
+                                                 F.max("group_size").alias("largest")).first()
+    return {"images_with_pairs": shape["images"], "groups": shape["groups"], "largest_group": shape["largest"] or 0}
 
 
 def run_scan(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
@@ -109,7 +126,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         engine = run_ivf if args.method == "ivf" or args.duplicates else run_scan
         count, written, touched = engine(spark, index, table, args, exclude_self)
         seconds = time.perf_counter() - started
-    summary.count(queries=count, rows=written, catalog=index.count, **{k: v for k, v in touched.items() if k == "lsh_fallback_queries"})
+    summary.count(queries=count, rows=written, catalog=index.count,
+                  **{k: v for k, v in touched.items() if k in ("lsh_fallback_queries", "images_with_pairs", "groups", "largest_group")})
     summary.set(index=args.index, method=args.method, k=args.k, nprobe=args.nprobe or index.params.nprobe if args.method == "ivf" else None,
                 touched=touched, queries_per_second=round(count / seconds, 2) if seconds else None)
     summary.finish()
@@ -124,6 +142,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.method == "ivf":
         rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files ({touched['catalog_bytes_read'] / 2**20:.1f} of "
                              f"{touched['catalog_bytes'] / 2**20:.1f} MiB, fewer row groups), {touched['groups_probed']} of {touched['groups']} groups"))
+    if args.duplicates:
+        rows.append(("images with a pair", touched["images_with_pairs"]))
+    if args.groups:
+        rows.append(("duplicate groups", f"{touched['groups']} groups, largest {touched['largest_group']} images -> {args.groups}"))
     if args.method == "lsh":
         rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
     print_summary("search summary", rows)
