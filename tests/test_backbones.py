@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.embed.model import AUTO_ORDER, FIDELITY, EmbedConfig, choose_backend, eager_runner, pick_backend, runner_for
 from jobs.errors import UsageError
 from jobs.imaging import preprocess, to_batch
 from jobs.weights import build_model, load_weights
@@ -149,3 +152,33 @@ def test_https_weights_are_downloaded_once_into_the_torch_cache(resnet18_checkpo
             load_weights("resnet18", f"http://127.0.0.1:{server.server_port}/resnet18-f37072fd.pth")
     finally:
         server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def real_crops(photos) -> np.ndarray:
+    return np.stack([preprocess(photos[name][0].read_bytes())[0] for name in ("motorcycle", "grace_hopper", "rocket")])
+
+
+def test_onnxruntime_backend_gives_eager_vectors_on_real_photos(mobilenet_weights, real_crops):
+    weights = load_weights("mobilenet_v2", mobilenet_weights)
+    backend = choose_backend("auto", "mobilenet_v2", weights, "fp32")
+    assert backend.name == AUTO_ORDER[0] == "onnxruntime"  # installed here: auto must pick it
+    config = EmbedConfig("mobilenet_v2", "fp32", 4, 10**8, 0, backend.name)
+    vectors = runner_for(config, backend, lambda: weights.data, 1)(real_crops)
+    reference = eager_runner("mobilenet_v2", weights.data)(real_crops)
+    assert vectors.shape == (3, 1280)
+    assert (vectors * reference).sum(axis=1).min() >= FIDELITY
+
+
+def test_unavailable_backend_falls_back_to_eager_with_the_same_vectors(mobilenet_weights, real_crops, monkeypatch, caplog):
+    weights = load_weights("mobilenet_v2", mobilenet_weights)
+    onnx_backend = choose_backend("onnxruntime", "mobilenet_v2", weights, "fp32")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a Python without it: import fails
+    # the driver skips it ...
+    assert pick_backend("onnxruntime", "mobilenet_v2", weights.data, "fp32").name == "eager"
+    # ... and an executor without it runs eager from the weights, logging one line
+    config = EmbedConfig("mobilenet_v2", "fp32", 4, 10**8, 0, "onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="jobs.embed"):
+        vectors = runner_for(config, onnx_backend, lambda: weights.data, 1)(real_crops)
+    assert [r.message for r in caplog.records if "unavailable" in r.message][0].startswith("backend onnxruntime unavailable")
+    np.testing.assert_allclose(vectors, eager_runner("mobilenet_v2", weights.data)(real_crops), atol=1e-6)

@@ -60,6 +60,7 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
     failed = sum(e is not None for e in expected.values())
     assert summary["counts"]["embedded"] == len(expected) - failed and summary["counts"]["failed"] == failed
     assert summary["weights"]["sha256"].startswith("b03531047ffacf1e")
+    assert summary["backend"] == "onnxruntime"  # auto's first choice, installed here
     printed = capsys.readouterr().out
     assert "embed summary" in printed and f"failed                {failed}".split()[-1] in printed
 
@@ -140,6 +141,24 @@ def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_we
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "error" in line.lower()], err
+
+
+def test_run_where_most_files_fail_exits_2_and_names_them(spark, tmp_path, photos, mobilenet_weights, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(photos["cat"][0], images / "cat.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (images / "notes.png").write_bytes(b"plain text, not a picture")
+    out = tmp_path / "emb"
+    capsys.readouterr()
+    # no --max-error-rate: the default must fail a run where 2 of 3 files failed
+    assert run_job(spark, "embed", "--input", images, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights) == 2
+    captured = capsys.readouterr()
+    assert "2 of 3 files (67%)" in captured.err and "Traceback" not in captured.err
+    summary = json.loads((out / "_summary.json").read_text())
+    failed = {Path(f["path"]).name: f["error"] for f in summary["failed_files"]}
+    assert set(failed) == {"broken.jpg", "notes.png"} and all(failed.values())
+    assert "broken.jpg" in captured.out and "notes.png" in captured.out  # the console summary names them too
 
 
 def test_plan_files_finds_new_and_changed():

@@ -156,11 +156,12 @@ def choose_backend(requested: str, model: str, weights: Weights, precision: str)
     """
     key = (requested, model, weights.sha256, precision)
     if key not in _chosen:
-        _chosen[key] = _choose(requested, model, weights.data, precision)
+        _chosen[key] = pick_backend(requested, model, weights.data, precision)
     return _chosen[key]
 
 
-def _choose(requested: str, model: str, weights: bytes, precision: str) -> Backend:
+def pick_backend(requested: str, model: str, weights: bytes, precision: str) -> Backend:
+    """choose_backend without the memory."""
     if precision == "bf16" or _device().type == "cuda":
         if requested not in ("auto", "eager"):
             log.warning("backend %s runs fp32 on CPU only; using eager for %s on %s", requested, precision, _device().type)
@@ -175,11 +176,11 @@ def _choose(requested: str, model: str, weights: bytes, precision: str) -> Backe
             backend = Backend(name, export(name, model, weights))
             cosine = float((load_runner(backend, torch.get_num_threads())(probe) * reference).sum(axis=1).min())
         except Exception as e:  # not installed, or export failed: the next one will do
-            log.warning("backend %s unavailable (%s); trying the next", name, f"{type(e).__name__}: {e}"[:200])
+            log.warning("backend %s unavailable (%s); falling back", name, f"{type(e).__name__}: {e}"[:200])
             continue
         if cosine >= FIDELITY:
             return backend
-        log.warning("backend %s gave cosine %.6f to eager on the probe (< %g); trying the next", name, cosine, FIDELITY)
+        log.warning("backend %s gave cosine %.6f to eager on the probe (< %g); falling back", name, cosine, FIDELITY)
     return Backend("eager")
 
 
