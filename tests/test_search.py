@@ -305,3 +305,19 @@ def test_duplicate_groups_join_chains_in_spark_and_count_images_with_pairs(spark
     search(spark, tmp_path / "index", tmp_path / "none", "--duplicates", "--min-similarity", "1.5", "--groups", tmp_path / "nogroups")
     empty = spark.read.parquet(str(tmp_path / "nogroups"))
     assert empty.count() == 0 and empty.columns == ["group_id", "group_size", "image_id", "path", "label"]
+
+
+def test_query_ids_take_paths_and_unique_path_ends_and_an_ambiguous_end_lists_its_matches(spark, tmp_path, capsys):
+    vectors, _ = clustered_unit_vectors(16, dim=8, cluster_size=4, seed=3)
+    ids = write_embeddings(spark, tmp_path / "emb", vectors[:8], prefix="train")  # paths file:/data/train/0.jpg ...
+    write_embeddings(spark, tmp_path / "test", vectors[8:], prefix="test")  # and file:/data/test/0.jpg ...
+    spark.read.parquet(str(tmp_path / "test")).write.mode("append").parquet(str(tmp_path / "emb"))
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
+    search(spark, tmp_path / "index", tmp_path / "nb", "--query-ids", f"train/3.jpg,file:/data/test/5.jpg,{ids[1]}", "-k", "1")
+    got = read_neighbours(spark, tmp_path / "nb")
+    assert sorted(got["query_path"]) == ["file:/data/test/5.jpg", "file:/data/train/1.jpg", "file:/data/train/3.jpg"]
+    assert (got["query_id"] == got["neighbor_id"]).all()  # each found itself: the right rows were picked
+    capsys.readouterr()
+    assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", "3.jpg", "--output", tmp_path / "nb2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "file:/data/test/3.jpg" in err[0] and "file:/data/train/3.jpg" in err[0] and "several" in err[0]

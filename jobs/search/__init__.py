@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index folder written by the index job")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--queries", help="embeddings table of query images (embed run on a folder of queries)")
-    source.add_argument("--query-ids", help="comma-separated image_id values from the catalog")
+    source.add_argument("--query-ids", help="comma-separated catalog images: image_id, path, or a unique end of a path (e.g. train/00001.jpg)")
     source.add_argument("--all", action="store_true", help="every catalog image is a query: the kNN graph of the catalog (self excluded)")
     source.add_argument("--duplicates", action="store_true", help="every catalog pair with similarity >= --min-similarity, each once (ivf: in the cells each image probes; exact: all)")
     parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")

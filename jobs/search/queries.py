@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.errors import UsageError
@@ -49,11 +49,32 @@ def from_catalog(spark: SparkSession, index: Index) -> DataFrame:
     return numbered(catalog(spark, index).select(F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), "vector"))
 
 
-def from_ids(spark: SparkSession, index: Index, ids: list[str]) -> DataFrame:
-    """Catalog rows with these ids; UsageError naming the ids that are not there."""
-    found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
-    present = {r[0] for r in found.select("image_id").collect()}  # at most len(ids) rows
-    unknown = [i for i in ids if i not in present]
+def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int = 5) -> list[str]:
+    """The catalog image_id each name stands for: an image_id, a whole path or a unique path suffix.
+
+    UsageError naming the names that match nothing, or a suffix that matches several images (with them).
+    """
+    rows = catalog(spark, index).select("image_id", "path")
+    hits = [F.when((F.col("image_id") == name) | (F.col("path") == name) | F.col("path").endswith("/" + name.lstrip("/")), F.lit(i))
+            for i, name in enumerate(names)]
+    matched = rows.select("image_id", "path", F.explode(F.array_compact(F.array(*hits))).alias("name")).dropDuplicates(["name", "image_id"])
+    # a few matches per name are enough to tell unique from ambiguous: bounded by the command line, not the catalog
+    first = matched.withColumn("n", F.row_number().over(Window.partitionBy("name").orderBy("path"))).where(F.col("n") <= shown + 1)
+    found: dict[int, list[tuple[str, str]]] = {}
+    for row in first.collect():
+        found.setdefault(row["name"], []).append((row["image_id"], row["path"]))
+    unknown = [name for i, name in enumerate(names) if i not in found]
     if unknown:
-        raise UsageError(f"{len(unknown)} query id(s) not in the catalog of {index.uri}: {', '.join(unknown[:5])}")
+        raise UsageError(f"{len(unknown)} query id(s) not in the catalog of {index.uri} (give an image_id, a path or a unique end of one): {', '.join(unknown[:5])}")
+    for i, name in enumerate(names):
+        if len(found[i]) > 1:
+            paths = ", ".join(p for _, p in found[i][:shown]) + (", ..." if len(found[i]) > shown else "")
+            raise UsageError(f"query {name!r} matches several catalog images: {paths}; give more of the path")
+    return [found[i][0][0] for i in range(len(names))]
+
+
+def from_ids(spark: SparkSession, index: Index, names: list[str]) -> DataFrame:
+    """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries."""
+    ids = resolve_ids(spark, index, names)
+    found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
     return numbered(found.select(F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), "vector"))
