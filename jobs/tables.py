@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -32,10 +34,21 @@ def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str) -> Da
         raise UsageError(complaint) from e
 
 
-def read_embeddings(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, str, int]:
-    """Rows of an embeddings table that have an embedding, with the table's model name and dimension.
+class Embeddings(NamedTuple):
+    """The rows of an embeddings table that have a vector, and what made them."""
 
-    Raises UsageError for a missing table, missing columns, mixed models or dimensions, or no vectors.
+    rows: DataFrame
+    model: str
+    dim: int
+    weights_sha256: str | None  # None for tables written before embed recorded it
+    count: int
+    distinct_ids: int
+
+
+def read_embeddings(spark: SparkSession, uri: str, what: str) -> Embeddings:
+    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights.
+
+    Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, or no vectors.
     """
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
@@ -47,8 +60,9 @@ def read_embeddings(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame
     if "error" in table.columns:
         valid = valid.where(F.col("error").isNull())
     stats = valid.agg(
-        F.count("*").alias("rows"), F.min(F.size("embedding")).alias("min_dim"), F.max(F.size("embedding")).alias("max_dim"),
+        F.count("*").alias("rows"), F.countDistinct("image_id").alias("ids"), F.min(F.size("embedding")).alias("min_dim"), F.max(F.size("embedding")).alias("max_dim"),
         F.collect_set("model").alias("models"),
+        F.collect_set(F.col("weights_sha256") if "weights_sha256" in table.columns else F.lit(None).cast("string")).alias("weights"),
     ).first()
     if not stats or stats["rows"] == 0:
         raise UsageError(f"{what} {uri} has no embedded images (every row failed or it is empty)")
@@ -56,4 +70,8 @@ def read_embeddings(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame
         raise UsageError(f"{what} {uri} mixes vector dimensions {stats['min_dim']} and {stats['max_dim']}; re-embed with one model")
     if len(stats["models"]) > 1:
         raise UsageError(f"{what} {uri} mixes models {', '.join(sorted(stats['models']))}; re-embed with one model")
-    return valid.select(*VECTOR_COLUMNS), stats["models"][0], int(stats["min_dim"])
+    if len(stats["weights"]) > 1:
+        digests = ", ".join(d[:12] for d in sorted(stats["weights"]))
+        raise UsageError(f"{what} {uri} mixes vectors from different weights (sha256 {digests}); re-embed with --mode overwrite")
+    return Embeddings(valid.select(*VECTOR_COLUMNS), stats["models"][0], int(stats["min_dim"]), (stats["weights"] or [None])[0],
+                      int(stats["rows"]), int(stats["ids"]))

@@ -8,6 +8,7 @@ cell in small row groups (layout.py), then index.json + cells.npz beside it.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -58,13 +59,22 @@ def check(args: argparse.Namespace) -> LshParams | None:
     return params
 
 
+def weights_source(spark: SparkSession, embeddings: str, sha256: str | None) -> str | None:
+    """Where the embed run got the weights whose sha256 the table records (its run summary), so search --images can load them."""
+    summary = f"{embeddings}/_summary.json"
+    if not sha256 or not storage.exists(spark, summary):  # a table written by other tools: provenance stays the digest
+        return None
+    recorded = json.loads(storage.read_text(spark, summary)).get("weights") or {}
+    return recorded.get("source") if sha256 and recorded.get("sha256") == sha256 else None
+
+
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     lsh_params = check(args)
     summary = RunSummary("index", vars(args))
     with summary.stage("read"):
-        vectors, model_name, dim = read_embeddings(spark, args.embeddings, "embeddings table")
-        count = vectors.count()
-        if vectors.groupBy("image_id").count().where("count > 1").limit(1).count():
+        table = read_embeddings(spark, args.embeddings, "embeddings table")
+        vectors, model_name, dim, count = table.rows, table.model, table.dim, table.count
+        if table.distinct_ids != count:
             raise UsageError(f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite")
     cells = min(args.cells or train.default_cells(count), count)
     sample = min(count, args.train_sample or max(32 * cells, 10_000))
@@ -84,10 +94,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         layout.write_catalog(layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog")
         assigned.unpersist()
         files = layout.manifest(spark, f"{staged}/catalog")
-    source = spark.read.parquet(args.embeddings)
-    provenance = {c: source.select(c).first()[0] for c in ("weights_sha256",) if c in source.columns}
     meta = {
-        "model": model_name, "dim": dim, "count": count, "default_method": "ivf", "source": args.embeddings, **provenance,
+        "model": model_name, "dim": dim, "count": count, "default_method": "ivf", "source": args.embeddings,
+        "weights_sha256": table.weights_sha256, "weights_source": weights_source(spark, args.embeddings, table.weights_sha256),
         "ivf": asdict(params), "groups": plan.groups, "largest_cell": int(sizes.max()), "empty_cells": int((sizes == 0).sum()),
         "lsh": asdict(lsh_params) if lsh_params else None, "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

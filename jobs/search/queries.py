@@ -34,10 +34,16 @@ def from_embeddings(table: DataFrame) -> DataFrame:
 
 
 def from_table(spark: SparkSession, uri: str, index: Index) -> DataFrame:
-    table, model, dim = read_embeddings(spark, uri, "queries table")
-    if (model, dim) != (index.model, index.dim):
-        raise UsageError(f"queries {uri} are {model} {dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; embed the queries with --model {index.model}")
-    return from_embeddings(table)
+    table = read_embeddings(spark, uri, "queries table")
+    if (table.model, table.dim) != (index.model, index.dim):
+        raise UsageError(f"queries {uri} are {table.model} {table.dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
+                         f"embed the queries with --model {index.model}")
+    expected = index.meta.get("weights_sha256")
+    if expected and table.weights_sha256 and table.weights_sha256 != expected:
+        source = index.meta.get("weights_source")
+        raise UsageError(f"queries {uri} were embedded with weights sha256 {table.weights_sha256[:12]} but index {index.uri} with {expected[:12]}; "
+                         f"embed the queries with the index's weights" + (f" (--weights {source})" if source else ""))
+    return from_embeddings(table.rows)
 
 
 def catalog(spark: SparkSession, index: Index) -> DataFrame:
