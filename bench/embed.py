@@ -1,11 +1,13 @@
-"""Embedding throughput, side by side in one run: model-only ceiling, the seed's way, and our job.
+"""Embedding throughput, side by side in one run: model-only per backend, decode, the seed's way, our job.
 
-  python bench/embed.py [--images 320] [--small 80] [--batch-size 32]
+  python bench/embed.py [--images 320] [--small 80] [--batch-size 32] [--backends onnxruntime,eager]
 
-1. model-only: ResNet-18 forward passes on pre-made tensors (fp32, bf16), batch 32, channels_last,
-   inference mode, all cores: the ceiling.
-2. the seed's way: one image at a time, no batching, no inference mode, squashing resize to 224x224.
-3. our embed job through `spark-submit --master local[2]` of the built zip (fp32, bf16). Steady-state
+1. model-only: ResNet-18 on pre-made crops (uint8 NHWC, normalisation included, as the job runs it),
+   batch 32, 2 threads, for each backend (eager channels_last, TorchScript trace + freeze, ONNX
+   Runtime): the best of them is the ceiling the job is measured against.
+2. decode + preprocess on one core, with JPEG draft to 1x the resize (before issue 16) and to 2x (now).
+3. the seed's way: one image at a time, no batching, no inference mode, squashing resize to 224x224.
+4. our embed job through `spark-submit --master local[2]` of the built zip, per --backends. Steady-state
    throughput is marginal: (N - n) / (t(N) - t(n)) over two runs of different sizes, so JVM start,
    Python worker start and model loading cancel out; JVM start is reported separately.
 Weights are random but torchvision-shaped (speed does not depend on their values).
@@ -31,23 +33,24 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from common import print_table, write_json  # noqa: E402
 from helpers import build_dist, spark_submit  # noqa: E402
 
+from jobs import imaging  # noqa: E402
 from jobs.backbones import build_backbone  # noqa: E402
-from jobs.imaging import preprocess, to_batch  # noqa: E402
+from jobs.embed.model import Backend, eager_runner, export, load_runner  # noqa: E402
+from jobs.imaging import preprocess  # noqa: E402
 from scripts.sample_data import synthetic_photos  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 
 
-def model_only(precision: str, batch_size: int, seconds: float = 12.0) -> float:
-    net = build_backbone("resnet18").to(memory_format=torch.channels_last)
-    batch = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    done, start = 0, None
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-        net.embed(batch)  # warm-up
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            net.embed(batch)
-            done += batch_size
+def model_only(backend: str, weights: bytes, crops: np.ndarray, seconds: float = 8.0) -> float:
+    """Images/s of one backend on ready crops, 2 threads."""
+    run = eager_runner("resnet18", weights) if backend == "eager" else load_runner(Backend(backend, export(backend, "resnet18", weights)), 2)
+    run(crops)  # warm-up (TorchScript optimises on its first calls)
+    run(crops)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run(crops)
+        done += len(crops)
     return done / (time.perf_counter() - start)
 
 
@@ -64,25 +67,30 @@ def seed_way(paths: list[Path], limit: int = 60) -> float:
     return min(limit, len(paths)) / (time.perf_counter() - start)
 
 
-def decode_only(paths: list[Path], limit: int = 100) -> float:
-    start = time.perf_counter()
-    crops = [preprocess(p.read_bytes())[0] for p in paths[:limit]]
-    to_batch(crops)
-    return len(crops) / (time.perf_counter() - start)
+def decode_only(paths: list[Path], draft_factor: int, limit: int = 100) -> float:
+    """Images/s of decode + resize + crop on one core, JPEG drafts to draft_factor x the resize."""
+    saved, imaging.DRAFT_FACTOR = imaging.DRAFT_FACTOR, draft_factor
+    try:
+        start = time.perf_counter()
+        np.stack([preprocess(p.read_bytes())[0] for p in paths[:limit]])
+        return min(limit, len(paths)) / (time.perf_counter() - start)
+    finally:
+        imaging.DRAFT_FACTOR = saved
 
 
-def job_run(dist, folder: Path, out: Path, weights: Path, precision: str, batch_size: int) -> dict:
+def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, batch_size: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     result = spark_submit(dist, ["embed", "--input", folder, "--output", out, "--model", "resnet18", "--weights", weights,
-                                 "--precision", precision, "--batch-size", batch_size, "--mode", "overwrite", "--log-every", "0"],
+                                 "--backend", backend, "--batch-size", batch_size, "--mode", "overwrite", "--log-every", "0"],
                           conf={"spark.python.worker.reuse": "true"})
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     summary = json.loads((out / "_summary.json").read_text())
     rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", result.stdout + result.stderr)]
-    return {"wall_s": wall, "embed_s": summary["seconds"]["embed"], "embedded": summary["counts"]["embedded"], "peak_rss_mb": max(rss, default=None)}
+    return {"wall_s": wall, "embed_s": summary["seconds"]["embed"], "embedded": summary["counts"]["embedded"],
+            "backend": summary["backend"], "peak_rss_mb": max(rss, default=None)}
 
 
 def jvm_start(dist) -> float:
@@ -96,6 +104,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--small", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--backends", default="onnxruntime,eager", help="job runs, one pair each")
     args = parser.parse_args()
     torch.set_num_threads(2)
     big, small = DATA / f"photos_{args.images}", DATA / f"photos_{args.small}"
@@ -109,32 +118,30 @@ def main() -> None:
     torch.save(build_backbone("resnet18").state_dict(), weights)
     dist = build_dist(DATA / "dist")
     paths = sorted(big.glob("*.jpg"))
+    crops = np.stack([preprocess(p.read_bytes())[0] for p in paths[: args.batch_size]])
 
-    results: dict[str, float | dict] = {}
-    results["model_only_fp32"] = model_only("fp32", args.batch_size)
-    results["model_only_bf16"] = model_only("bf16", args.batch_size)
+    results: dict[str, float | dict] = {"model_only": {b: model_only(b, weights.read_bytes(), crops) for b in ("eager", "torchscript", "onnxruntime")}}
+    results["decode_preprocess_one_core"] = {f"draft {f}x": decode_only(paths, f) for f in (1, 2)}
     results["seed_way"] = seed_way(paths)
-    results["decode_preprocess_one_core"] = decode_only(paths)
     results["jvm_start_s"] = jvm_start(dist)
     jobs = {}
-    for precision in ("fp32", "bf16"):
-        runs = {n: job_run(dist, folder, DATA / f"out_{precision}_{n}", weights, precision, args.batch_size) for n, folder in ((args.small, small), (args.images, big))}
+    for backend in args.backends.split(","):
+        runs = {n: job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, args.batch_size) for n, folder in ((args.small, small), (args.images, big))}
         marginal = (args.images - args.small) / (runs[args.images]["embed_s"] - runs[args.small]["embed_s"])
-        jobs[precision] = {"runs": runs, "steady_images_per_s": marginal, "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"]}
+        jobs[backend] = {"runs": runs, "steady_images_per_s": marginal, "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"]}
     results["job"] = jobs
 
-    rows = []
-    for name, rate, ceiling in (
-        ("model-only fp32 (ceiling)", results["model_only_fp32"], results["model_only_fp32"]),
-        ("model-only bf16 (ceiling)", results["model_only_bf16"], results["model_only_bf16"]),
-        ("seed's way (1 image, autograd, squash)", results["seed_way"], results["model_only_fp32"]),
-        ("job fp32, steady state", jobs["fp32"]["steady_images_per_s"], results["model_only_fp32"]),
-        ("job bf16, steady state", jobs["bf16"]["steady_images_per_s"], results["model_only_bf16"]),
-        (f"job fp32, end to end incl. JVM ({args.images} images)", jobs["fp32"]["end_to_end_images_per_s"], results["model_only_fp32"]),
-    ):
-        rows.append([name, rate, rate / ceiling, rate / results["seed_way"]])
-    print_table("ResNet-18 embedding throughput (images/s), ratios measured in this run", ["what", "images/s", "x ceiling", "x seed"], rows)
-    print(f"\ndecode+preprocess alone, one core: {results['decode_preprocess_one_core']:.1f} images/s;"
+    best_name, best = max(results["model_only"].items(), key=lambda kv: kv[1])
+    rows = [[f"model-only {name}, batch {args.batch_size}, 2 threads" + (" (best)" if name == best_name else ""), rate, rate / best, rate / results["seed_way"]]
+            for name, rate in results["model_only"].items()]
+    rows.append(["seed's way (1 image, autograd, squash)", results["seed_way"], results["seed_way"] / best, 1.0])
+    for backend, job in jobs.items():
+        rows.append([f"job --backend {backend}, steady state", job["steady_images_per_s"], job["steady_images_per_s"] / best, job["steady_images_per_s"] / results["seed_way"]])
+        rows.append([f"job --backend {backend}, end to end incl. JVM ({args.images} images)", job["end_to_end_images_per_s"],
+                     job["end_to_end_images_per_s"] / best, job["end_to_end_images_per_s"] / results["seed_way"]])
+    print_table("ResNet-18 embedding throughput (images/s), ratios measured in this run", ["what", "images/s", "x best model-only", "x seed"], rows)
+    decode = results["decode_preprocess_one_core"]
+    print(f"\ndecode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, {decode['draft 2x']:.1f} to 2x;"
           f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
           f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB")
     write_json("embed", {"parameters": vars(args), "results": results})
