@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import cells, groups, queries, results, scan
+from jobs.search import cells, groups, photos, queries, results, scan
 
 log = get_logger("jobs.search")
 
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--queries", help="embeddings table of query images (embed run on a folder of queries)")
     source.add_argument("--query-ids", help="comma-separated catalog images: image_id, path, or a unique end of a path (e.g. train/00001.jpg)")
+    source.add_argument("--images", help="query photos: a file, a folder or a glob (local, s3a://, gs://); embedded here with the index's model and weights")
     source.add_argument("--all", action="store_true", help="every catalog image is a query: the kNN graph of the catalog (self excluded)")
     source.add_argument("--duplicates", action="store_true", help="every catalog pair with similarity >= --min-similarity, each once (ivf: in the cells each image probes; exact: all)")
     parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-similarity", type=float, help="with --duplicates: the cosine similarity a pair needs (e.g. 0.95)")
     parser.add_argument("--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)")
     parser.add_argument("--groups", help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table")
+    parser.add_argument("--weights", help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)")
+    parser.add_argument("--show", type=int, default=5, help="queries whose neighbours are printed on the console (0: none)")
     parser.add_argument("--query-block", type=int, default=4096, help="exact and lsh: queries broadcast per scan of the catalog")
 
 
@@ -44,8 +47,10 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError("-k must be at least 1")
     if args.query_block < 1 or args.nprobe is not None and args.nprobe < 1:
         raise UsageError("--query-block and --nprobe must be at least 1")
-    if not (args.queries or args.query_ids or args.all or args.duplicates):
-        raise UsageError("give --queries, --query-ids, --all or --duplicates")
+    if not (args.queries or args.query_ids or args.images or args.all or args.duplicates):
+        raise UsageError("give --images, --queries, --query-ids, --all or --duplicates")
+    if args.weights and not args.images:
+        raise UsageError("--weights goes with --images (the other query sources are vectors already)")
     if args.duplicates and args.min_similarity is None and args.threshold is None:
         raise UsageError("--duplicates needs --min-similarity (a cosine, e.g. 0.95)")
     if args.groups and not args.duplicates:
@@ -55,6 +60,14 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
 
 
 def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame:
+    if args.images:
+        found = photos.embed_photos(spark, index, args.images, args.weights)
+        failed = found.failures()
+        for path, error in failed:
+            log.warning("query photo %s could not be embedded: %s", path, error)
+        if failed and found.count_failed() == found.listed:
+            raise UsageError(f"none of the {found.listed} photo(s) at {args.images} could be embedded (first: {failed[0][0]}: {failed[0][1]})")
+        return found.queries()
     if args.all or args.duplicates:
         return queries.from_catalog(spark, index)
     if args.queries:
@@ -149,4 +162,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.method == "lsh":
         rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
     print_summary("search summary", rows)
+    if args.show and not (args.all or args.duplicates):
+        print(results.console_table(spark.read.parquet(args.output), args.show, args.k), flush=True)
     return 0

@@ -65,3 +65,17 @@ def write(spark: SparkSession, table: DataFrame, output: str) -> int:
     table.write.parquet(staged)
     storage.swap_in(spark, staged, output)
     return spark.read.parquet(output).count()
+
+
+def console_table(neighbours: DataFrame, queries: int, k: int) -> str:
+    """The top-k of the first few queries (by path) as aligned text; collects at most queries x k rows."""
+    first = neighbours.select("query_id", "query_path").distinct().orderBy("query_path", "query_id").limit(queries)
+    rows = neighbours.join(first, ["query_id", "query_path"]).orderBy("query_path", "query_id", "rank").limit(queries * k).collect()
+    lines, current = [], None
+    for row in rows:
+        if row["query_id"] != current:
+            current = row["query_id"]
+            lines.append(f"query {row['query_path']}")
+            lines.append(f"  {'rank':>4}  {'similarity':>10}  label / path")
+        lines.append(f"  {row['rank']:>4}  {row['similarity']:>10.4f}  {row['neighbor_label'] or '-'}  {row['neighbor_path']}")
+    return "\n".join(lines)

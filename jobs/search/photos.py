@@ -1,0 +1,73 @@
+"""search --images: query photos embedded inside the search job with the index's own model and weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.embed.model import EmbedConfig, choose_backend, embed_images
+from jobs.embed.plan import PLAN_COLUMNS, list_images, read_files
+from jobs.errors import UsageError
+from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from jobs.ivf import Index
+from jobs.labels import label_files
+from jobs.runlog import get_logger
+from jobs.search.queries import from_embeddings
+from jobs.weights import Weights, load_weights
+
+log = get_logger("jobs.search")
+# below this many photos exporting a faster backend costs more than it saves: eager gives the same vectors
+EAGER_BELOW = 256
+FAILURES_SHOWN = 5
+
+
+@dataclass
+class Photos:
+    """The query photos of one search: their embedding rows (cached) and what became of them."""
+
+    embedded: DataFrame  # rows of the embeddings contract, failures included
+    listed: int
+    weights: Weights
+
+    def queries(self) -> DataFrame:
+        return from_embeddings(self.embedded.where(F.col("embedding").isNotNull()))
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, error) of the first photos that could not be embedded; bounded, whatever the input."""
+        failed = self.embedded.where(F.col("embedding").isNull()).select("path", "error").orderBy("path").limit(FAILURES_SHOWN)
+        return [(r["path"], r["error"]) for r in failed.collect()]
+
+    def count_failed(self) -> int:
+        return self.embedded.where(F.col("embedding").isNull()).count()
+
+
+def index_weights(index: Index, override: str | None) -> Weights:
+    """The weights the index's vectors came from (index.json's source, or --weights), checked against its sha256."""
+    source = override or index.meta.get("weights_source")
+    expected = index.meta.get("weights_sha256")
+    if not source and expected:
+        raise UsageError(f"index {index.uri} does not say where its weights came from (sha256 {expected[:12]}); give --weights")
+    weights = load_weights(index.model, source)
+    if expected and weights.sha256 != expected:
+        raise UsageError(f"weights {weights.source} have sha256 {weights.sha256[:12]} but index {index.uri} was built from {expected[:12]}; "
+                         "give --weights with the file the catalog was embedded with")
+    return weights
+
+
+def embed_photos(spark: SparkSession, index: Index, uri: str, weights_override: str | None, batch_size: int = 32) -> Photos:
+    """Embed the photos at uri (a file, a folder or a glob; any Hadoop URI) on the executors, as the embed job would."""
+    weights = index_weights(index, weights_override)
+    listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
+    todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
+    todo = todo.astype(object).where(todo.notna(), None)
+    backend = choose_backend("eager" if len(todo) < EAGER_BELOW else "auto", index.model, weights, "fp32")
+    log.info("embedding %d query photo(s) with %s (%s, weights sha256 %s)", len(todo), index.model, backend.name, weights.sha256[:12])
+    config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
+    context = spark.sparkContext
+    embedded = embed_images(read_files(spark, todo), config, weights.sha256, context.broadcast(weights.data), context.broadcast(backend))
+    # the search reads the queries more than once: embed each photo once
+    return Photos(embedded.persist(StorageLevel.MEMORY_AND_DISK), len(todo), weights)
