@@ -59,13 +59,19 @@ def check(args: argparse.Namespace) -> LshParams | None:
     return params
 
 
-def weights_source(spark: SparkSession, embeddings: str, sha256: str | None) -> str | None:
-    """Where the embed run got the weights whose sha256 the table records (its run summary), so search --images can load them."""
+def weights_provenance(spark: SparkSession, embeddings: str, table_sha256: str | None) -> tuple[str | None, str | None]:
+    """(sha256, source) of the weights the vectors came from: the table's own digest, and where its embed run got them.
+
+    The source comes from the embed run's summary, trusted only when its digest is the table's (or the
+    table predates the digest column); search --images loads the same weights from it.
+    """
     summary = f"{embeddings}/_summary.json"
-    if not sha256 or not storage.exists(spark, summary):  # a table written by other tools: provenance stays the digest
-        return None
+    if not storage.exists(spark, summary):  # a table written by other tools: provenance is the digest alone
+        return table_sha256, None
     recorded = json.loads(storage.read_text(spark, summary)).get("weights") or {}
-    return recorded.get("source") if sha256 and recorded.get("sha256") == sha256 else None
+    if table_sha256 and recorded.get("sha256") != table_sha256:
+        return table_sha256, None
+    return recorded.get("sha256"), recorded.get("source")
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
@@ -94,9 +100,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         layout.write_catalog(layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog")
         assigned.unpersist()
         files = layout.manifest(spark, f"{staged}/catalog")
+    sha256, weights_source = weights_provenance(spark, args.embeddings, table.weights_sha256)
     meta = {
         "model": model_name, "dim": dim, "count": count, "default_method": "ivf", "source": args.embeddings,
-        "weights_sha256": table.weights_sha256, "weights_source": weights_source(spark, args.embeddings, table.weights_sha256),
+        "weights_sha256": sha256, "weights_source": weights_source,
         "ivf": asdict(params), "groups": plan.groups, "largest_cell": int(sizes.max()), "empty_cells": int((sizes == 0).sum()),
         "lsh": asdict(lsh_params) if lsh_params else None, "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
