@@ -1,4 +1,5 @@
-"""The report job on a small real run: sheets of the right size, every query listed, escaping holds."""
+"""The report job on a small real run: sheets of the right size, every query listed, escaping holds; a big
+neighbours table gets a bounded sample of queries and the map a bounded sample of points."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_report_renders_sheets_gallery_and_map(spark, small_run):
     original = victim.read_bytes()
     victim.write_bytes(b"")
     try:
-        assert run_job(spark, "report", "--neighbours", small_run / "nb", "--output", out, "--embeddings", small_run / "emb", "--embeddings", small_run / "qemb") == 0
+        assert run_job(spark, "report", "--neighbours", small_run / "nb", "--output", out, "--embeddings", small_run / "emb", "--embeddings", small_run / "qemb",
+                       "--map-points", "5") == 0
     finally:
         victim.write_bytes(original)
     sheets = sorted((out / "sheets").glob("*.png"))
@@ -68,7 +70,25 @@ def test_report_renders_sheets_gallery_and_map(spark, small_run):
     assert "moto &amp; co.jpg" in page
     summary = json.loads((out / "report_summary.json").read_text())
     assert summary["counts"]["sheets"] == 2 and summary["counts"]["placeholders"] >= 1
+    assert summary["counts"]["map_points"] == 5 < spark.read.parquet(str(small_run / "emb")).count()  # a bounded sample
 
 
 def test_report_of_missing_table_is_a_usage_error(spark, tmp_path):
     assert run_job(spark, "report", "--neighbours", tmp_path / "none", "--output", tmp_path / "r") == 2
+
+
+def test_a_big_table_renders_only_max_queries_chosen_in_spark(spark, tmp_path):
+    queries = 120
+    rows = [(f"q{i:03d}", f"file:{tmp_path}/photos/q{i:03d}.jpg", rank, f"n{rank}", f"file:{tmp_path}/photos/n{rank}.jpg", "car", 1.0 - rank / 10)
+            for i in range(queries) for rank in (1, 2)]
+    table = spark.createDataFrame(rows, "query_id string, query_path string, rank int, neighbor_id string, neighbor_path string, neighbor_label string, similarity double")
+    table.repartition(4).write.parquet(str(tmp_path / "nb"))
+    out = tmp_path / "report"
+    assert run_job(spark, "report", "--neighbours", tmp_path / "nb", "--output", out, "--max-queries", "3") == 0
+    parser = Collector()
+    parser.feed((out / "index.html").read_text())
+    assert parser.sections == ["q000", "q001", "q002"]  # the first queries by path, whatever the partitioning
+    assert len(list((out / "sheets").glob("*.png"))) == 3 and "3 of 120" in (out / "index.html").read_text()
+    assert json.loads((out / "report_summary.json").read_text())["counts"]["queries"] == queries
+    assert run_job(spark, "report", "--neighbours", tmp_path / "nb", "--output", out, "--max-queries", "0") == 2
+
