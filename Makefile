@@ -27,8 +27,8 @@ K ?= 10
 PER_PHOTO ?= 20
 
 .PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35
-help:
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+help: ## list the targets (every target has a `## ` description)
+	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(VENV)/.installed ## create the virtual environment with everything (torch 2.13.0 CPU, pyspark, test tools)
 $(VENV)/.installed: pyproject.toml
@@ -70,11 +70,11 @@ test-spark35: build ## the end-to-end tests on pyspark 3.5 (a second virtual env
 	PYSPARK_PYTHON=$(abspath $(VENV35))/bin/python PYSPARK_DRIVER_PYTHON=$(abspath $(VENV35))/bin/python \
 		$(VENV35)/bin/python -m pytest -p no:cacheprovider tests/test_submit.py tests/test_embed.py
 
-lint: setup
+lint: setup ## ruff over jobs, tests, scripts and bench
 	$(VENV)/bin/ruff check jobs tests scripts bench
 
 # ---- jobs through spark-submit; ARGS passes job options, e.g. make embed ARGS="--input imgs --output emb"
-embed index search evaluate report: build
+embed index search evaluate report: build ## run one job through spark-submit: make embed ARGS="--input photos --output out/embeddings"
 	$(SUBMIT) $@ $(ARGS)
 
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
@@ -114,12 +114,12 @@ dist/env.tar.gz: pyproject.toml | setup
 	$(VENV)/bin/venv-pack -p .venv-exec -o $@ --force -q --python-prefix $(PYTHON_PREFIX)
 
 # EMR: CLUSTER_ID=j-XXX S3_PREFIX=s3://bucket/vs make emr-submit ARGS="embed --input s3://... --output s3://..."
-emr-submit: build
-	$(PY) scripts/emr_submit.py --cluster-id $(CLUSTER_ID) --s3-prefix $(S3_PREFIX) $(if $(wildcard dist/env.tar.gz),--env dist/env.tar.gz,) -- $(ARGS)
+emr-submit: build ## upload to S3_PREFIX and add an EMR step on CLUSTER_ID: ARGS="JOB ..."
+	$(PY) scripts/emr_submit.py --cluster-id $(CLUSTER_ID) --s3-prefix $(S3_PREFIX) -- $(ARGS)
 
 # Dataproc: CLUSTER=c REGION=r GS_PREFIX=gs://bucket/vs make dataproc-submit ARGS="embed ..." (prints the gcloud command)
-dataproc-submit: build
-	$(PY) scripts/dataproc_submit.py --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) -- $(ARGS)
+dataproc-submit: build ## print the gcloud command for a Dataproc job on CLUSTER/REGION (artefacts under GS_PREFIX)
+	$(PY) -m scripts.dataproc_submit --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) -- $(ARGS)
 
-clean:
-	rm -rf dist out .pytest_cache
+clean: ## remove build outputs (dist/, .venv-exec/); out/, where results live, stays
+	rm -rf dist .venv-exec .pytest_cache

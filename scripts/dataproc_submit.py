@@ -1,10 +1,13 @@
 """The `gcloud dataproc jobs submit pyspark` command for a job (printed; run it with --run).
 
-  python scripts/dataproc_submit.py --cluster C --region R --gs-prefix gs://bucket/vehicle-search [--env] \
+  python -m scripts.dataproc_submit --cluster C --region R --gs-prefix gs://bucket/vehicle-search [--no-env] \
       -- embed --input gs://bucket/photos --output gs://bucket/out/embeddings
 
-Upload dist/jobs.zip, dist/main.py (and dist/env.tar.gz with --env) to the prefix first:
-`gsutil cp dist/jobs.zip dist/main.py dist/env.tar.gz gs://bucket/vehicle-search/`.
+Upload dist/jobs.zip, dist/main.py and dist/env.tar.gz (make pack-env PYTHON_PREFIX=/opt/conda/default) to the
+prefix first: `gcloud storage cp dist/jobs.zip dist/main.py dist/env.tar.gz gs://bucket/vehicle-search/`.
+The job ships the packed environment and runs in cluster mode (conf/dataproc.conf), so the driver and the
+executors both run ./environment/bin/python. --no-env is for images whose own Python already has the
+dependencies: it drops the archive and points driver and executors at Dataproc's /opt/conda/default/bin/python.
 """
 
 from __future__ import annotations
@@ -15,12 +18,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scripts.emr_submit import read_properties
+
 ROOT = Path(__file__).resolve().parents[1]
+NODE_PYTHON = "/opt/conda/default/bin/python"  # Dataproc 2.2's Python 3.11
+
+
+def properties_flag(props: dict[str, str]) -> str:
+    """--properties=k=v,...; gcloud's ^DELIM^ escape when a value holds a comma."""
+    delimiter = "," if not any("," in v for v in props.values()) else "|"
+    joined = delimiter.join(f"{k}={v}" for k, v in props.items())
+    return f"--properties={joined}" if delimiter == "," else f"--properties=^{delimiter}^{joined}"
 
 
 def command(cluster: str, region: str, prefix: str, job_args: list[str], env: bool, conf: Path) -> list[str]:
+    """The gcloud command: the conf file's properties (and the packed environment unless env is False)."""
+    props = read_properties(conf)
+    if not env:
+        props = {k: v for k, v in props.items() if not k.startswith("spark.pyspark.")}
+        props |= {"spark.pyspark.python": NODE_PYTHON, "spark.pyspark.driver.python": NODE_PYTHON}
     cmd = ["gcloud", "dataproc", "jobs", "submit", "pyspark", f"{prefix}/main.py", f"--cluster={cluster}", f"--region={region}",
-           f"--py-files={prefix}/jobs.zip", f"--properties-file={conf}"]
+           f"--py-files={prefix}/jobs.zip", properties_flag(props)]
     if env:
         cmd.append(f"--archives={prefix}/env.tar.gz#environment")
     return [*cmd, "--", *job_args]
@@ -33,13 +51,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument("--gs-prefix", required=True)
-    parser.add_argument("--env", action="store_true", help="ship env.tar.gz from the prefix as the executors' python")
+    parser.add_argument("--no-env", action="store_true", help=f"do not ship env.tar.gz: use the nodes' {NODE_PYTHON}")
     parser.add_argument("--conf", type=Path, default=ROOT / "conf" / "dataproc.conf")
     parser.add_argument("--run", action="store_true", help="run the command instead of printing it")
     args = parser.parse_args(ours)
     if not job_args:
         parser.error("give the job and its arguments after --")
-    cmd = command(args.cluster, args.region, args.gs_prefix.rstrip("/"), job_args, args.env, args.conf)
+    if not args.gs_prefix.startswith("gs://"):
+        parser.error("--gs-prefix must be a gs:// URI")
+    cmd = command(args.cluster, args.region, args.gs_prefix.rstrip("/"), job_args, not args.no_env, args.conf)
     print(shlex.join(cmd))
     if args.run:
         subprocess.run(cmd, check=True)
