@@ -42,7 +42,8 @@ def check_contract(spark, path: Path, dim: int) -> pd.DataFrame:
 def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir, mobilenet_weights, capsys):
     folder, expected = nasty_dir
     out = tmp_path / "emb"
-    assert run_job(spark, "embed", "--input", folder, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--batch-size", "4") == 0
+    assert run_job(spark, "embed", "--input", folder, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--batch-size", "4",
+                   "--backend", "onnxruntime") == 0
     rows = check_contract(spark, out, 1280)
     by_name = {Path(p).name: r for p, r in zip(rows["path"], rows.itertuples())}
     assert set(by_name) == set(expected)
@@ -60,7 +61,8 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
     failed = sum(e is not None for e in expected.values())
     assert summary["counts"]["embedded"] == len(expected) - failed and summary["counts"]["failed"] == failed
     assert summary["weights"]["sha256"].startswith("b03531047ffacf1e")
-    assert summary["backend"] == "onnxruntime"  # auto's first choice, installed here
+    assert summary["backend"] == "onnxruntime"  # installed here, and faithful: auto picks it from AUTO_MIN_IMAGES images on
+    assert set(rows.loc[rows["error"].isna(), "weights_sha256"]) == {summary["weights"]["sha256"]}  # provenance on every vector
     printed = capsys.readouterr().out
     assert "embed summary" in printed and f"failed                {failed}".split()[-1] in printed
 
@@ -108,7 +110,7 @@ def test_labels_csv_and_crop_to_box(spark, tmp_path, photos, mobilenet_weights):
     assert rows.loc["Honda left", "width"] == 741  # the original size, not the box's
 
 
-@pytest.mark.parametrize("case", ["missing input", "empty input", "unknown model", "bad weights", "foreign output", "other model", "bad batch"])
+@pytest.mark.parametrize("case", ["missing input", "empty input", "unknown model", "bad weights", "foreign output", "other model", "other weights", "bad batch"])
 def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_weights, capsys, case):
     images = tmp_path / "images"
     images.mkdir()
@@ -132,8 +134,12 @@ def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_we
     elif case == "other model":
         spark.createDataFrame([], EMBEDDINGS_SCHEMA).write.parquet(str(out))
         spark.createDataFrame(
-            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1))], EMBEDDINGS_SCHEMA
+            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1), None)], EMBEDDINGS_SCHEMA
         ).write.mode("append").parquet(str(out))
+    elif case == "other weights":  # adding vectors of another checkpoint would mix two spaces in one table
+        spark.createDataFrame(
+            [("i", "file:/x.jpg", None, 1, 1, "mobilenet_v2", [0.0], None, 1, datetime(2024, 1, 1), "f" * 64)], EMBEDDINGS_SCHEMA
+        ).write.parquet(str(out))
     elif case == "bad batch":
         args += ["--batch-size", "0"]
     capsys.readouterr()

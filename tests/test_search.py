@@ -21,11 +21,11 @@ from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from scripts.vectors import clustered_unit_vectors
 
 
-def write_embeddings(spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18") -> list[str]:
+def write_embeddings(spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None) -> list[str]:
     ids = [f"{prefix}{i:05d}" for i in range(len(vectors))]
     rows = [
         (ids[i], f"file:/data/{prefix}/{i}.jpg", None if labels is None else str(labels[i]), 10, 10, model,
-         [float(x) for x in vectors[i]], None, 100, datetime(2024, 1, 1))
+         [float(x) for x in vectors[i]], None, 100, datetime(2024, 1, 1), weights)
         for i in range(len(vectors))
     ]
     spark.createDataFrame(rows, EMBEDDINGS_SCHEMA).repartition(3).write.mode("overwrite").parquet(str(path))
@@ -214,7 +214,7 @@ def test_recall_and_label_metrics_on_known_cases():
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
 
 
-@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "not an index", "no lsh keys"])
+@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index", "no lsh keys"])
 def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     folder, vectors, _, ids = catalog
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
@@ -231,6 +231,16 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
         args = ["index", "--embeddings", tmp_path / "bad", "--output", tmp_path / "i"]
     elif case == "unknown ids":
         args = [*index_args, "--query-ids", f"{ids[0]},nope"]
+    elif case == "other weights":
+        write_embeddings(spark, tmp_path / "e", vectors[:50], weights="a" * 64)
+        write_embeddings(spark, tmp_path / "q", vectors[:3], prefix="q", weights="b" * 64)
+        assert run_job(spark, "index", "--embeddings", tmp_path / "e", "--output", tmp_path / "i") == 0
+        args = ["search", "--index", tmp_path / "i", "--queries", tmp_path / "q", "--output", tmp_path / "nb"]
+    elif case == "mixed weights":
+        write_embeddings(spark, tmp_path / "bad", vectors[:5], weights="a" * 64)
+        write_embeddings(spark, tmp_path / "bad2", vectors[5:10], prefix="x", weights="b" * 64)
+        spark.read.parquet(str(tmp_path / "bad2")).write.mode("append").parquet(str(tmp_path / "bad"))
+        args = ["index", "--embeddings", tmp_path / "bad", "--output", tmp_path / "i"]
     elif case == "other model":
         write_embeddings(spark, tmp_path / "q", vectors[:3], model="mobilenet_v2")
         args = [*index_args, "--queries", tmp_path / "q"]
@@ -244,6 +254,8 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     assert run_job(spark, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0], err
+    if "weights" in case:
+        assert "aaaaaaaaaaaa" in err[0] and "bbbbbbbbbbbb" in err[0], err
 
 
 def test_partition_keys_land_exactly_where_spark_hashes_them(spark):

@@ -55,7 +55,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision)
     with summary.stage("weights"):
         weights = load_weights(args.model, args.weights)
-        backend = choose_backend(args.backend, args.model, weights, precision)
+        plan.check_weights(args.output, weights.sha256)
+        backend = choose_backend(args.backend, args.model, weights, precision, len(plan.todo))
     log.info("model %s (%s) on backend %s", args.model, precision, backend.name)
 
     config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name)

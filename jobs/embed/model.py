@@ -24,13 +24,15 @@ log = get_logger("jobs.embed")
 
 # what the executors return; modification time travels as microseconds so no timezone can shift it
 _EMBEDDED_SCHEMA = T.StructType(
-    [f for f in EMBEDDINGS_SCHEMA.fields if f.name != "modification_time"]
+    [f for f in EMBEDDINGS_SCHEMA.fields if f.name not in ("modification_time", "weights_sha256")]
     + [T.StructField("modification_us", T.LongType(), False)]
 )
 BACKENDS = ("onnxruntime", "torchscript", "eager")
 # auto tries these in order; each must be importable and faithful (FIDELITY) on the driver's probe.
 # Measured model-only on one core (bench/README.md): ONNX Runtime leads on both models.
 AUTO_ORDER = ("onnxruntime", "torchscript", "eager")
+# the driver's export and probe cost ~3 s on 2 AVX2 cores; ONNX Runtime saves ~7 ms per image there (bench/embed.py)
+AUTO_MIN_IMAGES = 500
 FIDELITY = 0.9999  # least cosine to eager a backend may give on the probe batch
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC uint8 crops -> L2-normalised float32 vectors
 
@@ -149,11 +151,15 @@ def load_runner(backend: Backend, threads: int) -> Runner:
 _chosen: dict[tuple[str, str, str, str], Backend] = {}
 
 
-def choose_backend(requested: str, model: str, weights: Weights, precision: str) -> Backend:
+def choose_backend(requested: str, model: str, weights: Weights, precision: str, images: int | None = None) -> Backend:
     """On the driver: the first backend of `requested` (or auto's order) that loads and matches eager on the probe.
 
+    auto runs eager for fewer than AUTO_MIN_IMAGES images, where exporting costs more than it saves.
     Remembered per driver process: jobs run in one session (tests, notebooks) export once.
     """
+    if requested == "auto" and images is not None and images < AUTO_MIN_IMAGES:
+        log.info("auto backend: eager for %d image(s) (exporting pays off from %d)", images, AUTO_MIN_IMAGES)
+        return Backend("eager")
     key = (requested, model, weights.sha256, precision)
     if key not in _chosen:
         _chosen[key] = pick_backend(requested, model, weights.data, precision)
@@ -167,6 +173,8 @@ def pick_backend(requested: str, model: str, weights: bytes, precision: str) -> 
             log.warning("backend %s runs fp32 on CPU only; using eager for %s on %s", requested, precision, _device().type)
         return Backend("eager")
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    if candidates[0] == "eager":
+        return Backend("eager")
     probe = _probe()
     reference = eager_runner(model, weights)(probe)
     for name in candidates:
@@ -290,4 +298,5 @@ def embed_images(files: DataFrame, config: EmbedConfig, sha256: str, weights: An
     """Files (path, content, plan columns) to rows of the embeddings contract; weights and backend are broadcasts."""
     with_ids = files.withColumn("image_id", F.sha1(F.col("path")))
     embedded = with_ids.mapInPandas(lambda it: embed_partition(it, config, sha256, weights, backend), _EMBEDDED_SCHEMA)
-    return embedded.withColumn("modification_time", F.timestamp_micros("modification_us")).select(EMBEDDINGS_COLUMNS)
+    return (embedded.withColumn("modification_time", F.timestamp_micros("modification_us"))
+            .withColumn("weights_sha256", F.lit(sha256)).select(EMBEDDINGS_COLUMNS))

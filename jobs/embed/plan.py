@@ -29,8 +29,11 @@ EMBEDDINGS_SCHEMA = T.StructType([
     T.StructField("error", T.StringType(), True),
     T.StructField("length", T.LongType(), False),
     T.StructField("modification_time", T.TimestampType(), False),
+    # provenance: search checks that queries and catalog come from the same checkpoint
+    T.StructField("weights_sha256", T.StringType(), True),
 ])
 EMBEDDINGS_COLUMNS = EMBEDDINGS_SCHEMA.fieldNames()
+REQUIRED_COLUMNS = [c for c in EMBEDDINGS_COLUMNS if c != "weights_sha256"]  # tables from before the digest column stay readable
 PLAN_COLUMNS = ["path", "length", "modification_us", "label", "x1", "y1", "x2", "y2"]
 PLAN_SCHEMA = "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double"
 MAX_BINARY_FILE_BYTES = 2**31 - 1  # Spark's binaryFile cannot read a file larger than this
@@ -45,6 +48,14 @@ class Plan:
     done: pd.DataFrame | None  # what the existing table holds: path, length, modification_us
     changed: list[str]  # paths in `done` whose file has changed since
     target: str  # where chunks are appended: the output, or its staging sibling on a first run
+    weights_done: list[str]  # the weights digests the existing rows were embedded with
+
+    def check_weights(self, output: str, sha256: str) -> None:
+        """An incremental run adds to a table only vectors from the same checkpoint."""
+        others = [w for w in self.weights_done if w != sha256]
+        if others:
+            raise UsageError(f"output {output} holds vectors from other weights (sha256 {others[0][:12]}), not {sha256[:12]}; "
+                             "use --mode overwrite or another --output")
 
     @property
     def skipped(self) -> int:
@@ -76,12 +87,14 @@ def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode
         existing.select("path", "length", F.unix_micros("modification_time").alias("modification_us")).toPandas()
         if existing is not None else None
     )
+    weights_done = ([r[0] for r in existing.where(F.col("weights_sha256").isNotNull()).select("weights_sha256").distinct().limit(3).collect()]
+                    if existing is not None and "weights_sha256" in existing.columns else [])
     todo, changed = plan_files(listing, done)
     todo = todo.merge(label_files(todo["path"], labels), on="path", how="left")
     if not crop_to_box:
         todo[["x1", "y1", "x2", "y2"]] = None
     todo = todo[PLAN_COLUMNS].astype(object).where(todo[PLAN_COLUMNS].notna(), None)
-    return Plan(listing, todo, done, changed, target)
+    return Plan(listing, todo, done, changed, target, weights_done)
 
 
 def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
@@ -109,7 +122,7 @@ def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | N
     if not storage.exists(spark, output):
         return None
     table = read_parquet_or_explain(spark, output, f"output {output} exists and is not an embeddings table; use another --output")
-    missing = [c for c in EMBEDDINGS_COLUMNS if c not in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"output {output} exists but is not an embeddings table (missing {', '.join(missing)}); use another --output")
     models = [r.model for r in table.select("model").distinct().limit(3).collect()]
@@ -179,5 +192,6 @@ def error_rows(spark: SparkSession, rejected: pd.DataFrame, model: str) -> DataF
     return (
         frame.withColumn("image_id", F.sha1("path"))
         .withColumn("modification_time", F.timestamp_micros("modification_us"))
+        .withColumn("weights_sha256", F.lit(None).cast("string"))
         .select(EMBEDDINGS_COLUMNS)
     )

@@ -54,6 +54,8 @@ def commit(spark: SparkSession, plan: Plan, output: str) -> None:
 def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> DataFrame:
     """The table without rows for files that have changed since they were embedded."""
     keys = spark.createDataFrame(stale[["path", "length", "modification_us"]])
+    if "weights_sha256" not in table.columns:  # a table from before the digest column
+        table = table.withColumn("weights_sha256", F.lit(None).cast("string"))
     return table.withColumn("modification_us", F.unix_micros("modification_time")).join(
         F.broadcast(keys), ["path", "length", "modification_us"], "left_anti"
     ).select(EMBEDDINGS_COLUMNS)

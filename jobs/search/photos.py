@@ -19,8 +19,6 @@ from jobs.search.queries import from_embeddings
 from jobs.weights import Weights, load_weights
 
 log = get_logger("jobs.search")
-# below this many photos exporting a faster backend costs more than it saves: eager gives the same vectors
-EAGER_BELOW = 256
 FAILURES_SHOWN = 5
 
 
@@ -63,7 +61,7 @@ def embed_photos(spark: SparkSession, index: Index, uri: str, weights_override: 
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
-    backend = choose_backend("eager" if len(todo) < EAGER_BELOW else "auto", index.model, weights, "fp32")
+    backend = choose_backend("auto", index.model, weights, "fp32", len(todo))
     log.info("embedding %d query photo(s) with %s (%s, weights sha256 %s)", len(todo), index.model, backend.name, weights.sha256[:12])
     config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
