@@ -49,6 +49,7 @@ def spark_session(job: str):  # type: ignore[no-untyped-def]
     spark = (
         SparkSession.builder.appName(f"vehicle-search-{job}")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "false")  # the jobs log their own progress; bars would garble the summaries
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))

@@ -37,10 +37,12 @@ def test_make_demo_end_to_end(spark, tmp_path):
     assert run_job(spark, "evaluate", "--index", out / "index", "-k", "5", "--output", tmp_path / "eval5.json") == 0
     assert json.loads((tmp_path / "eval5.json").read_text())["metrics"]["ivf_precision@5"] >= PRECISION_FLOOR
     # one photo folder in one command gives the three-job path's neighbours (its own embedding, same weights)
-    assert run_job(spark, "search", "--index", out / "index", "--images", data / "queries", "--output", tmp_path / "photos", "-k", "10") == 0
+    assert run_job(spark, "search", "--index", out / "index", "--images", data / "queries", "--output", tmp_path / "photos", "-k", "10",
+                   "--report", tmp_path / "photo_report") == 0
+    assert (tmp_path / "photo_report" / "index.html").exists() and len(list((tmp_path / "photo_report" / "sheets").glob("*.png"))) == 15 * 2
     three_jobs = spark.read.parquet(str(out / "neighbours")).toPandas().sort_values(["query_path", "rank"], ignore_index=True)
     one_command = spark.read.parquet(str(tmp_path / "photos")).toPandas().sort_values(["query_path", "rank"], ignore_index=True)
-    assert len(one_command) == len(three_jobs) == 15 * 10
+    assert len(one_command) == len(three_jobs) == 15 * 2 * 10
     assert one_command.groupby("query_path")["neighbor_id"].apply(set).equals(three_jobs.groupby("query_path")["neighbor_id"].apply(set))
     np.testing.assert_allclose(one_command["similarity"], three_jobs["similarity"], atol=1e-4)
     # a second run is incremental: the same embed step re-embeds nothing

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)")
     parser.add_argument("--groups", help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table")
     parser.add_argument("--weights", help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)")
+    parser.add_argument("--report", help="also write the contact sheets and HTML gallery of the neighbours to this folder or URI, in the same job")
     parser.add_argument("--show", type=int, default=5, help="queries whose neighbours are printed on the console (0: none)")
     parser.add_argument("--query-block", type=int, default=4096, help="exact and lsh: queries broadcast per scan of the catalog")
 
@@ -49,6 +50,8 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError("--query-block and --nprobe must be at least 1")
     if not (args.queries or args.query_ids or args.images or args.all or args.duplicates):
         raise UsageError("give --images, --queries, --query-ids, --all or --duplicates")
+    if args.report and args.duplicates:
+        raise UsageError("--report draws neighbours; duplicate pairs have none (leave out --report)")
     if args.weights and not args.images:
         raise UsageError("--weights goes with --images (the other query sources are vectors already)")
     if args.duplicates and args.min_similarity is None and args.threshold is None:
@@ -164,4 +167,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     print_summary("search summary", rows)
     if args.show and not (args.all or args.duplicates):
         print(results.console_table(spark.read.parquet(args.output), args.show, args.k), flush=True)
+    if args.report:
+        write_report(spark, args.output, args.report)
     return 0
+
+
+def write_report(spark: SparkSession, neighbours: str, output: str) -> None:
+    """The report job on the table just written, in this session (no second JVM); its defaults otherwise."""
+    from jobs import report
+
+    parser = argparse.ArgumentParser(prog="search --report")
+    report.add_arguments(parser)
+    report.run(spark, parser.parse_args(["--neighbours", neighbours, "--output", output]))
