@@ -92,7 +92,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     params = IvfParams(len(centroids), args.nprobe or max(1, min(len(centroids), round(2 * np.sqrt(len(centroids))))), sample,
                        args.kmeans_iterations, args.max_group_rows, args.seed)
     with summary.stage("assign"):
-        assigned = layout.assign_cells(vectors, centroids, (projections, lsh_params) if lsh_params else None).persist(StorageLevel.MEMORY_AND_DISK)
+        # read twice (cell sizes, then the write); on disk, because heap-cached columnar batches of
+        # float32 vectors ran a 4g driver out of memory at 1M x 512
+        assigned = layout.assign_cells(vectors, centroids, (projections, lsh_params) if lsh_params else None).persist(StorageLevel.DISK_ONLY)
         sizes = layout.cell_sizes(assigned, len(centroids))
         parallelism = spark.sparkContext.defaultParallelism
         plan = CellPlan.build(sizes, max(1, min(args.max_group_rows, -(-count // (2 * parallelism)))))  # about two groups per core
