@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from scripts import sample_data
 from scripts.emr_submit import read_properties
 
-# Smallest RLIMIT_AS (MB) under which one embed worker ran: pyspark.worker, pandas, pyarrow and jobs.embed imported,
-# the driver's exported backend loaded, then embed_partition over an Arrow-sized batch of 32 real photos
-# (scikit-image's), OMP_NUM_THREADS=1 as Spark sets it. Bisected in a subprocess under resource.setrlimit on
-# x86_64, Python 3.11, torch 2.13.0 CPU, onnxruntime: MobileNetV2 on onnxruntime (the default backend) 1406-1417 MB,
-# ResNet-18 on onnxruntime 1231-1242, MobileNetV2 TorchScript 1067-1078, eager 1201-1210, ResNet-18 eager
-# 1133-1142 (VmPeak unlimited 1460 MB for the first, peak RSS only 728 MB: RLIMIT_AS counts address space).
-EMBED_WORKER_PEAK_MB = 1417
+# Largest address space (VmPeak, MB) of a real embed worker: spark-submit --master local[2] with
+# spark.executor.cores=2, embed of 74 demo photos (batch 32), polling /proc/PID/status of the pyspark.daemon processes
+# (Spark 4.3, Python 3.11, x86_64, torch 2.13.0 CPU, onnxruntime), with ARROW_DEFAULT_MEMORY_POOL=system and
+# MALLOC_ARENA_MAX=2 as the confs set them: MobileNetV2 TorchScript 1741, ResNet-18 onnxruntime 1372, MobileNetV2
+# onnxruntime 1254, MobileNetV2 eager 1124, ResNet-18 eager 1093, ResNet-18 TorchScript 1072. Without the two settings MobileNetV2 onnxruntime peaked at 2595 MB (and failed
+# under a 2 GiB RLIMIT_AS, passed under 2.5 GiB): Arrow's jemalloc pool and glibc's arenas reserve address space.
+EMBED_WORKER_PEAK_MB = 1741
 # Beyond the measurement: bigger photos and Arrow batches than the sample's, more thread stacks on bigger nodes.
 HEADROOM_MB = 512
 CONFS = sorted((ROOT / "conf").glob("*.conf"))
@@ -53,6 +54,9 @@ def test_every_conf_gives_each_python_worker_the_embed_peak_plus_headroom():
             budget = worker_budget_mb(props)
             assert budget >= EMBED_WORKER_PEAK_MB + HEADROOM_MB, f"{conf.name}: {budget:.0f} MB per Python worker"
             assert f"{EMBED_WORKER_PEAK_MB} MB" in conf.read_text(), f"{conf.name} must show the arithmetic"
+            # the measured figure holds only with these: Arrow's jemalloc pool and glibc's arenas reserve far more
+            assert props.get("spark.executorEnv.ARROW_DEFAULT_MEMORY_POOL") == "system", conf.name
+            assert props.get("spark.executorEnv.MALLOC_ARENA_MAX") == "2", conf.name
 
 
 def test_the_old_emr_setting_fails_the_check():
@@ -61,19 +65,28 @@ def test_the_old_emr_setting_fails_the_check():
     assert worker_budget_mb({}) is None
 
 
-# A worker's embed path on the default (heaviest) backend: the onnxruntime model exported as the driver exports it,
-# loaded and run on a batch of 32 crops in a process holding what Spark's forked worker holds.
+# A worker's embed path: Arrow batches of 32 real photos read from a stream (as the worker reads them, through Arrow's
+# default memory pool), each turned into pandas and run through the onnxruntime model exported as the driver exports
+# it, in a process holding what Spark's forked worker holds. Three batches stand in for the socket's stream.
 PROBE = """
 import resource, sys
 limit = int(sys.argv[1]) << 20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import numpy as np
+import pyarrow as pa
 import pyspark.worker  # noqa: F401 - what Spark's forked worker already holds
 from jobs.embed.model import Backend, load_runner
+table = pa.table({"content": [open(p, "rb").read() for p in sys.argv[3:]]})
+sink = pa.BufferOutputStream()
+with pa.ipc.new_stream(sink, table.schema) as writer:
+    for _ in range(3):
+        writer.write_table(table)
 runner = load_runner(Backend("onnxruntime", open(sys.argv[2], "rb").read()), 1)
-vectors = runner(np.random.default_rng(0).integers(0, 255, (32, 224, 224, 3), dtype=np.uint8))
-assert vectors.shape[0] == 32
-print("embedded 32")
+for batch in pa.ipc.open_stream(sink.getvalue()):
+    contents = batch.to_pandas()["content"]
+    vectors = runner(np.random.default_rng(0).integers(0, 255, (len(contents), 224, 224, 3), dtype=np.uint8))
+    assert vectors.shape[0] == 32
+print("embedded 96")
 """
 
 
@@ -86,19 +99,26 @@ def onnx_model(mobilenet_weights, tmp_path_factory) -> str:
     return str(path)
 
 
-def run_probe(limit_mb: float, artifact: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # Spark sets OMP_NUM_THREADS = task cpus
-    return subprocess.run([sys.executable, "-c", PROBE, str(int(limit_mb)), artifact], capture_output=True, text=True, env=env, timeout=300)
+def run_probe(limit_mb: float, artifact: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    photos = [str(p) for paths in sample_data.photo_paths().values() for p in paths]
+    # Spark sets OMP_NUM_THREADS = spark.task.cpus for its workers
+    env = {**{k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX")},
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", PROBE, str(int(limit_mb)), artifact, *(photos * 3)[:32]],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.slow
-def test_a_worker_loads_and_runs_the_model_within_the_smallest_budget(onnx_model):
-    budget = min(b for b in (worker_budget_mb(read_properties(c)) for c in CONFS) if b is not None)
-    ok = run_probe(budget, onnx_model)
-    assert ok.returncode == 0 and "embedded 32" in ok.stdout, ok.stderr[-2000:]
-    starved = run_probe(512, onnx_model)  # the old emr.conf: 2g / 4 cores
-    assert starved.returncode != 0 and "embedded 32" not in starved.stdout, starved.stdout
-    assert re.search(r"[Mm]emory|ImportError|cannot allocate|failed to map|bad_alloc", starved.stderr), starved.stderr[-2000:]
+def test_a_worker_embeds_within_the_smallest_budget_only_with_the_confs_allocator_settings(onnx_model):
+    budgets = {c.name: worker_budget_mb(read_properties(c)) for c in CONFS}
+    name, budget = min(((n, b) for n, b in budgets.items() if b is not None), key=lambda item: item[1])
+    executor_env = {k.removeprefix("spark.executorEnv."): v for k, v in read_properties(ROOT / "conf" / name).items() if k.startswith("spark.executorEnv.")}
+    ok = run_probe(budget, onnx_model, executor_env)
+    assert ok.returncode == 0 and "embedded 96" in ok.stdout, ok.stderr[-2000:]
+    # Arrow's jemalloc pool and glibc's arenas reserve address space: without the settings the same budget is not enough
+    starved = run_probe(budget, onnx_model, {})
+    assert starved.returncode != 0 and "embedded 96" not in starved.stdout, starved.stdout
+    assert re.search(r"[Mm]emory|[Aa]llocat|ImportError|failed to map|bad_alloc", starved.stderr), starved.stderr[-2000:]
 
 
 def test_packed_environment_holds_what_the_jobs_import():

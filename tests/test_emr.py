@@ -85,7 +85,7 @@ def test_dataproc_ships_the_environment_and_runs_the_driver_in_it():
     # Dataproc runs drivers in client mode on the master, where the archive is not unpacked: cluster mode instead
     assert props["spark.submit.deployMode"] == "cluster"
     assert props["spark.pyspark.python"] == props["spark.pyspark.driver.python"] == "./environment/bin/python"
-    assert props["spark.executor.pyspark.memory"] == "8g"  # the whole conf file travels
+    assert props["spark.executor.pyspark.memory"] == "9g"  # the whole conf file travels
     bare = dataproc_submit.main(["--cluster", "c1", "--region", "r", "--gs-prefix", "gs://b/vs", "--no-env", "--", "index"])
     assert not any(c.startswith("--archives") for c in bare) and "spark.pyspark.driver.python=/opt/conda/default/bin/python" in bare[-3]
 
