@@ -27,7 +27,9 @@ JOBS = {
 def build_parser(job: str | None = None) -> argparse.ArgumentParser:
     """The command line; only the named job's module is imported (embed's imports torch, which costs seconds)."""
     parser = argparse.ArgumentParser(
-        prog="main.py", description="Vehicle image similarity search on Spark.",
+        # `main.py` through spark-submit, `vehicle-search` from the console entry point
+        prog="vehicle-search" if os.path.basename(sys.argv[0]) == "vehicle-search" else "main.py",
+        description="Vehicle image similarity search on Spark.",
         epilog="exit codes: 0 ok, 2 usage or input error, 3 storage failed after retries (safe to run again), 1 bug",
     )
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")

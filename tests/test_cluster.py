@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from helpers import build_dist, spark_submit, submit_command, submit_env
+from test_conf import worker_budget_mb
+
+from scripts.emr_submit import read_properties
 
 pytestmark = pytest.mark.slow
 SPARK_CLASS = str(Path(sys.executable).parent / "spark-class")
@@ -84,8 +87,13 @@ def test_embed_index_search_on_a_standalone_cluster(cluster, spark, tmp_path, de
     archive = ROOT / "dist" / "env.tar.gz"
     assert archive.exists(), "make test builds the executors' environment with `make pack-env`"
     # executors run Python from the venv-pack archive, as on a cluster without torch on its nodes
+    # EMR's Python memory per worker, scaled to this worker's 2 cores, with its allocator settings: the embed and
+    # the search's own photo embedding run under the address-space limit that emr.conf gives each Python worker
+    emr = read_properties(ROOT / "conf" / "emr.conf")
     conf = {"spark.archives": f"{archive}#environment", "spark.pyspark.python": "./environment/bin/python",
-            "spark.pyspark.driver.python": sys.executable, "spark.executor.memory": "2g", "spark.task.cpus": "1"}
+            "spark.pyspark.driver.python": sys.executable, "spark.executor.memory": "2g", "spark.task.cpus": "1",
+            "spark.executor.cores": "2", "spark.executor.pyspark.memory": f"{2 * worker_budget_mb(emr):.0f}m",
+            **{k: v for k, v in emr.items() if k.startswith("spark.executorEnv.")}}
     out = tmp_path / "out"
     steps = [
         ["embed", "--input", demo_dir / "catalog", "--output", out / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights],
