@@ -235,6 +235,7 @@ def main() -> None:
         single = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_single", "-k", args.k], args.driver_memory)
         touched = json.loads((folder / "nb_single" / "_summary.json").read_text())["touched"]
         rows.append({"method": "our ivf, one query", "wall_s": single["wall_s"], "catalog_share_read": touched["catalog_bytes_read"] / catalog_bytes,
+                     "rows_share_scanned": touched["catalog_rows_scanned"] / touched["catalog_rows"],
                      "peak_rss_mib": single["peak_rss_mib"]})
     vectors, truth, flat = faiss_flat(folder / "emb", queries, args.k)
     for row in ours:
@@ -244,7 +245,7 @@ def main() -> None:
     rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target)
     if args.graph:
         rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory)
-    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold"]
+    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold"]
     table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
     print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
     write_json(f"search_{args.dataset}_{args.catalog}_{args.queries}", {"parameters": vars(args), "cells": cells, "nprobe": nprobe,

@@ -118,6 +118,8 @@ def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catal
     assert touched["catalog_files_read"] < touched["catalog_files"] == len(index.meta["files"])
     catalog_bytes = sum((folder / "index" / "catalog" / f["name"]).stat().st_size for f in index.meta["files"])
     assert touched["catalog_bytes"] == catalog_bytes and 0 < touched["catalog_bytes_read"] < 0.5 * catalog_bytes
+    # only the probed cells' rows are read and shuffled: a handful of cells, a small share of the rows
+    assert 2 <= touched["cells_probed"] <= 4 and touched["catalog_rows"] == 3000 and 0 < touched["catalog_rows_scanned"] < 300
     got = read_neighbours(spark, tmp_path / "nb")
     assert got["neighbor_id"].iloc[0] == ids[7] and len(got) == 5
 

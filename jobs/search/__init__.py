@@ -157,7 +157,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     ]
     if args.method == "ivf":
         rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files ({touched['catalog_bytes_read'] / 2**20:.1f} of "
-                             f"{touched['catalog_bytes'] / 2**20:.1f} MiB, fewer row groups), {touched['groups_probed']} of {touched['groups']} groups"))
+                             f"{touched['catalog_bytes'] / 2**20:.1f} MiB, fewer row groups), {touched['groups_probed']} of {touched['groups']} groups, "
+                             f"{touched['cells_probed']} of {touched['cells']} cells ({touched['catalog_rows_scanned']} of {touched['catalog_rows']} rows)"))
     if args.duplicates:
         rows.append(("images with a pair", touched["images_with_pairs"]))
     if args.groups:

@@ -41,15 +41,26 @@ def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe:
                                       "visits array<struct<group: int, probes: binary>>")
 
 
-def catalog_rows(spark: SparkSession, index: Index, groups: list[int]) -> tuple[DataFrame, list[dict]]:
-    """The catalog rows of these groups, reading only the files (and row groups) that hold them."""
-    if len(groups) >= index.plan.groups:
-        return spark.read.parquet(index.catalog_uri), index.meta["files"]
-    files = index.files_for(set(groups))
+def probed_cells(assigned: DataFrame) -> list[int]:
+    """Every cell some query probes (at most the index's cells reach the driver)."""
+
+    def unpack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            cells, _ = values_from_binary(batch.column("visits").flatten().field("probes"), np.int32)
+            yield pa.RecordBatch.from_arrays([pa.array(np.unique(cells))], names=["cell"])
+
+    return sorted(r[0] for r in assigned.select("visits").mapInArrow(unpack, "cell int").distinct().collect())
+
+
+def catalog_rows(spark: SparkSession, index: Index, groups: list[int], cells: list[int]) -> tuple[DataFrame, list[dict]]:
+    """The catalog rows of the probed cells, reading only the files that hold their groups and, where the
+    list is short enough to push down, only the row groups that hold the cells (the catalog is sorted by cell)."""
+    files = index.files_for(set(groups)) if len(groups) < index.plan.groups else index.meta["files"]
     rows = spark.read.parquet(*[f"{index.catalog_uri}/{f['name']}" for f in files])
-    if len(groups) <= PUSHDOWN_LIMIT:  # listed values are pushed to Parquet as row-group filters
-        spark.conf.set("spark.sql.parquet.pushdown.inFilterThreshold", str(max(10, len(groups))))
-        rows = rows.where(F.col("group").isin(groups))
+    if len(cells) < index.cells:
+        if len(cells) <= PUSHDOWN_LIMIT:  # listed values are pushed to Parquet as row-group filters
+            spark.conf.set("spark.sql.parquet.pushdown.inFilterThreshold", str(max(10, len(cells))))
+        rows = rows.where(F.col("cell").isin(cells))  # rows of cells nobody probes are neither read nor shuffled
     return rows, files
 
 
@@ -67,7 +78,8 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     assigned = assign_probes(spark, queries, index, nprobe, enough).persist(StorageLevel.MEMORY_AND_DISK)
     groups = sorted(r[0] for r in assigned.select(F.explode("visits.group")).distinct().collect())  # at most the index's groups
-    rows, files = catalog_rows(spark, index, groups)
+    cells = probed_cells(assigned)
+    rows, files = catalog_rows(spark, index, groups, cells)
     null = F.lit(None)
     both = rows.select(F.col("group"), F.lit(CATALOG).alias("kind"), "cell", null.cast("bigint").alias("qidx"), F.col("image_id").alias("id"),
                        "path", "label", F.lit(b"").alias("probes"), "vector").unionByName(
@@ -81,7 +93,8 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         return score_groups(batches, dim, wanted)
 
-    touched = {"groups_probed": len(groups), "groups": index.plan.groups, "catalog_files_read": len(files), "catalog_files": len(index.meta["files"]),
+    touched = {"groups_probed": len(groups), "groups": index.plan.groups, "cells_probed": len(cells), "cells": index.cells,
+               "catalog_rows_scanned": int(index.plan.sizes[cells].sum()), "catalog_rows": int(index.plan.sizes.sum()), "catalog_files_read": len(files), "catalog_files": len(index.meta["files"]),
                "catalog_bytes_read": sum(f["bytes"] for f in files), "catalog_bytes": sum(f["bytes"] for f in index.meta["files"])}
     return spread.mapInArrow(score, PARTIAL_SCHEMA), {"assigned": assigned, **touched}
 
