@@ -34,8 +34,6 @@ def test_make_demo_end_to_end(spark, tmp_path):
     assert metrics["recall@10"] >= 0.95
     assert metrics["ivf_precision@10"] >= PRECISION_FLOOR
     assert (out / "report" / "index.html").exists() and len(list((out / "report" / "sheets").glob("*.png"))) == 15 * 2
-    assert run_job(spark, "evaluate", "--index", out / "index", "-k", "5", "--output", tmp_path / "eval5.json") == 0
-    assert json.loads((tmp_path / "eval5.json").read_text())["metrics"]["ivf_precision@5"] >= PRECISION_FLOOR
     # one photo folder in one command gives the three-job path's neighbours (its own embedding, same weights)
     assert run_job(spark, "search", "--index", out / "index", "--images", data / "queries", "--output", tmp_path / "photos", "-k", "10",
                    "--report", tmp_path / "photo_report") == 0
@@ -45,8 +43,3 @@ def test_make_demo_end_to_end(spark, tmp_path):
     assert len(one_command) == len(three_jobs) == 15 * 2 * 10
     assert one_command.groupby("query_path")["neighbor_id"].apply(set).equals(three_jobs.groupby("query_path")["neighbor_id"].apply(set))
     np.testing.assert_allclose(one_command["similarity"], three_jobs["similarity"], atol=1e-4)
-    # a second run is incremental: the same embed step re-embeds nothing
-    weights = json.loads((out / "embeddings" / "_summary.json").read_text())["weights"]["source"]
-    assert run_job(spark, "embed", "--input", data / "catalog", "--output", out / "embeddings", "--model", "mobilenet_v2", "--weights", weights) == 0
-    counts = json.loads((out / "embeddings" / "_summary.json").read_text())["counts"]
-    assert counts["embedded"] == 0 and counts["skipped"] == 15 * 12

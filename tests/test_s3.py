@@ -101,11 +101,11 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
     assert len(local_nb) == 9 and neighbour_names(read_remote(s3, "out/nb/")) == neighbour_names(local_nb)
 
     # the report reads the table and its images from S3 and writes to S3 (in cluster mode nothing local survives)
-    submit("report", "--neighbours", "s3a://vehicles/out/nb", "--embeddings", "s3a://vehicles/out/emb", "--output", "s3a://vehicles/out/report",
+    submit("report", "--neighbours", "s3a://vehicles/out/nb", "--output", "s3a://vehicles/out/report",
            "--max-queries", "2")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="vehicles", Prefix="out/report/")["Contents"]}
     sheets = sorted(k for k in keys if k.startswith("out/report/sheets/") and k.endswith(".png"))
-    assert {"out/report/index.html", "out/report/embedding_map.png", "out/report/report_summary.json"} <= keys and len(sheets) == 2
+    assert {"out/report/index.html", "out/report/report_summary.json"} <= keys and len(sheets) == 2
     report = json.loads(s3.get_object(Bucket="vehicles", Key="out/report/report_summary.json")["Body"].read())
     assert report["counts"] == {**report["counts"], "sheets": 2, "queries": 3, "placeholders": 0}
     assert Image.open(io.BytesIO(s3.get_object(Bucket="vehicles", Key=sheets[0])["Body"].read())).size == sheet_size(3)
