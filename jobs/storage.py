@@ -28,6 +28,15 @@ def exists(spark: SparkSession, uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+def matches(spark: SparkSession, uri: str) -> bool:
+    """True if uri exists, or is a Hadoop glob (photos/*.jpg, s3a://b/{a,b}/*) that matches something."""
+    fs, path = _fs_and_path(spark, uri)
+    if not any(c in uri for c in "*?[{"):
+        return bool(fs.exists(path))
+    found = fs.globStatus(path)
+    return found is not None and len(found) > 0
+
+
 def size(spark: SparkSession, uri: str) -> int:
     fs, path = _fs_and_path(spark, uri)
     return int(fs.getFileStatus(path).getLen())

@@ -99,8 +99,8 @@ def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode
 
 def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
     """path, length, modification_us of every image file under input_uri (file contents are not read)."""
-    if not storage.exists(spark, input_uri):
-        raise UsageError(f"input {input_uri} does not exist")
+    if not storage.matches(spark, input_uri):
+        raise UsageError(f"input {input_uri} does not exist" + (" (the pattern matches nothing)" if any(c in input_uri for c in "*?[{") else ""))
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
