@@ -34,8 +34,8 @@ def test_make_demo_end_to_end(spark, tmp_path):
     assert metrics["recall@10"] >= 0.95
     assert metrics["ivf_precision@10"] >= PRECISION_FLOOR
     assert (out / "report" / "index.html").exists() and len(list((out / "report" / "sheets").glob("*.png"))) == 15 * 2
-    # one photo folder in one command gives the three-job path's neighbours (its own embedding, same weights)
-    assert run_job(spark, "search", "--index", out / "index", "--images", data / "queries", "--output", tmp_path / "photos", "-k", "10",
+    # the query photos (a glob) in one command give the three-job path's neighbours (their own embedding, same weights)
+    assert run_job(spark, "search", "--index", out / "index", "--images", f"{data}/queries/*/*.jpg", "--output", tmp_path / "photos", "-k", "10",
                    "--report", tmp_path / "photo_report") == 0
     assert (tmp_path / "photo_report" / "index.html").exists() and len(list((tmp_path / "photo_report" / "sheets").glob("*.png"))) == 15 * 2
     three_jobs = spark.read.parquet(str(out / "neighbours")).toPandas().sort_values(["query_path", "rank"], ignore_index=True)
