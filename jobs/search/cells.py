@@ -22,7 +22,9 @@ from jobs.vectors import binary_from_values, matrix_from_binary, values_from_bin
 log = get_logger("jobs.search")
 UNION_COLUMNS = ["group", "kind", "cell", "qidx", "id", "path", "label", "probes", "vector"]
 CATALOG, QUERY = 0, 1
-PUSHDOWN_LIMIT = 4096  # at most this many groups are listed in the pushed-down filter
+# at most this many values are pushed down as a list: Spark makes a list into a chain of ORs, and Java
+# serialisation of a 2,000-deep chain overflows a task's stack (longer lists still filter, as a range)
+PUSHDOWN_LIMIT = 256
 
 
 def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int) -> DataFrame:
