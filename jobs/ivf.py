@@ -64,6 +64,12 @@ class CellPlan:
             rows += size
         return cls(np.asarray(sizes, np.int64), first, parts)
 
+    def groups_of(self, cells: list[int]) -> list[int]:
+        """The groups that store these cells' rows, ascending."""
+        picked = np.asarray(cells, np.int64)
+        spans = [np.arange(first, first + parts) for first, parts in zip(self.first_group[picked], self.parts[picked])]
+        return sorted({int(g) for span in spans for g in span})
+
     def visits(self, cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """From each query's cells (CSR), its visits: the groups holding them, each with the cells it probes there.
 

@@ -22,6 +22,7 @@ from jobs import storage
 from jobs.errors import UsageError
 from jobs.report.draw import Sheet, draw_sheet, embedding_map, png_bytes, sheet_size
 from jobs.runlog import RunSummary, get_logger, print_summary
+from jobs.search.results import first_queries
 
 __all__ = ["add_arguments", "run", "sheet_size"]
 log = get_logger("jobs.report")
@@ -92,17 +93,9 @@ def query_labels(spark: SparkSession, uris: list[str], queries: pd.DataFrame) ->
 
 
 def sample_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """The first `limit` queries by path, their rows sorted by query and rank, and the number of queries.
-
-    Spark picks the queries (distinct, then a top-N sort) and only the chosen queries' rows are collected.
-    """
-    queries = neighbours.select("query_id", "query_path").distinct()
-    chosen = queries.orderBy("query_path", "query_id").limit(limit).toPandas()
-    if chosen.empty:
-        return chosen, neighbours.limit(0).toPandas(), 0
-    wanted = neighbours.sparkSession.createDataFrame(chosen[["query_id"]], "query_id string")
-    rows = neighbours.join(F.broadcast(wanted), "query_id").toPandas().sort_values(["query_id", "rank"])
-    return chosen, rows, queries.count()
+    """The first `limit` queries by path, their rows sorted by query and rank, and the number of queries."""
+    chosen, rows = first_queries(neighbours, limit)
+    return chosen, rows, neighbours.select("query_id", "query_path").distinct().count() if len(chosen) else 0
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:

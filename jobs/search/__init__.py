@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import cells, groups, photos, queries, results, scan
+from jobs.search import cells, groups, queries, results, scan
 
 log = get_logger("jobs.search")
 
@@ -64,6 +64,8 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
 
 def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame:
     if args.images:
+        from jobs.search import photos  # imports torch: only a photo search pays for it
+
         found = photos.embed_photos(spark, index, args.images, args.weights)
         failed = found.failures()
         for path, error in failed:
@@ -167,7 +169,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
     print_summary("search summary", rows)
     if args.show and not (args.all or args.duplicates):
-        print(results.console_table(spark.read.parquet(args.output), args.show, args.k), flush=True)
+        print(results.console_table(spark.read.parquet(args.output), args.show), flush=True)
     if args.report:
         write_report(spark, args.output, args.report)
     return 0

@@ -79,8 +79,8 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     """Candidate neighbours (results.PARTIAL_SCHEMA) of every query, and what the search touched."""
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     assigned = assign_probes(spark, queries, index, nprobe, enough).persist(StorageLevel.MEMORY_AND_DISK)
-    groups = sorted(r[0] for r in assigned.select(F.explode("visits.group")).distinct().collect())  # at most the index's groups
     cells = probed_cells(assigned)
+    groups = index.plan.groups_of(cells)  # the visits' groups, from the plan: no second pass over the queries
     rows, files = catalog_rows(spark, index, groups, cells)
     null = F.lit(None)
     both = rows.select(F.col("group"), F.lit(CATALOG).alias("kind"), "cell", null.cast("bigint").alias("qidx"), F.col("image_id").alias("id"),

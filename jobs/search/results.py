@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -67,15 +68,24 @@ def write(spark: SparkSession, table: DataFrame, output: str) -> int:
     return spark.read.parquet(output).count()
 
 
-def console_table(neighbours: DataFrame, queries: int, k: int) -> str:
-    """The top-k of the first few queries (by path) as aligned text; collects at most queries x k rows."""
-    first = neighbours.select("query_id", "query_path").distinct().orderBy("query_path", "query_id").limit(queries)
-    rows = neighbours.join(first, ["query_id", "query_path"]).orderBy("query_path", "query_id", "rank").limit(queries * k).collect()
-    lines, current = [], None
-    for row in rows:
-        if row["query_id"] != current:
-            current = row["query_id"]
-            lines.append(f"query {row['query_path']}")
-            lines.append(f"  {'rank':>4}  {'similarity':>10}  label / path")
-        lines.append(f"  {row['rank']:>4}  {row['similarity']:>10.4f}  {row['neighbor_label'] or '-'}  {row['neighbor_path']}")
+def first_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first `limit` queries by path (query_id, query_path) and their rows sorted by query and rank.
+
+    Spark picks the queries (distinct, then a top-N sort); only the chosen queries' rows reach the driver.
+    """
+    chosen = neighbours.select("query_id", "query_path").distinct().orderBy("query_path", "query_id").limit(limit).toPandas()
+    if chosen.empty:
+        return chosen, neighbours.limit(0).toPandas()
+    wanted = neighbours.sparkSession.createDataFrame(chosen[["query_id"]], "query_id string")
+    return chosen, neighbours.join(F.broadcast(wanted), "query_id").toPandas().sort_values(["query_id", "rank"])
+
+
+def console_table(neighbours: DataFrame, queries: int) -> str:
+    """The top-k of the first few queries (by path) as aligned text."""
+    chosen, rows = first_queries(neighbours, queries)
+    lines = []
+    for query_id, query_path in chosen.itertuples(index=False):
+        lines += [f"query {query_path}", f"  {'rank':>4}  {'similarity':>10}  label / path"]
+        for row in rows[rows["query_id"] == query_id].itertuples():
+            lines.append(f"  {row.rank:>4}  {row.similarity:>10.4f}  {row.neighbor_label or '-'}  {row.neighbor_path}")
     return "\n".join(lines)
