@@ -75,9 +75,9 @@ def per_query_precision(neighbours: pd.DataFrame, query_labels: dict[str, str], 
 def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
     """The ranked answers of a bounded sample of queries, on the driver."""
     if method == "ivf":
-        partials, touched = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
-        found = top_k(partials, k).toPandas()  # at most --sample x k rows
-        touched["assigned"].unpersist()
+        planned = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
+        found = top_k(planned.partials, k).toPandas()  # at most --sample x k rows
+        planned.release()
         return found
     found, fallback = [], 0
     for block in scan.blocks(sample, 4096):

@@ -70,23 +70,28 @@ class CellPlan:
         spans = [np.arange(first, first + parts) for first, parts in zip(self.first_group[picked], self.parts[picked])]
         return sorted({int(g) for span in spans for g in span})
 
-    def visits(self, cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """From each query's cells (CSR), its visits: the groups holding them, each with the cells it probes there.
+    def visits(self, cells: np.ndarray, offsets: np.ndarray, shard_of_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """From each query's cells (CSR), its visits: the shards (groups, or the files holding them) that store
+        those cells' rows, each with the cells it probes there.
 
-        Returns (visit offsets per query, group of each visit, cell offsets per visit, cells in visit order).
+        Returns (visit offsets per query, shard of each visit, cell offsets per visit, cells in visit order).
         """
         query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         counts = self.parts[cells]
         starts = np.repeat(np.cumsum(counts) - counts, counts)
         groups = np.repeat(self.first_group[cells], counts) + (np.arange(counts.sum()) - starts)
-        query, cells = np.repeat(query, counts), np.repeat(cells, counts)
-        order = np.lexsort((groups, query))  # stable: within a visit, cells keep the query's nearest-first order
-        query, groups, cells = query[order], groups[order], cells[order]
-        first = np.ones(len(groups), bool)
-        first[1:] = (query[1:] != query[:-1]) | (groups[1:] != groups[:-1])
+        query, cells, shards = np.repeat(query, counts), np.repeat(cells, counts), shard_of_group[groups]
+        order = np.lexsort((shards, query))  # stable: within a visit, cells keep the query's nearest-first order
+        query, shards, cells = query[order], shards[order], cells[order]
+        first = np.ones(len(shards), bool)
+        first[1:] = (query[1:] != query[:-1]) | (shards[1:] != shards[:-1])
+        # a cell split over groups of one shard is probed there once
+        keep = np.ones(len(cells), bool)
+        keep[1:] = first[1:] | (cells[1:] != cells[:-1])
+        query, shards, cells, first = query[keep], shards[keep], cells[keep], first[keep]
         visit_starts = np.flatnonzero(first)
         visit_offsets = np.searchsorted(query[visit_starts], np.arange(len(offsets)))
-        return visit_offsets.astype(np.int32), groups[visit_starts].astype(np.int32), np.append(visit_starts, len(cells)).astype(np.int32), cells.astype(np.int32)
+        return visit_offsets.astype(np.int32), shards[visit_starts].astype(np.int32), np.append(visit_starts, len(cells)).astype(np.int32), cells.astype(np.int32)
 
 
 @dataclass

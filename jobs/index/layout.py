@@ -17,7 +17,7 @@ from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
-ROW_GROUP_BYTES = 1 << 20  # small row groups: a search skips every row group outside its cells
+ROW_GROUP_BYTES = 128 << 10  # small row groups (~60 rows of 512-d): a search skips every row group outside its cells
 FILE_BYTES = 64 << 20
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)")
     parser.add_argument("--report", help="also write the contact sheets and HTML gallery of the neighbours to this folder or URI, in the same job")
     parser.add_argument("--show", type=int, default=5, help="queries whose neighbours are printed on the console (0: none)")
+    parser.add_argument("--reader", choices=["auto", "direct", "spark"], default="auto",
+                        help="ivf: direct: the executors read the probed row groups with pyarrow (local, s3a/s3, gs) and only queries are "
+                             "shuffled; spark: Spark reads the probed cells and shuffles them (any Hadoop filesystem); auto: direct where pyarrow opens the catalog")
     parser.add_argument("--query-block", type=int, default=4096, help="exact and lsh: queries broadcast per scan of the catalog")
 
 
@@ -90,13 +93,13 @@ def min_similarity(args: argparse.Namespace) -> float | None:
 def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
-    partials, touched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)))
-    assigned = touched.pop("assigned")
-    log.info("probing %d of %d groups in %d of %d catalog files", touched["groups_probed"], touched["groups"], touched["catalog_files_read"], touched["catalog_files"])
-    found = results.duplicate_pairs(partials) if args.duplicates else results.top_k(partials, args.k).select(*results.NEIGHBOUR_COLUMNS)
+    planned = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
+    log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", planned.planned["cells_probed"], index.cells,
+             planned.planned["catalog_files_read"], planned.planned["catalog_files"], planned.planned["reader"])
+    found = results.duplicate_pairs(planned.partials) if args.duplicates else results.top_k(planned.partials, args.k).select(*results.NEIGHBOUR_COLUMNS)
     written = results.write(spark, found, args.output)
-    count = assigned.count()
-    assigned.unpersist()
+    touched, count = planned.touched(), planned.assigned.count()
+    planned.release()
     if args.duplicates:
         touched.update(duplicate_stats(spark, args))
     return count, written, touched
@@ -158,9 +161,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching ({summary.data['queries_per_second']} queries/s)"),
     ]
     if args.method == "ivf":
-        rows.append(("read", f"{touched['catalog_files_read']} of {touched['catalog_files']} catalog files ({touched['catalog_bytes_read'] / 2**20:.1f} of "
-                             f"{touched['catalog_bytes'] / 2**20:.1f} MiB, fewer row groups), {touched['groups_probed']} of {touched['groups']} groups, "
-                             f"{touched['cells_probed']} of {touched['cells']} cells ({touched['catalog_rows_scanned']} of {touched['catalog_rows']} rows)"))
+        rows.append(("read", f"{touched['catalog_bytes_read'] / 2**20:.1f} of {touched['catalog_bytes'] / 2**20:.1f} MiB in {touched['catalog_files_read']} of "
+                             f"{touched['catalog_files']} catalog files (by {touched['reader']}), {touched['cells_probed']} of {touched['cells']} cells "
+                             f"({touched['catalog_rows_scanned']} of {touched['catalog_rows']} rows)"))
     if args.duplicates:
         rows.append(("images with a pair", touched["images_with_pairs"]))
     if args.groups:

@@ -1,0 +1,168 @@
+"""Executors read the catalog's probed row groups themselves (pyarrow: local, S3, GCS), so an IVF search
+shuffles only its queries: each probed file gets one task, which holds the file's probed rows and answers
+the queries that visit it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark import Accumulator
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs import storage
+from jobs.ivf import Index
+from jobs.partitions import partition_key
+from jobs.runlog import get_logger
+from jobs.search.results import PARTIAL_SCHEMA
+from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
+
+log = get_logger("jobs.search")
+S3_SCHEMES = ("s3a", "s3", "s3n")
+
+
+@dataclass(frozen=True)
+class CatalogFiles:
+    """How an executor opens the catalog: a pyarrow filesystem (kind and options) and the catalog folder on it."""
+
+    kind: str  # local, s3 or gcs
+    root: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def filesystem(self) -> pafs.FileSystem:
+        if self.kind == "s3":
+            return pafs.S3FileSystem(**self.options)
+        if self.kind == "gcs":
+            return pafs.GcsFileSystem(**self.options)
+        return pafs.LocalFileSystem()
+
+
+def s3_options(spark: SparkSession, bucket: str) -> dict[str, Any]:
+    """pyarrow's S3 options from the s3a settings (per-bucket first); without keys pyarrow uses AWS's credential chain."""
+    conf = spark._jsc.hadoopConfiguration()
+
+    def setting(key: str) -> str | None:
+        return conf.get(f"fs.s3a.bucket.{bucket}.{key}") or conf.get(f"fs.s3a.{key}")
+
+    options: dict[str, Any] = {}
+    endpoint = setting("endpoint")
+    if endpoint and not endpoint.rstrip("/").endswith("amazonaws.com"):
+        scheme, _, host = endpoint.rpartition("://")
+        secure = (setting("connection.ssl.enabled") or "true").lower() != "false"
+        options.update(endpoint_override=host, scheme=scheme or ("https" if secure else "http"))
+    else:
+        with contextlib.suppress(OSError):  # no network to ask the bucket's region: pyarrow's default applies
+            options["region"] = setting("endpoint.region") or pafs.resolve_s3_region(bucket)
+    if setting("access.key") and setting("secret.key"):
+        options.update(access_key=setting("access.key"), secret_key=setting("secret.key"), session_token=setting("session.token"))
+    return options
+
+
+def locate(spark: SparkSession, index: Index) -> CatalogFiles | None:
+    """Where the executors can open the catalog with pyarrow, checked on one file; None where they cannot (Spark reads it)."""
+    if not index.meta["files"]:
+        return None
+    uri = storage.qualify(spark, index.catalog_uri)
+    scheme, _, rest = uri.partition(":")
+    if scheme == "file":
+        files = CatalogFiles("local", "/" + rest.lstrip("/"))
+    elif scheme in S3_SCHEMES:
+        files = CatalogFiles("s3", rest.lstrip("/"), s3_options(spark, rest.lstrip("/").split("/", 1)[0]))
+    elif scheme == "gs":
+        files = CatalogFiles("gcs", rest.lstrip("/"))
+    else:
+        return None
+    try:
+        found = files.filesystem().get_file_info(f"{files.root}/{index.meta['files'][0]['name']}").type == pafs.FileType.File
+    except (OSError, ValueError, pa.ArrowException) as error:
+        log.info("pyarrow cannot open %s (%s): Spark reads the catalog", uri, error)
+        return None
+    return files if found else None
+
+
+def file_of_group(index: Index) -> np.ndarray:
+    """The manifest position of the file that stores each group (the files hold ascending runs of groups)."""
+    firsts = np.array([f["first_group"] for f in index.meta["files"]], np.int64)
+    return np.maximum(np.searchsorted(firsts, np.arange(index.plan.groups), side="right") - 1, 0).astype(np.int32)
+
+
+@dataclass
+class ReadCounters:
+    """What the executors read (catalog bytes, row groups, rows), added up by Spark accumulators."""
+
+    bytes: Accumulator
+    row_groups: Accumulator
+    rows: Accumulator
+
+    @classmethod
+    def start(cls, spark: SparkSession) -> ReadCounters:
+        return cls(*(spark.sparkContext.accumulator(0) for _ in range(3)))
+
+    def add(self, nbytes: int, row_groups: int, rows: int) -> None:
+        self.bytes.add(nbytes)
+        self.row_groups.add(row_groups)
+        self.rows.add(rows)
+
+    def totals(self) -> dict[str, int]:
+        return {"catalog_bytes_read": self.bytes.value, "row_groups_read": self.row_groups.value, "catalog_rows_scanned": self.rows.value}
+
+
+def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.Table, int, int]:
+    """The probed cells' rows of one catalog file, reading only the row groups whose cell range holds a probed
+    cell (the file is sorted by cell); also the bytes (footer + column chunks) and row groups read."""
+    probed_before = np.concatenate([[0], np.cumsum(probed)])  # probed cells below each cell number
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=True)
+        meta = parquet.metadata
+        if not meta.num_row_groups:
+            return parquet.schema_arrow.empty_table().select(ROW_COLUMNS), meta.serialized_size, 0
+        position = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)}
+        chosen = []
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(position["cell"]).statistics
+            lo, hi = (stats.min, stats.max) if stats is not None and stats.has_min_max else (0, len(probed) - 1)
+            if probed_before[hi + 1] > probed_before[lo]:
+                chosen.append(group)
+        table = parquet.read_row_groups(chosen, columns=ROW_COLUMNS)
+    nbytes = meta.serialized_size + sum(meta.row_group(g).column(position[c]).total_compressed_size for g in chosen for c in ROW_COLUMNS)
+    return table.filter(pa.array(probed[table.column("cell").to_numpy()])), nbytes, len(chosen)
+
+
+def score_files(spark: SparkSession, index: Index, files: CatalogFiles, assigned: DataFrame, probed_files: list[int], cells: list[int],
+                wanted: Wanted, counters: ReadCounters) -> DataFrame:
+    """Candidates of every query: its visits are shuffled, one partition per probed file, to the task that reads that file."""
+    names = [f["name"] for f in index.meta["files"]]
+    probed = np.zeros(index.cells, bool)
+    probed[cells] = True
+    tasks = max(1, len(probed_files))
+    task_of_file = np.zeros(len(names), np.int32)
+    task_of_file[probed_files] = np.arange(len(probed_files))
+    visitors = assigned.select(F.explode("visits").alias("visit"), "*").select(
+        F.col("visit.shard").alias("file"), "qidx", F.col("query_id").alias("id"), F.col("query_path").alias("path"),
+        F.col("query_label").alias("label"), F.col("visit.probes").alias("probes"), "vector")
+    task = F.array(*[F.lit(int(t)) for t in task_of_file])[F.col("file")]
+    spread = visitors.repartition(tasks, partition_key(task, tasks))
+    dim = index.dim
+
+    def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs, current, held = None, None, None
+        for batch in batches:
+            if not len(batch):
+                continue
+            file = batch.column("file")[0].as_py()  # one file per task: partition_key places each file's visits exactly
+            if file != current:
+                fs = fs or files.filesystem()
+                table, nbytes, row_groups = read_probed(fs, f"{files.root}/{names[file]}", probed)
+                counters.add(nbytes, row_groups, table.num_rows)
+                current, held = file, ShardRows.of(table, dim) if table.num_rows else None
+            if held is not None:
+                yield held.answer(batch, wanted)
+
+    return spread.mapInArrow(score, PARTIAL_SCHEMA)

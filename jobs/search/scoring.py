@@ -1,0 +1,147 @@
+"""Scoring on an executor: a shard of catalog rows held as a matrix, queries answered cell by cell with one matrix product each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.knn import id_ranks, merge_nearest, nearest, squared_distances, squared_norms
+from jobs.search.results import cosine, partial_batch
+from jobs.vectors import matrix_from_binary, values_from_binary
+
+ROW_COLUMNS = ["cell", "image_id", "path", "label", "vector"]  # the catalog columns a shard's task holds
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a query wants from the cells it probes: its k nearest, or (min_similarity set) every row at least that similar."""
+
+    k: int
+    exclude_self: bool = False
+    min_similarity: float | None = None
+
+
+
+
+@dataclass
+class ShardRows:
+    """One shard's catalog rows (sorted here by cell), their vectors, and the bounds of each cell."""
+
+    rows: pa.RecordBatch
+    vectors: np.ndarray
+    squares: np.ndarray
+    cells: np.ndarray
+    bounds: np.ndarray
+    keys: np.ndarray  # rank of each row's id: ties go to the smaller id
+
+    @classmethod
+    def of(cls, table: pa.Table, dim: int) -> ShardRows:
+        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes)."""
+        table = table.take(pa.array(np.argsort(table.column("cell").to_numpy(), kind="stable"))).combine_chunks()
+        rows = pa.RecordBatch.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns], names=table.column_names)
+        vectors = matrix_from_binary(rows.column("vector"), dim)
+        cells, starts = np.unique(rows.column("cell").to_numpy(), return_index=True)
+        keys = id_ranks(rows.column("image_id").to_numpy(zero_copy_only=False))
+        return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(keys)), keys)
+
+    def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
+        """What each query wants among the rows of the cells it probes in this shard, cell by cell."""
+        vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
+        query_sq = squared_norms(vectors)
+        cells, offsets = values_from_binary(queries.column("probes"), np.int32)
+        owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
+        rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell in this shard
+        slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
+        here = self.cells[slot] == cells
+        owner, slot, rank = owner[here], slot[here], rank[here]
+        own_row = self.own_rows(queries) if wanted.exclude_self else None
+        keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
+        # nearest cells first: they set each query's k-th distance, which then rules out most rows of the other cells
+        for later, phase in enumerate((rank == 0, rank > 0)):
+            by_cell = np.argsort(slot[phase], kind="stable")
+            phase_owner, phase_slot = owner[phase][by_cell], slot[phase][by_cell]
+            for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
+                asking, lo, hi = phase_owner[start:end], self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
+                d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
+                if own_row is not None:
+                    mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
+                    d2[mine, own_row[asking[mine]] - lo] = np.inf
+                keep.add(asking, d2, lo, self.keys[lo:hi], bool(later))
+        q, rows, d2 = keep.found()
+        asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
+                                           names=["qidx", "query_id", "query_path", "query_label"])
+        return partial_batch(asked, q, query_sq, self.rows, rows, self.squares, d2)
+
+    def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
+        """The row of each query's own id in this shard, or -1."""
+        position = {image_id: row for row, image_id in enumerate(self.rows.column("image_id").to_pylist())}
+        return np.array([position.get(q, -1) for q in queries.column("id").to_pylist()], np.int64)
+
+
+class TopK:
+    """Each query's k nearest rows so far (row, squared distance, key), ties to the smaller key."""
+
+    def __init__(self, queries: int, k: int) -> None:
+        self.k = k
+        self.rows = np.full((queries, k), -1, np.int64)
+        self.d2 = np.full((queries, k), np.inf, np.float32)
+        self.keys = np.full((queries, k), np.iinfo(np.int64).max, np.int64)
+
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
+        """Fold in d2 (len(asking) x cell rows) of the rows first_row.. . bounded: most rows cannot beat the
+        queries' current k-th distance, so only those that can are gathered and merged."""
+        if bounded:
+            q, col = np.nonzero(d2 <= self.d2[asking, self.k - 1][:, None])
+            if len(q):
+                self.merge(asking[q], d2[q, col], col, first_row, keys)
+            return
+        cols, values = nearest(d2, keys, self.k)
+        found = np.where(cols >= 0, cols + first_row, -1)
+        merged = merge_nearest((self.rows[asking], self.d2[asking], self.keys[asking]),
+                               (found, values, np.where(cols >= 0, keys[cols], np.iinfo(np.int64).max)), self.k)
+        self.rows[asking], self.d2[asking], self.keys[asking] = merged
+
+    def merge(self, query: np.ndarray, d2: np.ndarray, col: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+        """Merge loose candidates (one per entry) into the k best of their queries."""
+        touched = np.unique(query)
+        queries = np.concatenate([np.repeat(touched, self.k), query])
+        d = np.concatenate([self.d2[touched].ravel(), d2])
+        key = np.concatenate([self.keys[touched].ravel(), keys[col]])
+        row = np.concatenate([self.rows[touched].ravel(), col + first_row])
+        order = np.lexsort((key, d, queries))
+        queries, d, key, row = queries[order], d[order], key[order], row[order]
+        starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
+        rank = np.arange(len(queries)) - np.repeat(starts, np.diff(np.r_[starts, len(queries)]))
+        top = rank < self.k
+        target = (queries[top], rank[top])
+        self.rows[target], self.d2[target], self.keys[target] = row[top], d[top], key[top]
+
+    def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q, r = np.nonzero(self.rows >= 0)
+        return q, self.rows[q, r], self.d2[q, r]
+
+
+class Similar:
+    """Every (query, row) pair with cosine similarity at or above a threshold."""
+
+    def __init__(self, threshold: float, query_sq: np.ndarray, row_sq: np.ndarray) -> None:
+        self.threshold, self.query_sq, self.row_sq = np.float32(threshold), query_sq, row_sq
+        self.pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
+        similarity = cosine(self.query_sq[asking][:, None], self.row_sq[first_row : first_row + d2.shape[1]][None, :], d2)
+        q, col = np.nonzero(similarity >= self.threshold)
+        self.pairs.append((asking[q], col + first_row, d2[q, col]))
+
+    def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.pairs:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        return tuple(np.concatenate(parts) for parts in zip(*self.pairs))  # type: ignore[return-value]
+
+
+def run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each run of equal values in a sorted array."""
+    cuts = np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1
+    return np.concatenate([[0], cuts]).astype(np.int64), np.concatenate([cuts, [len(sorted_values)]]).astype(np.int64)
