@@ -72,12 +72,13 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     np.testing.assert_array_equal(np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh))
 
 
-@pytest.mark.parametrize("method", ["exact", "ivf-all-cells", "ivf-all-cells-read-by-spark"])
+@pytest.mark.parametrize("method", ["exact", "exact-read-by-spark", "ivf-all-cells", "ivf-all-cells-read-by-spark"])
 def test_exact_and_ivf_probing_every_cell_are_exactly_right(spark, catalog, tmp_path, method):
     folder, vectors, _, ids = catalog
     queries, _ = clustered_unit_vectors(40, dim=64, cluster_size=30, noise=0.5, seed=99)
     query_ids = write_embeddings(spark, tmp_path / "q", queries, prefix="q")
-    args = ["--method", "exact"] if method == "exact" else ["--method", "ivf", "--nprobe", "100000", "--reader", method.endswith("spark") and "spark" or "auto"]
+    args = ["--method", "exact"] if method.startswith("exact") else ["--method", "ivf", "--nprobe", "100000"]
+    args += ["--reader", "spark" if method.endswith("spark") else "direct"]
     search(spark, folder / "index", tmp_path / "nb", "--queries", tmp_path / "q", "-k", "7", *args)
     got = read_neighbours(spark, tmp_path / "nb")
     truth_idx, truth_dist = exact_topk(queries, vectors, 7)

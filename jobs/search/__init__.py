@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table")
     parser.add_argument("--weights", help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)")
     parser.add_argument("--report", help="also write the contact sheets and HTML gallery of the neighbours to this folder or URI, in the same job")
-    parser.add_argument("--show", type=int, default=5, help="queries whose neighbours are printed on the console (0: none)")
+    parser.add_argument("--show", type=int, help="queries whose neighbours are printed on the console (default: 5 with --images or --query-ids, else 0)")
     parser.add_argument("--reader", choices=["auto", "direct", "spark"], default="auto",
                         help="ivf: direct: the executors read the probed row groups with pyarrow (local, s3a/s3, gs) and only queries are "
                              "shuffled; spark: Spark reads the probed cells and shuffles them (any Hadoop filesystem); auto: direct where pyarrow opens the catalog")
@@ -121,7 +121,7 @@ def run_scan(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argp
     staged = storage.sibling(args.output, "staging")
     answered, fallback = 0, 0
     for block in scan.blocks(table, args.query_block):
-        ranked, shipped, short = scan.answer_block(spark, index, block, args.method, args.k, exclude_self)
+        ranked, shipped, short = scan.answer_block(spark, index, block, args.method, args.k, exclude_self, args.reader)
         ranked.select(*results.NEIGHBOUR_COLUMNS).write.mode("append").parquet(staged)
         for broadcast in shipped:
             broadcast.destroy()
@@ -171,8 +171,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.method == "lsh":
         rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
     print_summary("search summary", rows)
-    if args.show and not (args.all or args.duplicates):
-        print(results.console_table(spark.read.parquet(args.output), args.show), flush=True)
+    show = args.show if args.show is not None else 5 if args.images or args.query_ids else 0
+    if show and not (args.all or args.duplicates):
+        print(results.console_table(spark.read.parquet(args.output), show), flush=True)
     if args.report:
         write_report(spark, args.output, args.report)
     return 0

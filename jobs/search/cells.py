@@ -16,7 +16,6 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.errors import UsageError
 from jobs.ivf import Index
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
@@ -92,9 +91,7 @@ class Search:
 def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, wanted: Wanted, reader: str = "auto") -> Search:
     """Plan the search of every query: executors read the probed row groups themselves where pyarrow can open
     the catalog (reader auto or direct), otherwise Spark reads the probed cells and shuffles them to the queries."""
-    files = None if reader == "spark" else direct.locate(spark, index)
-    if reader == "direct" and files is None:
-        raise UsageError(f"--reader direct: pyarrow cannot open {index.catalog_uri} on this cluster; use --reader spark")
+    files = direct.chosen(spark, index, reader)
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     shard_of_group = direct.file_of_group(index) if files else np.arange(index.plan.groups, dtype=np.int32)
     assigned = assign_probes(spark, queries, index, nprobe, enough, shard_of_group).persist(StorageLevel.MEMORY_AND_DISK)

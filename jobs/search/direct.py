@@ -5,7 +5,7 @@ the queries that visit it."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
+from jobs.errors import UsageError
 from jobs.ivf import Index
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
@@ -26,6 +27,7 @@ from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
 
 log = get_logger("jobs.search")
 S3_SCHEMES = ("s3a", "s3", "s3n")
+READ_ROWS = 8192  # catalog rows per batch of a scan (bounds the queries x rows distance matrix)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,14 @@ def locate(spark: SparkSession, index: Index) -> CatalogFiles | None:
         log.info("pyarrow cannot open %s (%s): Spark reads the catalog", uri, error)
         return None
     return files if found else None
+
+
+def chosen(spark: SparkSession, index: Index, reader: str) -> CatalogFiles | None:
+    """The files the executors read for --reader (auto, direct, spark); None: Spark reads the catalog."""
+    files = None if reader == "spark" else locate(spark, index)
+    if reader == "direct" and files is None:
+        raise UsageError(f"--reader direct: pyarrow cannot open {index.catalog_uri} here; use --reader spark")
+    return files
 
 
 def file_of_group(index: Index) -> np.ndarray:
@@ -166,3 +176,23 @@ def score_files(spark: SparkSession, index: Index, files: CatalogFiles, assigned
                 yield held.answer(batch, wanted)
 
     return spread.mapInArrow(score, PARTIAL_SCHEMA)
+
+
+def file_table(spark: SparkSession, index: Index) -> DataFrame:
+    """One row per catalog file (its manifest position), each in a partition of its own: the input of a whole-catalog scan."""
+    count = len(index.meta["files"])
+    return spark.createDataFrame([(i,) for i in range(count)], "file int").repartition(count, partition_key(F.col("file"), count))
+
+
+def file_reader(files: CatalogFiles, index: Index, columns: list[str]) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """Executor side of a scan: the rows of the files named by the file_table batches, in Arrow batches of READ_ROWS."""
+    names = [f["name"] for f in index.meta["files"]]
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs = files.filesystem()
+        for batch in batches:
+            for file in batch.column("file").to_pylist():
+                with fs.open_input_file(f"{files.root}/{names[file]}") as handle:
+                    yield from pq.ParquetFile(handle, pre_buffer=True).iter_batches(batch_size=READ_ROWS, columns=columns)
+
+    return read

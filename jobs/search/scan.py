@@ -1,9 +1,10 @@
 """Exact and LSH search: queries stream to the driver a block at a time, each block is broadcast and the
-whole catalog is scanned once per block; every block's answers are written by the executors."""
+whole catalog is scanned once per block (its files read by the executors where pyarrow opens them);
+every block's answers are written by the executors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ from pyspark.sql import functions as F
 from jobs.ivf import Index, rand_unit_vectors
 from jobs.knn import BucketIndex, exact_topk, id_ranks, lsh_topk, probe_keys, squared_norms
 from jobs.runlog import get_logger
+from jobs.search import direct
 from jobs.search.results import PARTIAL_SCHEMA, partial_batch, top_k
 from jobs.vectors import matrix_from_binary
 
@@ -40,18 +42,30 @@ def to_batch(rows: list) -> pa.RecordBatch:
         names=["qidx", "query_id", "query_path", "query_label", "vector"])
 
 
-def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.ndarray | None, k: int, exclude_self: bool) -> tuple[DataFrame, Broadcast]:
+def catalog_source(spark: SparkSession, index: Index, columns: list[str], reader: str) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]]:
+    """What a scan maps over, and how a task turns its input into catalog batches: the files, read by the executors
+    with pyarrow where it opens the catalog, or Spark's own read of the catalog."""
+    files = direct.chosen(spark, index, reader)
+    if files is None:
+        return spark.read.parquet(index.catalog_uri).select(*columns), lambda batches: batches
+    return direct.file_table(spark, index), direct.file_reader(files, index, columns)
+
+
+def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.ndarray | None, k: int, exclude_self: bool,
+         reader: str = "auto") -> tuple[DataFrame, Broadcast]:
     """One pass over the catalog for a broadcast block of queries: the block's k nearest (among LSH candidates
     when probes are given), ranked, and the broadcast to release once they are written."""
     shipped = spark.sparkContext.broadcast((block, probes))
     dim = index.dim
+    columns = ["image_id", "path", "label", "vector"] + (["buckets"] if probes is not None else [])
+    source, catalog_batches = catalog_source(spark, index, columns, reader)
 
     def partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         queries, query_probes = shipped.value
         vectors = matrix_from_binary(queries.column("vector"), dim)
         query_sq = squared_norms(vectors)
         own = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())} if exclude_self else {}
-        for batch in batches:
+        for batch in catalog_batches(batches):
             catalog = matrix_from_binary(batch.column("vector"), dim)
             ids = batch.column("image_id").to_pylist()
             keys = id_ranks(ids)
@@ -69,21 +83,21 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
             q, r = np.nonzero(idx >= 0)
             yield partial_batch(queries, q, query_sq, batch, idx[q, r], squared_norms(catalog), dist[q, r] ** 2)
 
-    columns = ["image_id", "path", "label", "vector"] + (["buckets"] if probes is not None else [])
-    return top_k(spark.read.parquet(index.catalog_uri).select(*columns).mapInArrow(partition, PARTIAL_SCHEMA), k), shipped
+    return top_k(source.mapInArrow(partition, PARTIAL_SCHEMA), k), shipped
 
 
-def answer_block(spark: SparkSession, index: Index, block: pa.RecordBatch, method: str, k: int, exclude_self: bool) -> tuple[DataFrame, list[Broadcast], int]:
+def answer_block(spark: SparkSession, index: Index, block: pa.RecordBatch, method: str, k: int, exclude_self: bool,
+                 reader: str = "auto") -> tuple[DataFrame, list[Broadcast], int]:
     """The ranked answers of one block, the broadcasts to release once they are written, and the LSH fallbacks.
 
     With lsh, a query with fewer than k candidates in its buckets is answered exactly instead.
     """
     if method == "exact":
-        ranked, shipped = scan(spark, index, block, None, k, exclude_self)
+        ranked, shipped = scan(spark, index, block, None, k, exclude_self, reader)
         return ranked, [shipped], 0
     vectors = matrix_from_binary(block.column("vector"), index.dim)
     projections = rand_unit_vectors(spark, f"{index.uri}/model")
-    ranked, shipped = scan(spark, index, block, probe_keys(vectors, projections, index.lsh), k, exclude_self)
+    ranked, shipped = scan(spark, index, block, probe_keys(vectors, projections, index.lsh), k, exclude_self, reader)
     ranked = ranked.cache()
     expected = min(k, index.count - (1 if exclude_self else 0))
     counts = dict(ranked.groupBy("query_id").count().collect())  # one row per query of the block
@@ -91,7 +105,7 @@ def answer_block(spark: SparkSession, index: Index, block: pa.RecordBatch, metho
     handles = [shipped]
     if short:
         log.info("%d of %d queries had fewer than %d LSH candidates: answering them exactly", len(short), len(block), expected)
-        exact, shipped = scan(spark, index, block.take(pa.array(short)), None, k, exclude_self)
+        exact, shipped = scan(spark, index, block.take(pa.array(short)), None, k, exclude_self, reader)
         handles.append(shipped)
         ranked = ranked.where(~F.col("query_id").isin([block.column("query_id")[i].as_py() for i in short])).unionByName(exact)
     return ranked, handles, len(short)
