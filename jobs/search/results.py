@@ -37,6 +37,15 @@ def partial_batch(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.
     )
 
 
+def nearest_per_query(partials: pa.Table, k: int) -> pa.Table:
+    """The k nearest candidates of each query in a table of candidates, in top_k's order (distance, then neighbour id)."""
+    ordered = partials.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
+    qidx = ordered.column("qidx").to_numpy()
+    starts = np.flatnonzero(np.r_[True, qidx[1:] != qidx[:-1]]) if len(qidx) else np.empty(0, np.int64)
+    rank = np.arange(len(qidx)) - np.repeat(starts, np.diff(np.r_[starts, len(qidx)]))
+    return ordered.filter(pa.array(rank < k))
+
+
 def top_k(partials: DataFrame, k: int) -> DataFrame:
     """The k nearest candidates per query, ranked 1..k, ties broken by neighbour id: the neighbours table + query_label."""
     order = Window.partitionBy("qidx").orderBy("distance", "neighbor_id")

@@ -16,7 +16,7 @@ from jobs.ivf import Index, rand_unit_vectors
 from jobs.knn import BucketIndex, exact_topk, id_ranks, lsh_topk, probe_keys, squared_norms
 from jobs.runlog import get_logger
 from jobs.search import direct
-from jobs.search.results import PARTIAL_SCHEMA, partial_batch, top_k
+from jobs.search.results import PARTIAL_SCHEMA, nearest_per_query, partial_batch, top_k
 from jobs.vectors import matrix_from_binary
 
 log = get_logger("jobs.search")
@@ -65,6 +65,7 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
         vectors = matrix_from_binary(queries.column("vector"), dim)
         query_sq = squared_norms(vectors)
         own = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())} if exclude_self else {}
+        best = None  # the task's k nearest so far: one row set per task, not per batch, goes to the merge
         for batch in catalog_batches(batches):
             catalog = matrix_from_binary(batch.column("vector"), dim)
             ids = batch.column("image_id").to_pylist()
@@ -81,7 +82,10 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
                 buckets = batch.column("buckets").flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
                 idx, dist, _ = lsh_topk(vectors, query_probes, catalog, BucketIndex(buckets), k, exclude)
             q, r = np.nonzero(idx >= 0)
-            yield partial_batch(queries, q, query_sq, batch, idx[q, r], squared_norms(catalog), dist[q, r] ** 2)
+            found = pa.Table.from_batches([partial_batch(queries, q, query_sq, batch, idx[q, r], squared_norms(catalog), dist[q, r] ** 2)])
+            best = found if best is None else nearest_per_query(pa.concat_tables([best, found]), k)
+        if best is not None:
+            yield from best.to_batches()
 
     return top_k(source.mapInArrow(partition, PARTIAL_SCHEMA), k), shipped
 
