@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--catalog", type=int, default=300_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--methods", default="ivf,exact,lsh")
-    parser.add_argument("--nprobe", type=int, help="ivf nprobe (default: the index's)")
+    parser.add_argument("--nprobe", help="ivf nprobe, or several comma-separated (default: the index's)")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--driver-memory", default="1g", help="Spark's default driver memory unless told otherwise")
@@ -217,32 +217,35 @@ def main() -> None:
         rows.append({"method": "our index build (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ")", "wall_s": built["wall_s"],
                      "peak_rss_mib": built["peak_rss_mib"]})
     meta = json.loads((folder / "index" / "index.json").read_text())
-    cells, nprobe = meta["ivf"]["cells"], args.nprobe or meta["ivf"]["nprobe"]
+    cells = meta["ivf"]["cells"]
+    nprobes = [int(p) for p in args.nprobe.split(",")] if args.nprobe else [meta["ivf"]["nprobe"]]
+    nprobe = nprobes[0]
     catalog_bytes = sum(f.stat().st_size for f in (folder / "index" / "catalog").glob("*.parquet"))
     count_py = DATA / "count_catalog.py"
     count_py.write_text(COUNT_SCRIPT)
     trivial = submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory)
     rows.append({"method": "trivial spark-submit: read catalog + count", "wall_s": trivial["wall_s"], "peak_rss_mib": trivial["peak_rss_mib"]})
     ours: list[dict] = []
-    for method in args.methods.split(","):
-        extra = ["--nprobe", str(nprobe)] if method == "ivf" else []
-        out = folder / f"nb_{method}_{args.queries}"
+    runs = [(m, p) for m in args.methods.split(",") for p in (nprobes if m == "ivf" else [None])]
+    for method, probes in runs:
+        extra = ["--nprobe", str(probes)] if method == "ivf" else []
+        out = folder / f"nb_{method}{probes or ''}_{args.queries}"
         run = submit(dist, ["search", "--index", folder / "index", "--queries", query_table, "--output", out, "-k", args.k, "--method", method, *extra], args.driver_memory)
         summary = json.loads((out / "_summary.json").read_text())
-        ours.append({"method": f"our {method}" + (f" nprobe {nprobe}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
+        ours.append({"method": f"our {method}" + (f" nprobe {probes}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
                      "queries_per_s": summary["queries_per_second"], "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "peak_rss_mib": run["peak_rss_mib"], "out": out})
     if "ivf" in args.methods:  # one query alone: how much of the catalog does it read?
         write_embeddings(folder / "q1", queries[:1], "q")
-        single = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_single", "-k", args.k], args.driver_memory)
-        touched = json.loads((folder / "nb_single" / "_summary.json").read_text())["touched"]
-        rows.append({"method": "our ivf, one query", "wall_s": single["wall_s"], "catalog_share_read": touched["catalog_bytes_read"] / catalog_bytes,
-                     "rows_share_scanned": touched["catalog_rows_scanned"] / touched["catalog_rows"],
-                     "peak_rss_mib": single["peak_rss_mib"]})
+        for probes in nprobes:
+            single = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_single", "-k", args.k, "--nprobe", str(probes)], args.driver_memory)
+            touched = json.loads((folder / "nb_single" / "_summary.json").read_text())["touched"]
+            rows.append({"method": f"our ivf nprobe {probes}, one query", "wall_s": single["wall_s"], "catalog_share_read": touched["catalog_bytes_read"] / catalog_bytes,
+                         "rows_share_scanned": touched["catalog_rows_scanned"] / touched["catalog_rows"], "peak_rss_mib": single["peak_rss_mib"]})
     vectors, truth, flat = faiss_flat(folder / "emb", queries, args.k)
     for row in ours:
         row["recall"] = recall(read_neighbours(row.pop("out")), truth)
     target = next((r["recall"] for r in ours if r["method"].startswith("our ivf")), 0.95)
-    probes = sorted({nprobe, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
+    probes = sorted({*nprobes, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
     rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell)
     if args.graph:
         rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory)
