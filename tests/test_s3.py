@@ -143,8 +143,10 @@ def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resume
             "--weights", mobilenet_weights, "--chunk-files", "4"]
     # chunk 1 is two tasks of two images: the third task output is chunk 2's first
     with FaultyEndpoint(moto, nth_task_output(3, bucket), fault) as endpoint:
-        # Hadoop's default throttle retries take minutes; fewer keep the test short, and still show backoff
-        conf = {**s3a_conf(endpoint.url), "spark.hadoop.fs.s3a.retry.throttle.limit": "2", "spark.hadoop.fs.s3a.retry.throttle.interval": "100ms"}
+        # Hadoop's default retries wait minutes (throttling) or seconds (each failed request); shorter waits keep
+        # the test short, and still show backoff
+        conf = {**s3a_conf(endpoint.url), "spark.hadoop.fs.s3a.retry.throttle.limit": "2", "spark.hadoop.fs.s3a.retry.throttle.interval": "100ms",
+                "spark.hadoop.fs.s3a.retry.interval": "100ms"}
         failed = spark_submit(dist, args, conf=conf, env=KEYS)
     output = failed.stdout + failed.stderr
     assert endpoint.broke_at is not None, output[-3000:]
