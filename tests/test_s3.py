@@ -94,6 +94,8 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
     picked = list(local.index[:3])
     submit("search", "--index", "s3a://vehicles/out/index", "--query-ids", ",".join(remote.loc[picked, "image_id"]),
            "--output", "s3a://vehicles/out/nb", "-k", "3", "--exclude-self")
+    touched = json.loads(s3.get_object(Bucket="vehicles", Key="out/nb/_summary.json")["Body"].read())["touched"]
+    assert touched["reader"] == "executors" and touched["catalog_bytes_read"] > 0  # pyarrow on the executors read the catalog from S3
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
     assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", ",".join(local.loc[picked, "image_id"]),
                    "--output", tmp_path / "nb", "-k", "3", "--exclude-self", "--method", "exact") == 0
