@@ -76,7 +76,7 @@ def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k
     """The ranked answers of a bounded sample of queries, on the driver."""
     if method == "ivf":
         planned = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
-        found = top_k(planned.partials, k).toPandas()  # at most --sample x k rows
+        found = top_k(planned.partials, k, planned.tasks).toPandas()  # at most --sample x k rows
         planned.release()
         return found
     found, fallback = [], 0

@@ -96,7 +96,7 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argpa
     planned = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
     log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", planned.planned["cells_probed"], index.cells,
              planned.planned["catalog_files_read"], planned.planned["catalog_files"], planned.planned["reader"])
-    found = results.duplicate_pairs(planned.partials) if args.duplicates else results.top_k(planned.partials, args.k).select(*results.NEIGHBOUR_COLUMNS)
+    found = results.duplicate_pairs(planned.partials) if args.duplicates else results.top_k(planned.partials, args.k, planned.tasks).select(*results.NEIGHBOUR_COLUMNS)
     written = results.write(spark, found, args.output)
     touched, count = planned.touched(), planned.assigned.count()
     planned.release()

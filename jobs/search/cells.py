@@ -76,6 +76,7 @@ class Search:
     """A planned IVF search: its candidates (results.PARTIAL_SCHEMA) for the top-k merge, and what it touches."""
 
     partials: DataFrame
+    tasks: int  # the partials' partitions: the merge keeps this many, not spark.sql.shuffle.partitions
     assigned: DataFrame
     planned: dict
     counters: ReadCounters | None = None
@@ -102,13 +103,14 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
         probed_files = sorted({int(shard_of_group[g]) for g in index.plan.groups_of(cells)})
         counters = direct.ReadCounters.start(spark)
         partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters)
-        return Search(partials, assigned, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters)
+        return Search(partials, len(probed_files), assigned, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters)
     groups = index.plan.groups_of(cells)  # the visits' groups, from the plan: no second pass over the queries
-    partials, read = shuffled(spark, index, assigned, groups, cells, wanted)
-    return Search(partials, assigned, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups})
+    tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
+    partials, read = shuffled(spark, index, assigned, groups, cells, wanted, tasks)
+    return Search(partials, tasks, assigned, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups})
 
 
-def shuffled(spark: SparkSession, index: Index, assigned: DataFrame, groups: list[int], cells: list[int], wanted: Wanted) -> tuple[DataFrame, dict]:
+def shuffled(spark: SparkSession, index: Index, assigned: DataFrame, groups: list[int], cells: list[int], wanted: Wanted, tasks: int) -> tuple[DataFrame, dict]:
     """Spark reads the probed cells' rows and shuffles them to the group tasks with the queries that visit them."""
     rows, files = catalog_rows(spark, index, groups, cells)
     null = F.lit(None)
@@ -117,7 +119,6 @@ def shuffled(spark: SparkSession, index: Index, assigned: DataFrame, groups: lis
         assigned.select(F.explode("visits").alias("visit"), "*").select(
             F.col("visit.shard").alias("group"), F.lit(QUERY).alias("kind"), null.cast("int").alias("cell"), "qidx", F.col("query_id").alias("id"),
             F.col("query_path").alias("path"), F.col("query_label").alias("label"), F.col("visit.probes").alias("probes"), "vector"))
-    tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
     spread = both.repartition(tasks, partition_key(F.col("group") % tasks, tasks)).sortWithinPartitions("group", "kind")
     dim = index.dim
 

@@ -46,8 +46,13 @@ def nearest_per_query(partials: pa.Table, k: int) -> pa.Table:
     return ordered.filter(pa.array(rank < k))
 
 
-def top_k(partials: DataFrame, k: int) -> DataFrame:
-    """The k nearest candidates per query, ranked 1..k, ties broken by neighbour id: the neighbours table + query_label."""
+def top_k(partials: DataFrame, k: int, partitions: int | None = None) -> DataFrame:
+    """The k nearest candidates per query, ranked 1..k, ties broken by neighbour id: the neighbours table + query_label.
+
+    partitions: how many the merge uses (default spark.sql.shuffle.partitions, 200 unless set).
+    """
+    if partitions:
+        partials = partials.repartition(partitions, "qidx")  # the window needs no other exchange
     order = Window.partitionBy("qidx").orderBy("distance", "neighbor_id")
     ranked = partials.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= k)
     return ranked.select(*NEIGHBOUR_COLUMNS, "query_label")

@@ -42,13 +42,13 @@ def to_batch(rows: list) -> pa.RecordBatch:
         names=["qidx", "query_id", "query_path", "query_label", "vector"])
 
 
-def catalog_source(spark: SparkSession, index: Index, columns: list[str], reader: str) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]]:
-    """What a scan maps over, and how a task turns its input into catalog batches: the files, read by the executors
-    with pyarrow where it opens the catalog, or Spark's own read of the catalog."""
+def catalog_source(spark: SparkSession, index: Index, columns: list[str], reader: str) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]], int | None]:
+    """What a scan maps over, how a task turns its input into catalog batches, and its partitions if known: the
+    files, one per task, read by the executors with pyarrow where it opens the catalog, or Spark's own read."""
     files = direct.chosen(spark, index, reader)
     if files is None:
-        return spark.read.parquet(index.catalog_uri).select(*columns), lambda batches: batches
-    return direct.file_table(spark, index), direct.file_reader(files, index, columns)
+        return spark.read.parquet(index.catalog_uri).select(*columns), lambda batches: batches, None
+    return direct.file_table(spark, index), direct.file_reader(files, index, columns), len(index.meta["files"])
 
 
 def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.ndarray | None, k: int, exclude_self: bool,
@@ -58,7 +58,7 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
     shipped = spark.sparkContext.broadcast((block, probes))
     dim = index.dim
     columns = ["image_id", "path", "label", "vector"] + (["buckets"] if probes is not None else [])
-    source, catalog_batches = catalog_source(spark, index, columns, reader)
+    source, catalog_batches, partitions = catalog_source(spark, index, columns, reader)
 
     def partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         queries, query_probes = shipped.value
@@ -87,7 +87,7 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
         if best is not None:
             yield from best.to_batches()
 
-    return top_k(source.mapInArrow(partition, PARTIAL_SCHEMA), k), shipped
+    return top_k(source.mapInArrow(partition, PARTIAL_SCHEMA), k, partitions), shipped
 
 
 def answer_block(spark: SparkSession, index: Index, block: pa.RecordBatch, method: str, k: int, exclude_self: bool,
