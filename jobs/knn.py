@@ -72,6 +72,14 @@ def squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.n
     return np.maximum(d2, 0.0, out=d2)
 
 
+def ranks_in_runs(sorted_values: np.ndarray) -> np.ndarray:
+    """Each entry's position within its run of equal values (0 for the first of a run)."""
+    if not len(sorted_values):
+        return np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    return np.arange(len(sorted_values)) - np.repeat(starts, np.diff(np.r_[starts, len(sorted_values)]))
+
+
 def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Columns and values of the k smallest entries of each row, smallest first, ties broken by keys[column].
 

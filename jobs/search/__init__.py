@@ -93,13 +93,13 @@ def min_similarity(args: argparse.Namespace) -> float | None:
 def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
-    planned = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
-    log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", planned.planned["cells_probed"], index.cells,
-             planned.planned["catalog_files_read"], planned.planned["catalog_files"], planned.planned["reader"])
-    found = results.duplicate_pairs(planned.partials) if args.duplicates else results.top_k(planned.partials, args.k, planned.tasks).select(*results.NEIGHBOUR_COLUMNS)
+    searched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
+    log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", searched.planned["cells_probed"], index.cells,
+             searched.planned["catalog_files_read"], searched.planned["catalog_files"], searched.planned["reader"])
+    found = results.duplicate_pairs(searched.partials) if args.duplicates else results.top_k(searched.partials, args.k, searched.tasks).select(*results.NEIGHBOUR_COLUMNS)
     written = results.write(spark, found, args.output)
-    touched, count = planned.touched(), planned.assigned.count()
-    planned.release()
+    touched, count = searched.touched(), searched.assigned.count()
+    searched.release()
     if args.duplicates:
         touched.update(duplicate_stats(spark, args))
     return count, written, touched

@@ -9,6 +9,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import storage
+from jobs.knn import ranks_in_runs
 from jobs.tables import NEIGHBOURS_SCHEMA
 
 PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
@@ -40,10 +41,7 @@ def partial_batch(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.
 def nearest_per_query(partials: pa.Table, k: int) -> pa.Table:
     """The k nearest candidates of each query in a table of candidates, in top_k's order (distance, then neighbour id)."""
     ordered = partials.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
-    qidx = ordered.column("qidx").to_numpy()
-    starts = np.flatnonzero(np.r_[True, qidx[1:] != qidx[:-1]]) if len(qidx) else np.empty(0, np.int64)
-    rank = np.arange(len(qidx)) - np.repeat(starts, np.diff(np.r_[starts, len(qidx)]))
-    return ordered.filter(pa.array(rank < k))
+    return ordered.filter(pa.array(ranks_in_runs(ordered.column("qidx").to_numpy()) < k))
 
 
 def top_k(partials: DataFrame, k: int, partitions: int | None = None) -> DataFrame:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.knn import id_ranks, merge_nearest, nearest, squared_distances, squared_norms
+from jobs.knn import id_ranks, merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
 from jobs.search.results import cosine, partial_batch
 from jobs.vectors import matrix_from_binary, values_from_binary
 
@@ -112,8 +112,7 @@ class TopK:
         row = np.concatenate([self.rows[touched].ravel(), col + first_row])
         order = np.lexsort((key, d, queries))
         queries, d, key, row = queries[order], d[order], key[order], row[order]
-        starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
-        rank = np.arange(len(queries)) - np.repeat(starts, np.diff(np.r_[starts, len(queries)]))
+        rank = ranks_in_runs(queries)
         top = rank < self.k
         target = (queries[top], rank[top])
         self.rows[target], self.d2[target], self.keys[target] = row[top], d[top], key[top]
