@@ -42,13 +42,13 @@ class Embeddings(NamedTuple):
     dim: int
     weights_sha256: str | None  # None for tables written before embed recorded it
     count: int
-    distinct_ids: int
+    distinct_ids: int | None  # counted only when asked (read_embeddings)
 
 
-def read_embeddings(spark: SparkSession, uri: str, what: str) -> Embeddings:
-    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights.
+def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
+    """The rows of an embeddings table that have an embedding (its columns checked, its values not: no Spark job).
 
-    Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, or no vectors.
+    Raises UsageError for a missing table or missing columns.
     """
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
@@ -59,19 +59,41 @@ def read_embeddings(spark: SparkSession, uri: str, what: str) -> Embeddings:
     valid = table.where(F.col("embedding").isNotNull())
     if "error" in table.columns:
         valid = valid.where(F.col("error").isNull())
-    stats = valid.agg(
-        F.count("*").alias("rows"), F.countDistinct("image_id").alias("ids"), F.min(F.size("embedding")).alias("min_dim"), F.max(F.size("embedding")).alias("max_dim"),
-        F.collect_set("model").alias("models"),
-        F.collect_set(F.col("weights_sha256") if "weights_sha256" in table.columns else F.lit(None).cast("string")).alias("weights"),
-    ).first()
-    if not stats or stats["rows"] == 0:
+    weights = F.col("weights_sha256") if "weights_sha256" in table.columns else F.lit(None).cast("string").alias("weights_sha256")
+    return valid.select(*VECTOR_COLUMNS, weights)
+
+
+def check_vectors(what: str, uri: str, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
+    """UsageError unless the table has vectors, all of one length, one model and one weights digest (rows without one mix with any)."""
+    if rows == 0:
         raise UsageError(f"{what} {uri} has no embedded images (every row failed or it is empty)")
-    if stats["min_dim"] != stats["max_dim"]:
-        raise UsageError(f"{what} {uri} mixes vector dimensions {stats['min_dim']} and {stats['max_dim']}; re-embed with one model")
-    if len(stats["models"]) > 1:
-        raise UsageError(f"{what} {uri} mixes models {', '.join(sorted(stats['models']))}; re-embed with one model")
-    if len(stats["weights"]) > 1:
-        digests = ", ".join(d[:12] for d in sorted(stats["weights"]))
-        raise UsageError(f"{what} {uri} mixes vectors from different weights (sha256 {digests}); re-embed with --mode overwrite")
-    return Embeddings(valid.select(*VECTOR_COLUMNS), stats["models"][0], int(stats["min_dim"]), (stats["weights"] or [None])[0],
-                      int(stats["rows"]), int(stats["ids"]))
+    if len(dims) > 1:
+        raise UsageError(f"{what} {uri} mixes vector dimensions {', '.join(map(str, sorted(dims)))}; re-embed with one model")
+    if len(models) > 1:
+        raise UsageError(f"{what} {uri} mixes models {', '.join(sorted(models))}; re-embed with one model")
+    if len(digests) > 1:
+        raise UsageError(f"{what} {uri} mixes vectors from different weights (sha256 {', '.join(d[:12] for d in sorted(digests))}); "
+                         "re-embed with --mode overwrite")
+
+
+def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool = False) -> Embeddings:
+    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one pass.
+
+    distinct_ids: also count distinct image ids (a second shuffle; the index needs it, a search does not).
+    Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, or no vectors.
+    """
+    valid = open_embeddings(spark, uri, what)
+    dims = F.size("embedding")
+    # min and max tell "one value" from "mixed" in one pass, without collecting sets
+    stats = valid.agg(
+        F.count("*").alias("rows"), F.min(dims).alias("min_dim"), F.max(dims).alias("max_dim"), F.min("model").alias("model"), F.max("model").alias("other_model"),
+        F.min("weights_sha256").alias("weights"), F.max("weights_sha256").alias("other_weights"),
+        *([F.countDistinct("image_id").alias("ids")] if distinct_ids else []),
+    ).first()
+
+    def seen(*names: str) -> set:
+        return {stats[n] for n in names if stats[n] is not None}
+
+    check_vectors(what, uri, stats["rows"], seen("min_dim", "max_dim"), seen("model", "other_model"), seen("weights", "other_weights"))
+    return Embeddings(valid.select(*VECTOR_COLUMNS), stats["model"], int(stats["min_dim"]), stats["weights"],
+                      int(stats["rows"]), int(stats["ids"]) if distinct_ids else None)

@@ -236,7 +236,8 @@ def test_recall_and_label_metrics_on_known_cases():
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
 
 
-@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index", "no lsh keys"])
+@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index",
+                                  "no lsh keys", "queries mixing weights", "queries of another length", "queries of another length, exact"])
 def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     folder, vectors, _, ids = catalog
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
@@ -266,6 +267,14 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     elif case == "other model":
         write_embeddings(spark, tmp_path / "q", vectors[:3], model="mobilenet_v2")
         args = [*index_args, "--queries", tmp_path / "q"]
+    elif case == "queries mixing weights":  # ivf checks what its probe pass saw
+        write_embeddings(spark, tmp_path / "q", vectors[:5], weights="a" * 64)
+        write_embeddings(spark, tmp_path / "q2", vectors[5:10], prefix="x", weights="b" * 64)
+        spark.read.parquet(str(tmp_path / "q2")).write.mode("append").parquet(str(tmp_path / "q"))
+        args = [*index_args, "--queries", tmp_path / "q"]
+    elif case.startswith("queries of another length"):
+        write_embeddings(spark, tmp_path / "q", vectors[:5, :32])
+        args = [*index_args, "--queries", tmp_path / "q", *(["--method", "exact"] if case.endswith("exact") else [])]
     elif case == "no lsh keys":
         write_embeddings(spark, tmp_path / "e", vectors[:50])
         assert run_job(spark, "index", "--embeddings", tmp_path / "e", "--output", tmp_path / "i", "--num-hash-tables", "0") == 0
@@ -276,6 +285,9 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
     assert run_job(spark, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0], err
+    assert not (tmp_path / "nb").exists()
+    if "another length" in case:
+        assert "32-d" in err[0] and f"{vectors.shape[1]}-d" in err[0], err
     if "weights" in case:
         assert "aaaaaaaaaaaa" in err[0] and "bbbbbbbbbbbb" in err[0], err
 

@@ -78,7 +78,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     lsh_params = check(args)
     summary = RunSummary("index", vars(args))
     with summary.stage("read"):
-        table = read_embeddings(spark, args.embeddings, "embeddings table")
+        table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True)
         vectors, model_name, dim, count = table.rows, table.model, table.dim, table.count
         if table.distinct_ids != count:
             raise UsageError(f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite")

@@ -78,8 +78,8 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
         return found.queries()
     if args.all or args.duplicates:
         return queries.from_catalog(spark, index)
-    if args.queries:
-        return queries.from_table(spark, args.queries, index)
+    if args.queries:  # IVF's probe pass checks the queries as it assigns them; a scan checks them first
+        return queries.unchecked_from_table(spark, args.queries) if uses_cells(args) else queries.from_table(spark, args.queries, index)
     return queries.from_ids(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
 
 
@@ -90,15 +90,22 @@ def min_similarity(args: argparse.Namespace) -> float | None:
     return args.min_similarity if args.min_similarity is not None else 1 - args.threshold**2 / 2
 
 
+def uses_cells(args: argparse.Namespace) -> bool:
+    return args.method == "ivf" or args.duplicates
+
+
 def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
     searched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
+    seen = searched.seen
+    if args.queries:
+        queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
     log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", searched.planned["cells_probed"], index.cells,
              searched.planned["catalog_files_read"], searched.planned["catalog_files"], searched.planned["reader"])
     found = results.duplicate_pairs(searched.partials) if args.duplicates else results.top_k(searched.partials, args.k, searched.tasks).select(*results.NEIGHBOUR_COLUMNS)
     written = results.write(spark, found, args.output)
-    touched, count = searched.touched(), searched.assigned.count()
+    touched, count = searched.touched(), seen.queries
     searched.release()
     if args.duplicates:
         touched.update(duplicate_stats(spark, args))
@@ -144,7 +151,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     with summary.stage("search"):
         started = time.perf_counter()
         table = query_table(spark, args, index)
-        engine = run_ivf if args.method == "ivf" or args.duplicates else run_scan
+        engine = run_ivf if uses_cells(args) else run_scan
         count, written, touched = engine(spark, index, table, args, exclude_self)
         seconds = time.perf_counter() - started
     summary.count(queries=count, rows=written, catalog=index.count,

@@ -8,11 +8,12 @@ pyarrow cannot open the catalog, a group of cells that Spark reads and shuffles 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from pyspark import StorageLevel
+import pyarrow.compute as pc
+from pyspark import Accumulator, AccumulatorParam, StorageLevel, TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -27,36 +28,94 @@ from jobs.vectors import binary_from_values, matrix_from_binary, values_from_bin
 
 log = get_logger("jobs.search")
 CATALOG, QUERY = 0, 1
+ASSIGNED_COLUMNS = ["qidx", "query_id", "query_path", "query_label"]
 # at most this many values are pushed down as a list: Spark makes a list into a chain of ORs, and Java
 # serialisation of a 2,000-deep chain overflows a task's stack (longer lists still filter, as a range)
 PUSHDOWN_LIMIT = 256
+SEEN_VALUES = 4  # distinct models or digests a probe pass remembers: enough to name a mix, bounded whatever the table
 
 
-def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int, shard_of_group: np.ndarray) -> DataFrame:
-    """queries + visits: each shard holding cells the query probes (nearest first, enough for min_rows), with those cells (packed int32)."""
+@dataclass
+class Probed:
+    """What the probe pass saw, gathered by a Spark accumulator: the cells probed, query rows per partition, and the
+    queries' vector lengths, models and weights digests. Every merge is idempotent (or, union, rows per partition),
+    so a task that runs twice cannot count twice."""
+
+    cells: np.ndarray | None = None  # bool per cell
+    rows: dict[int, int] = field(default_factory=dict)
+    dims: set[int] = field(default_factory=set)
+    models: set[str] = field(default_factory=set)
+    digests: set[str] = field(default_factory=set)
+
+    def merge(self, other: Probed) -> Probed:
+        cells = other.cells if self.cells is None else self.cells if other.cells is None else self.cells | other.cells
+        return Probed(cells, {**self.rows, **other.rows}, self.dims | other.dims, bounded(self.models | other.models), bounded(self.digests | other.digests))
+
+    @property
+    def queries(self) -> int:
+        return sum(self.rows.values())
+
+    def probed_cells(self) -> list[int]:
+        return np.flatnonzero(self.cells).tolist() if self.cells is not None else []
+
+
+def bounded(values: set[str]) -> set[str]:
+    return set(sorted(values)[:SEEN_VALUES])
+
+
+class ProbedParam(AccumulatorParam):
+    """Merges Probed values (the executors' and the driver's)."""
+
+    def zero(self, value: Probed) -> Probed:
+        return Probed()
+
+    def addInPlace(self, value1: Probed, value2: Probed) -> Probed:
+        return value1.merge(value2)
+
+
+def packed_vectors(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """A vector column (float32 bytes or a list of numbers) as float32 bytes, and each row's length."""
+    if pa.types.is_binary(column.type):
+        _, offsets = values_from_binary(column)
+        return column, np.diff(offsets)
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return binary_from_values(values, offsets - offsets[0]), np.diff(offsets)
+
+
+def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int, shard_of_group: np.ndarray,
+                  probed: Accumulator) -> DataFrame:
+    """queries + visits: each shard holding cells the query probes (nearest first, enough for min_rows), with those cells (packed int32).
+
+    What the pass sees goes to `probed` (a Probed accumulator); a query whose vector is not the index's length
+    gets no visits (check the lengths seen before using the visits).
+    """
     shipped = spark.sparkContext.broadcast(index)
+    carried = [c for c in ("model", "weights_sha256") if c in queries.columns]
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         shipped_index = shipped.value
+        seen, rows = Probed(np.zeros(shipped_index.cells, bool)), 0
         for batch in batches:
-            cells, offsets = shipped_index.probe(matrix_from_binary(batch.column("vector"), shipped_index.dim), nprobe, min_rows)
+            vectors, lengths = packed_vectors(batch.column("vector"))
+            seen.dims.update(np.unique(lengths).tolist())
+            for name, values in zip(carried, (seen.models, seen.digests)):
+                values.update(v for v in pc.unique(batch.column(name)).to_pylist()[:SEEN_VALUES] if v is not None)
+            if len(batch) and (lengths == shipped_index.dim).all():
+                cells, offsets = shipped_index.probe(matrix_from_binary(vectors, shipped_index.dim), nprobe, min_rows)
+                seen.cells[cells] = True
+            else:
+                cells, offsets = np.empty(0, np.int32), np.zeros(len(batch) + 1, np.int32)
             visit_offsets, shards, cell_offsets, visit_cells = shipped_index.plan.visits(cells, offsets, shard_of_group)
             visits = pa.StructArray.from_arrays([pa.array(shards), binary_from_values(visit_cells, cell_offsets)], names=["shard", "probes"])
-            yield pa.RecordBatch.from_arrays([*batch.columns, pa.ListArray.from_arrays(pa.array(visit_offsets), visits)], names=[*batch.schema.names, "visits"])
+            rows += len(batch)
+            yield pa.RecordBatch.from_arrays([*(batch.column(c) for c in ASSIGNED_COLUMNS), vectors, pa.ListArray.from_arrays(pa.array(visit_offsets), visits)],
+                                             names=[*ASSIGNED_COLUMNS, "vector", "visits"])
+        seen.rows[TaskContext.get().partitionId()] = rows
+        probed.add(seen)  # once per partition, after its last batch
 
     return queries.mapInArrow(assign, "qidx bigint, query_id string, query_path string, query_label string, vector binary, "
                                       "visits array<struct<shard: int, probes: binary>>")
-
-
-def probed_cells(assigned: DataFrame) -> list[int]:
-    """Every cell some query probes (at most the index's cells reach the driver)."""
-
-    def unpack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            cells, _ = values_from_binary(batch.column("visits").flatten().field("probes"), np.int32)
-            yield pa.RecordBatch.from_arrays([pa.array(np.unique(cells))], names=["cell"])
-
-    return sorted(r[0] for r in assigned.select("visits").mapInArrow(unpack, "cell int").distinct().collect())
 
 
 def catalog_rows(spark: SparkSession, index: Index, groups: list[int], cells: list[int]) -> tuple[DataFrame, list[dict]]:
@@ -78,6 +137,7 @@ class Search:
     partials: DataFrame
     tasks: int  # the partials' partitions: the merge keeps this many, not spark.sql.shuffle.partitions
     assigned: DataFrame
+    seen: Probed
     planned: dict
     counters: ReadCounters | None = None
 
@@ -95,19 +155,22 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     files = direct.chosen(spark, index, reader)
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     shard_of_group = direct.file_of_group(index) if files else np.arange(index.plan.groups, dtype=np.int32)
-    assigned = assign_probes(spark, queries, index, nprobe, enough, shard_of_group).persist(StorageLevel.MEMORY_AND_DISK)
-    cells = probed_cells(assigned)
+    probed = spark.sparkContext.accumulator(Probed(), ProbedParam())
+    assigned = assign_probes(spark, queries, index, nprobe, enough, shard_of_group, probed).persist(StorageLevel.MEMORY_AND_DISK)
+    assigned.count()  # the probe pass, once: every query assigned (and kept for scoring), what it saw gathered
+    seen = probed.value
+    cells = seen.probed_cells()
     planned = {"cells_probed": len(cells), "cells": index.cells, "catalog_rows": int(index.plan.sizes.sum()),
                "catalog_files": len(index.meta["files"]), "catalog_bytes": sum(f["bytes"] for f in index.meta["files"])}
     if files:
         probed_files = sorted({int(shard_of_group[g]) for g in index.plan.groups_of(cells)})
         counters = direct.ReadCounters.start(spark)
         partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters)
-        return Search(partials, len(probed_files), assigned, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters)
+        return Search(partials, len(probed_files), assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters)
     groups = index.plan.groups_of(cells)  # the visits' groups, from the plan: no second pass over the queries
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
     partials, read = shuffled(spark, index, assigned, groups, cells, wanted, tasks)
-    return Search(partials, tasks, assigned, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups})
+    return Search(partials, tasks, assigned, seen, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups})
 
 
 def shuffled(spark: SparkSession, index: Index, assigned: DataFrame, groups: list[int], cells: list[int], wanted: Wanted, tasks: int) -> tuple[DataFrame, dict]:

@@ -1,49 +1,65 @@
-"""Where queries come from, as one distributed table: qidx, query_id, query_path, query_label, vector (float32 bytes)."""
+"""Where queries come from, as one distributed table: qidx, query_id, query_path, query_label, vector.
+
+vector is float32 bytes (catalog rows) or list<float> (embeddings tables): the probe pass and the scans take
+either, so no Python pass converts them first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.errors import UsageError
 from jobs.ivf import Index
-from jobs.tables import read_embeddings
-from jobs.vectors import binary_from_matrix, matrix_from_list
+from jobs.tables import check_vectors, open_embeddings, read_embeddings
 
-QUERY_SCHEMA = "query_id string, query_path string, query_label string, vector binary"
+QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]
 
 
-def numbered(queries: DataFrame) -> DataFrame:
+def numbered(queries: DataFrame, *extra: str) -> DataFrame:
     """A row number (qidx) for the merge; unique within this job, never collected."""
-    return queries.select(F.monotonically_increasing_id().alias("qidx"), "query_id", "query_path", "query_label", "vector")
+    return queries.select(F.monotonically_increasing_id().alias("qidx"), *QUERY_COLUMNS, *extra)
+
+
+def renamed(vector: str) -> list[Column]:
+    """Catalog or embeddings columns under the queries' names."""
+    return [F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), F.col(vector).alias("vector")]
 
 
 def from_embeddings(table: DataFrame) -> DataFrame:
     """Queries from rows of an embeddings table (image_id, path, label, embedding)."""
+    return numbered(table.select(*renamed("embedding")))
 
-    def to_binary(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            vectors = binary_from_matrix(matrix_from_list(batch.column("embedding"))) if len(batch) else pa.array([], pa.binary())
-            yield pa.RecordBatch.from_arrays([batch.column("image_id"), batch.column("path"), batch.column("label"), vectors],
-                                             names=["query_id", "query_path", "query_label", "vector"])
 
-    return numbered(table.select("image_id", "path", "label", "embedding").mapInArrow(to_binary, QUERY_SCHEMA))
+def check_against_index(uri: str, index: Index, model: str, dim: int, digest: str | None) -> None:
+    """UsageError unless a queries table's vectors come from the index's model, dimension and weights."""
+    if (model, dim) != (index.model, index.dim):
+        raise UsageError(f"queries {uri} are {model} {dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
+                         f"embed the queries with --model {index.model}")
+    expected = index.meta.get("weights_sha256")
+    if expected and digest and digest != expected:
+        source = index.meta.get("weights_source")
+        raise UsageError(f"queries {uri} were embedded with weights sha256 {digest[:12]} but index {index.uri} with {expected[:12]}; "
+                         f"embed the queries with the index's weights" + (f" (--weights {source})" if source else ""))
 
 
 def from_table(spark: SparkSession, uri: str, index: Index) -> DataFrame:
+    """Queries from an embeddings table, checked against the index first (one Spark pass over the table)."""
     table = read_embeddings(spark, uri, "queries table")
-    if (table.model, table.dim) != (index.model, index.dim):
-        raise UsageError(f"queries {uri} are {table.model} {table.dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
-                         f"embed the queries with --model {index.model}")
-    expected = index.meta.get("weights_sha256")
-    if expected and table.weights_sha256 and table.weights_sha256 != expected:
-        source = index.meta.get("weights_source")
-        raise UsageError(f"queries {uri} were embedded with weights sha256 {table.weights_sha256[:12]} but index {index.uri} with {expected[:12]}; "
-                         f"embed the queries with the index's weights" + (f" (--weights {source})" if source else ""))
+    check_against_index(uri, index, table.model, table.dim, table.weights_sha256)
     return from_embeddings(table.rows)
+
+
+def unchecked_from_table(spark: SparkSession, uri: str) -> DataFrame:
+    """Queries from an embeddings table, carrying model and weights_sha256 for check_seen: the IVF probe pass
+    looks at every query anyway, so it checks them there instead of in a pass of its own."""
+    return numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
+
+
+def check_seen(uri: str, index: Index, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
+    """from_table's checks, on what the probe pass saw of unchecked_from_table's queries."""
+    check_vectors("queries table", uri, rows, dims, models, digests)
+    check_against_index(uri, index, next(iter(models)), next(iter(dims)), next(iter(digests), None))
 
 
 def catalog(spark: SparkSession, index: Index) -> DataFrame:
@@ -52,7 +68,7 @@ def catalog(spark: SparkSession, index: Index) -> DataFrame:
 
 def from_catalog(spark: SparkSession, index: Index) -> DataFrame:
     """Every catalog row as a query (kNN graph, duplicates)."""
-    return numbered(catalog(spark, index).select(F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), "vector"))
+    return numbered(catalog(spark, index).select(*renamed("vector")))
 
 
 def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int = 5) -> list[str]:
@@ -83,4 +99,4 @@ def from_ids(spark: SparkSession, index: Index, names: list[str]) -> DataFrame:
     """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries."""
     ids = resolve_ids(spark, index, names)
     found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
-    return numbered(found.select(F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), "vector"))
+    return numbered(found.select(*renamed("vector")))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -11,6 +12,9 @@ from pyspark.sql import functions as F
 from jobs import storage
 from jobs.knn import ranks_in_runs
 from jobs.tables import NEIGHBOURS_SCHEMA
+
+if TYPE_CHECKING:  # the executors import this module: pandas would cost each Python worker ~0.7 s
+    import pandas as pd
 
 PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
                   "neighbor_label string, distance float, similarity float")

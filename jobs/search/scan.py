@@ -38,7 +38,7 @@ def to_batch(rows: list) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [pa.array([r.qidx for r in rows], pa.int64()), pa.array([r.query_id for r in rows], pa.string()),
          pa.array([r.query_path for r in rows], pa.string()), pa.array([r.query_label for r in rows], pa.string()),
-         pa.array([bytes(r.vector) for r in rows], pa.binary())],
+         pa.array([bytes(r.vector) if isinstance(r.vector, (bytes, bytearray)) else np.asarray(r.vector, np.float32).tobytes() for r in rows], pa.binary())],
         names=["qidx", "query_id", "query_path", "query_label", "vector"])
 
 
