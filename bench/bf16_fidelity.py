@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import print_table, write_json  # noqa: E402
 
-from jobs.embed.model import eager_runner  # noqa: E402
+from jobs.embed.backends import eager_runner  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from jobs.weights import load_weights  # noqa: E402
 

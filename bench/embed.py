@@ -35,7 +35,7 @@ from helpers import build_dist, spark_submit  # noqa: E402
 
 from jobs import imaging  # noqa: E402
 from jobs.backbones import build_backbone  # noqa: E402
-from jobs.embed.model import Backend, eager_runner, export, load_runner  # noqa: E402
+from jobs.embed.backends import Backend, eager_runner, export, load_runner  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from scripts.sample_data import synthetic_photos  # noqa: E402
 
@@ -88,9 +88,13 @@ def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, batch_si
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     summary = json.loads((out / "_summary.json").read_text())
-    rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", result.stdout + result.stderr)]
+    logs = result.stdout + result.stderr
+    rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", logs)]
+    # the tasks' own accounts: seconds in Arrow transfer, decoding and the model, summed over tasks
+    spent = [tuple(map(float, m)) for m in re.findall(r"seconds: arrow ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)]
     return {"wall_s": wall, "embed_s": summary["seconds"]["embed"], "embedded": summary["counts"]["embedded"],
-            "backend": summary["backend"], "peak_rss_mb": max(rss, default=None)}
+            "backend": summary["backend"], "peak_rss_mb": max(rss, default=None),
+            "task_seconds": dict(zip(("arrow", "decode", "model"), np.sum(spent, axis=0).round(2).tolist())) if spent else None}
 
 
 def jvm_start(dist) -> float:
@@ -144,6 +148,11 @@ def main() -> None:
     print(f"\ndecode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, {decode['draft 2x']:.1f} to 2x;"
           f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
           f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB")
+    for backend, job in jobs.items():
+        for n, run in job["runs"].items():
+            if run["task_seconds"]:
+                per_image = ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in run["task_seconds"].items())
+                print(f"job --backend {backend}, {n} images: the tasks' ms per image (one core each): {per_image}; embed stage {run['embed_s']:.1f} s")
     write_json("embed", {"parameters": vars(args), "results": results})
 
 

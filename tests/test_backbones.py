@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.embed.model import AUTO_ORDER, FIDELITY, EmbedConfig, choose_backend, eager_runner, pick_backend, runner_for
+from jobs.embed.backends import AUTO_ORDER, FIDELITY, choose_backend, eager_runner, pick_backend
+from jobs.embed.model import EmbedConfig, runner_for
 from jobs.errors import UsageError
 from jobs.imaging import preprocess, to_batch
 from jobs.weights import build_model, load_weights

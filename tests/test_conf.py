@@ -75,7 +75,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import numpy as np
 import pyarrow as pa
 import pyspark.worker  # noqa: F401 - what Spark's forked worker already holds
-from jobs.embed.model import Backend, load_runner
+from jobs.embed.backends import Backend, load_runner
 table = pa.table({"content": [open(p, "rb").read() for p in sys.argv[3:]]})
 sink = pa.BufferOutputStream()
 with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -92,7 +92,7 @@ print("embedded 96")
 
 @pytest.fixture(scope="module")
 def onnx_model(mobilenet_weights, tmp_path_factory) -> str:
-    from jobs.embed.model import export
+    from jobs.embed.backends import export
 
     path = tmp_path_factory.mktemp("onnx") / "mobilenet_v2.onnx"
     path.write_bytes(export("onnxruntime", "mobilenet_v2", Path(mobilenet_weights).read_bytes()))

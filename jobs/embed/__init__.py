@@ -1,7 +1,7 @@
 """embed: image files (local dir or any Hadoop URI) -> L2-normalised CNN embeddings as Parquet.
 
 plan.py lists the images and plans what to compute (incremental re-runs skip unchanged files),
-model.py decodes and embeds them in batches on the executors with the fastest faithful backend,
+model.py decodes and embeds them in batches on the executors, on the backend backends.py chose (the fastest faithful one),
 write.py appends each chunk to the table, so that an interrupted run resumes where it stopped.
 """
 
@@ -12,7 +12,8 @@ import argparse
 from pyspark.sql import SparkSession
 
 from jobs import storage
-from jobs.embed.model import AUTO_ORDER, BACKENDS, EmbedConfig, choose_backend, embed_images, resolve_precision
+from jobs.embed.backends import AUTO_ORDER, BACKENDS, choose_backend, resolve_precision
+from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, plan_files
 from jobs.embed.write import Outcome, commit, write_chunks
 from jobs.errors import UsageError

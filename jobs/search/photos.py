@@ -8,7 +8,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.embed.model import EmbedConfig, choose_backend, embed_images
+from jobs.embed.backends import choose_backend
+from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import PLAN_COLUMNS, list_images, read_files
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
