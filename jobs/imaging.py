@@ -80,7 +80,7 @@ def decode(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX
                 x1, y1, x2, y2 = box
                 # rounded like Pillow's own crop(box), so a box gives the same pixels drafted or not
                 img = img.crop((max(0, round(x1 * sx)), max(0, round(y1 * sy)), min(img.size[0], round(x2 * sx)), min(img.size[1], round(y2 * sy))))
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright photo
             rgb = _to_rgb(img)
             rgb.load()
     except ImageError:
