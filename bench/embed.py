@@ -91,10 +91,10 @@ def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, batch_si
     logs = result.stdout + result.stderr
     rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", logs)]
     # the tasks' own accounts: seconds in Arrow transfer, decoding and the model, summed over tasks
-    spent = [tuple(map(float, m)) for m in re.findall(r"seconds: arrow ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)]
+    spent = [tuple(map(float, m)) for m in re.findall(r"seconds: arrow ([\d.]+), read ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)]
     return {"wall_s": wall, "embed_s": summary["seconds"]["embed"], "embedded": summary["counts"]["embedded"],
             "backend": summary["backend"], "peak_rss_mb": max(rss, default=None),
-            "task_seconds": dict(zip(("arrow", "decode", "model"), np.sum(spent, axis=0).round(2).tolist())) if spent else None}
+            "task_seconds": dict(zip(("arrow", "read", "decode", "model"), np.sum(spent, axis=0).round(2).tolist())) if spent else None}
 
 
 def jvm_start(dist) -> float:

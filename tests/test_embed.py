@@ -39,11 +39,12 @@ def check_contract(spark, path: Path, dim: int) -> pd.DataFrame:
     return rows
 
 
-def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir, mobilenet_weights, capsys):
+@pytest.mark.parametrize("reader", ["auto", "spark"])
+def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir, mobilenet_weights, capsys, reader):
     folder, expected = nasty_dir
     out = tmp_path / "emb"
     assert run_job(spark, "embed", "--input", folder, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--batch-size", "4",
-                   "--backend", "onnxruntime") == 0
+                   "--backend", "onnxruntime", "--reader", reader) == 0
     rows = check_contract(spark, out, 1280)
     by_name = {Path(p).name: r for p, r in zip(rows["path"], rows.itertuples())}
     assert set(by_name) == set(expected)
@@ -62,6 +63,7 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
     assert summary["counts"]["embedded"] == len(expected) - failed and summary["counts"]["failed"] == failed
     assert summary["weights"]["sha256"].startswith("b03531047ffacf1e")
     assert summary["backend"] == "onnxruntime"  # installed here, and faithful: auto picks it from AUTO_MIN_IMAGES images on
+    assert summary["photos_read_by"] == ("tasks" if reader == "auto" else "spark")
     assert set(rows.loc[rows["error"].isna(), "weights_sha256"]) == {summary["weights"]["sha256"]}  # provenance on every vector
     printed = capsys.readouterr().out
     assert "embed summary" in printed and f"failed                {failed}".split()[-1] in printed
@@ -172,3 +174,16 @@ def test_plan_files_finds_new_and_changed():
     done = pd.DataFrame({"path": ["a", "b"], "length": [1, 2], "modification_us": [10, 25]})
     todo, changed = plan_files(listing, done)
     assert list(todo["path"]) == ["b", "c"] and changed == ["b"]
+
+
+def test_tasks_reading_photos_leave_out_those_gone_since_the_listing(tmp_path):
+    import pyarrow.fs as pafs
+
+    from jobs.embed.model import read_photos
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(name.encode() * 3)
+    (tmp_path / "b.jpg").unlink()
+    batch = pd.DataFrame({"path": [f"file:{tmp_path}/{n}" for n in ("a.jpg", "b.jpg", "c.jpg")], "label": ["x", "y", "z"]})
+    kept, contents = read_photos(pafs.LocalFileSystem(), batch)
+    assert kept["label"].tolist() == ["x", "z"] and contents == [b"a.jpga.jpga.jpg", b"c.jpgc.jpgc.jpg"]

@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 from jobs import storage
 from jobs.embed.backends import AUTO_ORDER, BACKENDS, choose_backend, resolve_precision
 from jobs.embed.model import EmbedConfig, embed_images
-from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, plan_files
+from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, photo_location, plan_files, read_files
 from jobs.embed.write import Outcome, commit, write_chunks
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-error-rate", type=float, default=0.5, help="fail (exit 2) when more than this fraction of new files cannot be embedded (1 never fails)")
     parser.add_argument("--chunk-files", type=int, default=20000, help="files per committed chunk: an interrupted run loses at most one chunk")
     parser.add_argument("--log-every", type=int, default=10, help="log throughput every N batches per task")
+    parser.add_argument("--reader", choices=["auto", "direct", "spark"], default="auto",
+                        help="direct: each task reads its photos with pyarrow (local, s3a/s3, gs); spark: Spark's binaryFile reader "
+                             "(any Hadoop filesystem); auto: direct where pyarrow opens the input")
     parser.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS), help="file extensions to read (case-insensitive)")
 
 
@@ -60,14 +63,18 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         backend = choose_backend(args.backend, args.model, weights, precision, len(plan.todo))
     log.info("model %s (%s) on backend %s", args.model, precision, backend.name)
 
-    config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name)
+    photos = None if args.reader == "spark" else photo_location(spark, plan.readable()["path"])
+    if args.reader == "direct" and photos is None and not plan.readable().empty:
+        raise UsageError(f"--reader direct: pyarrow cannot open the photos under {args.input} here; use --reader spark")
+    log.info("photos read by %s", "the tasks (pyarrow)" if photos else "Spark")
+    config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
     # executors read a broadcast's value only when they use it: the weights only on a fallback to eager
     weights_bc = spark.sparkContext.broadcast(weights.data)
     backend_bc = spark.sparkContext.broadcast(backend)
     with summary.stage("embed"):
-        write_chunks(spark, plan, args.model, args.chunk_files, lambda files: embed_images(files, config, weights.sha256, weights_bc, backend_bc))
+        write_chunks(spark, plan, args.model, args.chunk_files, lambda chunk: embed_images(read_files(spark, chunk, photos), config, weights.sha256, weights_bc, backend_bc))
     with summary.stage("commit"):
         commit(spark, plan, args.output)
 
@@ -78,7 +85,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     summary.count(read=len(plan.listing), embedded=outcome.embedded, failed=outcome.failed, skipped=plan.skipped,
                   vanished=vanished, table_rows=table.count())
     summary.set(
-        input=args.input, output=args.output, model=args.model, precision=precision, backend=backend.name,
+        input=args.input, output=args.output, model=args.model, precision=precision, backend=backend.name, photos_read_by="tasks" if photos else "spark",
         weights={"source": weights.source, "sha256": weights.sha256},
         images_per_second=round((outcome.embedded + outcome.failed) / seconds, 2) if seconds else None,
         **outcome.summary(),

@@ -16,6 +16,7 @@ from pyspark.sql import types as T
 
 from jobs.embed.backends import Backend, Runner, eager_runner, load_runner
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA
+from jobs.filesystems import Location, path_on_filesystem
 from jobs.imaging import CROP, ImageError, preprocess
 from jobs.runlog import get_logger
 
@@ -38,6 +39,7 @@ class EmbedConfig:
     max_pixels: int
     log_every: int
     backend: str = "eager"
+    photos: Location | None = None  # where the tasks read the photos themselves; None: the rows carry their bytes
 
 
 def runner_for(config: EmbedConfig, backend: Backend, weights: Callable[[], bytes], threads: int) -> Runner:
@@ -81,11 +83,15 @@ def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256
     embed = Embedder.get(config, sha256, weights, backend)
     task_log = get_logger("jobs.embed.task")
     started, images, n_batches = time.perf_counter(), 0, 0
-    spent = {"arrow": 0.0, "decode": 0.0, "model": 0.0}  # where the task's time goes, in its last log line
+    spent = {"arrow": 0.0, "read": 0.0, "decode": 0.0, "model": 0.0}  # where the task's time goes, in its last log line
     crops = np.empty((config.batch_size, CROP, CROP, 3), dtype=np.uint8)  # decoded straight into one buffer
+    photos = config.photos.filesystem() if config.photos else None
     mark = time.perf_counter()
     for batch in batches:
         spent["arrow"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        batch, contents = read_photos(photos, batch) if photos else (batch, batch["content"])
+        spent["read"] += time.perf_counter() - mark
         n = len(batch)
         if n > len(crops):
             crops = np.empty((n, CROP, CROP, 3), dtype=np.uint8)
@@ -93,7 +99,7 @@ def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256
         widths, heights, errors = [None] * n, [None] * n, [None] * n
         boxes = batch[["x1", "y1", "x2", "y2"]].to_numpy()
         mark = time.perf_counter()
-        for i, content in enumerate(batch["content"]):
+        for i, content in enumerate(contents):
             box = None if pd.isna(boxes[i, 0]) else tuple(float(v) for v in boxes[i])
             try:
                 crops[len(ok_rows)], widths[i], heights[i] = preprocess(content, box, config.max_pixels)
@@ -121,6 +127,19 @@ def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256
         rate = images / (time.perf_counter() - started)
         task_log.info("task %s done: %d images, %.1f images/s, backend %s, seconds: %s, peak RSS %.0f MB", _task_id(), images, rate, config.backend,
                       ", ".join(f"{k} {v:.2f}" for k, v in spent.items()), _peak_rss_mb())
+
+
+def read_photos(filesystem: Any, batch: pd.DataFrame) -> tuple[pd.DataFrame, list[bytes]]:
+    """The batch's photos read here; photos gone since the listing are left out, as Spark's own reader leaves them."""
+    contents, present = [], []
+    for path in batch["path"]:
+        try:
+            with filesystem.open_input_file(path_on_filesystem(path)) as handle:
+                contents.append(handle.read())
+            present.append(True)
+        except FileNotFoundError:
+            present.append(False)
+    return (batch if all(present) else batch[present].reset_index(drop=True)), contents
 
 
 def _peak_rss_mb() -> float:

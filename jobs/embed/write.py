@@ -10,7 +10,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
-from jobs.embed.plan import EMBEDDINGS_COLUMNS, Plan, error_rows, read_files
+from jobs.embed.plan import EMBEDDINGS_COLUMNS, Plan, error_rows
 from jobs.errors import UsageError
 from jobs.runlog import get_logger
 
@@ -18,7 +18,7 @@ log = get_logger("jobs.embed")
 FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the pattern, bounded for a big input
 
 
-def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[DataFrame], DataFrame]) -> None:
+def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[pd.DataFrame], DataFrame]) -> None:
     """Embed the plan's files chunk by chunk, each chunk committed to plan.target before the next starts."""
     readable, rejected = plan.readable(), plan.rejected()
     # a killed run can leave committed task files in _temporary that the next append would adopt
@@ -30,7 +30,7 @@ def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, 
     done_files = 0
     for n, chunk in enumerate(chunks, 1):
         try:
-            embed(read_files(spark, chunk)).write.mode("append").parquet(plan.target)
+            embed(chunk).write.mode("append").parquet(plan.target)
         except Exception:
             log.warning("chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
                         "with the same --output keeps them", n, len(chunks), done_files, len(readable), plan.target)

@@ -4,10 +4,8 @@ the queries that visit it."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +15,8 @@ from pyspark import Accumulator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs import storage
 from jobs.errors import UsageError
+from jobs.filesystems import Location, location, opens
 from jobs.ivf import Index
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
@@ -26,70 +24,18 @@ from jobs.search.results import PARTIAL_SCHEMA
 from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
 
 log = get_logger("jobs.search")
-S3_SCHEMES = ("s3a", "s3", "s3n")
 READ_ROWS = 8192  # catalog rows per batch of a scan (bounds the queries x rows distance matrix)
 
 
-@dataclass(frozen=True)
-class CatalogFiles:
-    """How an executor opens the catalog: a pyarrow filesystem (kind and options) and the catalog folder on it."""
-
-    kind: str  # local, s3 or gcs
-    root: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def filesystem(self) -> pafs.FileSystem:
-        if self.kind == "s3":
-            return pafs.S3FileSystem(**self.options)
-        if self.kind == "gcs":
-            return pafs.GcsFileSystem(**self.options)
-        return pafs.LocalFileSystem()
-
-
-def s3_options(spark: SparkSession, bucket: str) -> dict[str, Any]:
-    """pyarrow's S3 options from the s3a settings (per-bucket first); without keys pyarrow uses AWS's credential chain."""
-    conf = spark._jsc.hadoopConfiguration()
-
-    def setting(key: str) -> str | None:
-        return conf.get(f"fs.s3a.bucket.{bucket}.{key}") or conf.get(f"fs.s3a.{key}")
-
-    options: dict[str, Any] = {}
-    endpoint = setting("endpoint")
-    if endpoint and not endpoint.rstrip("/").endswith("amazonaws.com"):
-        scheme, _, host = endpoint.rpartition("://")
-        secure = (setting("connection.ssl.enabled") or "true").lower() != "false"
-        options.update(endpoint_override=host, scheme=scheme or ("https" if secure else "http"))
-    else:
-        with contextlib.suppress(OSError):  # no network to ask the bucket's region: pyarrow's default applies
-            options["region"] = setting("endpoint.region") or pafs.resolve_s3_region(bucket)
-    if setting("access.key") and setting("secret.key"):
-        options.update(access_key=setting("access.key"), secret_key=setting("secret.key"), session_token=setting("session.token"))
-    return options
-
-
-def locate(spark: SparkSession, index: Index) -> CatalogFiles | None:
+def locate(spark: SparkSession, index: Index) -> Location | None:
     """Where the executors can open the catalog with pyarrow, checked on one file; None where they cannot (Spark reads it)."""
     if not index.meta["files"]:
         return None
-    uri = storage.qualify(spark, index.catalog_uri)
-    scheme, _, rest = uri.partition(":")
-    if scheme == "file":
-        files = CatalogFiles("local", "/" + rest.lstrip("/"))
-    elif scheme in S3_SCHEMES:
-        files = CatalogFiles("s3", rest.lstrip("/"), s3_options(spark, rest.lstrip("/").split("/", 1)[0]))
-    elif scheme == "gs":
-        files = CatalogFiles("gcs", rest.lstrip("/"))
-    else:
-        return None
-    try:
-        found = files.filesystem().get_file_info(f"{files.root}/{index.meta['files'][0]['name']}").type == pafs.FileType.File
-    except (OSError, ValueError, pa.ArrowException) as error:
-        log.info("pyarrow cannot open %s (%s): Spark reads the catalog", uri, error)
-        return None
-    return files if found else None
+    files = location(spark, index.catalog_uri)
+    return files if files is not None and opens(files, f"{files.root}/{index.meta['files'][0]['name']}") else None
 
 
-def chosen(spark: SparkSession, index: Index, reader: str) -> CatalogFiles | None:
+def chosen(spark: SparkSession, index: Index, reader: str) -> Location | None:
     """The files the executors read for --reader (auto, direct, spark); None: Spark reads the catalog."""
     files = None if reader == "spark" else locate(spark, index)
     if reader == "direct" and files is None:
@@ -145,7 +91,7 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.
     return table.filter(pa.array(probed[table.column("cell").to_numpy()])), nbytes, len(chosen)
 
 
-def score_files(spark: SparkSession, index: Index, files: CatalogFiles, assigned: DataFrame, probed_files: list[int], cells: list[int],
+def score_files(spark: SparkSession, index: Index, files: Location, assigned: DataFrame, probed_files: list[int], cells: list[int],
                 wanted: Wanted, counters: ReadCounters) -> DataFrame:
     """Candidates of every query: its visits are shuffled, one partition per probed file, to the task that reads that file."""
     names = [f["name"] for f in index.meta["files"]]
@@ -184,7 +130,7 @@ def file_table(spark: SparkSession, index: Index) -> DataFrame:
     return spark.createDataFrame([(i,) for i in range(count)], "file int").repartition(count, partition_key(F.col("file"), count))
 
 
-def file_reader(files: CatalogFiles, index: Index, columns: list[str]) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def file_reader(files: Location, index: Index, columns: list[str]) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """Executor side of a scan: the rows of the files named by the file_table batches, in Arrow batches of READ_ROWS."""
     names = [f["name"] for f in index.meta["files"]]
 

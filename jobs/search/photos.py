@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 
 from jobs.embed.backends import choose_backend
 from jobs.embed.model import EmbedConfig, embed_images
-from jobs.embed.plan import PLAN_COLUMNS, list_images, read_files
+from jobs.embed.plan import PLAN_COLUMNS, list_images, photo_location, read_files
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from jobs.ivf import Index
@@ -64,9 +64,10 @@ def embed_photos(spark: SparkSession, index: Index, uri: str, weights_override: 
     todo = todo.astype(object).where(todo.notna(), None)
     backend = choose_backend("auto", index.model, weights, "fp32", len(todo))
     log.info("embedding %d query photo(s) with %s (%s, weights sha256 %s)", len(todo), index.model, backend.name, weights.sha256[:12])
-    config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name)
+    photos = photo_location(spark, todo["path"])
+    config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     context = spark.sparkContext
-    embedded = embed_images(read_files(spark, todo), config, weights.sha256, context.broadcast(weights.data), context.broadcast(backend))
+    embedded = embed_images(read_files(spark, todo, photos), config, weights.sha256, context.broadcast(weights.data), context.broadcast(backend))
     # the search reads the queries more than once: embed each photo once
     return Photos(embedded.persist(StorageLevel.MEMORY_AND_DISK), len(todo), weights)

@@ -1,0 +1,83 @@
+"""Files the executors open themselves with pyarrow (local, S3 through the s3a settings, GCS): where a Spark URI lives."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from pyspark.sql import SparkSession
+
+from jobs import storage
+from jobs.runlog import get_logger
+
+log = get_logger("jobs.filesystems")
+S3_SCHEMES = ("s3a", "s3", "s3n")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder as pyarrow sees it: the filesystem's kind and options, and the folder's path on it."""
+
+    kind: str  # local, s3 or gcs
+    root: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def filesystem(self) -> pafs.FileSystem:
+        if self.kind == "s3":
+            return pafs.S3FileSystem(**self.options)
+        if self.kind == "gcs":
+            return pafs.GcsFileSystem(**self.options)
+        return pafs.LocalFileSystem()
+
+
+def s3_options(spark: SparkSession, bucket: str) -> dict[str, Any]:
+    """pyarrow's S3 options from the s3a settings (per-bucket first); without keys pyarrow uses AWS's credential chain."""
+    conf = spark._jsc.hadoopConfiguration()
+
+    def setting(key: str) -> str | None:
+        return conf.get(f"fs.s3a.bucket.{bucket}.{key}") or conf.get(f"fs.s3a.{key}")
+
+    options: dict[str, Any] = {}
+    endpoint = setting("endpoint")
+    if endpoint and not endpoint.rstrip("/").endswith("amazonaws.com"):
+        scheme, _, host = endpoint.rpartition("://")
+        secure = (setting("connection.ssl.enabled") or "true").lower() != "false"
+        options.update(endpoint_override=host, scheme=scheme or ("https" if secure else "http"))
+    else:
+        with contextlib.suppress(OSError):  # no network to ask the bucket's region: pyarrow's default applies
+            options["region"] = setting("endpoint.region") or pafs.resolve_s3_region(bucket)
+    if setting("access.key") and setting("secret.key"):
+        options.update(access_key=setting("access.key"), secret_key=setting("secret.key"), session_token=setting("session.token"))
+    return options
+
+
+def path_on_filesystem(uri: str) -> str:
+    """A qualified URI's path as pyarrow's filesystem takes it: /folder/file locally, bucket/key on S3 and GCS."""
+    scheme, _, rest = uri.partition(":")
+    return "/" + rest.lstrip("/") if scheme == "file" else rest.lstrip("/")
+
+
+def location(spark: SparkSession, uri: str) -> Location | None:
+    """Where pyarrow opens the folder at uri, or None for a filesystem it does not know (hdfs, abfs, ...)."""
+    qualified = storage.qualify(spark, uri)
+    scheme = qualified.partition(":")[0]
+    root = path_on_filesystem(qualified).rstrip("/")
+    if scheme == "file":
+        return Location("local", root or "/")
+    if scheme in S3_SCHEMES:
+        return Location("s3", root, s3_options(spark, root.split("/", 1)[0]))
+    if scheme == "gs":
+        return Location("gcs", root)
+    return None
+
+
+def opens(place: Location, path: str) -> bool:
+    """Whether pyarrow finds the file at path (on place's filesystem) from here, the driver."""
+    try:
+        return place.filesystem().get_file_info(path).type == pafs.FileType.File
+    except (OSError, ValueError, pa.ArrowException) as error:
+        log.info("pyarrow cannot open %s (%s): Spark reads it", path, error)
+        return False
