@@ -59,7 +59,7 @@ def unchecked_from_table(spark: SparkSession, uri: str) -> DataFrame:
 def check_seen(uri: str, index: Index, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
     """from_table's checks, on what the probe pass saw of unchecked_from_table's queries."""
     check_vectors("queries table", uri, rows, dims, models, digests)
-    check_against_index(uri, index, next(iter(models)), next(iter(dims)), next(iter(digests), None))
+    check_against_index(uri, index, next(iter(models), "unnamed-model"), next(iter(dims)), next(iter(digests), None))
 
 
 def catalog(spark: SparkSession, index: Index) -> DataFrame:
