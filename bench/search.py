@@ -128,7 +128,8 @@ def faiss_ivf(catalog: np.ndarray, queries: np.ndarray, truth: np.ndarray, cells
     return rows
 
 
-def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int, k: int, min_similarity: float, sample: int, driver_memory: str) -> list[dict]:
+def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int, k: int, min_similarity: float, sample: int, driver_memory: str,
+               per_cell: int = 256) -> list[dict]:
     """The kNN graph (--all) and duplicates (--duplicates) of the whole catalog next to FAISS IVF-Flat self-search.
 
     Recall on a seeded sample of rows against brute force: neighbours (self excluded) and pairs >= min_similarity.
@@ -159,7 +160,7 @@ def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int,
                 "wall_s": dups["wall_s"], "peak_rss_mib": dups["peak_rss_mib"], "pairs": len(pairs), "below_threshold": int((pairs["similarity"] < min_similarity).sum())})
     start = time.perf_counter()
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(catalog.shape[1]), catalog.shape[1], cells, faiss.METRIC_L2)
-    index.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), 256 * cells)]])
+    index.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), per_cell * cells)]])
     index.add(catalog)
     build = time.perf_counter() - start
     for probes in sorted({nprobe, *[p for p in (16, 32, 48, 64, 96, 128, 192, 256) if p < cells]}):
@@ -248,7 +249,7 @@ def main() -> None:
     probes = sorted({*nprobes, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
     rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell)
     if args.graph:
-        rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory)
+        rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell)
     headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold"]
     table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
     print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
