@@ -129,7 +129,7 @@ def faiss_ivf(catalog: np.ndarray, queries: np.ndarray, truth: np.ndarray, cells
 
 
 def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int, k: int, min_similarity: float, sample: int, driver_memory: str,
-               per_cell: int = 256) -> list[dict]:
+               per_cell: int = 256, duplicates: bool = True) -> list[dict]:
     """The kNN graph (--all) and duplicates (--duplicates) of the whole catalog next to FAISS IVF-Flat self-search.
 
     Recall on a seeded sample of rows against brute force: neighbours (self excluded) and pairs >= min_similarity.
@@ -150,14 +150,15 @@ def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int,
     ours = recall({i: found.get(q, set()) for i, q in enumerate(rows_sample)}, truth)
     out.append({"method": f"our --all (kNN graph) nprobe {nprobe}", "recall": ours, "wall_s": graph["wall_s"], "peak_rss_mib": graph["peak_rss_mib"],
                 "search_s": json.loads((folder / "graph" / "_summary.json").read_text())["seconds"]["search"]})
-    dups = submit(dist, ["search", "--index", folder / "index", "--duplicates", "--min-similarity", min_similarity, "--nprobe", nprobe,
-                         "--output", folder / "dups"], driver_memory)
-    pairs = pq.read_table(folder / "dups", columns=["image_a", "image_b", "similarity"]).to_pandas()
-    a, b = pairs["image_a"].str[1:].astype(int).to_numpy(), pairs["image_b"].str[1:].astype(int).to_numpy()
-    picked = set(rows_sample.tolist())
-    found_pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b) if x in picked or y in picked}
-    out.append({"method": f"our --duplicates >= {min_similarity} nprobe {nprobe}", "recall": len(true_pairs & found_pairs) / max(len(true_pairs), 1),
-                "wall_s": dups["wall_s"], "peak_rss_mib": dups["peak_rss_mib"], "pairs": len(pairs), "below_threshold": int((pairs["similarity"] < min_similarity).sum())})
+    if duplicates:
+        dups = submit(dist, ["search", "--index", folder / "index", "--duplicates", "--min-similarity", min_similarity, "--nprobe", nprobe,
+                             "--output", folder / "dups"], driver_memory)
+        pairs = pq.read_table(folder / "dups", columns=["image_a", "image_b", "similarity"]).to_pandas()
+        a, b = pairs["image_a"].str[1:].astype(int).to_numpy(), pairs["image_b"].str[1:].astype(int).to_numpy()
+        picked = set(rows_sample.tolist())
+        found_pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b) if x in picked or y in picked}
+        out.append({"method": f"our --duplicates >= {min_similarity} nprobe {nprobe}", "recall": len(true_pairs & found_pairs) / max(len(true_pairs), 1),
+                    "wall_s": dups["wall_s"], "peak_rss_mib": dups["peak_rss_mib"], "pairs": len(pairs), "below_threshold": int((pairs["similarity"] < min_similarity).sum())})
     start = time.perf_counter()
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(catalog.shape[1]), catalog.shape[1], cells, faiss.METRIC_L2)
     index.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), per_cell * cells)]])
@@ -195,7 +196,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--driver-memory", default="1g", help="Spark's default driver memory unless told otherwise")
-    parser.add_argument("--graph", action="store_true", help="also the kNN graph (--all) and duplicates of the whole catalog, next to FAISS self-search")
+    parser.add_argument("--graph", nargs="?", const="all,duplicates",
+                        help="also the kNN graph (--all) and duplicates of the whole catalog, next to FAISS self-search (--graph all: the graph only)")
     parser.add_argument("--min-similarity", type=float, default=0.9, help="--graph: the duplicates' threshold")
     parser.add_argument("--faiss-train-per-cell", type=int, default=256, help="FAISS IVF training vectors per cell (256: FAISS's practice; ours: 32)")
     parser.add_argument("--reuse", action="store_true", help="keep the tables and index of an earlier run with the same sizes")
@@ -227,7 +229,7 @@ def main() -> None:
     trivial = submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory)
     rows.append({"method": "trivial spark-submit: read catalog + count", "wall_s": trivial["wall_s"], "peak_rss_mib": trivial["peak_rss_mib"]})
     ours: list[dict] = []
-    runs = [(m, p) for m in args.methods.split(",") for p in (nprobes if m == "ivf" else [None])]
+    runs = [(m, p) for m in args.methods.split(",") if m for p in (nprobes if m == "ivf" else [None])]
     for method, probes in runs:
         extra = ["--nprobe", str(probes)] if method == "ivf" else []
         out = folder / f"nb_{method}{probes or ''}_{args.queries}"
@@ -249,7 +251,8 @@ def main() -> None:
     probes = sorted({*nprobes, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
     rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell)
     if args.graph:
-        rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell)
+        rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell,
+                           "duplicates" in args.graph)
     headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold"]
     table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
     print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
