@@ -214,6 +214,7 @@ def test_all_gives_the_knn_graph_and_duplicates_lists_each_close_pair_once(spark
     summary = search(spark, tmp_path / "index", tmp_path / "graph", "--all", "-k", "4", "--method", "exact")
     graph = read_neighbours(spark, tmp_path / "graph")
     assert summary["counts"]["queries"] == 210 and len(graph) == 840 and not (graph["query_id"] == graph["neighbor_id"]).any()
+    assert not [p.name for p in tmp_path.iterdir() if "probes" in p.name]  # the assigned catalog was written aside, then removed
     truth_idx, _ = exact_topk(vectors, vectors, 5)
     assert all(list(graph[graph["query_id"] == ids[q]]["neighbor_id"]) == [ids[i] for i in truth_idx[q] if i != q][:4] for q in range(0, 210, 15))
 

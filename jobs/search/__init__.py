@@ -97,16 +97,20 @@ def uses_cells(args: argparse.Namespace) -> bool:
 def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
-    searched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader)
+    # the whole catalog as queries: written beside the output rather than cached in memory
+    spill = storage.sibling(args.output, "probes") if args.all or args.duplicates else None
+    searched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader, spill)
     seen = searched.seen
     if args.queries:
         queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
     log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", searched.planned["cells_probed"], index.cells,
              searched.planned["catalog_files_read"], searched.planned["catalog_files"], searched.planned["reader"])
     found = results.duplicate_pairs(searched.partials) if args.duplicates else results.top_k(searched.partials, args.k, searched.tasks).select(*results.NEIGHBOUR_COLUMNS)
-    written = results.write(spark, found, args.output)
+    try:
+        written = results.write(spark, found, args.output)
+    finally:
+        searched.release()
     touched, count = searched.touched(), seen.queries
-    searched.release()
     if args.duplicates:
         touched.update(duplicate_stats(spark, args))
     return count, written, touched

@@ -17,6 +17,7 @@ from pyspark import Accumulator, AccumulatorParam, StorageLevel, TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from jobs import storage
 from jobs.ivf import Index
 from jobs.partitions import partition_key
 from jobs.runlog import get_logger
@@ -140,24 +141,38 @@ class Search:
     seen: Probed
     planned: dict
     counters: ReadCounters | None = None
+    spill: str | None = None  # where the assigned queries were written, if not cached
 
     def touched(self) -> dict:
         """What the search read; after the partials' action, the executors' own counts where they read the catalog."""
         return {**self.planned, **(self.counters.totals() if self.counters else {})}
 
     def release(self) -> None:
-        self.assigned.unpersist()
+        if self.spill:
+            storage.delete(self.assigned.sparkSession, self.spill)
+        else:
+            self.assigned.unpersist()
 
 
-def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, wanted: Wanted, reader: str = "auto") -> Search:
+def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, wanted: Wanted, reader: str = "auto",
+           spill: str | None = None) -> Search:
     """Plan the search of every query: executors read the probed row groups themselves where pyarrow can open
-    the catalog (reader auto or direct), otherwise Spark reads the probed cells and shuffles them to the queries."""
+    the catalog (reader auto or direct), otherwise Spark reads the probed cells and shuffles them to the queries.
+
+    spill: a folder the probe pass writes the assigned queries to instead of Spark's cache, for query sets the
+    size of a catalog (Spark builds a cache in memory batch by batch: 1M 512-d queries overflowed a 1g driver).
+    """
     files = direct.chosen(spark, index, reader)
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     shard_of_group = direct.file_of_group(index) if files else np.arange(index.plan.groups, dtype=np.int32)
     probed = spark.sparkContext.accumulator(Probed(), ProbedParam())
-    assigned = assign_probes(spark, queries, index, nprobe, enough, shard_of_group, probed).persist(StorageLevel.MEMORY_AND_DISK)
-    assigned.count()  # the probe pass, once: every query assigned (and kept for scoring), what it saw gathered
+    assigned = assign_probes(spark, queries, index, nprobe, enough, shard_of_group, probed)
+    if spill:  # the probe pass, once: every query assigned (and kept for scoring), what it saw gathered
+        assigned.write.parquet(spill)
+        assigned = spark.read.parquet(spill)
+    else:
+        assigned = assigned.persist(StorageLevel.MEMORY_AND_DISK)
+        assigned.count()
     seen = probed.value
     cells = seen.probed_cells()
     planned = {"cells_probed": len(cells), "cells": index.cells, "catalog_rows": int(index.plan.sizes.sum()),
@@ -166,11 +181,12 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
         probed_files = sorted({int(shard_of_group[g]) for g in index.plan.groups_of(cells)})
         counters = direct.ReadCounters.start(spark)
         partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters)
-        return Search(partials, len(probed_files), assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters)
+        return Search(partials, len(probed_files), assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters, spill)
     groups = index.plan.groups_of(cells)  # the visits' groups, from the plan: no second pass over the queries
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
     partials, read = shuffled(spark, index, assigned, groups, cells, wanted, tasks)
-    return Search(partials, tasks, assigned, seen, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups})
+    return Search(partials, tasks, assigned, seen, {**planned, **read, "reader": "spark", "groups_probed": len(groups), "groups": index.plan.groups},
+                  spill=spill)
 
 
 def shuffled(spark: SparkSession, index: Index, assigned: DataFrame, groups: list[int], cells: list[int], wanted: Wanted, tasks: int) -> tuple[DataFrame, dict]:
