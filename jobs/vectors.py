@@ -47,3 +47,13 @@ def matrix_from_list(column: pa.Array) -> np.ndarray:
     n = len(column)
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return values.reshape(n, -1) if n else np.empty((0, 0), np.float32)
+
+
+def packed_vectors(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """A vector column (float32 bytes or a list of numbers) as float32 bytes, and each row's length."""
+    if pa.types.is_binary(column.type):
+        _, offsets = values_from_binary(column)
+        return column, np.diff(offsets)
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return binary_from_values(values, offsets - offsets[0]), np.diff(offsets)

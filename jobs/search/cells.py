@@ -25,7 +25,7 @@ from jobs.search import direct
 from jobs.search.direct import ReadCounters
 from jobs.search.results import PARTIAL_SCHEMA
 from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
-from jobs.vectors import binary_from_values, matrix_from_binary, values_from_binary
+from jobs.vectors import binary_from_values, matrix_from_binary, packed_vectors
 
 log = get_logger("jobs.search")
 CATALOG, QUERY = 0, 1
@@ -72,16 +72,6 @@ class ProbedParam(AccumulatorParam):
 
     def addInPlace(self, value1: Probed, value2: Probed) -> Probed:
         return value1.merge(value2)
-
-
-def packed_vectors(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """A vector column (float32 bytes or a list of numbers) as float32 bytes, and each row's length."""
-    if pa.types.is_binary(column.type):
-        _, offsets = values_from_binary(column)
-        return column, np.diff(offsets)
-    offsets = column.offsets.to_numpy()
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return binary_from_values(values, offsets - offsets[0]), np.diff(offsets)
 
 
 def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe: int, min_rows: int, shard_of_group: np.ndarray,
