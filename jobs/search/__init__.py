@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import cells, groups, queries, results, scan
+from jobs.search import cells, direct, groups, itself, queries, results, scan
 
 log = get_logger("jobs.search")
 
@@ -65,7 +65,7 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
 
 
-def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame:
+def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame | None:
     if args.images:
         from jobs.search import photos  # imports torch: only a photo search pays for it
 
@@ -77,7 +77,7 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
             raise UsageError(f"none of the {found.listed} photo(s) at {args.images} could be embedded (first: {failed[0][0]}: {failed[0][1]})")
         return found.queries()
     if args.all or args.duplicates:
-        return queries.from_catalog(spark, index)
+        return None if uses_cells(args) else queries.from_catalog(spark, index)  # run_ivf reads the catalog itself
     if args.queries:  # IVF's probe pass checks the queries as it assigns them; a scan checks them first
         return queries.unchecked_from_table(spark, args.queries) if uses_cells(args) else queries.from_table(spark, args.queries, index)
     return queries.from_ids(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
@@ -94,12 +94,27 @@ def uses_cells(args: argparse.Namespace) -> bool:
     return args.method == "ivf" or args.duplicates
 
 
-def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
+def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
+    wanted = cells.Wanted(args.k, exclude_self, min_similarity(args))
+    files = direct.chosen(spark, index, args.reader) if table is None and nprobe < index.cells else None
+    if files:  # the catalog against itself, file by file: nothing shuffled
+        catalog = itself.search(spark, index, files, nprobe, wanted)
+        written = results.write(spark, results.duplicate_pairs(catalog.found) if args.duplicates else catalog.found, args.output)
+        touched, count = catalog.touched(), catalog.seen.value.queries
+    else:
+        count, written, touched = run_probed(spark, index, table if table is not None else queries.from_catalog(spark, index), args, nprobe, wanted)
+    if args.duplicates:
+        touched.update(duplicate_stats(spark, args))
+    return count, written, touched
+
+
+def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, nprobe: int, wanted: cells.Wanted) -> tuple[int, int, dict]:
+    """An IVF search of a queries table: a probe pass, then the probed shards' tasks, then the top-k merge."""
     # the whole catalog as queries: written beside the output rather than cached in memory
     spill = storage.sibling(args.output, "probes") if args.all or args.duplicates else None
-    searched = cells.search(spark, index, table, nprobe, cells.Wanted(args.k, exclude_self, min_similarity(args)), args.reader, spill)
+    searched = cells.search(spark, index, table, nprobe, wanted, args.reader, spill)
     seen = searched.seen
     if args.queries:
         queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
@@ -110,10 +125,7 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argpa
         written = results.write(spark, found, args.output)
     finally:
         searched.release()
-    touched, count = searched.touched(), seen.queries
-    if args.duplicates:
-        touched.update(duplicate_stats(spark, args))
-    return count, written, touched
+    return seen.queries, written, searched.touched()
 
 
 def duplicate_stats(spark: SparkSession, args: argparse.Namespace) -> dict:
