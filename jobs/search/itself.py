@@ -8,6 +8,7 @@ same cells: the rows held for one block are kept for the next and only the new c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from jobs.filesystems import Location
 from jobs.ivf import Index
 from jobs.knn import ranks_in_runs
+from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
@@ -30,6 +32,7 @@ from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values, matrix_from_binary
 
 BLOCK_ROWS = 4096  # a file's rows answered together (they probe mostly the same cells)
+PROGRESS_SECONDS = 30  # a task logs how far into its file it is at most this often
 HELD_ROWS = 262_144  # most catalog rows held for one block: a block whose cells hold more is split in two
 
 
@@ -93,6 +96,8 @@ def search(spark: SparkSession, index: Index, files: Location, nprobe: int, want
     seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     names = [f["name"] for f in index.meta["files"]]
+    sizes = [f["rows"] for f in index.meta["files"]]
+    task_log = get_logger("jobs.search.task")
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx, fs = shipped.value, files.filesystem()
@@ -100,15 +105,21 @@ def search(spark: SparkSession, index: Index, files: Location, nprobe: int, want
         probed, rows = Probed(np.zeros(idx.cells, bool)), 0
         for file in (f for batch in batches for f in batch.column("file").to_pylist()):
             counters.add(idx.meta["files"][file]["bytes"], 0, 0)
+            started, logged, first = time.perf_counter(), time.perf_counter(), rows
             with fs.open_input_file(f"{files.root}/{names[file]}") as handle:
                 for block in pq.ParquetFile(handle).iter_batches(batch_size=block_rows, columns=ROW_COLUMNS):
                     vectors = matrix_from_binary(block.column("vector"), idx.dim)
                     cells, offsets = idx.probe(vectors, nprobe, enough)
                     probed.cells[cells] = True
-                    first_qidx = (file << 32) + rows
+                    first_qidx = (file << 32) + rows - first
                     rows += len(block)
                     for found in answer_block(held, block, first_qidx, cells, offsets, wanted, held_rows):
                         yield ranked(found, wanted.k) if wanted.min_similarity is None else found
+                    if time.perf_counter() - logged > PROGRESS_SECONDS:
+                        logged = time.perf_counter()
+                        task_log.info("catalog file %d of %d: %d of %d rows answered, %.0f rows/s", file + 1, len(names), rows - first,
+                                      sizes[file], (rows - first) / (logged - started))
+            task_log.info("catalog file %d of %d done: %d rows in %.1f s", file + 1, len(names), rows - first, time.perf_counter() - started)
         probed.rows[TaskContext.get().partitionId()] = rows
         seen.add(probed)
 
