@@ -68,7 +68,10 @@ def squared_norms(x: np.ndarray) -> np.ndarray:
 def squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.ndarray | None = None) -> np.ndarray:
     """(n_queries, n_catalog) squared Euclidean distances (never negative), from the catalog's squared norms."""
     catalog_sq = squared_norms(catalog) if catalog_sq is None else catalog_sq
-    d2 = squared_norms(queries)[:, None] + catalog_sq[None, :] - 2.0 * (queries @ catalog.T)
+    products = queries @ catalog.T
+    products *= -2.0  # in place: the same sums as (|q|^2 + |c|^2) - 2 q.c, one matrix fewer
+    d2 = squared_norms(queries)[:, None] + catalog_sq[None, :]
+    d2 += products
     return np.maximum(d2, 0.0, out=d2)
 
 

@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.ivf import Index, rand_unit_vectors
-from jobs.knn import BucketIndex, exact_topk, id_ranks, lsh_topk, probe_keys, squared_norms
+from jobs.knn import BucketIndex, id_ranks, lsh_topk, nearest, probe_keys, ranks_in_runs, squared_distances, squared_norms
 from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.results import PARTIAL_SCHEMA, nearest_per_query, partial_batch, top_k
@@ -51,6 +51,31 @@ def catalog_source(spark: SparkSession, index: Index, columns: list[str], reader
     return direct.file_table(spark, index), direct.file_reader(files, index, columns), len(index.meta["files"])
 
 
+class Bound:
+    """Each query's k-th smallest squared distance so far in a scan: once every query has k, a batch's rows
+    are only gathered where they can still enter (a comparison instead of a partial sort of the whole batch)."""
+
+    def __init__(self, queries: int, k: int) -> None:
+        self.k = k
+        self.top = np.full((queries, k), np.inf, np.float32)  # each query's k smallest so far, ascending
+
+    def candidates(self, d2: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query, column, squared distance) of the entries that may be among their query's k nearest."""
+        if np.isfinite(self.top[:, -1]).all():
+            # a hair above the k-th: rows whose float32 distance ties it still reach the merge, which breaks ties by id
+            q, col = np.nonzero(d2 <= np.nextafter(self.top[:, -1], np.inf)[:, None] * np.float32(1 + 1e-6))
+        else:
+            cols, _ = nearest(d2, keys, self.k)
+            q, col = np.nonzero(cols >= 0)
+            col = cols[q, col]
+        values = d2[q, col]
+        if len(q):
+            extra = np.full((len(self.top), np.bincount(q).max()), np.inf, np.float32)
+            extra[q, ranks_in_runs(q)] = values  # q ascends: nonzero goes row by row
+            self.top = np.sort(np.concatenate([self.top, extra], axis=1), axis=1)[:, : self.k]
+        return q, col, values
+
+
 def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.ndarray | None, k: int, exclude_self: bool,
          reader: str = "auto") -> tuple[DataFrame, Broadcast]:
     """One pass over the catalog for a broadcast block of queries: the block's k nearest (among LSH candidates
@@ -66,23 +91,30 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
         query_sq = squared_norms(vectors)
         own = {q: i for i, q in enumerate(queries.column("query_id").to_pylist())} if exclude_self else {}
         best = None  # the task's k nearest so far: one row set per task, not per batch, goes to the merge
+        bound = Bound(len(vectors), k)
         for batch in catalog_batches(batches):
             catalog = matrix_from_binary(batch.column("vector"), dim)
+            catalog_sq = squared_norms(catalog)
             ids = batch.column("image_id").to_pylist()
             keys = id_ranks(ids)
-            exclude = None
-            if own:
-                exclude = np.zeros((len(vectors), len(ids)), bool)
-                for col, image_id in enumerate(ids):
-                    if image_id in own:
-                        exclude[own[image_id], col] = True
             if query_probes is None:
-                idx, dist = exact_topk(vectors, catalog, k, exclude, keys)
+                d2 = squared_distances(vectors, catalog, catalog_sq)
+                for col, image_id in enumerate(ids if own else []):
+                    if image_id in own:
+                        d2[own[image_id], col] = np.inf
+                q, r, found_d2 = bound.candidates(d2, keys)
             else:
+                exclude = None
+                if own:
+                    exclude = np.zeros((len(vectors), len(ids)), bool)
+                    for col, image_id in enumerate(ids):
+                        if image_id in own:
+                            exclude[own[image_id], col] = True
                 buckets = batch.column("buckets").flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
                 idx, dist, _ = lsh_topk(vectors, query_probes, catalog, BucketIndex(buckets), k, exclude)
-            q, r = np.nonzero(idx >= 0)
-            found = pa.Table.from_batches([partial_batch(queries, q, query_sq, batch, idx[q, r], squared_norms(catalog), dist[q, r] ** 2)])
+                q, r = np.nonzero(idx >= 0)
+                q, r, found_d2 = q, idx[q, r], dist[q, r] ** 2
+            found = pa.Table.from_batches([partial_batch(queries, q, query_sq, batch, r, catalog_sq, found_d2)])
             best = found if best is None else nearest_per_query(pa.concat_tables([best, found]), k)
         if best is not None:
             yield from best.to_batches()
