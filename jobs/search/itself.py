@@ -33,7 +33,7 @@ from jobs.vectors import binary_from_values, matrix_from_binary
 
 BLOCK_ROWS = 4096  # a file's rows answered together (they probe mostly the same cells)
 PROGRESS_SECONDS = 30  # a task logs how far into its file it is at most this often
-HELD_ROWS = 262_144  # most catalog rows held for one block: a block whose cells hold more is split in two
+HELD_BYTES = 256 * 2**20  # most catalog bytes held for one block (vectors + ~100 bytes of id, path and label a row): more splits the block
 
 
 @dataclass
@@ -88,8 +88,9 @@ class CatalogSearch:
 
 
 def search(spark: SparkSession, index: Index, files: Location, nprobe: int, wanted: Wanted, block_rows: int = BLOCK_ROWS,
-           held_rows: int = HELD_ROWS) -> CatalogSearch:
+           held_rows: int | None = None) -> CatalogSearch:
     """Every catalog row's k nearest (neighbours rows) or, with wanted.min_similarity, its similar rows (partials)."""
+    held_rows = held_rows or HELD_BYTES // (4 * index.dim + 100)
     shipped = spark.sparkContext.broadcast(index)
     file_of_group = direct.file_of_group(index)
     counters = ReadCounters.start(spark)
@@ -141,6 +142,6 @@ def answer_block(held: HeldCells, block: pa.RecordBatch, first_qidx: int, cells:
         return
     queries = pa.RecordBatch.from_arrays(
         [pa.array(np.arange(first_qidx, first_qidx + len(block), dtype=np.int64)), block.column("image_id"), block.column("path"),
-         block.column("label"), block.column("vector"), binary_from_values(cells, offsets)],
-        names=["qidx", "id", "path", "label", "vector", "probes"])
+         block.column("label"), block.column("vector"), binary_from_values(cells, offsets), block.column("cell")],
+        names=["qidx", "id", "path", "label", "vector", "probes", "own_cell"])
     yield held.rows(needed).answer(queries, wanted)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from jobs.knn import id_ranks, merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
+from jobs.knn import merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
 from jobs.search.results import cosine, partial_batch
 from jobs.vectors import matrix_from_binary, values_from_binary
 
@@ -27,9 +28,10 @@ class Wanted:
 
 @dataclass
 class ShardRows:
-    """One shard's catalog rows (sorted here by cell), their vectors, and the bounds of each cell."""
+    """One shard's catalog rows as read, and sorted here by cell: their vectors, norms, id ranks and each cell's bounds."""
 
-    rows: pa.RecordBatch
+    rows: pa.RecordBatch  # as read: the strings are never reordered
+    order: np.ndarray  # the rows in cell order (position in the sorted arrays -> row)
     vectors: np.ndarray
     squares: np.ndarray
     cells: np.ndarray
@@ -39,12 +41,14 @@ class ShardRows:
     @classmethod
     def of(cls, table: pa.Table, dim: int) -> ShardRows:
         """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes)."""
-        table = table.take(pa.array(np.argsort(table.column("cell").to_numpy(), kind="stable"))).combine_chunks()
+        table = table.combine_chunks()
         rows = pa.RecordBatch.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns], names=table.column_names)
-        vectors = matrix_from_binary(rows.column("vector"), dim)
-        cells, starts = np.unique(rows.column("cell").to_numpy(), return_index=True)
-        keys = id_ranks(rows.column("image_id").to_numpy(zero_copy_only=False))
-        return cls(rows, vectors, squared_norms(vectors), cells, np.append(starts, len(keys)), keys)
+        cell = rows.column("cell").to_numpy()
+        order = np.argsort(cell, kind="stable")
+        vectors = matrix_from_binary(rows.column("vector"), dim)[order]
+        cells, starts = np.unique(cell[order], return_index=True)
+        keys = (pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy() - 1)[order] if len(rows) else np.empty(0, np.int64)
+        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), keys)
 
     def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
         """What each query wants among the rows of the cells it probes in this shard, cell by cell."""
@@ -72,12 +76,31 @@ class ShardRows:
         q, rows, d2 = keep.found()
         asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
                                            names=["qidx", "query_id", "query_path", "query_label"])
-        return partial_batch(asked, q, query_sq, self.rows, rows, self.squares, d2)
+        row_squares = np.empty_like(self.squares)
+        row_squares[self.order] = self.squares
+        return partial_batch(asked, q, query_sq, self.rows, self.order[rows], row_squares, d2)
 
     def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
-        """The row of each query's own id in this shard, or -1."""
-        position = {image_id: row for row, image_id in enumerate(self.rows.column("image_id").to_pylist())}
-        return np.array([position.get(q, -1) for q in queries.column("id").to_pylist()], np.int64)
+        """The (sorted) position of each query's own id in this shard, or -1; queries that carry their own_cell
+        (catalog rows searching the catalog) are looked up in that cell alone."""
+        ids = queries.column("id").to_pylist()
+        if "own_cell" not in queries.schema.names:
+            position = {image_id: at for at, image_id in enumerate(self.sorted_ids(0, len(self.order)))}
+            return np.array([position.get(q, -1) for q in ids], np.int64)
+        found = np.full(len(ids), -1, np.int64)
+        query_cells = queries.column("own_cell").to_numpy()
+        slot = np.minimum(np.searchsorted(self.cells, query_cells), max(len(self.cells) - 1, 0))
+        held = np.flatnonzero(self.cells[slot] == query_cells) if len(self.cells) else np.empty(0, np.int64)
+        held = held[np.argsort(slot[held], kind="stable")]
+        for start, end in np.column_stack(run_bounds(slot[held])) if len(held) else []:
+            lo, hi = self.bounds[slot[held[start]]], self.bounds[slot[held[start]] + 1]
+            position = {image_id: lo + at for at, image_id in enumerate(self.sorted_ids(lo, hi))}
+            for q in held[start:end]:
+                found[q] = position.get(ids[q], -1)
+        return found
+
+    def sorted_ids(self, lo: int, hi: int) -> list[str]:
+        return self.rows.column("image_id").take(pa.array(self.order[lo:hi])).to_pylist()
 
 
 class TopK:
