@@ -101,7 +101,7 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, args
     files = direct.chosen(spark, index, args.reader) if table is None and nprobe < index.cells else None
     if files:  # the catalog against itself, file by file: nothing shuffled
         catalog = itself.search(spark, index, files, nprobe, wanted)
-        log.info("the catalog against itself: %d rows in %d files, one task per file, each row probing %d of %d cells",
+        log.info("the catalog against itself: %d rows in %d files, one task per file streaming the catalog's probed cells; each row probes %d of %d cells",
                  index.count, len(index.meta["files"]), nprobe, index.cells)
         written = results.write(spark, results.duplicate_pairs(catalog.found) if args.duplicates else catalog.found, args.output)
         touched, count = catalog.touched(), catalog.seen.value.queries

@@ -1,16 +1,15 @@
 """The catalog searched against itself (--all, --duplicates) without moving it: one task per catalog file takes
-that file's rows as its queries, block by block, reads the row groups of the cells a block probes from every
-file with pyarrow, and answers the block completely, so no query is shuffled and no top-k is merged.
-
-The file is sorted by cell and cells are numbered in locality order, so neighbouring blocks probe mostly the
-same cells: the rows held for one block are kept for the next and only the new cells are read.
+that file's rows as its queries (in chunks that fit in memory), probes them all, then streams the catalog
+once, file by file, reading only the row groups of the cells the chunk probes, and scores each file's cells
+against the queries that probe them. Each catalog row is read once per chunk, no query is shuffled and no
+top-k is merged: a running top-k per query keeps the neighbours' strings as they enter.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,52 +20,72 @@ from pyspark.sql import DataFrame, SparkSession
 
 from jobs.filesystems import Location
 from jobs.ivf import Index
-from jobs.knn import ranks_in_runs
+from jobs.knn import ranks_in_runs, squared_norms
 from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
-from jobs.search.results import NEIGHBOUR_COLUMNS, PARTIAL_SCHEMA, nearest_per_query
-from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
+from jobs.search.results import NEIGHBOUR_COLUMNS, PARTIAL_SCHEMA, nearest_per_query, partial_batch
+from jobs.search.scoring import ROW_COLUMNS, ShardRows, TopK, Wanted
 from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values, matrix_from_binary
 
-BLOCK_ROWS = 4096  # a file's rows answered together (they probe mostly the same cells)
-PROGRESS_SECONDS = 30  # a task logs how far into its file it is at most this often
-HELD_BYTES = 256 * 2**20  # most catalog bytes held for one block (vectors + ~100 bytes of id, path and label a row): more splits the block
+CHUNK_BYTES = 128 * 2**20  # a task's queries answered in one pass over the catalog (vectors + ~100 bytes of strings a row)
+PROGRESS_SECONDS = 30  # a task logs how far it is at most this often
+FILE_ROW = 1 << 32  # running top-k rows: (catalog file + 1) * FILE_ROW + position while that file is held, else a kept-row number
 
 
 @dataclass
-class HeldCells:
-    """The catalog rows of the cells the last block probed, read from whichever files hold them."""
+class CatalogFiles:
+    """The catalog's files as an executor reads them: which hold a set of cells, and their rows of those cells."""
 
-    fs: pafs.FileSystem
-    files: Location
     index: Index
-    file_of_group: np.ndarray
+    files: Location
     counters: ReadCounters
-    cells: np.ndarray
-    table: pa.Table | None = None
+    fs: pafs.FileSystem
 
-    def rows(self, cells: np.ndarray) -> ShardRows:
-        """The rows of these cells (ascending, unique), reading only the cells not held already."""
-        kept = self.table.filter(pa.array(np.isin(self.table.column("cell").to_numpy(), cells))) if self.table is not None else None
-        new = np.setdiff1d(cells, self.cells, assume_unique=True)
-        wanted = np.zeros(self.index.cells, bool)
-        wanted[new] = True
-        parts = [kept] if kept is not None else []
-        names = [f["name"] for f in self.index.meta["files"]]
-        for file in np.unique(self.file_of_group[self.index.plan.groups_of(new.tolist())]) if len(new) else []:
-            table, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{names[file]}", wanted)
-            self.counters.add(nbytes, row_groups, table.num_rows)
-            parts.append(table)
-        self.cells = cells
-        self.table = pa.concat_tables(parts) if parts else None
-        return ShardRows.of(self.table, self.index.dim)
+    def __post_init__(self) -> None:
+        self.file_of_group = direct.file_of_group(self.index)
+        self.names = [f["name"] for f in self.index.meta["files"]]
+
+    def holding(self, cells: np.ndarray) -> np.ndarray:
+        return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
+
+    def read(self, file: int, probed: np.ndarray) -> ShardRows:
+        table, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed)
+        self.counters.add(nbytes, row_groups, table.num_rows)
+        return ShardRows.of(table, self.index.dim)
+
+
+@dataclass
+class Kept:
+    """The id, path, label and squared norm of the rows a running top-k holds, gathered as they enter it."""
+
+    rows: pa.Table = field(default_factory=lambda: pa.table({c: pa.array([], pa.string()) for c in ("image_id", "path", "label")}))
+    squares: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+
+    def take_in(self, keep: TopK, held: ShardRows) -> None:
+        """Copy the held file's rows that entered keep, renumber them as kept rows, and drop kept rows pushed out since."""
+        entered = keep.rows >= FILE_ROW
+        positions = (keep.rows[entered] % FILE_ROW).astype(np.int64)
+        new = held.rows.select(["image_id", "path", "label"]).take(pa.array(held.order[positions]))
+        keep.rows[entered] = self.rows.num_rows + np.arange(len(positions))
+        self.rows = pa.concat_tables([self.rows, pa.Table.from_batches([new])])
+        self.squares = np.concatenate([self.squares, held.squares[positions]])
+        used = np.unique(keep.rows[keep.rows >= 0])
+        if len(used) * 2 < self.rows.num_rows:
+            self.rows, self.squares = self.rows.take(pa.array(used)), self.squares[used]
+            placed = keep.rows >= 0
+            keep.rows[placed] = np.searchsorted(used, keep.rows[placed])
+
+
+
+    def batch(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_arrays([c.combine_chunks() for c in self.rows.columns], names=self.rows.column_names)
 
 
 def ranked(partials: pa.RecordBatch, k: int) -> pa.RecordBatch:
-    """A block's complete candidates as neighbours rows: the k nearest of each query, ranked 1..k (ties by id)."""
+    """Complete candidates as neighbours rows: the k nearest of each query, ranked 1..k (ties by id)."""
     best = nearest_per_query(pa.Table.from_batches([partials]), k)
     rank = pa.array(ranks_in_runs(best.column("qidx").to_numpy()).astype(np.int32) + 1)
     best = best.append_column("rank", rank)
@@ -87,40 +106,43 @@ class CatalogSearch:
         return {**self.planned, "cells_probed": len(cells), **self.counters.totals()}
 
 
-def search(spark: SparkSession, index: Index, files: Location, nprobe: int, wanted: Wanted, block_rows: int = BLOCK_ROWS,
-           held_rows: int | None = None) -> CatalogSearch:
+def search(spark: SparkSession, index: Index, files: Location, nprobe: int, wanted: Wanted, chunk_rows: int | None = None) -> CatalogSearch:
     """Every catalog row's k nearest (neighbours rows) or, with wanted.min_similarity, its similar rows (partials)."""
-    held_rows = held_rows or HELD_BYTES // (4 * index.dim + 100)
     shipped = spark.sparkContext.broadcast(index)
-    file_of_group = direct.file_of_group(index)
     counters = ReadCounters.start(spark)
     seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
     enough = 0 if wanted.min_similarity is not None else wanted.k + (1 if wanted.exclude_self else 0)
     names = [f["name"] for f in index.meta["files"]]
-    sizes = [f["rows"] for f in index.meta["files"]]
+    chunk_rows = chunk_rows or max(1024, CHUNK_BYTES // (4 * index.dim + 100))
     task_log = get_logger("jobs.search.task")
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx, fs = shipped.value, files.filesystem()
-        held = HeldCells(fs, files, idx, file_of_group, counters, np.empty(0, np.int32))
+        idx = shipped.value
+        catalog = CatalogFiles(idx, files, counters, files.filesystem())
         probed, rows = Probed(np.zeros(idx.cells, bool)), 0
         for file in (f for batch in batches for f in batch.column("file").to_pylist()):
+            started, logged = time.perf_counter(), time.perf_counter()
+            with catalog.fs.open_input_file(f"{files.root}/{names[file]}") as handle:
+                own = pq.read_table(handle, columns=ROW_COLUMNS)
             counters.add(idx.meta["files"][file]["bytes"], 0, 0)
-            started, logged, first = time.perf_counter(), time.perf_counter(), rows
-            with fs.open_input_file(f"{files.root}/{names[file]}") as handle:
-                for block in pq.ParquetFile(handle).iter_batches(batch_size=block_rows, columns=ROW_COLUMNS):
-                    vectors = matrix_from_binary(block.column("vector"), idx.dim)
-                    cells, offsets = idx.probe(vectors, nprobe, enough)
-                    probed.cells[cells] = True
-                    first_qidx = (file << 32) + rows - first
-                    rows += len(block)
-                    for found in answer_block(held, block, first_qidx, cells, offsets, wanted, held_rows):
-                        yield ranked(found, wanted.k) if wanted.min_similarity is None else found
+            for first in range(0, own.num_rows, chunk_rows):
+                chunk = own.slice(first, chunk_rows).combine_chunks().to_batches()[0]
+                vectors = matrix_from_binary(chunk.column("vector"), idx.dim)
+                cells, offsets = idx.probe(vectors, nprobe, enough)
+                probed.cells[cells] = True
+                queries = pa.RecordBatch.from_arrays(
+                    [pa.array(np.arange(first, first + len(chunk), dtype=np.int64) + (file << 32)), chunk.column("image_id"), chunk.column("path"),
+                     chunk.column("label"), chunk.column("vector"), binary_from_values(cells, offsets), chunk.column("cell")],
+                    names=["qidx", "id", "path", "label", "vector", "probes", "own_cell"])
+                for done, found in enumerate(answer_chunk(catalog, queries, vectors, np.unique(cells), wanted)):
+                    if found is not None:
+                        yield found
                     if time.perf_counter() - logged > PROGRESS_SECONDS:
                         logged = time.perf_counter()
-                        task_log.info("catalog file %d of %d: %d of %d rows answered, %.0f rows/s", file + 1, len(names), rows - first,
-                                      sizes[file], (rows - first) / (logged - started))
-            task_log.info("catalog file %d of %d done: %d rows in %.1f s", file + 1, len(names), rows - first, time.perf_counter() - started)
+                        task_log.info("catalog file %d of %d: rows %d-%d of %d, %d catalog files scored against them", file + 1, len(names), first + 1,
+                                      first + len(chunk), own.num_rows, done + 1)
+            rows += own.num_rows
+            task_log.info("catalog file %d of %d done: %d rows in %.1f s", file + 1, len(names), own.num_rows, time.perf_counter() - started)
         probed.rows[TaskContext.get().partitionId()] = rows
         seen.add(probed)
 
@@ -131,17 +153,21 @@ def search(spark: SparkSession, index: Index, files: Location, nprobe: int, want
     return CatalogSearch(found, seen, counters, planned)
 
 
-def answer_block(held: HeldCells, block: pa.RecordBatch, first_qidx: int, cells: np.ndarray, offsets: np.ndarray,
-                 wanted: Wanted, held_rows: int) -> Iterator[pa.RecordBatch]:
-    """Candidates of a block of catalog rows (its probes as CSR cells/offsets), halving it while its cells hold too many rows."""
-    needed = np.unique(cells)
-    if len(block) > 1 and held.index.plan.sizes[needed].sum() > held_rows:
-        half = len(block) // 2
-        yield from answer_block(held, block.slice(0, half), first_qidx, cells[: offsets[half]], offsets[: half + 1], wanted, held_rows)
-        yield from answer_block(held, block.slice(half), first_qidx + half, cells[offsets[half] :], offsets[half:] - offsets[half], wanted, held_rows)
-        return
-    queries = pa.RecordBatch.from_arrays(
-        [pa.array(np.arange(first_qidx, first_qidx + len(block), dtype=np.int64)), block.column("image_id"), block.column("path"),
-         block.column("label"), block.column("vector"), binary_from_values(cells, offsets), block.column("cell")],
-        names=["qidx", "id", "path", "label", "vector", "probes", "own_cell"])
-    yield held.rows(needed).answer(queries, wanted)
+def answer_chunk(catalog: CatalogFiles, queries: pa.RecordBatch, vectors: np.ndarray, cells: np.ndarray, wanted: Wanted) -> Iterator[pa.RecordBatch | None]:
+    """One pass over the catalog files holding the probed cells: after each file, its similar pairs (or None);
+    with a top-k wanted, the chunk's ranked neighbours after the last."""
+    probed = np.zeros(catalog.index.cells, bool)
+    probed[cells] = True
+    keep, kept = TopK(len(queries), wanted.k), Kept()
+    for file in catalog.holding(cells):
+        held = catalog.read(int(file), probed)
+        if wanted.min_similarity is not None:
+            yield held.answer(queries, wanted)
+            continue
+        held.score(keep, vectors, queries, wanted, base=(int(file) + 1) * FILE_ROW)
+        kept.take_in(keep, held)
+        yield None
+    if wanted.min_similarity is None:
+        q, rows, d2 = keep.found()
+        asked = pa.RecordBatch.from_arrays([queries.column(c) for c in ("qidx", "id", "path", "label")], names=["qidx", "query_id", "query_path", "query_label"])
+        yield ranked(partial_batch(asked, q, squared_norms(vectors), kept.batch(), rows, kept.squares, d2), wanted.k)

@@ -54,14 +54,24 @@ class ShardRows:
         """What each query wants among the rows of the cells it probes in this shard, cell by cell."""
         vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
         query_sq = squared_norms(vectors)
+        keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
+        self.score(keep, vectors, queries, wanted)
+        q, rows, d2 = keep.found()
+        asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
+                                           names=["qidx", "query_id", "query_path", "query_label"])
+        row_squares = np.empty_like(self.squares)
+        row_squares[self.order] = self.squares
+        return partial_batch(asked, q, query_sq, self.rows, self.order[rows], row_squares, d2)
+
+    def score(self, keep: TopK | Similar, vectors: np.ndarray, queries: pa.RecordBatch, wanted: Wanted, base: int = 0) -> None:
+        """Fold into keep the rows of the cells each query probes in this shard (rows and keys numbered from base)."""
         cells, offsets = values_from_binary(queries.column("probes"), np.int32)
         owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
         rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell in this shard
-        slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
-        here = self.cells[slot] == cells
+        slot = np.minimum(np.searchsorted(self.cells, cells), max(len(self.cells) - 1, 0))
+        here = self.cells[slot] == cells if len(self.cells) else np.zeros(len(cells), bool)
         owner, slot, rank = owner[here], slot[here], rank[here]
         own_row = self.own_rows(queries) if wanted.exclude_self else None
-        keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
         # nearest cells first: they set each query's k-th distance, which then rules out most rows of the other cells
         for later, phase in enumerate((rank == 0, rank > 0)):
             by_cell = np.argsort(slot[phase], kind="stable")
@@ -72,13 +82,7 @@ class ShardRows:
                 if own_row is not None:
                     mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
                     d2[mine, own_row[asking[mine]] - lo] = np.inf
-                keep.add(asking, d2, lo, self.keys[lo:hi], bool(later))
-        q, rows, d2 = keep.found()
-        asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
-                                           names=["qidx", "query_id", "query_path", "query_label"])
-        row_squares = np.empty_like(self.squares)
-        row_squares[self.order] = self.squares
-        return partial_batch(asked, q, query_sq, self.rows, self.order[rows], row_squares, d2)
+                keep.add(asking, d2, base + lo, base + self.keys[lo:hi], bool(later))
 
     def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
         """The (sorted) position of each query's own id in this shard, or -1; queries that carry their own_cell
