@@ -13,6 +13,7 @@ from jobs.search.results import cosine, partial_batch
 from jobs.vectors import matrix_from_binary, values_from_binary
 
 ROW_COLUMNS = ["cell", "image_id", "path", "label", "vector"]  # the catalog columns a shard's task holds
+SCORED_ENTRIES = 1 << 23  # most query x row distances in one matrix (32 MiB of float32; 3 such matrices live at once)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,15 @@ class ShardRows:
             by_cell = np.argsort(slot[phase], kind="stable")
             phase_owner, phase_slot = owner[phase][by_cell], slot[phase][by_cell]
             for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
-                asking, lo, hi = phase_owner[start:end], self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
-                d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
-                if own_row is not None:
-                    mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
-                    d2[mine, own_row[asking[mine]] - lo] = np.inf
-                keep.add(asking, d2, base + lo, base + self.keys[lo:hi], bool(later))
+                lo, hi = self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
+                step = max(1, SCORED_ENTRIES // (hi - lo))  # a big cell asked by many queries: a few of them at a time
+                for part in range(start, end, step):
+                    asking = phase_owner[part : min(part + step, end)]
+                    d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
+                    if own_row is not None:
+                        mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
+                        d2[mine, own_row[asking[mine]] - lo] = np.inf
+                    keep.add(asking, d2, base + lo, base + self.keys[lo:hi], bool(later))
 
     def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
         """The (sorted) position of each query's own id in this shard, or -1; queries that carry their own_cell
