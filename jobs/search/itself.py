@@ -26,7 +26,7 @@ from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
 from jobs.search.results import NEIGHBOUR_COLUMNS, PARTIAL_SCHEMA, nearest_per_query, partial_batch
-from jobs.search.scoring import ROW_COLUMNS, ShardRows, TopK, Wanted
+from jobs.search.scoring import ROW_COLUMNS, ShardRows, TopK, Wanted, asked
 from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values, matrix_from_binary
 
@@ -77,8 +77,6 @@ class Kept:
             self.rows, self.squares = self.rows.take(pa.array(used)), self.squares[used]
             placed = keep.rows >= 0
             keep.rows[placed] = np.searchsorted(used, keep.rows[placed])
-
-
 
     def batch(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_arrays([c.combine_chunks() for c in self.rows.columns], names=self.rows.column_names)
@@ -169,5 +167,4 @@ def answer_chunk(catalog: CatalogFiles, queries: pa.RecordBatch, vectors: np.nda
         yield None
     if wanted.min_similarity is None:
         q, rows, d2 = keep.found()
-        asked = pa.RecordBatch.from_arrays([queries.column(c) for c in ("qidx", "id", "path", "label")], names=["qidx", "query_id", "query_path", "query_label"])
-        yield ranked(partial_batch(asked, q, squared_norms(vectors), kept.batch(), rows, kept.squares, d2), wanted.k)
+        yield ranked(partial_batch(asked(queries), q, squared_norms(vectors), kept.batch(), rows, kept.squares, d2), wanted.k)

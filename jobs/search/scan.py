@@ -97,19 +97,17 @@ def scan(spark: SparkSession, index: Index, block: pa.RecordBatch, probes: np.nd
             catalog_sq = squared_norms(catalog)
             ids = batch.column("image_id").to_pylist()
             keys = id_ranks(ids)
+            selves = tuple(np.array([(own[i], col) for col, i in enumerate(ids) if i in own], np.int64).reshape(-1, 2).T) if own else None
             if query_probes is None:
                 d2 = squared_distances(vectors, catalog, catalog_sq)
-                for col, image_id in enumerate(ids if own else []):
-                    if image_id in own:
-                        d2[own[image_id], col] = np.inf
+                if selves is not None:
+                    d2[selves] = np.inf
                 q, r, found_d2 = bound.candidates(d2, keys)
             else:
                 exclude = None
-                if own:
+                if selves is not None:
                     exclude = np.zeros((len(vectors), len(ids)), bool)
-                    for col, image_id in enumerate(ids):
-                        if image_id in own:
-                            exclude[own[image_id], col] = True
+                    exclude[selves] = True
                 buckets = batch.column("buckets").flatten().to_numpy(zero_copy_only=False).reshape(len(batch), -1)
                 idx, dist, _ = lsh_topk(vectors, query_probes, catalog, BucketIndex(buckets), k, exclude)
                 q, r = np.nonzero(idx >= 0)

@@ -27,6 +27,11 @@ class Wanted:
 
 
 
+def asked(queries: pa.RecordBatch) -> pa.RecordBatch:
+    """The query columns a candidate row carries, under their partial names."""
+    return pa.RecordBatch.from_arrays([queries.column(c) for c in ("qidx", "id", "path", "label")], names=["qidx", "query_id", "query_path", "query_label"])
+
+
 @dataclass
 class ShardRows:
     """One shard's catalog rows as read, and sorted here by cell: their vectors, norms, id ranks and each cell's bounds."""
@@ -58,11 +63,9 @@ class ShardRows:
         keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
         self.score(keep, vectors, queries, wanted)
         q, rows, d2 = keep.found()
-        asked = pa.RecordBatch.from_arrays([queries.column("qidx"), queries.column("id"), queries.column("path"), queries.column("label")],
-                                           names=["qidx", "query_id", "query_path", "query_label"])
         row_squares = np.empty_like(self.squares)
         row_squares[self.order] = self.squares
-        return partial_batch(asked, q, query_sq, self.rows, self.order[rows], row_squares, d2)
+        return partial_batch(asked(queries), q, query_sq, self.rows, self.order[rows], row_squares, d2)
 
     def score(self, keep: TopK | Similar, vectors: np.ndarray, queries: pa.RecordBatch, wanted: Wanted, base: int = 0) -> None:
         """Fold into keep the rows of the cells each query probes in this shard (rows and keys numbered from base)."""
