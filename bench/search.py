@@ -172,7 +172,7 @@ def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int,
         got = {i: {int(j) for j in found_all[q] if j != q} for i, q in enumerate(rows_sample)}
         out.append({"method": f"faiss ivf self-search nprobe {probes} (train + add + search)", "nprobe": probes, "recall": recall(got, truth),
                     "build_s": build, "search_s": seconds, "total_s": build + seconds})
-        if out[-1]["recall"] >= ours:
+        if out[-1]["recall"] >= ours - 0.001:  # the same recall to three places: each further nprobe costs minutes at 1M
             break
     return out
 

@@ -182,6 +182,17 @@ def test_odd_cells_huge_cell_empty_cells_and_short_probes(spark, tmp_path):
     assert list(got[got["rank"] == 1]["neighbor_id"]) == [ids[i] for i in truth_idx[:, 0]]
 
 
+def test_cells_are_trained_by_cosine_and_stay_even(spark, tmp_path):
+    # 600 tight groups, about 220 cells: with Euclidean centroids the groups no centroid claims all fall
+    # into the cell of the shortest centroid, one cell many times the mean that every query probes
+    vectors, _ = clustered_unit_vectors(3000, dim=64, cluster_size=5, noise=0.6, seed=3)
+    write_embeddings(spark, tmp_path / "emb", vectors)
+    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
+    index = ivf.load(spark, str(tmp_path / "index"))
+    assert np.allclose(np.linalg.norm(index.centroids, axis=1), 1.0, atol=1e-5)
+    assert index.plan.sizes.max() <= 4 * len(vectors) / index.cells, (index.plan.sizes.max(), index.cells)
+
+
 def test_k_larger_than_the_catalog_returns_the_whole_catalog(spark, tmp_path):
     vectors, _ = clustered_unit_vectors(12, dim=8, cluster_size=4, seed=2)
     ids = write_embeddings(spark, tmp_path / "emb", vectors)

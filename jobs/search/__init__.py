@@ -122,7 +122,10 @@ def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, args: ar
         queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
     log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", searched.planned["cells_probed"], index.cells,
              searched.planned["catalog_files_read"], searched.planned["catalog_files"], searched.planned["reader"])
-    found = results.duplicate_pairs(searched.partials) if args.duplicates else results.top_k(searched.partials, args.k, searched.tasks).select(*results.NEIGHBOUR_COLUMNS)
+    if args.duplicates:
+        found = results.duplicate_pairs(searched.partials)
+    else:
+        found = results.top_k(searched.partials, args.k, results.merge_tasks(seen.queries, args.k, searched.tasks)).select(*results.NEIGHBOUR_COLUMNS)
     try:
         written = results.write(spark, found, args.output)
     finally:

@@ -21,6 +21,7 @@ PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label 
 PARTIAL_ARROW = pa.schema([("qidx", pa.int64()), ("query_id", pa.string()), ("query_path", pa.string()), ("query_label", pa.string()), ("neighbor_id", pa.string()),
                            ("neighbor_path", pa.string()), ("neighbor_label", pa.string()), ("distance", pa.float32()), ("similarity", pa.float32())])
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
+MERGED_ROWS_PER_TASK = 1 << 18  # neighbour rows per merge task (and output file): 1,000 queries x 10 are one task, one file
 
 
 def cosine(query_sq: np.ndarray, row_sq: np.ndarray, d2: np.ndarray) -> np.ndarray:
@@ -46,6 +47,11 @@ def nearest_per_query(partials: pa.Table, k: int) -> pa.Table:
     """The k nearest candidates of each query in a table of candidates, in top_k's order (distance, then neighbour id)."""
     ordered = partials.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
     return ordered.filter(pa.array(ranks_in_runs(ordered.column("qidx").to_numpy()) < k))
+
+
+def merge_tasks(queries: int, k: int, most: int) -> int:
+    """Tasks for the top-k merge: enough for queries x k rows at MERGED_ROWS_PER_TASK each, at most `most`."""
+    return max(1, min(most, -(-queries * k // MERGED_ROWS_PER_TASK)))
 
 
 def top_k(partials: DataFrame, k: int, partitions: int | None = None) -> DataFrame:
