@@ -22,7 +22,7 @@ class LshParams:
     bucket_length: float = 1.0
     tables: int = 32
     hashes_per_table: int = 12
-    probes: int = 2
+    probes: int = 4  # 2 gave recall@10 0.931-0.936 on GloVe 300k, 3 0.959, 4 0.974 (candidates +48%)
 
     @property
     def num_hash_tables(self) -> int:

@@ -49,10 +49,11 @@ def delete(spark: SparkSession, uri: str) -> None:
 
 
 def read_bytes(spark: SparkSession, uri: str) -> bytes:
-    if uri.startswith("file:"):  # local files need no round trip through the JVM
-        with open(uri.removeprefix("file:").removeprefix("//"), "rb") as f:
-            return f.read()
     fs, path = _fs_and_path(spark, uri)
+    qualified = str(fs.makeQualified(path).toUri().getPath()) if str(fs.getScheme()) == "file" else None
+    if qualified is not None:  # local files skip the JVM: py4j took 1.7 s to pass an index's 8 MB of centroids
+        with open(qualified, "rb") as f:
+            return f.read()
     stream = fs.open(path)
     try:
         return bytes(spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))

@@ -56,7 +56,7 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     folder, vectors, _, ids = catalog
     index = ivf.load(spark, str(folder / "index"))
     assert index.count == 3000 and index.dim == 64 and index.cells == round(4 * np.sqrt(3000))
-    assert index.plan.sizes.sum() == 3000 and index.params.nprobe == round(2 * np.sqrt(index.cells))
+    assert index.plan.sizes.sum() == 3000 and index.params.nprobe == round(2.25 * np.sqrt(index.cells))
     stored = spark.read.parquet(index.catalog_uri).toPandas().set_index("image_id").loc[ids]
     nearest = np.argmin(squared_distances(vectors, index.centroids), axis=1)
     np.testing.assert_array_equal(stored["cell"].to_numpy(), nearest)

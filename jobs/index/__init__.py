@@ -12,7 +12,6 @@ import json
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
@@ -33,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", required=True, help="embeddings table written by embed")
     parser.add_argument("--output", required=True, help="index folder (replaced atomically on re-runs)")
     parser.add_argument("--cells", type=int, help="IVF cells (KMeans k); default about 4 x sqrt(vectors)")
-    parser.add_argument("--nprobe", type=int, help="cells a query probes by default at search time; default about 2 x sqrt(cells)")
+    parser.add_argument("--nprobe", type=int, help="cells a query probes by default at search time; default about 2.25 x sqrt(cells)")
     parser.add_argument("--train-sample", type=int, help="vectors KMeans trains on; default 32 per cell, at least 10,000")
     parser.add_argument("--kmeans-iterations", type=int, default=10, help="KMeans maxIter")
     parser.add_argument("--max-group-rows", type=int, default=MAX_GROUP_ROWS, help="most catalog rows one search task holds (bigger cells are split)")
@@ -89,7 +88,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         log.info("KMeans: %d cells from %d of %d vectors, %d iterations", cells, sample, count, args.kmeans_iterations)
         centroids = train.train_centroids(vectors, count, cells, sample, args.kmeans_iterations, args.seed)
         projections = lsh.fit_and_save(vectors, lsh_params, args.seed, f"{staged}/model") if lsh_params else None
-    params = IvfParams(len(centroids), args.nprobe or max(1, min(len(centroids), round(2 * np.sqrt(len(centroids))))), sample,
+    params = IvfParams(len(centroids), args.nprobe or train.default_nprobe(len(centroids)), sample,
                        args.kmeans_iterations, args.max_group_rows, args.seed)
     with summary.stage("assign"):
         # read twice (cell sizes, then the write); on disk, because heap-cached columnar batches of

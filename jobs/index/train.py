@@ -14,6 +14,11 @@ def default_cells(count: int) -> int:
     return max(1, min(count, round(4 * np.sqrt(count))))
 
 
+def default_nprobe(cells: int) -> int:
+    """About 2.25 x sqrt(cells): on GloVe's 2,191 cells 2 x gave the kNN graph recall@10 0.949, 2.25 x 0.956."""
+    return max(1, min(cells, round(2.25 * np.sqrt(cells))))
+
+
 def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, iterations: int, seed: int) -> np.ndarray:
     """(cells, dim) float32 unit centroids from Spark ML KMeans (cosine, block solver) on a sample of `embedding`."""
     fraction = min(1.0, 1.1 * sample / max(count, 1))

@@ -25,8 +25,6 @@ class Wanted:
     min_similarity: float | None = None
 
 
-
-
 def asked(queries: pa.RecordBatch) -> pa.RecordBatch:
     """The query columns a candidate row carries, under their partial names."""
     return pa.RecordBatch.from_arrays([queries.column(c) for c in ("qidx", "id", "path", "label")], names=["qidx", "query_id", "query_path", "query_label"])
