@@ -42,6 +42,12 @@ def size(spark: SparkSession, uri: str) -> int:
     return int(fs.getFileStatus(path).getLen())
 
 
+def total_size(spark: SparkSession, uri: str) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    fs, path = _fs_and_path(spark, uri)
+    return int(fs.getContentSummary(path).getLength())
+
+
 def delete(spark: SparkSession, uri: str) -> None:
     fs, path = _fs_and_path(spark, uri)
     if fs.exists(path):

@@ -112,6 +112,23 @@ def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spa
     assert summary["counts"]["queries"] == 50 and summary["counts"]["rows"] == 500
 
 
+def test_a_big_queries_table_is_spread_over_the_cores_with_the_same_answers(spark, catalog, tmp_path, monkeypatch):
+    from jobs.search import queries as query_tables
+
+    folder, vectors, _, ids = catalog
+    asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
+    write_embeddings(spark, tmp_path / "q", asked, prefix="q")
+    search(spark, folder / "index", tmp_path / "whole", "--queries", tmp_path / "q", "-k", "7")
+    monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)  # every table counts as big: probed from twice the cores' partitions
+    spread = query_tables.unchecked_from_table(spark, str(tmp_path / "q"))
+    assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
+    summary = search(spark, folder / "index", tmp_path / "spread", "--queries", tmp_path / "q", "-k", "7")
+    columns = ["query_id", "rank", "neighbor_id", "distance"]
+    whole, spread_rows = read_neighbours(spark, tmp_path / "whole")[columns], read_neighbours(spark, tmp_path / "spread")[columns]
+    assert summary["counts"]["queries"] == 300 and len(spread_rows) == 300 * 7
+    pd.testing.assert_frame_equal(whole.reset_index(drop=True), spread_rows.reset_index(drop=True))
+
+
 def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
     """Row groups whose cell range (Parquet statistics) holds one of these cells."""
     count = 0

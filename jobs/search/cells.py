@@ -170,8 +170,10 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     if files:
         probed_files = sorted({int(shard_of_group[g]) for g in index.plan.groups_of(cells)})
         counters = direct.ReadCounters.start(spark)
-        partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters)
-        return Search(partials, len(probed_files), assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)}, counters, spill)
+        split = direct.tasks_per_file(spark, len(probed_files))
+        partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters, split)
+        return Search(partials, len(probed_files) * split, assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)},
+                      counters, spill)
     groups = index.plan.groups_of(cells)  # the visits' groups, from the plan: no second pass over the queries
     tasks = max(1, min(len(groups), 4 * spark.sparkContext.defaultParallelism))
     partials, read = shuffled(spark, index, assigned, groups, cells, wanted, tasks)

@@ -91,19 +91,27 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.
     return table.filter(pa.array(probed[table.column("cell").to_numpy()])), nbytes, len(chosen)
 
 
+def tasks_per_file(spark: SparkSession, probed_files: int) -> int:
+    """Tasks that share one probed file's visitors: with fewer files than two per core, each file's visitors
+    are split (by query) so every core scores; each of those tasks reads the file's probed rows itself."""
+    cores = spark.sparkContext.defaultParallelism
+    return max(1, -(-2 * cores // max(probed_files, 1))) if probed_files < 2 * cores else 1
+
+
 def score_files(spark: SparkSession, index: Index, files: Location, assigned: DataFrame, probed_files: list[int], cells: list[int],
-                wanted: Wanted, counters: ReadCounters) -> DataFrame:
-    """Candidates of every query: its visits are shuffled, one partition per probed file, to the task that reads that file."""
+                wanted: Wanted, counters: ReadCounters, split: int = 1) -> DataFrame:
+    """Candidates of every query: its visits are shuffled to the task that reads their file, `split` tasks a file
+    (partitions file position x split + qidx mod split)."""
     names = [f["name"] for f in index.meta["files"]]
     probed = np.zeros(index.cells, bool)
     probed[cells] = True
-    tasks = max(1, len(probed_files))
+    tasks = max(1, len(probed_files) * split)
     task_of_file = np.zeros(len(names), np.int32)
-    task_of_file[probed_files] = np.arange(len(probed_files))
+    task_of_file[probed_files] = np.arange(len(probed_files)) * split
     visitors = assigned.select(F.explode("visits").alias("visit"), "*").select(
         F.col("visit.shard").alias("file"), "qidx", F.col("query_id").alias("id"), F.col("query_path").alias("path"),
         F.col("query_label").alias("label"), F.col("visit.probes").alias("probes"), "vector")
-    task = F.array(*[F.lit(int(t)) for t in task_of_file])[F.col("file")]
+    task = F.array(*[F.lit(int(t)) for t in task_of_file])[F.col("file")] + F.pmod(F.col("qidx"), F.lit(split)).cast("int")
     spread = visitors.repartition(tasks, partition_key(task, tasks))
     dim = index.dim
 
