@@ -112,7 +112,8 @@ def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spa
     assert summary["counts"]["queries"] == 50 and summary["counts"]["rows"] == 500
 
 
-def test_a_big_queries_table_is_spread_over_the_cores_with_the_same_answers(spark, catalog, tmp_path, monkeypatch):
+def test_many_queries_spread_over_the_cores_and_split_files_give_the_same_answers(spark, catalog, tmp_path, monkeypatch):
+    from jobs.search import direct
     from jobs.search import queries as query_tables
 
     folder, vectors, _, ids = catalog
@@ -120,6 +121,8 @@ def test_a_big_queries_table_is_spread_over_the_cores_with_the_same_answers(spar
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
     search(spark, folder / "index", tmp_path / "whole", "--queries", tmp_path / "q", "-k", "7")
     monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)  # every table counts as big: probed from twice the cores' partitions
+    monkeypatch.setattr(direct, "SPLIT_QUERIES", 0)  # and each catalog file's visitors are split over several tasks
+    assert direct.tasks_per_file(spark, 1, 300) == 2 * spark.sparkContext.defaultParallelism
     spread = query_tables.unchecked_from_table(spark, str(tmp_path / "q"))
     assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
     summary = search(spark, folder / "index", tmp_path / "spread", "--queries", tmp_path / "q", "-k", "7")

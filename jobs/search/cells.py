@@ -170,7 +170,7 @@ def search(spark: SparkSession, index: Index, queries: DataFrame, nprobe: int, w
     if files:
         probed_files = sorted({int(shard_of_group[g]) for g in index.plan.groups_of(cells)})
         counters = direct.ReadCounters.start(spark)
-        split = direct.tasks_per_file(spark, len(probed_files))
+        split = direct.tasks_per_file(spark, len(probed_files), seen.queries)
         partials = direct.score_files(spark, index, files, assigned, probed_files, cells, wanted, counters, split)
         return Search(partials, len(probed_files) * split, assigned, seen, {**planned, "reader": "executors", "catalog_files_read": len(probed_files)},
                       counters, spill)

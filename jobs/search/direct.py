@@ -25,6 +25,7 @@ from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
 
 log = get_logger("jobs.search")
 READ_ROWS = 8192  # catalog rows per batch of a scan (bounds the queries x rows distance matrix)
+SPLIT_QUERIES = 10_000  # from this many queries on, a small catalog's files are scored by several tasks each
 
 
 def locate(spark: SparkSession, index: Index) -> Location | None:
@@ -91,11 +92,12 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.
     return table.filter(pa.array(probed[table.column("cell").to_numpy()])), nbytes, len(chosen)
 
 
-def tasks_per_file(spark: SparkSession, probed_files: int) -> int:
-    """Tasks that share one probed file's visitors: with fewer files than two per core, each file's visitors
-    are split (by query) so every core scores; each of those tasks reads the file's probed rows itself."""
+def tasks_per_file(spark: SparkSession, probed_files: int, queries: int) -> int:
+    """Tasks that share one probed file's visitors: with fewer files than two per core and at least SPLIT_QUERIES
+    queries, each file's visitors are split (by query) so every core scores; each such task reads the file's
+    probed rows itself (below that the scoring costs less than the extra reads and tasks: GloVe, 1,000 queries)."""
     cores = spark.sparkContext.defaultParallelism
-    return max(1, -(-2 * cores // max(probed_files, 1))) if probed_files < 2 * cores else 1
+    return max(1, -(-2 * cores // max(probed_files, 1))) if probed_files < 2 * cores and queries >= SPLIT_QUERIES else 1
 
 
 def score_files(spark: SparkSession, index: Index, files: Location, assigned: DataFrame, probed_files: list[int], cells: list[int],
