@@ -18,7 +18,6 @@ from jobs.errors import UsageError
 from jobs.ivf import Index
 from jobs.runlog import RunSummary, print_summary
 from jobs.search import cells, queries, scan
-from jobs.search.results import merge_tasks, top_k
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +75,7 @@ def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k
     """The ranked answers of a bounded sample of queries, on the driver."""
     if method == "ivf":
         planned = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
-        found = top_k(planned.partials, k, merge_tasks(planned.seen.queries, k, planned.tasks)).toPandas()  # at most --sample x k rows
+        found = planned.top_k(k).toPandas()  # at most --sample x k rows
         planned.release()
         return found
     found, fallback = [], 0

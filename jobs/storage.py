@@ -56,9 +56,8 @@ def delete(spark: SparkSession, uri: str) -> None:
 
 def read_bytes(spark: SparkSession, uri: str) -> bytes:
     fs, path = _fs_and_path(spark, uri)
-    qualified = str(fs.makeQualified(path).toUri().getPath()) if str(fs.getScheme()) == "file" else None
-    if qualified is not None:  # local files skip the JVM: py4j took 1.7 s to pass an index's 8 MB of centroids
-        with open(qualified, "rb") as f:
+    if str(fs.getScheme()) == "file":  # local files skip the JVM: py4j took 1.7 s to pass an index's 8 MB of centroids
+        with open(str(fs.makeQualified(path).toUri().getPath()), "rb") as f:
             return f.read()
     stream = fs.open(path)
     try:

@@ -23,9 +23,9 @@ def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, ite
     """(cells, dim) float32 unit centroids from Spark ML KMeans (cosine, block solver) on a sample of `embedding`."""
     fraction = min(1.0, 1.1 * sample / max(count, 1))
     rows = vectors.sample(fraction=fraction, seed=seed) if fraction < 1.0 else vectors
+    rows = rows.where(F.exists("embedding", lambda x: x != 0))  # cosine is undefined for a zero vector
     # limit() leaves one partition: spread the sample again, or KMeans runs on one core
     parallelism = vectors.sparkSession.sparkContext.defaultParallelism
-    rows = rows.where(F.exists("embedding", lambda x: x != 0))  # cosine is undefined for a zero vector
     features = rows.limit(sample).repartition(parallelism).select(array_to_vector("embedding").alias("features")).cache()
     try:
         k = min(cells, features.count())

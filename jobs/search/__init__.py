@@ -122,10 +122,7 @@ def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, args: ar
         queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
     log.info("probing %d of %d cells in %d of %d catalog files (read by %s)", searched.planned["cells_probed"], index.cells,
              searched.planned["catalog_files_read"], searched.planned["catalog_files"], searched.planned["reader"])
-    if args.duplicates:
-        found = results.duplicate_pairs(searched.partials)
-    else:
-        found = results.top_k(searched.partials, args.k, results.merge_tasks(seen.queries, args.k, searched.tasks)).select(*results.NEIGHBOUR_COLUMNS)
+    found = results.duplicate_pairs(searched.partials) if args.duplicates else searched.top_k(args.k).select(*results.NEIGHBOUR_COLUMNS)
     try:
         written = results.write(spark, found, args.output)
     finally:

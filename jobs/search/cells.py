@@ -23,7 +23,7 @@ from jobs.partitions import partition_key
 from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.direct import ReadCounters
-from jobs.search.results import PARTIAL_SCHEMA
+from jobs.search.results import PARTIAL_SCHEMA, merge_tasks, top_k
 from jobs.search.scoring import ROW_COLUMNS, ShardRows, Wanted
 from jobs.vectors import binary_from_values, matrix_from_binary, packed_vectors
 
@@ -126,12 +126,16 @@ class Search:
     """A planned IVF search: its candidates (results.PARTIAL_SCHEMA) for the top-k merge, and what it touches."""
 
     partials: DataFrame
-    tasks: int  # the partials' partitions: the merge keeps this many, not spark.sql.shuffle.partitions
+    tasks: int  # the partials' partitions: the merge uses at most this many, not spark.sql.shuffle.partitions
     assigned: DataFrame
     seen: Probed
     planned: dict
     counters: ReadCounters | None = None
     spill: str | None = None  # where the assigned queries were written, if not cached
+
+    def top_k(self, k: int) -> DataFrame:
+        """The k nearest candidates per query (results.top_k), merged in as many tasks as its rows need."""
+        return top_k(self.partials, k, merge_tasks(self.seen.queries, k, self.tasks))
 
     def touched(self) -> dict:
         """What the search read; after the partials' action, the executors' own counts where they read the catalog."""

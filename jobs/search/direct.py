@@ -97,7 +97,7 @@ def tasks_per_file(spark: SparkSession, probed_files: int, queries: int) -> int:
     queries, each file's visitors are split (by query) so every core scores; each such task reads the file's
     probed rows itself (below that the scoring costs less than the extra reads and tasks: GloVe, 1,000 queries)."""
     cores = spark.sparkContext.defaultParallelism
-    return max(1, -(-2 * cores // max(probed_files, 1))) if probed_files < 2 * cores and queries >= SPLIT_QUERIES else 1
+    return max(1, -(-2 * cores // max(probed_files, 1))) if queries >= SPLIT_QUERIES else 1
 
 
 def score_files(spark: SparkSession, index: Index, files: Location, assigned: DataFrame, probed_files: list[int], cells: list[int],
