@@ -79,6 +79,17 @@ def submit(dist, args: list, driver_memory: str) -> dict:
     return {"wall_s": wall, "peak_rss_mib": rss, "stdout": done.stdout}
 
 
+def median_of(runs: list[dict], keys: list[str]) -> dict:
+    """The median of each key over repeated runs (with every run's wall time, and the largest peak RSS)."""
+    out = {key: float(np.median([r[key] for r in runs])) for key in keys}
+    if len(runs) > 1:
+        out["runs"] = len(runs)
+        out.update({f"{key}_each": [round(r[key], 2) for r in runs] for key in keys if key in ("wall_s", "total_s")})
+    if "peak_rss_mib" in runs[0]:
+        out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return out
+
+
 def recall(found: dict[int, set[int]], truth: np.ndarray) -> float:
     k = truth.shape[1]
     return float(np.mean([len(found.get(q, set()) & set(truth[q])) / k for q in range(len(truth))]))
@@ -210,6 +221,8 @@ def main() -> None:
     parser.add_argument("--min-similarity", type=float, default=0.9, help="--graph: the duplicates' threshold")
     parser.add_argument("--faiss-train-per-cell", type=int, default=256, help="FAISS IVF training vectors per cell (256: FAISS's practice; ours: 32)")
     parser.add_argument("--reuse", action="store_true", help="keep the tables and index of an earlier run with the same sizes")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the trivial job, our searches and FAISS IVF this many times, interleaved, and report medians (a noisy machine)")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     folder = DATA / f"search_{args.dataset}_{args.catalog}"
@@ -235,17 +248,23 @@ def main() -> None:
     catalog_bytes = sum(f.stat().st_size for f in (folder / "index" / "catalog").glob("*.parquet"))
     count_py = DATA / "count_catalog.py"
     count_py.write_text(COUNT_SCRIPT)
-    trivial = submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory)
-    rows.append({"method": "trivial spark-submit: read catalog + count", "wall_s": trivial["wall_s"], "peak_rss_mib": trivial["peak_rss_mib"]})
-    ours: list[dict] = []
     runs = [(m, p) for m in args.methods.split(",") if m for p in (nprobes if m == "ivf" else [None])]
-    for method, probes in runs:
-        extra = ["--nprobe", str(probes)] if method == "ivf" else []
-        out = folder / f"nb_{method}{probes or ''}_{args.queries}"
-        run = submit(dist, ["search", "--index", folder / "index", "--queries", query_table, "--output", out, "-k", args.k, "--method", method, *extra], args.driver_memory)
-        summary = json.loads((out / "_summary.json").read_text())
-        ours.append({"method": f"our {method}" + (f" nprobe {probes}" if method == "ivf" else ""), "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
-                     "queries_per_s": summary["queries_per_second"], "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "peak_rss_mib": run["peak_rss_mib"], "out": out})
+    trivials: list[dict] = []
+    timed: dict[tuple, list[dict]] = {run: [] for run in runs}
+    for _ in range(args.repeat):  # interleaved, so a slow minute of a shared machine hits every row alike
+        trivials.append(submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory))
+        for method, probes in runs:
+            extra = ["--nprobe", str(probes)] if method == "ivf" else []
+            out = folder / f"nb_{method}{probes or ''}_{args.queries}"
+            run = submit(dist, ["search", "--index", folder / "index", "--queries", query_table, "--output", out, "-k", args.k, "--method", method, *extra],
+                         args.driver_memory)
+            summary = json.loads((out / "_summary.json").read_text())
+            timed[(method, probes)].append({**run, "search_s": summary["seconds"]["search"], "queries_per_s": summary["queries_per_second"],
+                                            "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "out": out})
+    rows.append({"method": "trivial spark-submit: read catalog + count", **median_of(trivials, ["wall_s"])})
+    ours = [{"method": f"our {method}" + (f" nprobe {probes}" if method == "ivf" else ""),
+             **median_of(timed[(method, probes)], ["wall_s", "search_s", "queries_per_s"]), "catalog_share_read": timed[(method, probes)][-1]["catalog_share_read"],
+             "out": timed[(method, probes)][-1]["out"]} for method, probes in runs]
     if "ivf" in args.methods:  # one query alone: how much of the catalog does it read?
         write_embeddings(folder / "q1", queries[:1], "q")
         for probes in nprobes:
@@ -258,11 +277,13 @@ def main() -> None:
         row["recall"] = recall(read_neighbours(row.pop("out")), truth)
     target = next((r["recall"] for r in ours if r["method"].startswith("our ivf")), 0.95)
     probes = sorted({*nprobes, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
-    rows += ours + [flat] + faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell)
+    repeats = [faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell) for _ in range(args.repeat)]
+    faiss_rows = [{**row, **median_of([r[i] for r in repeats if i < len(r)], ["build_s", "search_s", "total_s"])} for i, row in enumerate(repeats[0])]
+    rows += ours + [flat] + faiss_rows
     if args.graph:
         rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell,
                            "duplicates" in args.graph)
-    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold"]
+    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold", "wall_s_each"]
     table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
     print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
     write_json(f"search_{args.dataset}_{args.catalog}_{args.queries}", {"parameters": vars(args), "cells": cells, "nprobe": nprobe,

@@ -123,7 +123,7 @@ def test_many_queries_spread_over_the_cores_and_split_files_give_the_same_answer
     monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)  # every table counts as big: probed from twice the cores' partitions
     monkeypatch.setattr(direct, "SPLIT_QUERIES", 0)  # and each catalog file's visitors are split over several tasks
     assert direct.tasks_per_file(spark, 1, 300) == 2 * spark.sparkContext.defaultParallelism
-    spread = query_tables.unchecked_from_table(spark, str(tmp_path / "q"))
+    spread = query_tables.spread(spark, query_tables.unchecked_from_table(spark, str(tmp_path / "q")), 300, 64)
     assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
     summary = search(spark, folder / "index", tmp_path / "spread", "--queries", tmp_path / "q", "-k", "7")
     columns = ["query_id", "rank", "neighbor_id", "distance"]
@@ -144,10 +144,14 @@ def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
     return count
 
 
-@pytest.mark.parametrize("reader", ["direct", "spark"])
-def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catalog, tmp_path, reader):
+@pytest.mark.parametrize("reader,plan", [("direct", "local"), ("direct", "files"), ("spark", "files")])
+def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catalog, tmp_path, monkeypatch, reader, plan):
+    from jobs.search import local
+
     folder, vectors, _, ids = catalog
     index = ivf.load(spark, str(folder / "index"))
+    if plan == "files":  # the query goes to the files' tasks (cells.py), as a big query set would
+        monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
     summary = search(spark, folder / "index", tmp_path / "nb", "--query-ids", ids[7], "-k", "5", "--nprobe", "2", "--reader", reader)
     touched = summary["touched"]
     cells, _ = index.probe(vectors[7:8], 2, 5)
@@ -158,6 +162,7 @@ def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catal
     assert touched["catalog_rows_scanned"] == index.plan.sizes[cells].sum() < 100  # only the probed cells' rows are scored
     if reader == "direct":  # counted by the executors as they read: the footer and the row groups that hold the two cells
         total = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
+        assert ("plan" in touched) == (plan == "local")
         assert touched["reader"] == "executors" and 1 <= touched["row_groups_read"] == row_groups_holding(files, cells) <= 4 < total
         assert 0 < touched["catalog_bytes_read"] < 0.2 * catalog_bytes
     else:

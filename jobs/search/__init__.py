@@ -15,8 +15,9 @@ from pyspark.sql import functions as F
 
 from jobs import ivf, storage
 from jobs.errors import UsageError
+from jobs.filesystems import Location
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import cells, direct, groups, itself, queries, results, scan
+from jobs.search import cells, direct, groups, itself, local, queries, results, scan
 
 log = get_logger("jobs.search")
 
@@ -65,7 +66,8 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
 
 
-def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> DataFrame | None:
+def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> tuple[DataFrame | None, int]:
+    """The queries, and about how many there are (at most: a queries table's bytes over a vector's), without counting them."""
     if args.images:
         from jobs.search import photos  # imports torch: only a photo search pays for it
 
@@ -75,12 +77,15 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
             log.warning("query photo %s could not be embedded: %s", path, error)
         if failed and found.count_failed() == found.listed:
             raise UsageError(f"none of the {found.listed} photo(s) at {args.images} could be embedded (first: {failed[0][0]}: {failed[0][1]})")
-        return found.queries()
+        return found.queries(), found.listed
     if args.all or args.duplicates:
-        return None if uses_cells(args) else queries.from_catalog(spark, index)  # run_ivf reads the catalog itself
+        return (None if uses_cells(args) else queries.from_catalog(spark, index)), index.count  # run_ivf reads the catalog itself
     if args.queries:  # IVF's probe pass checks the queries as it assigns them; a scan checks them first
-        return queries.unchecked_from_table(spark, args.queries) if uses_cells(args) else queries.from_table(spark, args.queries, index)
-    return queries.from_ids(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
+        if not uses_cells(args):
+            return queries.from_table(spark, args.queries, index), 0
+        return queries.unchecked_from_table(spark, args.queries), max(1, storage.total_size(spark, args.queries) // (4 * index.dim))
+    names = [i.strip() for i in args.query_ids.split(",") if i.strip()]
+    return queries.from_ids(spark, index, names), len(names)
 
 
 def min_similarity(args: argparse.Namespace) -> float | None:
@@ -94,7 +99,7 @@ def uses_cells(args: argparse.Namespace) -> bool:
     return args.method == "ivf" or args.duplicates
 
 
-def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
+def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, estimate: int, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
     wanted = cells.Wanted(args.k, exclude_self, min_similarity(args))
@@ -106,17 +111,22 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, args
         written = results.write(spark, results.duplicate_pairs(catalog.found) if args.duplicates else catalog.found, args.output)
         touched, count = catalog.touched(), catalog.seen.value.queries
     else:
-        count, written, touched = run_probed(spark, index, table if table is not None else queries.from_catalog(spark, index), args, nprobe, wanted)
+        count, written, touched = run_probed(spark, index, table if table is not None else queries.from_catalog(spark, index), estimate, args, nprobe, wanted)
     if args.duplicates:
         touched.update(duplicate_stats(spark, args))
     return count, written, touched
 
 
-def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, args: argparse.Namespace, nprobe: int, wanted: cells.Wanted) -> tuple[int, int, dict]:
-    """An IVF search of a queries table: a probe pass, then the probed shards' tasks, then the top-k merge."""
+def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, estimate: int, args: argparse.Namespace, nprobe: int,
+               wanted: cells.Wanted) -> tuple[int, int, dict]:
+    """An IVF search of a queries table: answered in the queries' own tasks where that reads little (local.py),
+    otherwise a probe pass, then the probed shards' tasks, then the top-k merge (cells.py)."""
+    files = direct.chosen(spark, index, args.reader)
+    if files and not (args.all or args.duplicates) and local.fits(spark, index, estimate, nprobe):
+        return run_local(spark, index, files, table, estimate, args, nprobe, wanted)
     # the whole catalog as queries: written beside the output rather than cached in memory
     spill = storage.sibling(args.output, "probes") if args.all or args.duplicates else None
-    searched = cells.search(spark, index, table, nprobe, wanted, args.reader, spill)
+    searched = cells.search(spark, index, queries.spread(spark, table, estimate, index.dim), nprobe, wanted, args.reader, spill)
     seen = searched.seen
     if args.queries:
         queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
@@ -128,6 +138,23 @@ def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, args: ar
     finally:
         searched.release()
     return seen.queries, written, searched.touched()
+
+
+def run_local(spark: SparkSession, index: ivf.Index, files: Location, table: DataFrame, estimate: int, args: argparse.Namespace, nprobe: int,
+              wanted: cells.Wanted) -> tuple[int, int, dict]:
+    """local.py's search, its queries checked (as the probe pass would) before its output is swapped in."""
+    searched = local.search(spark, index, files, table, estimate, nprobe, wanted)
+
+    def check() -> None:
+        seen = searched.seen.value
+        if args.queries:
+            queries.check_seen(args.queries, index, seen.queries, seen.dims, seen.models, seen.digests)
+
+    written = results.write(spark, searched.found.select(*results.NEIGHBOUR_COLUMNS), args.output, check)
+    touched = searched.touched()
+    log.info("probed %d of %d cells in %d of %d catalog files, in the queries' own tasks", touched["cells_probed"], index.cells,
+             touched["catalog_files_read"], touched["catalog_files"])
+    return searched.seen.value.queries, written, touched
 
 
 def duplicate_stats(spark: SparkSession, args: argparse.Namespace) -> dict:
@@ -168,9 +195,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         log.warning("-k %d is more than the catalog of %d images holds: every query gets all of them", args.k, index.count)
     with summary.stage("search"):
         started = time.perf_counter()
-        table = query_table(spark, args, index)
-        engine = run_ivf if uses_cells(args) else run_scan
-        count, written, touched = engine(spark, index, table, args, exclude_self)
+        table, estimate = query_table(spark, args, index)
+        if uses_cells(args):
+            count, written, touched = run_ivf(spark, index, table, estimate, args, exclude_self)
+        else:
+            count, written, touched = run_scan(spark, index, table, args, exclude_self)
         seconds = time.perf_counter() - started
     summary.count(queries=count, rows=written, catalog=index.count,
                   **{k: v for k, v in touched.items() if k in ("lsh_fallback_queries", "images_with_pairs", "groups", "largest_group")})
@@ -187,7 +216,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     ]
     if args.method == "ivf":
         rows.append(("read", f"{touched['catalog_bytes_read'] / 2**20:.1f} of {touched['catalog_bytes'] / 2**20:.1f} MiB in {touched['catalog_files_read']} of "
-                             f"{touched['catalog_files']} catalog files (by {touched['reader']}), {touched['cells_probed']} of {touched['cells']} cells "
+                             f"{touched['catalog_files']} catalog files (by {touched['reader']}{', ' + touched['plan'] if 'plan' in touched else ''}), {touched['cells_probed']} of {touched['cells']} cells "
                              f"({touched['catalog_rows_scanned']} of {touched['catalog_rows']} rows)"))
     if args.duplicates:
         rows.append(("images with a pair", touched["images_with_pairs"]))

@@ -59,6 +59,20 @@ class Probed:
     def probed_cells(self) -> list[int]:
         return np.flatnonzero(self.cells).tolist() if self.cells is not None else []
 
+    def probe(self, batch: pa.RecordBatch, index: Index, nprobe: int, min_rows: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        """The batch's vectors (float32 bytes) and each query's cells (CSR, nearest first), noting what it saw of
+        the queries; no cells at all for a batch holding a vector of another length than the index's."""
+        vectors, lengths = packed_vectors(batch.column("vector"))
+        self.dims.update(np.unique(lengths).tolist())
+        for name, values in (("model", self.models), ("weights_sha256", self.digests)):
+            if name in batch.schema.names:
+                values.update(v for v in pc.unique(batch.column(name)).to_pylist()[:SEEN_VALUES] if v is not None)
+        if not len(batch) or (lengths != index.dim).any():
+            return vectors, np.empty(0, np.int32), np.zeros(len(batch) + 1, np.int32)
+        cells, offsets = index.probe(matrix_from_binary(vectors, index.dim), nprobe, min_rows)
+        self.cells[cells] = True
+        return vectors, cells, offsets
+
 
 def bounded(values: set[str]) -> set[str]:
     return set(sorted(values)[:SEEN_VALUES])
@@ -82,21 +96,12 @@ def assign_probes(spark: SparkSession, queries: DataFrame, index: Index, nprobe:
     gets no visits (check the lengths seen before using the visits).
     """
     shipped = spark.sparkContext.broadcast(index)
-    carried = [c for c in ("model", "weights_sha256") if c in queries.columns]
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         shipped_index = shipped.value
         seen, rows = Probed(np.zeros(shipped_index.cells, bool)), 0
         for batch in batches:
-            vectors, lengths = packed_vectors(batch.column("vector"))
-            seen.dims.update(np.unique(lengths).tolist())
-            for name, values in zip(carried, (seen.models, seen.digests)):
-                values.update(v for v in pc.unique(batch.column(name)).to_pylist()[:SEEN_VALUES] if v is not None)
-            if len(batch) and (lengths == shipped_index.dim).all():
-                cells, offsets = shipped_index.probe(matrix_from_binary(vectors, shipped_index.dim), nprobe, min_rows)
-                seen.cells[cells] = True
-            else:
-                cells, offsets = np.empty(0, np.int32), np.zeros(len(batch) + 1, np.int32)
+            vectors, cells, offsets = seen.probe(batch, shipped_index, nprobe, min_rows)
             visit_offsets, shards, cell_offsets, visit_cells = shipped_index.plan.visits(cells, offsets, shard_of_group)
             visits = pa.StructArray.from_arrays([pa.array(shards), binary_from_values(visit_cells, cell_offsets)], names=["shard", "probes"])
             rows += len(batch)

@@ -51,10 +51,13 @@ class CatalogFiles:
     def holding(self, cells: np.ndarray) -> np.ndarray:
         return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
 
-    def read(self, file: int, probed: np.ndarray) -> ShardRows:
+    def rows(self, file: int, probed: np.ndarray) -> pa.Table:
         table, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed)
         self.counters.add(nbytes, row_groups, table.num_rows)
-        return ShardRows.of(table, self.index.dim)
+        return table
+
+    def read(self, file: int, probed: np.ndarray) -> ShardRows:
+        return ShardRows.of(self.rows(file, probed), self.index.dim)
 
 
 @dataclass

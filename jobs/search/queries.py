@@ -9,13 +9,12 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs import storage
 from jobs.errors import UsageError
 from jobs.ivf import Index
 from jobs.tables import check_vectors, open_embeddings, read_embeddings
 
 QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]
-SPREAD_BYTES = 8 << 20  # a queries table above this is spread over the cores before the probe pass
+SPREAD_BYTES = 8 << 20  # queries with more vector bytes than this are spread over the cores before they are probed
 
 
 def numbered(queries: DataFrame, *extra: str) -> DataFrame:
@@ -53,14 +52,15 @@ def from_table(spark: SparkSession, uri: str, index: Index) -> DataFrame:
 
 
 def unchecked_from_table(spark: SparkSession, uri: str) -> DataFrame:
-    """Queries from an embeddings table, carrying model and weights_sha256 for check_seen: the IVF probe pass
-    looks at every query anyway, so it checks them there instead of in a pass of its own.
+    """Queries from an embeddings table, carrying model and weights_sha256 for check_seen: the IVF search looks
+    at every query anyway, so it checks them there instead of in a pass of its own."""
+    return numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
 
-    A table of more than SPREAD_BYTES is spread over twice the cores first: a file of one row group is read
-    by one task, and 100k queries in one file were probed on one core (6.5 s of a 31.6 s search).
-    """
-    table = numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
-    if storage.total_size(spark, uri) <= SPREAD_BYTES:
+
+def spread(spark: SparkSession, table: DataFrame, estimate: int, dim: int) -> DataFrame:
+    """Queries of more than SPREAD_BYTES of vectors (estimate: about how many) spread over twice the cores: a file of
+    one row group is read by one task, and 100k queries in one file were probed on one core (6.5 s of a 31.6 s search)."""
+    if estimate * 4 * dim <= SPREAD_BYTES:
         return table
     return table.repartition(2 * spark.sparkContext.defaultParallelism)
 

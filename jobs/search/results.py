@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import storage
@@ -82,12 +83,20 @@ def duplicate_pairs(partials: DataFrame) -> DataFrame:
     ).dropDuplicates(["image_a", "image_b"])
 
 
-def write(spark: SparkSession, table: DataFrame, output: str) -> int:
-    """Write a result table from the executors, staged beside output and swapped in; its row count."""
+def write(spark: SparkSession, table: DataFrame, output: str, check: Callable[[], None] | None = None) -> int:
+    """Write a result table from the executors, staged beside output and swapped in; its row count (observed as
+    it is written: no second read). check: run once the table is written; if it raises, nothing is swapped in."""
     staged = storage.sibling(output, "staging")
-    table.write.parquet(staged)
+    written = Observation("written")
+    table.observe(written, F.count(F.lit(1)).alias("rows")).write.parquet(staged)
+    if check:
+        try:
+            check()
+        except Exception:
+            storage.delete(spark, staged)
+            raise
     storage.swap_in(spark, staged, output)
-    return spark.read.parquet(output).count()
+    return int(written.get["rows"])
 
 
 def first_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:

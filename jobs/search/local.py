@@ -1,0 +1,129 @@
+"""Small searches answered where their queries are: each task probes its own queries, reads the probed row
+groups of the catalog files that hold their cells, holds them as one shard and writes their ranked neighbours.
+
+Nothing is shuffled and there is no probe pass or top-k merge of its own, which is most of what one photo or a
+few thousand queries cost (cells.py's plan). The price is that every task reads its queries' cells itself, so
+the plan is taken only while all the tasks together are expected to read at most LOCAL_READ_BYTES.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs.filesystems import Location
+from jobs.ivf import Index
+from jobs.search import direct
+from jobs.search.cells import Probed, ProbedParam
+from jobs.search.direct import ReadCounters
+from jobs.search.itself import CHUNK_BYTES, CatalogFiles, CatalogSearch, ranked
+from jobs.search.scoring import ShardRows, Wanted
+from jobs.tables import NEIGHBOURS_SCHEMA
+from jobs.vectors import binary_from_values
+
+HOLD_BYTES = 128 << 20  # catalog rows a task holds at once (estimated from the cells' sizes)
+LOCAL_READ_BYTES = 512 << 20  # above this (all tasks together, expected) shuffling queries to files and merging costs less
+# from this many queries on, they are spread over twice the cores, each task reading its own queries' cells (below it,
+# one task answered 1,000 GloVe queries in 7.4 s of search, two in 8.9: a shuffle and a second Python worker cost more)
+SPREAD_QUERIES = 4096
+
+
+def expected_read(index: Index, queries: int, tasks: int, nprobe: int) -> float:
+    """Catalog bytes `tasks` tasks of queries / tasks queries each are expected to read (each probes nprobe of the cells)."""
+    catalog = sum(f["bytes"] for f in index.meta["files"])
+    return tasks * catalog * -math.expm1(-queries / max(tasks, 1) * nprobe / max(index.cells, 1))
+
+
+def tasks_for(spark: SparkSession, queries: int) -> int:
+    """One task for a few queries; twice the cores from SPREAD_QUERIES on."""
+    return 2 * spark.sparkContext.defaultParallelism if queries >= SPREAD_QUERIES else 1
+
+
+def fits(spark: SparkSession, index: Index, queries: int, nprobe: int) -> bool:
+    """Whether an estimated `queries` queries are answered where they are (this module) rather than shuffled to the files."""
+    return expected_read(index, queries, tasks_for(spark, queries), nprobe) <= LOCAL_READ_BYTES
+
+
+def chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The batches regrouped into batches of about `rows` rows (each task's queries in as few catalog passes as fit)."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += len(batch)
+        if count >= rows:
+            yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+            held, count = [], 0
+    if count:
+        yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+
+
+def held_parts(index: Index, cells: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of queries whose probed cells' rows together stay within HOLD_BYTES (one query at least): each run's
+    rows are held at once, so ties between files are broken by id as everywhere else."""
+    row_bytes = sum(f["bytes"] for f in index.meta["files"]) / max(int(index.plan.sizes.sum()), 1)
+    parts, first, queries = [], 0, len(offsets) - 1
+    while first < queries:
+        size = queries - first
+        while size > 1 and index.plan.sizes[np.unique(cells[offsets[first] : offsets[first + size]])].sum() * row_bytes > HOLD_BYTES:
+            size //= 2
+        parts.append((first, first + size))
+        first += size
+    return parts
+
+
+def answer_part(catalog: CatalogFiles, queries: pa.RecordBatch, cells: np.ndarray, wanted: Wanted) -> pa.RecordBatch:
+    """The ranked neighbours of some queries (with their probes), all their probed cells' rows held at once."""
+    probed = np.zeros(catalog.index.cells, bool)
+    probed[cells] = True
+    held = ShardRows.of(pa.concat_tables([catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))]), catalog.index.dim)
+    return ranked(held.answer(queries, wanted), wanted.k)
+
+
+@dataclass
+class LocalSearch(CatalogSearch):
+    """CatalogSearch's found table and counts, and the catalog files that hold the cells probed."""
+
+    index: Index | None = None
+
+    def touched(self) -> dict:
+        cells = self.seen.value.probed_cells()
+        holding = direct.file_of_group(self.index)[self.index.plan.groups_of(cells)] if cells else []
+        return {**super().touched(), "catalog_files_read": len(np.unique(holding))}
+
+
+def search(spark: SparkSession, index: Index, files: Location, queries: DataFrame, estimate: int, nprobe: int, wanted: Wanted) -> LocalSearch:
+    """The ranked neighbours (neighbours rows) of every query, answered in the queries' own tasks."""
+    shipped = spark.sparkContext.broadcast(index)
+    counters = ReadCounters.start(spark)
+    seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
+    enough = wanted.k + (1 if wanted.exclude_self else 0)
+    chunk_rows = max(1024, CHUNK_BYTES // (4 * index.dim + 100))
+
+    def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        idx = shipped.value
+        catalog = CatalogFiles(idx, files, counters, files.filesystem())
+        probed, rows = Probed(np.zeros(idx.cells, bool)), 0
+        for chunk in chunks(batches, chunk_rows):
+            vectors, cells, offsets = probed.probe(chunk, idx, nprobe, enough)
+            rows += len(chunk)
+            if not len(cells):  # empty, or a vector of the wrong length: the driver says which after the job
+                continue
+            asked = pa.RecordBatch.from_arrays([chunk.column("qidx"), chunk.column("query_id"), chunk.column("query_path"), chunk.column("query_label"),
+                                                vectors, binary_from_values(cells, offsets)], names=["qidx", "id", "path", "label", "vector", "probes"])
+            for first, end in held_parts(idx, cells, offsets):
+                yield answer_part(catalog, asked.slice(first, end - first), cells[offsets[first] : offsets[end]], wanted)
+        probed.rows[TaskContext.get().partitionId()] = rows
+        seen.add(probed)
+
+    tasks = tasks_for(spark, estimate)
+    spread = queries.repartition(tasks) if tasks > 1 else queries.coalesce(1)
+    planned = {"cells": index.cells, "catalog_rows": int(index.plan.sizes.sum()), "catalog_files": len(index.meta["files"]),
+               "catalog_bytes": sum(f["bytes"] for f in index.meta["files"]), "reader": "executors", "plan": f"in the queries' own {tasks} task(s)"}
+    return LocalSearch(spread.mapInArrow(answer, NEIGHBOURS_SCHEMA), seen, counters, planned, index)
