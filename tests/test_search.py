@@ -112,24 +112,35 @@ def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spa
     assert summary["counts"]["queries"] == 50 and summary["counts"]["rows"] == 500
 
 
-def test_many_queries_spread_over_the_cores_and_split_files_give_the_same_answers(spark, catalog, tmp_path, monkeypatch):
-    from jobs.search import direct
+def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_same_answers(spark, catalog, tmp_path, monkeypatch):
+    from jobs.search import direct, local
     from jobs.search import queries as query_tables
 
     folder, vectors, _, ids = catalog
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
-    search(spark, folder / "index", tmp_path / "whole", "--queries", tmp_path / "q", "-k", "7")
-    monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)  # every table counts as big: probed from twice the cores' partitions
-    monkeypatch.setattr(direct, "SPLIT_QUERIES", 0)  # and each catalog file's visitors are split over several tasks
+    plans = {"local": search(spark, folder / "index", tmp_path / "local", "--queries", tmp_path / "q", "-k", "7")}
+    # the same plan spread over twice the cores, each query's cells held apart (a part per query, files read again)
+    monkeypatch.setattr(local, "SPREAD_QUERIES", 0)
+    monkeypatch.setattr(local, "HOLD_BYTES", 1)
+    plans["parts"] = search(spark, folder / "index", tmp_path / "parts", "--queries", tmp_path / "q", "-k", "7")
+    # shuffled to the files' tasks, the queries spread and each file's visitors split over several tasks
+    monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
+    monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)
+    monkeypatch.setattr(direct, "SPLIT_QUERIES", 0)
     assert direct.tasks_per_file(spark, 1, 300) == 2 * spark.sparkContext.defaultParallelism
     spread = query_tables.spread(spark, query_tables.unchecked_from_table(spark, str(tmp_path / "q")), 300, 64)
     assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
-    summary = search(spark, folder / "index", tmp_path / "spread", "--queries", tmp_path / "q", "-k", "7")
+    plans["files"] = search(spark, folder / "index", tmp_path / "files", "--queries", tmp_path / "q", "-k", "7")
+    assert plans["local"]["touched"]["plan"] == "in the queries' own 1 task(s)" and "plan" not in plans["files"]["touched"]
+    assert plans["parts"]["touched"]["plan"] == f"in the queries' own {2 * spark.sparkContext.defaultParallelism} task(s)"
+    # a part per query re-reads files: more row groups than one pass over the probed cells
+    assert plans["parts"]["touched"]["row_groups_read"] > plans["local"]["touched"]["row_groups_read"]
     columns = ["query_id", "rank", "neighbor_id", "distance"]
-    whole, spread_rows = read_neighbours(spark, tmp_path / "whole")[columns], read_neighbours(spark, tmp_path / "spread")[columns]
-    assert summary["counts"]["queries"] == 300 and len(spread_rows) == 300 * 7
-    pd.testing.assert_frame_equal(whole.reset_index(drop=True), spread_rows.reset_index(drop=True))
+    answers = {plan: read_neighbours(spark, tmp_path / plan)[columns].reset_index(drop=True) for plan in plans}
+    for plan, summary in plans.items():
+        assert summary["counts"]["queries"] == 300 and summary["counts"]["rows"] == len(answers[plan]) == 300 * 7, plan
+        pd.testing.assert_frame_equal(answers["local"], answers[plan])
 
 
 def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
@@ -299,9 +310,14 @@ def test_recall_and_label_metrics_on_known_cases():
 
 
 @pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index",
-                                  "no lsh keys", "queries mixing weights", "queries of another length", "queries of another length, exact"])
-def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, case):
+                                  "no lsh keys", "queries mixing weights", "queries of another length", "queries of another length, exact",
+                                  "queries of another length, files"])
+def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, monkeypatch, case):
+    from jobs.search import local
+
     folder, vectors, _, ids = catalog
+    if case.endswith("files"):  # checked by the probe pass, before the files' tasks (not after, as in the queries' own tasks)
+        monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
     if case == "missing columns":
         spark.createDataFrame([("a", [1.0])], "image_id string, embedding array<float>").write.parquet(str(tmp_path / "bad"))

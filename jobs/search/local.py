@@ -9,6 +9,7 @@ the plan is taken only while all the tasks together are expected to read at most
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from jobs.filesystems import Location
 from jobs.ivf import Index
+from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
@@ -78,12 +80,11 @@ def held_parts(index: Index, cells: np.ndarray, offsets: np.ndarray) -> list[tup
     return parts
 
 
-def answer_part(catalog: CatalogFiles, queries: pa.RecordBatch, cells: np.ndarray, wanted: Wanted) -> pa.RecordBatch:
-    """The ranked neighbours of some queries (with their probes), all their probed cells' rows held at once."""
+def hold(catalog: CatalogFiles, cells: np.ndarray) -> ShardRows:
+    """All the rows of these cells, read from the files that hold them, as one shard."""
     probed = np.zeros(catalog.index.cells, bool)
     probed[cells] = True
-    held = ShardRows.of(pa.concat_tables([catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))]), catalog.index.dim)
-    return ranked(held.answer(queries, wanted), wanted.k)
+    return ShardRows.of(pa.concat_tables([catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))]), catalog.index.dim)
 
 
 @dataclass
@@ -105,20 +106,29 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
     seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
     enough = wanted.k + (1 if wanted.exclude_self else 0)
     chunk_rows = max(1024, CHUNK_BYTES // (4 * index.dim + 100))
+    task_log = get_logger("jobs.search.task")
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx = shipped.value
         catalog = CatalogFiles(idx, files, counters, files.filesystem())
-        probed, rows = Probed(np.zeros(idx.cells, bool)), 0
+        probed, rows, spent = Probed(np.zeros(idx.cells, bool)), 0, dict.fromkeys(("probing", "reading", "scoring"), 0.0)
         for chunk in chunks(batches, chunk_rows):
+            started = time.perf_counter()
             vectors, cells, offsets = probed.probe(chunk, idx, nprobe, enough)
+            spent["probing"] += time.perf_counter() - started
             rows += len(chunk)
             if not len(cells):  # empty, or a vector of the wrong length: the driver says which after the job
                 continue
             asked = pa.RecordBatch.from_arrays([chunk.column("qidx"), chunk.column("query_id"), chunk.column("query_path"), chunk.column("query_label"),
                                                 vectors, binary_from_values(cells, offsets)], names=["qidx", "id", "path", "label", "vector", "probes"])
             for first, end in held_parts(idx, cells, offsets):
-                yield answer_part(catalog, asked.slice(first, end - first), cells[offsets[first] : offsets[end]], wanted)
+                started = time.perf_counter()
+                held = hold(catalog, cells[offsets[first] : offsets[end]])
+                read = time.perf_counter()
+                found = ranked(held.answer(asked.slice(first, end - first), wanted), wanted.k)
+                spent["reading"], spent["scoring"] = spent["reading"] + read - started, spent["scoring"] + time.perf_counter() - read
+                yield found
+        task_log.info("%d queries answered in their own task: %s", rows, ", ".join(f"{v:.1f} s {k}" for k, v in spent.items()))
         probed.rows[TaskContext.get().partitionId()] = rows
         seen.add(probed)
 
