@@ -71,15 +71,16 @@ class ReadCounters:
         return {"catalog_bytes_read": self.bytes.value, "row_groups_read": self.row_groups.value, "catalog_rows_scanned": self.rows.value}
 
 
-def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.Table, int, int]:
-    """The probed cells' rows of one catalog file, reading only the row groups whose cell range holds a probed
-    cell (the file is sorted by cell); also the bytes (footer + column chunks) and row groups read."""
+def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.Table, np.ndarray, int, int]:
+    """The row groups of one catalog file whose cell range holds a probed cell (the file is sorted by cell), which of
+    their rows are in probed cells (not filtered here: ShardRows.of copies the kept vectors once), and the bytes
+    (footer + column chunks) and row groups read."""
     probed_before = np.concatenate([[0], np.cumsum(probed)])  # probed cells below each cell number
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=True)
         meta = parquet.metadata
         if not meta.num_row_groups:
-            return parquet.schema_arrow.empty_table().select(ROW_COLUMNS), meta.serialized_size, 0
+            return parquet.schema_arrow.empty_table().select(ROW_COLUMNS), np.zeros(0, bool), meta.serialized_size, 0
         position = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)}
         chosen = []
         for group in range(meta.num_row_groups):
@@ -89,7 +90,7 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.
                 chosen.append(group)
         table = parquet.read_row_groups(chosen, columns=ROW_COLUMNS)
     nbytes = meta.serialized_size + sum(meta.row_group(g).column(position[c]).total_compressed_size for g in chosen for c in ROW_COLUMNS)
-    return table.filter(pa.array(probed[table.column("cell").to_numpy()])), nbytes, len(chosen)
+    return table, probed[table.column("cell").to_numpy()], nbytes, len(chosen)
 
 
 def tasks_per_file(spark: SparkSession, probed_files: int, queries: int) -> int:
@@ -125,9 +126,9 @@ def score_files(spark: SparkSession, index: Index, files: Location, assigned: Da
             file = batch.column("file")[0].as_py()  # one file per task: partition_key places each file's visits exactly
             if file != current:
                 fs = fs or files.filesystem()
-                table, nbytes, row_groups = read_probed(fs, f"{files.root}/{names[file]}", probed)
-                counters.add(nbytes, row_groups, table.num_rows)
-                current, held = file, ShardRows.of(table, dim) if table.num_rows else None
+                table, keep, nbytes, row_groups = read_probed(fs, f"{files.root}/{names[file]}", probed)
+                counters.add(nbytes, row_groups, int(keep.sum()))
+                current, held = file, ShardRows.of(table, dim, keep) if keep.any() else None
             if held is not None:
                 yield held.answer(batch, wanted)
 

@@ -51,13 +51,15 @@ class CatalogFiles:
     def holding(self, cells: np.ndarray) -> np.ndarray:
         return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
 
-    def rows(self, file: int, probed: np.ndarray) -> pa.Table:
-        table, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed)
-        self.counters.add(nbytes, row_groups, table.num_rows)
-        return table
+    def rows(self, file: int, probed: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+        """The file's probed row groups, and which of their rows are in probed cells."""
+        table, keep, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed)
+        self.counters.add(nbytes, row_groups, int(keep.sum()))
+        return table, keep
 
     def read(self, file: int, probed: np.ndarray) -> ShardRows:
-        return ShardRows.of(self.rows(file, probed), self.index.dim)
+        table, keep = self.rows(file, probed)
+        return ShardRows.of(table, self.index.dim, keep)
 
 
 @dataclass

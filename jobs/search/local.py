@@ -84,7 +84,8 @@ def hold(catalog: CatalogFiles, cells: np.ndarray) -> ShardRows:
     """All the rows of these cells, read from the files that hold them, as one shard."""
     probed = np.zeros(catalog.index.cells, bool)
     probed[cells] = True
-    return ShardRows.of(pa.concat_tables([catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))]), catalog.index.dim)
+    tables, keeps = zip(*[catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))])
+    return ShardRows.of(pa.concat_tables(tables), catalog.index.dim, np.concatenate(keeps))
 
 
 @dataclass

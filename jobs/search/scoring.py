@@ -43,13 +43,24 @@ class ShardRows:
     keys: np.ndarray  # rank of each row's id: ties go to the smaller id
 
     @classmethod
-    def of(cls, table: pa.Table, dim: int) -> ShardRows:
-        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes)."""
-        table = table.combine_chunks()
-        rows = pa.RecordBatch.from_arrays([c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns], names=table.column_names)
-        cell = rows.column("cell").to_numpy()
-        order = np.argsort(cell, kind="stable")
-        vectors = matrix_from_binary(rows.column("vector"), dim)[order]
+    def of(cls, table: pa.Table, dim: int, keep: np.ndarray | None = None) -> ShardRows:
+        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes), those of keep if given.
+
+        The vectors are copied once (none moved: a catalog file is already sorted by cell), the strings not at all
+        when every row is kept.
+        """
+        picked = np.flatnonzero(keep) if keep is not None and not keep.all() else None
+        cell = table.column("cell").to_numpy()
+        cell = cell if picked is None else cell[picked]
+        order = np.argsort(cell, kind="stable") if (np.diff(cell) < 0).any() else None
+        vector = table.column("vector")
+        matrix = matrix_from_binary(vector.combine_chunks() if isinstance(vector, pa.ChunkedArray) else vector, dim)
+        moved = picked if order is None else order if picked is None else picked[order]
+        strings = [table.column(c) for c in ("cell", "image_id", "path", "label")]
+        rows = pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in strings], names=["cell", "image_id", "path", "label"])
+        rows = rows if picked is None else rows.take(pa.array(picked))
+        order = np.arange(len(cell)) if order is None else order
+        vectors = matrix if moved is None else matrix[moved]
         cells, starts = np.unique(cell[order], return_index=True)
         keys = (pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy() - 1)[order] if len(rows) else np.empty(0, np.int64)
         return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), keys)
