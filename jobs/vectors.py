@@ -27,6 +27,35 @@ def matrix_from_binary(column: pa.Array, dim: int) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
+def gather_matrix(column: pa.Array | pa.ChunkedArray, dim: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), dim) float32 rows of a binary vector column (all of them if rows is None), copied at most once.
+
+    A chunked column is gathered chunk by chunk straight into the result: combining its chunks first and then
+    picking rows wrote (and page-faulted) every byte twice, seconds per shard of a large catalog.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if rows is None and len(chunks) == 1:
+        return matrix_from_binary(chunks[0], dim)
+    rows = np.arange(sum(len(c) for c in chunks)) if rows is None else np.asarray(rows, np.int64)
+    # from pyarrow's pool, which keeps the pages it frees: numpy's large arrays are fresh mappings, and their page
+    # faults cost more than the copy (1.1 s per 500 MB on a 2-core VM, against 0.1 s for the copy)
+    out = np.frombuffer(pa.allocate_buffer(len(rows) * dim * 4), np.float32).reshape(len(rows), dim)
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    ascending = not len(rows) or bool((np.diff(rows) >= 0).all())
+    # ascending rows: each chunk's share is one contiguous run of the result, taken in place
+    edges = np.searchsorted(rows, starts) if ascending else None
+    owner = None if ascending else np.searchsorted(starts, rows, side="right") - 1
+    for number, chunk in enumerate(chunks):
+        matrix = matrix_from_binary(chunk, dim)
+        if ascending:
+            first, end = edges[number], edges[number + 1]
+            np.take(matrix, rows[first:end] - starts[number], axis=0, out=out[first:end], mode="clip")  # "raise" would buffer out
+        else:
+            mine = np.flatnonzero(owner == number)
+            out[mine] = matrix[rows[mine] - starts[number]]
+    return out
+
+
 def binary_from_matrix(matrix: np.ndarray) -> pa.Array:
     """A binary column with one row of float32 bytes per matrix row."""
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)

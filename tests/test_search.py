@@ -7,6 +7,7 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_job
@@ -20,6 +21,7 @@ from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from jobs.search import direct, itself
 from jobs.search.scoring import Wanted
+from jobs.vectors import binary_from_matrix, gather_matrix
 from scripts.vectors import clustered_unit_vectors
 
 
@@ -307,6 +309,13 @@ def test_recall_and_label_metrics_on_known_cases():
     metrics = label_metrics(neighbours, {"q": "car"}, {"car": 3, "bus": 9}, k=4, self_in_catalog=True)
     assert metrics["precision@4"] == 0.5
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
+
+
+def test_gathering_vectors_from_a_chunked_column_picks_the_same_rows_as_combining_it():
+    matrix = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    chunked = pa.chunked_array([binary_from_matrix(matrix[:2]), binary_from_matrix(matrix[2:2]), binary_from_matrix(matrix[2:])])
+    for rows in (None, np.array([0, 3, 4, 6]), np.array([6, 0, 5, 1]), np.array([], np.int64)):
+        assert np.array_equal(gather_matrix(chunked, 3, rows), matrix if rows is None else matrix[rows])
 
 
 @pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index",

@@ -71,26 +71,42 @@ class ReadCounters:
         return {"catalog_bytes_read": self.bytes.value, "row_groups_read": self.row_groups.value, "catalog_rows_scanned": self.rows.value}
 
 
-def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray) -> tuple[pa.Table, np.ndarray, int, int]:
+@dataclass(frozen=True)
+class Footer:
+    """A catalog file's Parquet footer and each row group's range of cells (a task that reads a file again reuses it)."""
+
+    metadata: pq.FileMetaData
+    lowest: np.ndarray
+    highest: np.ndarray
+
+    @classmethod
+    def read(cls, parquet: pq.ParquetFile, cells: int) -> Footer:
+        meta = parquet.metadata
+        column = next((c for c in range(meta.num_columns) if meta.row_group(0).column(c).path_in_schema == "cell"), None) if meta.num_row_groups else None
+        ranges = np.array([(0, cells - 1) if stats is None or not stats.has_min_max else (stats.min, stats.max)
+                           for stats in (meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups))], np.int64).reshape(-1, 2)
+        return cls(meta, ranges[:, 0], ranges[:, 1])
+
+    def bytes_of(self, row_groups: np.ndarray, columns: list[str]) -> int:
+        """Footer and column chunk bytes of these row groups."""
+        meta = self.metadata
+        names = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)} if meta.num_row_groups else {}
+        return meta.serialized_size + sum(meta.row_group(int(g)).column(names[c]).total_compressed_size for g in row_groups for c in columns)
+
+
+def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, footer: Footer | None = None) -> tuple[pa.Table, np.ndarray, int, int, Footer]:
     """The row groups of one catalog file whose cell range holds a probed cell (the file is sorted by cell), which of
-    their rows are in probed cells (not filtered here: ShardRows.of copies the kept vectors once), and the bytes
-    (footer + column chunks) and row groups read."""
+    their rows are in probed cells (not filtered here: ShardRows.of copies the kept vectors once), the bytes (footer +
+    column chunks) and row groups read, and the file's footer (given, or read here)."""
     probed_before = np.concatenate([[0], np.cumsum(probed)])  # probed cells below each cell number
     with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle, pre_buffer=True)
-        meta = parquet.metadata
-        if not meta.num_row_groups:
-            return parquet.schema_arrow.empty_table().select(ROW_COLUMNS), np.zeros(0, bool), meta.serialized_size, 0
-        position = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)}
-        chosen = []
-        for group in range(meta.num_row_groups):
-            stats = meta.row_group(group).column(position["cell"]).statistics
-            lo, hi = (stats.min, stats.max) if stats is not None and stats.has_min_max else (0, len(probed) - 1)
-            if probed_before[hi + 1] > probed_before[lo]:
-                chosen.append(group)
-        table = parquet.read_row_groups(chosen, columns=ROW_COLUMNS)
-    nbytes = meta.serialized_size + sum(meta.row_group(g).column(position[c]).total_compressed_size for g in chosen for c in ROW_COLUMNS)
-    return table, probed[table.column("cell").to_numpy()], nbytes, len(chosen)
+        parquet = pq.ParquetFile(handle, pre_buffer=True, metadata=footer.metadata if footer else None)
+        footer = footer or Footer.read(parquet, len(probed))
+        chosen = np.flatnonzero(probed_before[footer.highest + 1] > probed_before[footer.lowest])
+        if not len(chosen):
+            return parquet.schema_arrow.empty_table().select(ROW_COLUMNS), np.zeros(0, bool), footer.metadata.serialized_size, 0, footer
+        table = parquet.read_row_groups(chosen.tolist(), columns=ROW_COLUMNS)
+    return table, probed[table.column("cell").to_numpy()], footer.bytes_of(chosen, ROW_COLUMNS), len(chosen), footer
 
 
 def tasks_per_file(spark: SparkSession, probed_files: int, queries: int) -> int:
@@ -126,7 +142,7 @@ def score_files(spark: SparkSession, index: Index, files: Location, assigned: Da
             file = batch.column("file")[0].as_py()  # one file per task: partition_key places each file's visits exactly
             if file != current:
                 fs = fs or files.filesystem()
-                table, keep, nbytes, row_groups = read_probed(fs, f"{files.root}/{names[file]}", probed)
+                table, keep, nbytes, row_groups, _ = read_probed(fs, f"{files.root}/{names[file]}", probed)
                 counters.add(nbytes, row_groups, int(keep.sum()))
                 current, held = file, ShardRows.of(table, dim, keep) if keep.any() else None
             if held is not None:

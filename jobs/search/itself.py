@@ -33,6 +33,7 @@ from jobs.vectors import binary_from_values, matrix_from_binary
 CHUNK_BYTES = 128 * 2**20  # a task's queries answered in one pass over the catalog (vectors + ~100 bytes of strings a row)
 PROGRESS_SECONDS = 30  # a task logs how far it is at most this often
 FILE_ROW = 1 << 32  # running top-k rows: (catalog file + 1) * FILE_ROW + position while that file is held, else a kept-row number
+FOOTERS_HELD = 256  # catalog files whose footers a task keeps (a file read again, for another run of queries, skips its footer)
 
 
 @dataclass
@@ -47,13 +48,18 @@ class CatalogFiles:
     def __post_init__(self) -> None:
         self.file_of_group = direct.file_of_group(self.index)
         self.names = [f["name"] for f in self.index.meta["files"]]
+        self.footers: dict[int, direct.Footer] = {}
 
     def holding(self, cells: np.ndarray) -> np.ndarray:
         return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
 
     def rows(self, file: int, probed: np.ndarray) -> tuple[pa.Table, np.ndarray]:
         """The file's probed row groups, and which of their rows are in probed cells."""
-        table, keep, nbytes, row_groups = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed)
+        footer = self.footers.pop(file, None)
+        table, keep, nbytes, row_groups, footer = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed, footer)
+        self.footers[file] = footer  # most recently used last
+        if len(self.footers) > FOOTERS_HELD:
+            del self.footers[next(iter(self.footers))]
         self.counters.add(nbytes, row_groups, int(keep.sum()))
         return table, keep
 

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from jobs.knn import merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
 from jobs.search.results import cosine, partial_batch
-from jobs.vectors import matrix_from_binary, values_from_binary
+from jobs.vectors import gather_matrix, matrix_from_binary, values_from_binary
 
 ROW_COLUMNS = ["cell", "image_id", "path", "label", "vector"]  # the catalog columns a shard's task holds
 SCORED_ENTRIES = 1 << 23  # most query x row distances in one matrix (32 MiB of float32; 3 such matrices live at once)
@@ -53,14 +53,12 @@ class ShardRows:
         cell = table.column("cell").to_numpy()
         cell = cell if picked is None else cell[picked]
         order = np.argsort(cell, kind="stable") if (np.diff(cell) < 0).any() else None
-        vector = table.column("vector")
-        matrix = matrix_from_binary(vector.combine_chunks() if isinstance(vector, pa.ChunkedArray) else vector, dim)
         moved = picked if order is None else order if picked is None else picked[order]
         strings = [table.column(c) for c in ("cell", "image_id", "path", "label")]
         rows = pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in strings], names=["cell", "image_id", "path", "label"])
         rows = rows if picked is None else rows.take(pa.array(picked))
         order = np.arange(len(cell)) if order is None else order
-        vectors = matrix if moved is None else matrix[moved]
+        vectors = gather_matrix(table.column("vector"), dim, moved)
         cells, starts = np.unique(cell[order], return_index=True)
         keys = (pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy() - 1)[order] if len(rows) else np.empty(0, np.int64)
         return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), keys)
