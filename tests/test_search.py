@@ -20,6 +20,7 @@ from jobs.evaluate import label_metrics, recall_at_k
 from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from jobs.search import direct, itself
+from jobs.search import queries as query_tables
 from jobs.search.scoring import Wanted
 from jobs.vectors import binary_from_matrix, gather_matrix
 from scripts.vectors import clustered_unit_vectors
@@ -116,7 +117,6 @@ def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spa
 
 def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_same_answers(spark, catalog, tmp_path, monkeypatch):
     from jobs.search import direct, local
-    from jobs.search import queries as query_tables
 
     folder, vectors, _, ids = catalog
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
@@ -309,6 +309,13 @@ def test_recall_and_label_metrics_on_known_cases():
     metrics = label_metrics(neighbours, {"q": "car"}, {"car": 3, "bus": 9}, k=4, self_in_catalog=True)
     assert metrics["precision@4"] == 0.5
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
+
+
+def test_a_queries_table_is_counted_from_its_footers_without_a_spark_job(spark, tmp_path):
+    ids = write_embeddings(spark, tmp_path / "q", np.eye(8, dtype=np.float32)[np.arange(37) % 8])
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    assert query_tables.estimated_count(spark, str(tmp_path / "q"), 8) == len(ids) == 37
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
 
 
 def test_gathering_vectors_from_a_chunked_column_picks_the_same_rows_as_combining_it():

@@ -83,7 +83,7 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
     if args.queries:  # IVF's probe pass checks the queries as it assigns them; a scan checks them first
         if not uses_cells(args):
             return queries.from_table(spark, args.queries, index), 0
-        return queries.unchecked_from_table(spark, args.queries), max(1, storage.total_size(spark, args.queries) // (4 * index.dim))
+        return queries.unchecked_from_table(spark, args.queries), queries.estimated_count(spark, args.queries, index.dim)
     names = [i.strip() for i in args.query_ids.split(",") if i.strip()]
     return queries.from_ids(spark, index, names), len(names)
 

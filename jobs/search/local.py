@@ -30,7 +30,7 @@ from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values
 
 HOLD_BYTES = 128 << 20  # catalog rows a task holds at once (estimated from the cells' sizes)
-LOCAL_READ_BYTES = 4 << 30  # above this (all tasks together, expected) shuffling queries to files and merging costs less
+LOCAL_READ_BYTES = 1 << 30  # above this (all tasks together, expected) shuffling queries to files and merging costs less (1M x 512-d: 1,000 queries reading an expected 0.85 GiB took 12.5 s here, 14.4 s shuffled; 1.4 GiB 16.2 s, 15.1 s shuffled)
 # from this many queries on, they are spread over twice the cores, each task reading its own queries' cells (below it,
 # one task answered 1,000 GloVe queries in 7.4 s of search, two in 8.9: a shuffle and a second Python worker cost more)
 SPREAD_QUERIES = 4096
