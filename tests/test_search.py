@@ -318,6 +318,15 @@ def test_a_queries_table_is_counted_from_its_footers_without_a_spark_job(spark, 
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
 
 
+def test_queries_held_together_are_ordered_by_their_nearest_cell_with_their_probes():
+    from jobs.search.local import by_nearest_cell
+
+    cells, offsets = np.array([5, 1, 2, 0, 9, 3, 4]), np.array([0, 2, 4, 4, 7])  # the third query probes nothing
+    order, moved, moved_offsets = by_nearest_cell(cells, offsets)
+    assert order.tolist() == [2, 1, 0, 3]
+    assert [moved[moved_offsets[i] : moved_offsets[i + 1]].tolist() for i in range(4)] == [[], [2, 0], [5, 1], [9, 3, 4]]
+
+
 def test_gathering_vectors_from_a_chunked_column_picks_the_same_rows_as_combining_it():
     matrix = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
     chunked = pa.chunked_array([binary_from_matrix(matrix[:2]), binary_from_matrix(matrix[2:2]), binary_from_matrix(matrix[2:])])
