@@ -73,25 +73,26 @@ class ReadCounters:
 
 @dataclass(frozen=True)
 class Footer:
-    """A catalog file's Parquet footer and each row group's range of cells (a task that reads a file again reuses it)."""
+    """A catalog file's Parquet footer, its columns' positions and each row group's range of cells (a task that
+    reads a file again reuses it)."""
 
     metadata: pq.FileMetaData
+    columns: dict[str, int]
     lowest: np.ndarray
     highest: np.ndarray
 
     @classmethod
     def read(cls, parquet: pq.ParquetFile, cells: int) -> Footer:
         meta = parquet.metadata
-        column = next((c for c in range(meta.num_columns) if meta.row_group(0).column(c).path_in_schema == "cell"), None) if meta.num_row_groups else None
+        columns = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)} if meta.num_row_groups else {}
         ranges = np.array([(0, cells - 1) if stats is None or not stats.has_min_max else (stats.min, stats.max)
-                           for stats in (meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups))], np.int64).reshape(-1, 2)
-        return cls(meta, ranges[:, 0], ranges[:, 1])
+                           for stats in (meta.row_group(g).column(columns["cell"]).statistics for g in range(meta.num_row_groups))], np.int64)
+        return cls(meta, columns, *ranges.reshape(-1, 2).T)
 
     def bytes_of(self, row_groups: np.ndarray, columns: list[str]) -> int:
         """Footer and column chunk bytes of these row groups."""
-        meta = self.metadata
-        names = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)} if meta.num_row_groups else {}
-        return meta.serialized_size + sum(meta.row_group(int(g)).column(names[c]).total_compressed_size for g in row_groups for c in columns)
+        chunks = (self.metadata.row_group(int(g)).column(self.columns[c]) for g in row_groups for c in columns)
+        return self.metadata.serialized_size + sum(chunk.total_compressed_size for chunk in chunks)
 
 
 def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, footer: Footer | None = None) -> tuple[pa.Table, np.ndarray, int, int, Footer]:

@@ -30,7 +30,9 @@ from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values
 
 HOLD_BYTES = 128 << 20  # catalog rows a task holds at once (estimated from the cells' sizes)
-LOCAL_READ_BYTES = 1 << 30  # above this (all tasks together, expected) shuffling queries to files and merging costs less (1M x 512-d: 1,000 queries reading an expected 0.85 GiB took 12.5 s here, 14.4 s shuffled; 1.4 GiB 16.2 s, 15.1 s shuffled)
+# above this (all tasks together, expected) shuffling queries to files and merging costs less (1M x 512-d, 1,000
+# queries: an expected 0.85 GiB took 12.5 s in their own task, 14.4 s shuffled; 1.4 GiB 16.2 s against 15.1 s)
+LOCAL_READ_BYTES = 1 << 30
 # from this many queries on, they are spread over twice the cores, each task reading its own queries' cells (below it,
 # one task answered 1,000 GloVe queries in 7.4 s of search, two in 8.9: a shuffle and a second Python worker cost more)
 SPREAD_QUERIES = 4096
@@ -85,8 +87,8 @@ def by_nearest_cell(cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
     along the index's tree, so a run of these queries probes fewer distinct cells, and fewer row groups are read
     by two runs (1M x 512-d, 1,000 queries at nprobe 1: 36% of the catalog read in arrival order)."""
     lengths = np.diff(offsets)
-    nearest = np.where(lengths > 0, cells[np.minimum(offsets[:-1], max(len(cells) - 1, 0))] if len(cells) else -1, -1)
-    order = np.argsort(nearest, kind="stable")
+    first = cells[np.minimum(offsets[:-1], len(cells) - 1)] if len(cells) else np.zeros(len(lengths), np.int64)
+    order = np.argsort(np.where(lengths > 0, first, -1), kind="stable")
     ordered = np.concatenate([[0], np.cumsum(lengths[order])]).astype(offsets.dtype)
     picks = np.repeat(offsets[:-1][order] - ordered[:-1], lengths[order]) + np.arange(ordered[-1])
     return order, cells[picks], ordered
