@@ -81,7 +81,8 @@ class ShardRows:
         rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell in this shard
         slot = np.minimum(np.searchsorted(self.cells, cells), max(len(self.cells) - 1, 0))
         here = self.cells[slot] == cells if len(self.cells) else np.zeros(len(cells), bool)
-        owner, slot, rank = owner[here], slot[here], rank[here]
+        if not here.all():  # a shard holding every probed cell (the local plan's) skips three copies of all the probes
+            owner, slot, rank = owner[here], slot[here], rank[here]
         own_row = self.own_rows(queries) if wanted.exclude_self else None
         # nearest cells first: they set each query's k-th distance, which then rules out most rows of the other cells
         for later, phase in enumerate((rank == 0, rank > 0)):
@@ -134,7 +135,8 @@ class TopK:
         """Fold in d2 (len(asking) x cell rows) of the rows first_row.. . bounded: most rows cannot beat the
         queries' current k-th distance, so only those that can are gathered and merged."""
         if bounded:
-            q, col = np.nonzero(d2 <= self.d2[asking, self.k - 1][:, None])
+            # flat indices, then divmod: 2-D nonzero took three times as long (0.5 ms a cell of 1,190 x 137)
+            q, col = np.divmod(np.flatnonzero(d2 <= self.d2[asking, self.k - 1][:, None]), d2.shape[1])
             if len(q):
                 self.merge(asking[q], d2[q, col], col, first_row, keys)
             return
