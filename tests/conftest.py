@@ -25,16 +25,8 @@ def spark():
     from jobs.cli import spark_session
 
     os.environ.setdefault("SPARK_LOG_LEVEL", "ERROR")
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
-    session = spark_session("tests")  # the jobs' own settings on top of the local master
+    # the jobs' own session, on a local master
+    session = spark_session("tests", {"spark.master": "local[2]", "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4"})
     yield session
     session.stop()
 

@@ -311,15 +311,68 @@ def test_recall_and_label_metrics_on_known_cases():
     assert metrics["mAP@4"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # two relevant images exist besides the query
 
 
+def newest_job(spark) -> int:
+    """The newest Spark job's id (Spark keeps a bounded list of jobs, so their number stops growing; this does not)."""
+    return max(spark.sparkContext.statusTracker().getJobIdsForGroup(), default=-1)
+
+
 def test_a_queries_table_is_counted_from_its_footers_without_a_spark_job(spark, tmp_path):
     ids = write_embeddings(spark, tmp_path / "q", np.eye(8, dtype=np.float32)[np.arange(37) % 8])
-    def newest_job() -> int:  # Spark keeps a bounded list of jobs, so their number stops growing; the newest id does not
-        return max(spark.sparkContext.statusTracker().getJobIdsForGroup(), default=-1)
-
-    before = newest_job()
+    before = newest_job(spark)
     assert before >= 0  # the table's write was seen, so a job run by the count would be too
     assert query_tables.estimated_count(spark, str(tmp_path / "q"), 8) == len(ids) == 37
-    assert newest_job() == before
+    assert newest_job(spark) == before
+
+
+def test_a_table_is_opened_with_its_footers_schema_without_a_spark_job(spark, tmp_path):
+    from jobs.tables import footer_schema, open_embeddings
+
+    write_embeddings(spark, tmp_path / "spark", np.eye(4, dtype=np.float32), labels=["a", "b", "c", "d"])
+    (tmp_path / "arrow").mkdir()  # written by pyarrow: no Spark schema in its footer, its Arrow types converted
+    pq.write_table(pq.read_table(tmp_path / "spark"), tmp_path / "arrow" / "part-0.parquet")
+    for name in ("spark", "arrow"):
+        before = newest_job(spark)
+        opened = open_embeddings(spark, str(tmp_path / name), "queries table")
+        assert newest_job(spark) == before, name
+        inferred = spark.read.parquet(str(tmp_path / name))  # Spark's own inference (a job) for comparison
+        assert footer_schema(spark, str(tmp_path / name)) == inferred.schema, name
+        rows = sorted((r["image_id"], r["label"], tuple(r["embedding"])) for r in opened.collect())
+        assert rows == [(f"img{i:05d}", "abcd"[i], tuple(np.eye(4)[i])) for i in range(4)], name
+    (tmp_path / "parted" / "day=1").mkdir(parents=True)  # partition folders add columns only Spark knows of
+    pq.write_table(pq.read_table(tmp_path / "spark"), tmp_path / "parted" / "day=1" / "part-0.parquet")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "part-0.parquet").write_text("not parquet")
+    assert footer_schema(spark, str(tmp_path / "parted")) is None and footer_schema(spark, str(tmp_path / "text")) is None
+
+
+def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spark, catalog):
+    folder, *_ = catalog
+    index = ivf.load(spark, str(folder / "index"))
+    files = direct.locate(spark, index)
+    catalog_files = itself.CatalogFiles(index, files, direct.ReadCounters.start(spark), files.filesystem(memory_map=True))
+    probed = np.zeros(index.cells, bool)
+    probed[:: 3] = True
+    wanted = np.arange(len(index.meta["files"]))[::-1]
+    got = list(catalog_files.rows(wanted, probed, at_once=2))
+    assert [file for file, _, _ in got] == wanted.tolist()
+    expected_bytes = 0
+    for file, table, keep in got:
+        one, one_keep, nbytes, _, _ = direct.read_probed(files.filesystem(), f"{files.root}/{index.meta['files'][file]['name']}", probed)
+        assert table.equals(one) and np.array_equal(keep, one_keep)
+        expected_bytes += nbytes
+    assert sum(keep.sum() for _, _, keep in got) == index.plan.sizes[probed].sum() > 0
+    assert catalog_files.counters.totals()["catalog_bytes_read"] == expected_bytes
+    assert len(catalog_files.footers) == len(wanted)  # kept for the next read of these files
+
+
+def test_python_workers_get_4_kib_pages_from_pyarrows_allocator(spark):
+    def environment(batches):
+        import os
+
+        for batch in batches:
+            yield pa.RecordBatch.from_pydict({"thp": [os.environ.get("MIMALLOC_ALLOW_THP")] * len(batch)})
+
+    assert spark.range(1).mapInArrow(environment, "thp string").first()["thp"] == "0"
 
 
 def test_queries_held_together_are_ordered_by_their_nearest_cell_with_their_probes():

@@ -142,7 +142,7 @@ def score_files(spark: SparkSession, index: Index, files: Location, assigned: Da
                 continue
             file = batch.column("file")[0].as_py()  # one file per task: partition_key places each file's visits exactly
             if file != current:
-                fs = fs or files.filesystem()
+                fs = fs or files.filesystem(memory_map=True)
                 table, keep, nbytes, row_groups, _ = read_probed(fs, f"{files.root}/{names[file]}", probed)
                 counters.add(nbytes, row_groups, int(keep.sum()))
                 current, held = file, ShardRows.of(table, dim, keep) if keep.any() else None
@@ -163,7 +163,7 @@ def file_reader(files: Location, index: Index, columns: list[str]) -> Callable[[
     names = [f["name"] for f in index.meta["files"]]
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        fs = files.filesystem()
+        fs = files.filesystem(memory_map=True)
         for batch in batches:
             for file in batch.column("file").to_pylist():
                 with fs.open_input_file(f"{files.root}/{names[file]}") as handle:

@@ -8,7 +8,9 @@ top-k is merged: a running top-k per query keeps the neighbours' strings as they
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +35,7 @@ from jobs.vectors import binary_from_values, matrix_from_binary
 CHUNK_BYTES = 128 * 2**20  # a task's queries answered in one pass over the catalog (vectors + ~100 bytes of strings a row)
 PROGRESS_SECONDS = 30  # a task logs how far it is at most this often
 FILE_ROW = 1 << 32  # running top-k rows: (catalog file + 1) * FILE_ROW + position while that file is held, else a kept-row number
+READ_THREADS = 2  # catalog files a task reads at once, beside its scoring
 FOOTERS_HELD = 256  # catalog files whose footers a task keeps (a file read again, for another run of queries, skips its footer)
 
 
@@ -49,23 +52,36 @@ class CatalogFiles:
         self.file_of_group = direct.file_of_group(self.index)
         self.names = [f["name"] for f in self.index.meta["files"]]
         self.footers: dict[int, direct.Footer] = {}
+        self.reader = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="catalog-read")
 
     def holding(self, cells: np.ndarray) -> np.ndarray:
         return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
 
-    def rows(self, file: int, probed: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-        """The file's probed row groups, and which of their rows are in probed cells."""
-        footer = self.footers.pop(file, None)
-        table, keep, nbytes, row_groups, footer = direct.read_probed(self.fs, f"{self.files.root}/{self.names[file]}", probed, footer)
+    def rows(self, files: np.ndarray, probed: np.ndarray, at_once: int = 1) -> Iterator[tuple[int, pa.Table, np.ndarray]]:
+        """Each file's probed row groups, and which of their rows are in probed cells, in the files' order; `at_once`
+        files are read at a time in threads beside the caller (pyarrow lets go of the GIL while it reads and decodes)."""
+        pending: deque[tuple[int, Future]] = deque()
+        for file in files.tolist():
+            path = f"{self.files.root}/{self.names[file]}"
+            pending.append((file, self.reader.submit(direct.read_probed, self.fs, path, probed, self.footers.pop(file, None))))
+            if len(pending) > at_once:
+                yield self.taken(*pending.popleft())
+        while pending:
+            yield self.taken(*pending.popleft())
+
+    def taken(self, file: int, read: Future) -> tuple[int, pa.Table, np.ndarray]:
+        """A finished read, its footer kept and its bytes counted (here, in the task's own thread)."""
+        table, keep, nbytes, row_groups, footer = read.result()
         self.footers[file] = footer  # most recently used last
         if len(self.footers) > FOOTERS_HELD:
             del self.footers[next(iter(self.footers))]
         self.counters.add(nbytes, row_groups, int(keep.sum()))
-        return table, keep
+        return file, table, keep
 
-    def read(self, file: int, probed: np.ndarray) -> ShardRows:
-        table, keep = self.rows(file, probed)
-        return ShardRows.of(table, self.index.dim, keep)
+    def read(self, files: np.ndarray, probed: np.ndarray) -> Iterator[tuple[int, ShardRows]]:
+        """Each file's probed rows as a shard, the next file read while the caller scores one."""
+        for file, table, keep in self.rows(files, probed):
+            yield file, ShardRows.of(table, self.index.dim, keep)
 
 
 @dataclass
@@ -127,7 +143,7 @@ def search(spark: SparkSession, index: Index, files: Location, nprobe: int, want
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx = shipped.value
-        catalog = CatalogFiles(idx, files, counters, files.filesystem())
+        catalog = CatalogFiles(idx, files, counters, files.filesystem(memory_map=True))
         probed, rows = Probed(np.zeros(idx.cells, bool)), 0
         for file in (f for batch in batches for f in batch.column("file").to_pylist()):
             started, logged = time.perf_counter(), time.perf_counter()
@@ -168,12 +184,11 @@ def answer_chunk(catalog: CatalogFiles, queries: pa.RecordBatch, vectors: np.nda
     probed = np.zeros(catalog.index.cells, bool)
     probed[cells] = True
     keep, kept = TopK(len(queries), wanted.k), Kept()
-    for file in catalog.holding(cells):
-        held = catalog.read(int(file), probed)
+    for file, held in catalog.read(catalog.holding(cells), probed):
         if wanted.min_similarity is not None:
             yield held.answer(queries, wanted)
             continue
-        held.score(keep, vectors, queries, wanted, base=(int(file) + 1) * FILE_ROW)
+        held.score(keep, vectors, queries, wanted, base=(file + 1) * FILE_ROW)
         kept.take_in(keep, held)
         yield None
     if wanted.min_similarity is None:

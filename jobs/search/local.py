@@ -24,7 +24,7 @@ from jobs.runlog import get_logger
 from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
-from jobs.search.itself import CHUNK_BYTES, CatalogFiles, CatalogSearch, ranked
+from jobs.search.itself import CHUNK_BYTES, READ_THREADS, CatalogFiles, CatalogSearch, ranked
 from jobs.search.scoring import ShardRows, Wanted
 from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values
@@ -98,7 +98,7 @@ def hold(catalog: CatalogFiles, cells: np.ndarray) -> ShardRows:
     """All the rows of these cells, read from the files that hold them, as one shard."""
     probed = np.zeros(catalog.index.cells, bool)
     probed[cells] = True
-    tables, keeps = zip(*[catalog.rows(int(file), probed) for file in catalog.holding(np.unique(cells))])
+    _, tables, keeps = zip(*catalog.rows(catalog.holding(np.unique(cells)), probed, at_once=READ_THREADS))
     return ShardRows.of(pa.concat_tables(tables), catalog.index.dim, np.concatenate(keeps))
 
 
@@ -116,6 +116,7 @@ class LocalSearch(CatalogSearch):
 
 def search(spark: SparkSession, index: Index, files: Location, queries: DataFrame, estimate: int, nprobe: int, wanted: Wanted) -> LocalSearch:
     """The ranked neighbours (neighbours rows) of every query, answered in the queries' own tasks."""
+    tasks = tasks_for(spark, estimate)
     shipped = spark.sparkContext.broadcast(index)
     counters = ReadCounters.start(spark)
     seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
@@ -125,7 +126,7 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx = shipped.value
-        catalog = CatalogFiles(idx, files, counters, files.filesystem())
+        catalog = CatalogFiles(idx, files, counters, files.filesystem(memory_map=True))
         probed, rows, spent = Probed(np.zeros(idx.cells, bool)), 0, dict.fromkeys(("probing", "reading", "scoring"), 0.0)
         for chunk in chunks(batches, chunk_rows):
             started = time.perf_counter()
@@ -149,7 +150,6 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
         probed.rows[TaskContext.get().partitionId()] = rows
         seen.add(probed)
 
-    tasks = tasks_for(spark, estimate)
     spread = queries.repartition(tasks) if tasks > 1 else queries.coalesce(1)
     planned = {"cells": index.cells, "catalog_rows": int(index.plan.sizes.sum()), "catalog_files": len(index.meta["files"]),
                "catalog_bytes": sum(f["bytes"] for f in index.meta["files"]), "reader": "executors", "plan": f"in the queries' own {tasks} task(s)"}

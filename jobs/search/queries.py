@@ -7,7 +7,6 @@ either, so no Python pass converts them first.
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -66,6 +65,8 @@ def unchecked_from_table(spark: SparkSession, uri: str) -> DataFrame:
 def estimated_count(spark: SparkSession, uri: str, dim: int) -> int:
     """About how many rows a queries table holds, without a Spark job: its Parquet footers' row counts where pyarrow
     opens it, else its bytes over a vector's (an upper bound: ids and paths made 1,000 queries of 512-d look like 1,314)."""
+    import pyarrow.dataset as ds  # here, not at the top: it imports pandas, 0.3 s of every Python worker's start
+
     place = location(spark, uri)
     if place is not None:
         try:
