@@ -49,13 +49,11 @@ def footer_schema(spark: SparkSession, uri: str) -> T.StructType | None:
     except (OSError, ValueError, pa.ArrowException):
         return None
     written = (schema.metadata or {}).get(SPARK_SCHEMA_KEY)
-    if written:  # as Spark reads a file: every field, element and value may be null
-        return T.StructType.fromJson(json.loads(written, object_hook=nullable))
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    try:
-        return from_arrow_schema(schema)
-    except (TypeError, ValueError):  # a type Spark has no name for: Spark infers it (or says why not)
+    try:  # as Spark reads a file: every field, element and value may be null
+        return T.StructType.fromJson(json.loads(written, object_hook=nullable)) if written else from_arrow_schema(schema)
+    except (TypeError, ValueError, KeyError):  # a type Spark has no name for, or a schema it did not write: Spark infers it
         return None
 
 
