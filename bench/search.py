@@ -84,7 +84,7 @@ def median_of(runs: list[dict], keys: list[str]) -> dict:
     out = {key: float(np.median([r[key] for r in runs])) for key in keys}
     if len(runs) > 1:
         out["runs"] = len(runs)
-        out.update({f"{key}_each": [round(r[key], 2) for r in runs] for key in keys if key in ("wall_s", "total_s")})
+        out.update({f"{key}_each": [round(r[key], 2) for r in runs] for key in keys if key in ("wall_s", "search_s", "total_s")})
     if "peak_rss_mib" in runs[0]:
         out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     return out
@@ -283,7 +283,7 @@ def main() -> None:
     if args.graph:
         rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell,
                            "duplicates" in args.graph)
-    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold", "wall_s_each"]
+    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold", "wall_s_each", "search_s_each"]
     table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
     print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
     write_json(f"search_{args.dataset}_{args.catalog}_{args.queries}", {"parameters": vars(args), "cells": cells, "nprobe": nprobe,
