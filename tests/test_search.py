@@ -145,6 +145,38 @@ def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_sa
         pd.testing.assert_frame_equal(answers["local"], answers[plan])
 
 
+def test_the_local_plan_reads_its_queries_itself_skipping_failed_rows_like_spark(spark, catalog, tmp_path, monkeypatch):
+    from jobs.search import local
+
+    folder, _, _, _ = catalog
+    asked, _ = clustered_unit_vectors(40, dim=64, cluster_size=30, noise=0.5, seed=5)
+    failed = np.arange(40) % 7 == 3  # an error, or no embedding: left out by both routes
+    # written by pyarrow in two files of several row groups, without a weights_sha256 column (older embed runs)
+    (tmp_path / "q").mkdir()
+    for part, rows in enumerate((slice(0, 25), slice(25, 40))):
+        table = pa.table({"image_id": [f"q{i}" for i in range(40)][rows], "path": [f"/q/{i}.jpg" for i in range(40)][rows], "label": pa.nulls(40, pa.string())[rows],
+                          "model": ["resnet18"] * (rows.stop - rows.start),
+                          "embedding": [None if failed[i] and i % 2 else asked[i].tolist() for i in range(40)][rows],
+                          "error": ["bad jpeg" if failed[i] else None for i in range(40)][rows]})
+        pq.write_table(table, tmp_path / "q" / f"part-{part}.parquet", row_group_size=10)
+    listed = query_tables.QueryFiles.listed(spark, str(tmp_path / "q"))
+    assert listed.rows == 40 and len(listed.groups) == 5 and "weights_sha256" not in listed.columns
+    for tasks in (1, 3, 7):  # every row in exactly one run, the runs within a row of each other
+        runs = listed.runs(tasks)
+        numbered = sorted(qidx + row for run in runs for _, _, first, end, qidx in run for row in range(first, end))
+        sizes = [sum(end - first for _, _, first, end, _ in run) for run in runs]
+        assert numbered == list(range(40)) and max(sizes) - min(sizes) <= 1
+    own = search(spark, folder / "index", tmp_path / "own", "--queries", tmp_path / "q", "-k", "5")
+    monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)  # the probe pass: Spark reads the table
+    shuffled = search(spark, folder / "index", tmp_path / "shuffled", "--queries", tmp_path / "q", "-k", "5")
+    assert own["touched"]["queries_read_by"] == "the tasks (pyarrow)" and "queries_read_by" not in shuffled["touched"]
+    assert own["counts"]["queries"] == shuffled["counts"]["queries"] == 40 - failed.sum()
+    columns = ["query_id", "rank", "neighbor_id", "distance"]
+    answers = [read_neighbours(spark, tmp_path / out)[columns].reset_index(drop=True) for out in ("own", "shuffled")]
+    assert set(answers[0]["query_id"]) == {f"q{i}" for i in np.flatnonzero(~failed)}
+    pd.testing.assert_frame_equal(*answers)
+
+
 def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
     """Row groups whose cell range (Parquet statistics) holds one of these cells."""
     count = 0

@@ -66,8 +66,9 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
         raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
 
 
-def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> tuple[DataFrame | None, int]:
-    """The queries, and about how many there are (at most: a queries table's bytes over a vector's), without counting them."""
+def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index) -> tuple[DataFrame | queries.QueryFiles | None, int]:
+    """The queries, and about how many there are (at most: a queries table's bytes over a vector's), without counting them;
+    an IVF search's queries table as the files its tasks can read themselves, where they can."""
     if args.images:
         from jobs.search import photos  # imports torch: only a photo search pays for it
 
@@ -83,6 +84,9 @@ def query_table(spark: SparkSession, args: argparse.Namespace, index: ivf.Index)
     if args.queries:  # IVF's probe pass checks the queries as it assigns them; a scan checks them first
         if not uses_cells(args):
             return queries.from_table(spark, args.queries, index), 0
+        listed = queries.QueryFiles.listed(spark, args.queries)
+        if listed is not None:
+            return listed, listed.rows
         return queries.unchecked_from_table(spark, args.queries), queries.estimated_count(spark, args.queries, index.dim)
     names = [i.strip() for i in args.query_ids.split(",") if i.strip()]
     return queries.from_ids(spark, index, names), len(names)
@@ -99,7 +103,7 @@ def uses_cells(args: argparse.Namespace) -> bool:
     return args.method == "ivf" or args.duplicates
 
 
-def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, estimate: int, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
+def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | queries.QueryFiles | None, estimate: int, args: argparse.Namespace, exclude_self: bool) -> tuple[int, int, dict]:
     """(queries, rows written, what was touched) of an IVF search."""
     nprobe = index.cells if args.method == "exact" else args.nprobe or index.params.nprobe
     wanted = cells.Wanted(args.k, exclude_self, min_similarity(args))
@@ -117,13 +121,15 @@ def run_ivf(spark: SparkSession, index: ivf.Index, table: DataFrame | None, esti
     return count, written, touched
 
 
-def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, estimate: int, args: argparse.Namespace, nprobe: int,
+def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame | queries.QueryFiles, estimate: int, args: argparse.Namespace, nprobe: int,
                wanted: cells.Wanted) -> tuple[int, int, dict]:
     """An IVF search of a queries table: answered in the queries' own tasks where that reads little (local.py),
     otherwise a probe pass, then the probed shards' tasks, then the top-k merge (cells.py)."""
     files = direct.chosen(spark, index, args.reader)
     if files and not (args.all or args.duplicates) and local.fits(spark, index, estimate, nprobe):
         return run_local(spark, index, files, table, estimate, args, nprobe, wanted)
+    if isinstance(table, queries.QueryFiles):  # the probe pass reads them with Spark
+        table = queries.unchecked_from_table(spark, args.queries)
     # the whole catalog as queries: written beside the output rather than cached in memory
     spill = storage.sibling(args.output, "probes") if args.all or args.duplicates else None
     searched = cells.search(spark, index, queries.spread(spark, table, estimate, index.dim), nprobe, wanted, args.reader, spill)
@@ -140,7 +146,7 @@ def run_probed(spark: SparkSession, index: ivf.Index, table: DataFrame, estimate
     return seen.queries, written, searched.touched()
 
 
-def run_local(spark: SparkSession, index: ivf.Index, files: Location, table: DataFrame, estimate: int, args: argparse.Namespace, nprobe: int,
+def run_local(spark: SparkSession, index: ivf.Index, files: Location, table: DataFrame | queries.QueryFiles, estimate: int, args: argparse.Namespace, nprobe: int,
               wanted: cells.Wanted) -> tuple[int, int, dict]:
     """local.py's search, its queries checked (as the probe pass would) before its output is swapped in."""
     searched = local.search(spark, index, files, table, estimate, nprobe, wanted)

@@ -25,6 +25,7 @@ from jobs.search import direct
 from jobs.search.cells import Probed, ProbedParam
 from jobs.search.direct import ReadCounters
 from jobs.search.itself import CHUNK_BYTES, READ_THREADS, CatalogFiles, CatalogSearch, ranked
+from jobs.search.queries import QueryFiles
 from jobs.search.scoring import ShardRows, Wanted
 from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values
@@ -114,9 +115,13 @@ class LocalSearch(CatalogSearch):
         return {**super().touched(), "catalog_files_read": len(np.unique(holding))}
 
 
-def search(spark: SparkSession, index: Index, files: Location, queries: DataFrame, estimate: int, nprobe: int, wanted: Wanted) -> LocalSearch:
-    """The ranked neighbours (neighbours rows) of every query, answered in the queries' own tasks."""
+def search(spark: SparkSession, index: Index, files: Location, queries: DataFrame | QueryFiles, estimate: int, nprobe: int,
+           wanted: Wanted) -> LocalSearch:
+    """The ranked neighbours (neighbours rows) of every query, answered in the queries' own tasks (which read the
+    queries themselves, given QueryFiles)."""
     tasks = tasks_for(spark, estimate)
+    listed = queries if isinstance(queries, QueryFiles) else None  # the closure below must not hold a DataFrame
+    runs = listed.runs(tasks) if listed else None
     shipped = spark.sparkContext.broadcast(index)
     counters = ReadCounters.start(spark)
     seen = spark.sparkContext.accumulator(Probed(), ProbedParam())
@@ -125,6 +130,8 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
     task_log = get_logger("jobs.search.task")
 
     def answer(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if runs is not None:  # the input is which runs of the table to read
+            batches = (batch for task in [t for b in batches for t in b.column("id").to_pylist()] for batch in listed.read(runs[task]))
         idx = shipped.value
         catalog = CatalogFiles(idx, files, counters, files.filesystem(memory_map=True))
         probed, rows, spent = Probed(np.zeros(idx.cells, bool)), 0, dict.fromkeys(("probing", "reading", "scoring"), 0.0)
@@ -150,7 +157,11 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
         probed.rows[TaskContext.get().partitionId()] = rows
         seen.add(probed)
 
-    spread = queries.repartition(tasks) if tasks > 1 else queries.coalesce(1)
+    if runs is not None:
+        spread = spark.range(tasks, numPartitions=tasks)
+    else:
+        spread = queries.repartition(tasks) if tasks > 1 else queries.coalesce(1)
     planned = {"cells": index.cells, "catalog_rows": int(index.plan.sizes.sum()), "catalog_files": len(index.meta["files"]),
-               "catalog_bytes": sum(f["bytes"] for f in index.meta["files"]), "reader": "executors", "plan": f"in the queries' own {tasks} task(s)"}
+               "catalog_bytes": sum(f["bytes"] for f in index.meta["files"]), "reader": "executors", "plan": f"in the queries' own {tasks} task(s)",
+               "queries_read_by": "the tasks (pyarrow)" if runs is not None else "Spark"}
     return LocalSearch(spread.mapInArrow(answer, NEIGHBOURS_SCHEMA), seen, counters, planned, index)

@@ -6,16 +6,22 @@ either, so no Python pass converts them first.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.errors import UsageError
-from jobs.filesystems import location
+from jobs.filesystems import Location, location
 from jobs.ivf import Index
 from jobs.runlog import get_logger
-from jobs.tables import check_vectors, open_embeddings, read_embeddings
+from jobs.tables import VECTOR_COLUMNS, check_vectors, open_embeddings, read_embeddings
 
 QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]
 SPREAD_BYTES = 8 << 20  # queries with more vector bytes than this are spread over the cores before they are probed
@@ -74,6 +80,69 @@ def estimated_count(spark: SparkSession, uri: str, dim: int) -> int:
         except (OSError, ValueError, pa.ArrowException) as error:
             log.info("counting %s from its footers failed (%s): estimated from its bytes", uri, error)
     return max(1, storage.total_size(spark, uri) // (4 * dim))
+
+
+@dataclass(frozen=True)
+class QueryFiles:
+    """A queries table its tasks read themselves with pyarrow: no Spark read of it, whose first use in a job costs
+    the driver 1-2 s before the job starts (the JVM's Parquet source and plans). qidx is a row's place in the table."""
+
+    place: Location
+    groups: list[tuple[str, int, int]]  # (file, row group, rows) in the table's order
+    columns: list[str]  # of the first file (as Spark reads a table): the vector columns and, where present, error and weights_sha256
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, _, rows in self.groups)
+
+    @classmethod
+    def listed(cls, spark: SparkSession, uri: str) -> QueryFiles | None:
+        """The table's row groups from its footers, or None where pyarrow does not open it as one folder of embeddings
+        files (then Spark reads it, and says what is wrong with it)."""
+        import pyarrow.dataset as ds  # imports pandas: only the driver pays for it
+
+        place = location(spark, uri)
+        if place is None:
+            return None
+        try:
+            table = ds.dataset(place.root, format="parquet", filesystem=place.filesystem())
+            groups = [(f.path, g.id, g.num_rows) for f in table.get_fragments() for g in f.row_groups]
+        except (OSError, ValueError, pa.ArrowException) as error:
+            log.info("the tasks cannot read %s themselves (%s): Spark reads it", uri, error)
+            return None
+        names = table.schema.names
+        if any(c not in names for c in VECTOR_COLUMNS) or any(path.rpartition("/")[0] != place.root for path, _, _ in groups):
+            return None  # not an embeddings table, or partitioned into folders
+        return cls(place, groups, [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)])
+
+    def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int]]]:
+        """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of row 0)."""
+        bounds = np.linspace(0, self.rows, tasks + 1).round().astype(np.int64)
+        runs: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(tasks)]
+        start = 0
+        for path, group, rows in self.groups:
+            for task in range(tasks):
+                first, end = max(bounds[task], start), min(bounds[task + 1], start + rows)
+                if first < end:
+                    runs[task].append((path, group, int(first - start), int(end - start), start))
+            start += rows
+        return runs
+
+    def read(self, run: list[tuple[str, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
+        """One run's queries, as the Spark route gives them: qidx, query_id, query_path, query_label, vector, model,
+        weights_sha256; rows without an embedding or with an error left out (open_embeddings)."""
+        fs = self.place.filesystem()
+        for path, group, first, end, qidx in run:
+            with fs.open_input_file(path) as handle:
+                rows = pq.ParquetFile(handle).read_row_group(group, columns=self.columns).slice(first, end - first)
+            valid = pc.is_valid(rows.column("embedding"))
+            if "error" in self.columns:
+                valid = pc.and_(valid, pc.is_null(rows.column("error")))
+            numbers = pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64))
+            rows = rows.append_column("qidx", numbers).filter(valid).combine_chunks()
+            digests = rows.column("weights_sha256").combine_chunks() if "weights_sha256" in self.columns else pa.nulls(len(rows), pa.string())
+            yield pa.RecordBatch.from_arrays([rows.column(c).combine_chunks() for c in ("qidx", "image_id", "path", "label", "embedding", "model")] + [digests],
+                                             names=["qidx", *QUERY_COLUMNS, "model", "weights_sha256"])
 
 
 def spread(spark: SparkSession, table: DataFrame, estimate: int, dim: int) -> DataFrame:
