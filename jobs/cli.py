@@ -25,8 +25,10 @@ JOBS = {
 
 # pyarrow's allocator (mimalloc) backs its memory with transparent huge pages; on VMs whose host backs a huge page
 # only when it is first touched, a search task's first 600 MB took 0.1-7 s to touch instead of a steady 0.4 s in
-# 4 KiB pages (1M x 512-d, 1,000 queries: 1.3-1.7 s of reading instead of 5.9-7.8)
-EXECUTOR_ENV = {"MIMALLOC_ALLOW_THP": "0"}
+# 4 KiB pages (1M x 512-d, 1,000 queries: 1.3-1.7 s of reading instead of 5.9-7.8). It also hands freed memory back
+# to the system 10 ms after it is freed, so a task's next 600 MB were faulted in again: kept, it is reused (reading
+# 1.3-1.5 s instead of 1.5-2.3); a worker then holds its peak until it exits (clusters' confs use the system pool)
+EXECUTOR_ENV = {"MIMALLOC_ALLOW_THP": "0", "MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def build_parser(job: str | None = None) -> argparse.ArgumentParser:
@@ -63,11 +65,27 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     for key, value in EXECUTOR_ENV.items():
         if not given.contains(f"spark.executorEnv.{key}"):
             builder = builder.config(f"spark.executorEnv.{key}", value)
+    options = local_java_options(given)
+    if options:
+        builder = builder.config("spark.driver.extraJavaOptions", options)
     for key, value in (settings or {}).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def local_java_options(given) -> str | None:  # type: ignore[no-untyped-def]
+    """The driver JVM's options with the class archive of jobs.localstart added, where this process is about to start
+    that JVM (vehicle-search, tests) and an archive was written; None otherwise (spark-submit started it already)."""
+    from pyspark import SparkContext
+
+    from jobs import localstart
+
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ or "driver-java-options" in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+        return None
+    archive = localstart.java_option()
+    return " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), archive])) if archive != localstart.NO_ARCHIVE else None
 
 
 def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]

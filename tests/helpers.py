@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jobs import localstart
 from scripts.build_zip import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,8 @@ def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local
     # tiny inputs: 4 shuffle partitions, as in the test session (Spark's 200 make a 3-query search ~3x slower)
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
+    # as the README's local command line: the driver JVM maps the class archive make setup wrote
+    command += ["--driver-java-options", localstart.java_option()]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
 

@@ -397,14 +397,14 @@ def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spar
     assert len(catalog_files.footers) == len(wanted)  # kept for the next read of these files
 
 
-def test_python_workers_get_4_kib_pages_from_pyarrows_allocator(spark):
+def test_python_workers_get_4_kib_pages_kept_for_reuse_from_pyarrows_allocator(spark):
     def environment(batches):
         import os
 
         for batch in batches:
-            yield pa.RecordBatch.from_pydict({"thp": [os.environ.get("MIMALLOC_ALLOW_THP")] * len(batch)})
+            yield pa.RecordBatch.from_pydict({key: [os.environ.get(f"MIMALLOC_{key.upper()}")] * len(batch) for key in ("allow_thp", "purge_delay")})
 
-    assert spark.range(1).mapInArrow(environment, "thp string").first()["thp"] == "0"
+    assert spark.range(1).mapInArrow(environment, "allow_thp string, purge_delay string").first().asDict() == {"allow_thp": "0", "purge_delay": "-1"}
 
 
 def test_queries_held_together_are_ordered_by_their_nearest_cell_with_their_probes():

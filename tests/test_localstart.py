@@ -1,0 +1,60 @@
+"""Local start-up: pyspark.zip's bytecode (checked against each source) and the driver JVM's class archive."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from helpers import spark_submit
+
+from jobs import localstart
+from jobs.cli import local_java_options
+from scripts.local_start import compile_zip
+
+IMPORTED = "import sys; sys.path.insert(0, sys.argv[1]); import pkg.mod as m; print(m.__file__, m.VALUE)"
+
+
+def imported_from(archive) -> tuple[str, str]:
+    done = subprocess.run([sys.executable, "-c", IMPORTED, str(archive)], capture_output=True, text=True, check=True)
+    path, value = done.stdout.split()
+    return path.rsplit("/", 1)[1], value
+
+
+def test_a_compiled_zip_imports_its_bytecode_and_a_changed_source_still_wins(tmp_path):
+    archive = tmp_path / "lib.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("pkg/__init__.py", "")
+        out.writestr("pkg/mod.py", "VALUE = 'one'\n")
+        out.writestr("pkg/tests/test_mod.py", "import pkg.mod\n")
+    assert imported_from(archive) == ("mod.py", "one")
+    assert compile_zip(archive) == 2  # pkg/__init__ and pkg/mod; test modules are never imported by jobs
+    assert imported_from(archive) == ("mod.pyc", "one")
+    assert compile_zip(archive) == 0  # once is enough
+    # the bytecode is checked against its source's hash: a source changed since is compiled again
+    with zipfile.ZipFile(archive) as old, zipfile.ZipFile(tmp_path / "changed.zip", "w") as new:
+        for info in old.infolist():
+            new.writestr(info.filename, "VALUE = 'two'\n" if info.filename == "pkg/mod.py" else old.read(info))
+    assert imported_from(tmp_path / "changed.zip") == ("mod.py", "two")
+
+
+def test_only_a_process_starting_its_own_jvm_asks_for_the_archive(spark, monkeypatch):
+    from pyspark import SparkConf
+
+    assert local_java_options(SparkConf()) is None  # this test session's JVM runs already
+    monkeypatch.setattr("pyspark.SparkContext._gateway", None)
+    monkeypatch.setattr(localstart, "class_archive", lambda: localstart.Path("/nowhere/classes.jsa"))
+    assert localstart.java_option() == localstart.NO_ARCHIVE and local_java_options(SparkConf()) is None
+
+
+def test_local_runs_map_the_class_archive_setup_wrote(tmp_path, monkeypatch):
+    if not localstart.class_archive().is_file():
+        pytest.skip("make setup wrote no class archive here (scripts/local_start.py said why)")
+    # -Xshare:on: a JVM that cannot map the archive (another JVM, class path or pyspark) refuses to start
+    monkeypatch.setattr(localstart, "java_option", lambda: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on")
+    from helpers import build_dist
+
+    result = spark_submit(build_dist(tmp_path / "dist"), ["search", "--help"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--nprobe" in result.stdout
