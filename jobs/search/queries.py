@@ -89,7 +89,7 @@ class QueryFiles:
 
     place: Location
     groups: list[tuple[str, int, int]]  # (file, row group, rows) in the table's order
-    columns: list[str]  # of the first file (as Spark reads a table): the vector columns and, where present, error and weights_sha256
+    columns: list[str]  # the vector columns and, where the first file has them (as Spark reads a table), error and weights_sha256
 
     @property
     def rows(self) -> int:
@@ -134,13 +134,15 @@ class QueryFiles:
         fs = self.place.filesystem()
         for path, group, first, end, qidx in run:
             with fs.open_input_file(path) as handle:
-                rows = pq.ParquetFile(handle).read_row_group(group, columns=self.columns).slice(first, end - first)
+                parquet = pq.ParquetFile(handle)
+                present = [c for c in self.columns if c in parquet.schema_arrow.names]  # older files of a table may lack some
+                rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
             valid = pc.is_valid(rows.column("embedding"))
-            if "error" in self.columns:
+            if "error" in present:
                 valid = pc.and_(valid, pc.is_null(rows.column("error")))
             numbers = pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64))
             rows = rows.append_column("qidx", numbers).filter(valid).combine_chunks()
-            digests = rows.column("weights_sha256").combine_chunks() if "weights_sha256" in self.columns else pa.nulls(len(rows), pa.string())
+            digests = rows.column("weights_sha256").combine_chunks() if "weights_sha256" in present else pa.nulls(len(rows), pa.string())
             yield pa.RecordBatch.from_arrays([rows.column(c).combine_chunks() for c in ("qidx", "image_id", "path", "label", "embedding", "model")] + [digests],
                                              names=["qidx", *QUERY_COLUMNS, "model", "weights_sha256"])
 
