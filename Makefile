@@ -12,11 +12,11 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 # Where and how jobs run: MASTER=spark://host:7077 CONF=conf/standalone.conf make embed ...
 MASTER ?= local[*]
 CONF ?= conf/local.conf
-# the driver JVM maps the class archive `make setup` wrote (scripts/local_start.py), where there is one
-LOCAL_JAVA_OPTIONS = $(shell $(PY) -m jobs.localstart 2>/dev/null)
-SUBMIT = $(SPARK_SUBMIT) --master '$(MASTER)' --properties-file $(CONF) \
-	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(LOCAL_JAVA_OPTIONS)' \
-	--py-files dist/jobs.zip $(SUBMIT_OPTS) dist/main.py
+# $(call submit,JOB): the driver JVM maps the class archive `make setup` wrote (scripts/local_start.py), where there
+# is one, and takes jobs.localstart's other options for JOB
+submit = $(SPARK_SUBMIT) --master '$(MASTER)' --properties-file $(CONF) \
+	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) 2>/dev/null)' \
+	--py-files dist/jobs.zip $(SUBMIT_OPTS) dist/main.py $(1)
 
 MODEL ?= mobilenet_v2
 WEIGHTS ?=
@@ -79,7 +79,7 @@ lint: setup ## ruff over jobs, tests, scripts and bench
 
 # ---- jobs through spark-submit; ARGS passes job options, e.g. make embed ARGS="--input imgs --output emb"
 embed index search evaluate report: build ## run one job through spark-submit: make embed ARGS="--input photos --output out/embeddings"
-	$(SUBMIT) $@ $(ARGS)
+	$(call submit,$@) $(ARGS)
 
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
 	$(PY) bench/embed.py
@@ -92,12 +92,12 @@ bench-search: build ## search on GloVe and 1M synthetic vectors next to FAISS (b
 
 demo: build ## the whole pipeline on real photos, offline: embed -> index -> search -> evaluate -> report
 	$(PY) scripts/sample_data.py demo --out $(DATA) --per-photo $(PER_PHOTO)
-	$(SUBMIT) embed --input $(DATA)/catalog --output $(OUT)/embeddings --model $(MODEL) $(WEIGHTS_ARG)
-	$(SUBMIT) embed --input $(DATA)/queries --output $(OUT)/query_embeddings --model $(MODEL) $(WEIGHTS_ARG)
-	$(SUBMIT) index --embeddings $(OUT)/embeddings --output $(OUT)/index
-	$(SUBMIT) search --index $(OUT)/index --queries $(OUT)/query_embeddings --output $(OUT)/neighbours -k $(K)
-	$(SUBMIT) evaluate --index $(OUT)/index -k $(K) --output $(OUT)/evaluation.json
-	$(SUBMIT) report --neighbours $(OUT)/neighbours --embeddings $(OUT)/embeddings --embeddings $(OUT)/query_embeddings \
+	$(call submit,embed) --input $(DATA)/catalog --output $(OUT)/embeddings --model $(MODEL) $(WEIGHTS_ARG)
+	$(call submit,embed) --input $(DATA)/queries --output $(OUT)/query_embeddings --model $(MODEL) $(WEIGHTS_ARG)
+	$(call submit,index) --embeddings $(OUT)/embeddings --output $(OUT)/index
+	$(call submit,search) --index $(OUT)/index --queries $(OUT)/query_embeddings --output $(OUT)/neighbours -k $(K)
+	$(call submit,evaluate) --index $(OUT)/index -k $(K) --output $(OUT)/evaluation.json
+	$(call submit,report) --neighbours $(OUT)/neighbours --embeddings $(OUT)/embeddings --embeddings $(OUT)/query_embeddings \
 		--evaluation $(OUT)/evaluation.json --output $(OUT)/report
 	@$(PY) scripts/demo_summary.py $(OUT)
 

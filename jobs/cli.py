@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from jobs.errors import StorageError, UsageError, known_error_from_spark
@@ -65,7 +66,7 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     for key, value in EXECUTOR_ENV.items():
         if not given.contains(f"spark.executorEnv.{key}"):
             builder = builder.config(f"spark.executorEnv.{key}", value)
-    options = local_java_options(given)
+    options = local_java_options(given, job)
     if options:
         builder = builder.config("spark.driver.extraJavaOptions", options)
     for key, value in (settings or {}).items():
@@ -75,17 +76,29 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     return spark
 
 
-def local_java_options(given) -> str | None:  # type: ignore[no-untyped-def]
-    """The driver JVM's options with the class archive of jobs.localstart added, where this process is about to start
-    that JVM (vehicle-search, tests) and an archive was written; None otherwise (spark-submit started it already)."""
+def local_java_options(given, job: str | None = None) -> str | None:  # type: ignore[no-untyped-def]
+    """The driver JVM's options with jobs.localstart's for `job` added, where this process is about to start that JVM
+    (vehicle-search, tests) and they change anything; None otherwise (spark-submit started it already)."""
     from pyspark import SparkContext
 
     from jobs import localstart
 
     if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ or "driver-java-options" in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
         return None
-    archive = localstart.java_option()
-    return " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), archive])) if archive != localstart.NO_ARCHIVE else None
+    options = localstart.java_options(job)
+    return " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), options])) if options != localstart.NO_ARCHIVE else None
+
+
+def stop(spark) -> None:  # type: ignore[no-untyped-def]
+    """spark.stop(), without waiting for pyspark's accumulator server: its handler polls its connection once a
+    second, so a job that used accumulators (a search) waited up to a second at its end for nothing. The JVM side
+    stops first, as in stop(); the server is shut down in a thread of its own (a daemon: it ends with the process)."""
+    context = spark.sparkContext
+    server = getattr(context, "_accumulatorServer", None)
+    context._accumulatorServer = None
+    spark.stop()
+    if server is not None:
+        threading.Thread(target=server.shutdown, name="accumulator-server-shutdown", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]
@@ -115,4 +128,4 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
         return known.exit_code
     finally:
         if own_session and spark is not None:
-            spark.stop()
+            stop(spark)

@@ -1,13 +1,22 @@
-"""Faster local starts: the class-data sharing archive of the driver JVM's classes (scripts/local_start.py writes it)."""
+"""Faster local starts: the class-data sharing archive of the driver JVM's classes (scripts/local_start.py writes it),
+and only the JVM's quick compiler for the jobs whose work runs in Python tasks, on small machines."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pyspark
 
 NO_ARCHIVE = "-Xshare:auto"  # the JVM's default: a command line that names this option stays valid without an archive
+# The JIT's optimising compiler (C2) took about one of 2 cores for the first seconds of every job (a 1M-vector search
+# of 1,000 queries: 3.5 -> 3.0 s, exact 16 -> 13 s; embed's steady rate +10%; bench/README.md). The jobs here do their
+# work in Python tasks and the JVM only plans and moves batches, so its quick compiler alone (C1) serves them better.
+# Not the index job: Spark ML's KMeans runs in the JVM (over 4x slower on C1 alone). More cores give C2 its own.
+QUICK_JOBS = frozenset({"search", "embed", "evaluate", "report"})
+QUICK_COMPILER = "-XX:TieredStopAtLevel=1"
+FEW_CORES = 4
 
 
 def class_archive() -> Path:
@@ -15,12 +24,16 @@ def class_archive() -> Path:
     return Path(sys.prefix) / "share" / "vehicle-search" / f"spark-{pyspark.__version__}-classes.jsa"
 
 
-def java_option() -> str:
-    """The driver JVM option that maps the archive, one word (NO_ARCHIVE where none was written). A JVM or class path
-    other than the archive's prints one warning and loads every class from the jars, as without it."""
+def java_options(job: str | None = None) -> str:
+    """The driver JVM's options for a local run of `job`: the option that maps the archive (NO_ARCHIVE where none was
+    written; a JVM or class path other than the archive's prints one warning and loads every class from the jars, as
+    without it) and, for QUICK_JOBS on at most FEW_CORES cores, QUICK_COMPILER. Without a job: the archive's, one word."""
     archive = class_archive()
-    return f"-XX:SharedArchiveFile={archive}" if archive.is_file() else NO_ARCHIVE
+    options = [f"-XX:SharedArchiveFile={archive}" if archive.is_file() else NO_ARCHIVE]
+    if job in QUICK_JOBS and (os.cpu_count() or 1) <= FEW_CORES:
+        options.append(QUICK_COMPILER)
+    return " ".join(options)
 
 
-if __name__ == "__main__":  # `python -m jobs.localstart`: the option, for a spark-submit command line
-    print(java_option())
+if __name__ == "__main__":  # `python -m jobs.localstart [JOB]`: the options, for a spark-submit command line
+    print(java_options(sys.argv[1] if len(sys.argv) > 1 else None))

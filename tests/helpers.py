@@ -31,7 +31,7 @@ def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
     # as the README's local command line: the driver JVM maps the class archive make setup wrote
-    command += ["--driver-java-options", localstart.java_option()]
+    command += ["--driver-java-options", localstart.java_options(str(job_args[0]) if job_args else None)]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
 

@@ -7,7 +7,7 @@ import sys
 import zipfile
 
 import pytest
-from helpers import spark_submit
+from helpers import ROOT, spark_submit, submit_env
 
 from jobs import localstart
 from jobs.cli import local_java_options
@@ -45,16 +45,54 @@ def test_only_a_process_starting_its_own_jvm_asks_for_the_archive(spark, monkeyp
     assert local_java_options(SparkConf()) is None  # this test session's JVM runs already
     monkeypatch.setattr("pyspark.SparkContext._gateway", None)
     monkeypatch.setattr(localstart, "class_archive", lambda: localstart.Path("/nowhere/classes.jsa"))
-    assert localstart.java_option() == localstart.NO_ARCHIVE and local_java_options(SparkConf()) is None
+    assert localstart.java_options() == localstart.NO_ARCHIVE and local_java_options(SparkConf()) is None
+
+
+def test_only_the_jobs_that_work_in_python_get_the_quick_compiler_on_a_small_machine(monkeypatch):
+    from pyspark import SparkConf
+
+    monkeypatch.setattr("pyspark.SparkContext._gateway", None)
+    given = SparkConf(loadDefaults=False).set("spark.driver.extraJavaOptions", "-Dmine=1")
+    monkeypatch.setattr(localstart.os, "cpu_count", lambda: 2)
+    for job in ("search", "embed", "evaluate", "report"):
+        options = local_java_options(given, job).split()
+        assert options[0] == "-Dmine=1" and localstart.QUICK_COMPILER in options, job  # the user's own options kept
+    # Spark ML's KMeans runs in the index job's JVM: it keeps the optimising compiler
+    assert localstart.QUICK_COMPILER not in (local_java_options(given, "index") or "")
+    assert localstart.java_options() in (localstart.NO_ARCHIVE, f"-XX:SharedArchiveFile={localstart.class_archive()}")  # one word
+    monkeypatch.setattr(localstart.os, "cpu_count", lambda: 16)
+    assert localstart.QUICK_COMPILER not in (local_java_options(given, "search") or "")
 
 
 def test_local_runs_map_the_class_archive_setup_wrote(tmp_path, monkeypatch):
     if not localstart.class_archive().is_file():
         pytest.skip("make setup wrote no class archive here (scripts/local_start.py said why)")
     # -Xshare:on: a JVM that cannot map the archive (another JVM, class path or pyspark) refuses to start
-    monkeypatch.setattr(localstart, "java_option", lambda: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on")
+    monkeypatch.setattr(localstart, "java_options", lambda job=None: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}")
     from helpers import build_dist
 
     result = spark_submit(build_dist(tmp_path / "dist"), ["search", "--help"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--nprobe" in result.stdout
+
+
+STOPPED = """
+import threading
+from pyspark import SparkContext
+from jobs.cli import spark_session, stop
+spark = spark_session("search", {"spark.master": "local[1]", "spark.ui.enabled": "false"})
+total = spark.sparkContext.accumulator(0)
+spark.sparkContext.parallelize(range(10), 2).foreach(lambda x: total.add(x))  # the JVM connects to the server
+server = spark.sparkContext._accumulatorServer
+stop(spark)
+[t.join(10) for t in threading.enumerate() if t.name == "accumulator-server-shutdown"]
+print(total.value, SparkContext._active_spark_context is None, server.server_shutdown, server.socket.fileno())
+"""
+
+
+def test_a_job_that_used_accumulators_stops_its_session_and_their_server(tmp_path):
+    # its own JVM, started as vehicle-search starts one: with the search job's options (archive, quick compiler)
+    env = {**submit_env(), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", STOPPED], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-4:] == ["45", "True", "True", "-1"]  # counted, context gone, server shut and closed
