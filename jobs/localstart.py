@@ -13,8 +13,9 @@ NO_ARCHIVE = "-Xshare:auto"  # the JVM's default: a command line that names this
 # The JIT's optimising compiler (C2) took about one of 2 cores for the first seconds of every job (a 1M-vector search
 # of 1,000 queries: 3.5 -> 3.0 s, exact 16 -> 13 s; embed's steady rate +10%; bench/README.md). The jobs here do their
 # work in Python tasks and the JVM only plans and moves batches, so its quick compiler alone (C1) serves them better.
-# Not the index job: Spark ML's KMeans runs in the JVM (over 4x slower on C1 alone). More cores give C2 its own.
-QUICK_JOBS = frozenset({"search", "embed", "evaluate", "report"})
+# Not the index job (Spark ML's KMeans runs in the JVM: over 4x slower on C1 alone) nor report (its PCA is fitted in
+# the JVM on every embedding). More cores give C2 cores of its own.
+QUICK_JOBS = frozenset({"search", "embed", "evaluate"})
 QUICK_COMPILER = "-XX:TieredStopAtLevel=1"
 FEW_CORES = 4
 

@@ -54,11 +54,12 @@ def test_only_the_jobs_that_work_in_python_get_the_quick_compiler_on_a_small_mac
     monkeypatch.setattr("pyspark.SparkContext._gateway", None)
     given = SparkConf(loadDefaults=False).set("spark.driver.extraJavaOptions", "-Dmine=1")
     monkeypatch.setattr(localstart.os, "cpu_count", lambda: 2)
-    for job in ("search", "embed", "evaluate", "report"):
+    for job in ("search", "embed", "evaluate"):
         options = local_java_options(given, job).split()
         assert options[0] == "-Dmine=1" and localstart.QUICK_COMPILER in options, job  # the user's own options kept
-    # Spark ML's KMeans runs in the index job's JVM: it keeps the optimising compiler
-    assert localstart.QUICK_COMPILER not in (local_java_options(given, "index") or "")
+    # Spark ML's KMeans (index) and PCA (report) run in the JVM: those jobs keep the optimising compiler
+    for job in ("index", "report"):
+        assert localstart.QUICK_COMPILER not in (local_java_options(given, job) or ""), job
     assert localstart.java_options() in (localstart.NO_ARCHIVE, f"-XX:SharedArchiveFile={localstart.class_archive()}")  # one word
     monkeypatch.setattr(localstart.os, "cpu_count", lambda: 16)
     assert localstart.QUICK_COMPILER not in (local_java_options(given, "search") or "")
