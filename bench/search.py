@@ -34,7 +34,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from common import print_table, write_json  # noqa: E402
 from helpers import build_dist, submit_command, submit_env  # noqa: E402
 
-from jobs import localstart  # noqa: E402
 from jobs.cli import JOBS  # noqa: E402
 from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
@@ -69,9 +68,9 @@ def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> None:
 
 def submit(dist, args: list, driver_memory: str) -> dict:
     """One spark-submit: wall seconds, peak RSS (MiB) of its process tree's largest process, and its stdout."""
-    command = submit_command(dist, args, conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"})
-    if str(args[0]) not in JOBS:  # the trivial job: Spark's own fixed cost for a search, so with the search's JVM options
-        command[command.index("--driver-java-options") + 1] = localstart.java_options("search")
+    # the trivial job (not one of ours) stands for Spark's own fixed cost of a search: it runs with a search's JVM options
+    command = submit_command(dist, args, conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"},
+                             jvm_as=None if str(args[0]) in JOBS else "search")
     command[1:1] = ["--properties-file", str(ROOT / "conf" / "local.conf")]
     probe = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
     start = time.perf_counter()

@@ -23,15 +23,17 @@ def build_dist(folder: Path) -> tuple[Path, Path]:
     return folder / "jobs.zip", folder / "main.py"
 
 
-def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None) -> list[str]:
-    """`spark-submit --master M --conf ... --py-files jobs.zip main.py JOB ...` as an argument list."""
+def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
+                   jvm_as: str | None = None) -> list[str]:
+    """`spark-submit --master M --conf ... --py-files jobs.zip main.py JOB ...` as an argument list; the driver JVM's
+    options are those of JOB (of `jvm_as` where given: a script that is not one of the jobs)."""
     zip_path, main_py = dist
     command = [SPARK_SUBMIT, "--master", master, "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false"]
     # tiny inputs: 4 shuffle partitions, as in the test session (Spark's 200 make a 3-query search ~3x slower)
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
     # as the README's S function: the job's local driver JVM options (the class archive make setup wrote, the quick compiler)
-    command += ["--driver-java-options", localstart.java_options(str(job_args[0]) if job_args else None)]
+    command += ["--driver-java-options", localstart.java_options(jvm_as or (str(job_args[0]) if job_args else None))]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
 
