@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import datetime
 
 import numpy as np
@@ -560,3 +561,22 @@ def test_query_ids_take_paths_and_unique_path_ends_and_an_ambiguous_end_lists_it
     assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", "3.jpg", "--output", tmp_path / "nb2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "file:/data/test/3.jpg" in err[0] and "file:/data/train/3.jpg" in err[0] and "several" in err[0]
+
+
+def test_a_shard_holding_fewer_rows_than_k_pads_cleanly_with_integer_keys():
+    # pc.rank gives uint64; against TopK's int64 keys they became float64 and the padding key overflowed (a warning per query)
+    from jobs.search.scoring import ShardRows
+    from jobs.vectors import binary_from_matrix, binary_from_values
+
+    vectors = np.eye(3, 4, dtype=np.float32)
+    rows = pa.table({"cell": pa.array([0, 0, 1], pa.int32()), "image_id": ["c", "a", "b"], "path": ["/c", "/a", "/b"],
+                     "label": pa.nulls(3, pa.string()), "vector": binary_from_matrix(vectors)})
+    shard = ShardRows.of(rows, 4)
+    assert shard.keys.dtype == np.int64
+    queries = pa.RecordBatch.from_arrays([pa.array([0, 1], pa.int64()), pa.array(["q0", "q1"]), pa.array(["/q0", "/q1"]), pa.nulls(2, pa.string()),
+                                          binary_from_matrix(vectors[:2]), binary_from_values(np.array([0, 1, 1], np.int32), np.array([0, 2, 3], np.int32))],
+                                         names=["qidx", "id", "path", "label", "vector", "probes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = shard.answer(queries, Wanted(5)).to_pandas()
+    assert sorted(found.groupby("qidx")["neighbor_id"].apply(sorted).to_dict().items()) == [(0, ["a", "b", "c"]), (1, ["b"])]

@@ -60,7 +60,9 @@ class ShardRows:
         order = np.arange(len(cell)) if order is None else order
         vectors = gather_matrix(table.column("vector"), dim, moved)
         cells, starts = np.unique(cell[order], return_index=True)
-        keys = (pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy() - 1)[order] if len(rows) else np.empty(0, np.int64)
+        # int64 like knn.id_ranks: pc.rank's uint64 met TopK's int64 keys as float64, and its padding key (int64 max) overflowed
+        ranks = pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
+        keys = ranks[order] if len(rows) else np.empty(0, np.int64)
         return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), keys)
 
     def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
