@@ -10,15 +10,16 @@ def summary_lines(out: Path) -> list[str]:
     evaluation = json.loads((out / "evaluation.json").read_text())
     metrics = evaluation["metrics"]
     k = evaluation["k"]
+    method = evaluation["method"]  # the approximate method evaluate measured (the index's default)
     counts = embed["counts"]
     return [
         "== demo summary " + "=" * 46,
         f"  model                {embed['model']} ({embed['precision']}), weights {embed['weights']['source']}",
         f"  catalog images       {counts['table_rows']} in the table; this run embedded {counts['embedded']}, "
         f"failed {counts['failed']}, skipped {counts['skipped']} unchanged",
-        f"  recall@{k} lsh/exact   {metrics[f'recall@{k}']:.3f} over {metrics['queries']} queries",
-        f"  precision@{k}         {metrics.get(f'lsh_precision@{k}', float('nan')):.3f} (lsh), "
-        f"{metrics.get(f'exact_precision@{k}', float('nan')):.3f} (exact); mAP@{k} {metrics.get(f'lsh_mAP@{k}', float('nan')):.3f}",
+        f"  recall@{k} {method}/exact   {metrics[f'recall@{k}']:.3f} over {metrics['queries']} queries",
+        f"  precision@{k}         {metrics.get(f'{method}_precision@{k}', float('nan')):.3f} ({method}), "
+        f"{metrics.get(f'exact_precision@{k}', float('nan')):.3f} (exact); mAP@{k} {metrics.get(f'{method}_mAP@{k}', float('nan')):.3f}",
         f"  report               {(out / 'report' / 'index.html').resolve()}",
     ]
 

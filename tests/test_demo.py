@@ -30,6 +30,8 @@ def test_make_demo_end_to_end(spark, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== demo summary" in result.stdout and str(out / "report" / "index.html") in result.stdout
+    summary = result.stdout.split("== demo summary", 1)[1]
+    assert "recall@10 ivf/exact" in summary and "(ivf)" in summary and "nan" not in summary  # the method evaluate measured
     metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
     assert metrics["recall@10"] >= 0.95
     assert metrics["ivf_precision@10"] >= PRECISION_FLOOR
