@@ -18,6 +18,7 @@ from pyspark.ml.functions import array_to_vector
 from jobs import ivf
 from jobs.embed import EMBEDDINGS_SCHEMA
 from jobs.evaluate import label_metrics, recall_at_k
+from jobs.index import write
 from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams, bucket_keys, exact_topk, squared_distances
 from jobs.search import direct, itself
@@ -69,6 +70,15 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
         table = pq.read_table(folder / "index" / "catalog" / entry["name"]).to_pandas()
         assert list(table["group"]) == sorted(table["group"]) and (table["group"].min(), table["group"].max()) == (entry["first_group"], entry["last_group"])
         assert all((g["cell"].diff().dropna() >= 0).all() for _, g in table.groupby("group"))
+    sizes, row_groups = write.RowGroupSizes.for_dim(64), 0
+    for entry in index.meta["files"]:  # row groups end at cell boundaries: a probed cell is read without its neighbours
+        meta = pq.ParquetFile(folder / "index" / "catalog" / entry["name"]).metadata
+        ranges = [(s.min, s.max) for s in (meta.row_group(g).column(1).statistics for g in range(meta.num_row_groups))]
+        assert all(high < low for (_, high), (low, _) in zip(ranges, ranges[1:]))
+        assert all(meta.row_group(g).num_rows >= sizes.least for g in range(meta.num_row_groups - 1))
+        row_groups += meta.num_row_groups
+    assert row_groups >= 3000 // (sizes.least + 40)  # cells of up to 40 rows
+    assert sorted(p.name for p in (folder / "index" / "catalog").iterdir()) == sorted([f["name"] for f in index.meta["files"]] + ["_SUCCESS"])
     model = BucketedRandomProjectionLSHModel.load(str(folder / "index" / "model"))
     assert model.getNumHashTables() == LshParams().num_hash_tables
     sample = spark.createDataFrame([([float(x) for x in v],) for v in vectors[:20]], "e array<float>")
@@ -76,6 +86,37 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     projections = rand_unit_vectors(spark, str(folder / "index" / "model"))
     np.testing.assert_array_equal(np.floor(vectors[:20] @ projections.T / index.lsh.bucket_length), spark_hashes)
     np.testing.assert_array_equal(np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh))
+
+
+def test_row_groups_end_at_cell_boundaries_and_only_a_cell_longer_than_the_largest_is_cut():
+    sizes = write.RowGroupSizes(least=4, most=10)
+    cells = np.repeat([0, 1, 2, 3, 4], [2, 3, 25, 1, 4])
+    assert write.row_group_ends(cells, 0, None, sizes) == ([5, 15, 25, 30], 5)
+    assert write.row_group_ends(cells[5:], 4, 1, sizes) == ([0, 10, 20, 25], 5)  # the open rows end where cell 2 begins
+    assert write.row_group_ends(cells[5:], 3, 1, sizes) == ([7, 17, 25], 5)  # too few: they and cell 2 share row groups
+    rng = np.random.default_rng(5)
+    for _ in range(20):  # cut into batches anywhere, the row groups are the same as in one pass
+        cells = np.sort(rng.integers(0, 30, 300))
+        whole, _ = write.row_group_ends(cells, 0, None, sizes)
+        ends, open_rows, last, start = [], 0, None, 0
+        for end in [*np.sort(rng.choice(np.arange(1, 300), 6, replace=False)).tolist(), 300]:
+            found, open_rows = write.row_group_ends(cells[start:end], open_rows, last, sizes)
+            ends += [start + e for e in found if start + e > 0]
+            last, start = int(cells[end - 1]), end
+        assert ends == whole and all(b - a <= 10 for a, b in zip([0, *ends], ends))
+
+
+def test_where_pyarrow_cannot_write_the_index_spark_writes_the_same_catalog(spark, catalog, tmp_path, monkeypatch):
+    folder, vectors, _, ids = catalog
+    monkeypatch.setattr(write, "writable", lambda spark, uri: None)  # as for hdfs://, which pyarrow does not open here
+    assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", tmp_path / "index") == 0
+    both = [ivf.load(spark, str(path)) for path in (folder / "index", tmp_path / "index")]
+    assert [[(f["first_group"], f["last_group"], f["rows"]) for f in index.meta["files"]] for index in both] == [[(f["first_group"], f["last_group"], f["rows"]) for f in both[0].meta["files"]]] * 2
+    stored = [spark.read.parquet(index.catalog_uri).toPandas().sort_values("image_id", ignore_index=True) for index in both]
+    pd.testing.assert_frame_equal(*stored)
+    answers = [search(spark, path, tmp_path / f"nb{n}", "--query-ids", ids[7], "-k", "5") and read_neighbours(spark, tmp_path / f"nb{n}")
+               for n, path in enumerate((folder / "index", tmp_path / "index"))]
+    pd.testing.assert_frame_equal(*answers)
 
 
 @pytest.mark.parametrize("method", ["exact", "exact-read-by-spark", "ivf-all-cells", "ivf-all-cells-read-by-spark"])

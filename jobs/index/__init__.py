@@ -2,7 +2,7 @@
 
 Stages: read the embeddings, train the cells on a sample (train.py), assign every row its cell and
 LSH keys, plan the groups of cells that search tasks score, write the catalog sorted by group and
-cell in small row groups (layout.py), then index.json + cells.npz beside it.
+cell, row groups cut at cell boundaries (layout.py, write.py), then index.json + cells.npz beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pyspark.sql import SparkSession
 
 from jobs import ivf, storage
 from jobs.errors import UsageError
-from jobs.index import layout, lsh, train
+from jobs.index import layout, lsh, train, write
 from jobs.ivf import CellPlan, IvfParams
 from jobs.knn import LshParams
 from jobs.runlog import RunSummary, get_logger, print_summary
@@ -98,9 +98,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         parallelism = spark.sparkContext.defaultParallelism
         plan = CellPlan.build(sizes, max(1, min(args.max_group_rows, -(-count // (2 * parallelism)))))  # about two groups per core
     with summary.stage("write"):
-        layout.write_catalog(layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog")
+        files = write.write_catalog(spark, layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog", dim)
         assigned.unpersist()
-        files = layout.manifest(spark, f"{staged}/catalog")
     sha256, weights_source = weights_provenance(spark, args.embeddings, table.weights_sha256)
     meta = {
         "model": model_name, "dim": dim, "count": count, "default_method": "ivf", "source": args.embeddings,

@@ -1,23 +1,20 @@
-"""Lay the catalog out by cell: each row gets its cell (and LSH bucket keys), then the rows are written
-sorted by group and cell in small Parquet row groups, so a search reads only the cells it probes."""
+"""Lay the catalog out by cell: each row gets its cell (and LSH bucket keys), each group of cells its file, and
+the rows are sorted by group and cell (write.py writes them, so a search reads only the cells it probes)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs import storage
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
-ROW_GROUP_BYTES = 128 << 10  # small row groups (~60 rows of 512-d): a search skips every row group outside its cells
 FILE_BYTES = 64 << 20
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 
@@ -76,16 +73,3 @@ def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int
     return (rows.repartition(n_files, partition_key(F.col("file"), n_files))
             .sortWithinPartitions("group", "cell", "image_id")
             .select("group", "cell", "image_id", "path", "label", "vector", *(["buckets"] if "buckets" in assigned.columns else [])))
-
-
-def write_catalog(frame: DataFrame, uri: str) -> None:
-    frame.write.option("parquet.block.size", ROW_GROUP_BYTES).parquet(uri)
-
-
-def manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
-    """Each catalog file's name, group range, rows (read from the group column alone) and bytes."""
-    files = (spark.read.parquet(uri).groupBy(F.input_file_name().alias("file"))
-             .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows")))
-    found = [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"],
-              "bytes": storage.size(spark, r["file"])} for r in files.collect()]
-    return sorted(found, key=lambda f: f["first_group"])

@@ -1,0 +1,182 @@
+"""Write the clustered catalog, one file per Spark partition, with row groups cut at cell boundaries, and its manifest.
+
+Where pyarrow can open the index folder (local, S3, GCS) each task writes its file itself: a row group ends at
+the first cell boundary once it holds MIN_ROW_GROUP_BYTES, so a probed cell is read without the neighbours that
+Spark's writer put in the same row groups (its row groups end by size, mid-cell: a 1M x 512-d search at nprobe 1
+read 28.5% of the catalog for 21.75% of its rows). Elsewhere Spark writes it, in small row groups.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs import storage
+from jobs.filesystems import Location, location
+from jobs.runlog import get_logger
+
+log = get_logger("jobs.index")
+MIN_ROW_GROUP_BYTES = 128 << 10  # a row group ends at the first cell boundary past this: runs of small cells share one
+MAX_ROW_GROUP_BYTES = 16 << 20  # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
+SPARK_ROW_GROUP_BYTES = 128 << 10  # Spark's writer: small row groups end by size, wherever the cells are
+MANIFEST_SCHEMA = "name string, first_group int, last_group int, rows bigint, bytes bigint"
+ROW_BYTES = 160  # an id, a path and a label, about
+
+
+def catalog_schema(with_buckets: bool) -> pa.Schema:
+    """The catalog's columns as Spark writes them (Spark reads the files either writer made)."""
+    fields = [("group", pa.int32()), ("cell", pa.int32()), ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("vector", pa.binary())]
+    return pa.schema(fields + ([("buckets", pa.list_(pa.int64()))] if with_buckets else []))
+
+
+@dataclass(frozen=True)
+class RowGroupSizes:
+    """Rows of the smallest row group that may end at a cell boundary, and of the largest."""
+
+    least: int
+    most: int
+
+    @classmethod
+    def for_dim(cls, dim: int) -> RowGroupSizes:
+        row = 4 * dim + ROW_BYTES
+        return cls(max(1, MIN_ROW_GROUP_BYTES // row), max(1, MAX_ROW_GROUP_BYTES // row))
+
+
+def row_group_ends(cells: np.ndarray, open_rows: int, last_cell: int | None, sizes: RowGroupSizes) -> tuple[list[int], int]:
+    """Where row groups end in a run of rows sorted by cell that continues an open row group of open_rows rows
+    (the last of cell last_cell): the positions in cells (0 ends only the open rows), and the rows left open."""
+    boundaries = (np.flatnonzero(cells[1:] != cells[:-1]) + 1).tolist()
+    if len(cells) and last_cell is not None and cells[0] != last_cell:
+        boundaries.insert(0, 0)
+    ends, start = [], -open_rows  # start: where the open row group began, before this run if negative
+    for boundary in [*boundaries, len(cells)]:
+        while boundary - start > sizes.most:
+            start += sizes.most
+            ends.append(start)
+        if boundary < len(cells) and boundary - start >= sizes.least:
+            ends.append(boundary)
+            start = boundary
+    return ends, len(cells) - start
+
+
+class CatalogFileWriter:
+    """One catalog file written by pyarrow: batches sorted by group and cell in, row groups cut at cell boundaries."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, sizes: RowGroupSizes) -> None:
+        self.fs, self.path, self.schema, self.sizes = fs, path, schema, sizes
+        self.stream = fs.open_output_stream(path)
+        self.writer = pq.ParquetWriter(self.stream, schema, compression="snappy", use_dictionary=["group", "cell"],
+                                       write_statistics=["group", "cell"])  # a vector's statistics would be two vectors a row group
+        self.held: list[pa.RecordBatch] = []
+        self.open_rows, self.last_cell, self.rows = 0, None, 0
+        self.first_group, self.last_group = None, None
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        batch = batch.select(self.schema.names).cast(self.schema)
+        if not len(batch):
+            return
+        cells = batch.column("cell").to_numpy()
+        ends, self.open_rows = row_group_ends(cells, self.open_rows, self.last_cell, self.sizes)
+        start = 0
+        for end in ends:
+            self.flush(batch.slice(start, end - start))
+            start = end
+        self.held.append(batch.slice(start))
+        low, high = pc.min_max(batch.column("group")).values()
+        self.first_group = low.as_py() if self.first_group is None else min(self.first_group, low.as_py())
+        self.last_group = max(self.last_group or 0, high.as_py())
+        self.last_cell, self.rows = int(cells[-1]), self.rows + len(batch)
+
+    def flush(self, last: pa.RecordBatch | None = None) -> None:
+        """Write the held rows (and last) as one row group."""
+        rows = pa.Table.from_batches([*self.held, *([last] if last is not None else [])], self.schema)
+        if rows.num_rows:
+            self.writer.write_table(rows, row_group_size=rows.num_rows)
+        self.held = []
+
+    def close(self) -> dict[str, Any]:
+        """The file's manifest entry, once its last row group is written."""
+        self.flush()
+        self.writer.close()
+        self.stream.close()
+        return {"first_group": self.first_group, "last_group": self.last_group, "rows": self.rows, "bytes": self.fs.get_file_info(self.path).size}
+
+    def abandon(self) -> None:
+        self.stream.close()
+        self.fs.delete_file(self.path)
+
+
+def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
+    """The manifest rows of the files the tasks write: one per non-empty partition of frame (sorted by group and cell).
+
+    A task writes a hidden file, then moves it to its name: a retried or speculative attempt never leaves half a file there.
+    """
+    schema, sizes, token = catalog_schema("buckets" in frame.columns), RowGroupSizes.for_dim(dim), uuid.uuid4().hex[:12]
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        context = TaskContext.get()
+        name = f"part-{context.partitionId():05d}-{token}.parquet"
+        hidden = f"{files.root}/.{name}.attempt-{context.attemptNumber()}"
+        fs, writer = files.filesystem(), None
+        try:
+            for batch in batches:
+                writer = writer or CatalogFileWriter(fs, hidden, schema, sizes)
+                writer.add(batch)
+            if writer is None:
+                return
+            entry = writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abandon()
+            raise
+        fs.move(hidden, f"{files.root}/{name}")
+        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], pa.schema([("name", pa.string()), ("first_group", pa.int32()),
+                                                                                 ("last_group", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64())]))
+
+    return frame.mapInArrow(write, MANIFEST_SCHEMA)
+
+
+def writable(spark: SparkSession, uri: str) -> Location | None:
+    """Where the tasks can write the folder at uri with pyarrow (the folder made here), or None: Spark writes it."""
+    files = location(spark, uri)
+    if files is None:
+        return None
+    try:
+        files.filesystem().create_dir(files.root)
+    except (OSError, ValueError, pa.ArrowException) as error:
+        log.info("pyarrow cannot write %s (%s): Spark writes the catalog", uri, error)
+        return None
+    return files
+
+
+def write_catalog(spark: SparkSession, frame: DataFrame, uri: str, dim: int) -> list[dict[str, Any]]:
+    """Write the catalog (frame: one partition per file, sorted by group and cell) and return its manifest:
+    each file's name, group range, rows and bytes, in group order (one small row per file reaches the driver)."""
+    files = writable(spark, uri)
+    if files is not None:
+        found = [row.asDict() for row in write_files(frame, files, dim).collect()]
+        with files.filesystem().open_output_stream(f"{files.root}/_SUCCESS"):  # as Spark's writer marks a finished folder
+            pass
+    else:
+        frame.write.option("parquet.block.size", SPARK_ROW_GROUP_BYTES).parquet(uri)
+        found = spark_manifest(spark, uri)
+    return sorted(found, key=lambda f: f["first_group"])
+
+
+def spark_manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
+    """The manifest of a catalog Spark wrote (read from the group column alone)."""
+    files = (spark.read.parquet(uri).groupBy(F.input_file_name().alias("file"))
+             .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows")))
+    return [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"],
+             "bytes": storage.size(spark, r["file"])} for r in files.collect()]
