@@ -164,6 +164,9 @@ def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_sa
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
     plans = {"local": search(spark, folder / "index", tmp_path / "local", "--queries", tmp_path / "q", "-k", "7")}
+    # one task a core, as where a single task would read much
+    monkeypatch.setattr(local, "SPREAD_READ_BYTES", 0)
+    plans["cores"] = search(spark, folder / "index", tmp_path / "cores", "--queries", tmp_path / "q", "-k", "7")
     # the same plan spread over twice the cores, each query's cells held apart (a part per query, files read again)
     monkeypatch.setattr(local, "SPREAD_QUERIES", 0)
     monkeypatch.setattr(local, "HOLD_BYTES", 1)
@@ -177,6 +180,7 @@ def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_sa
     assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
     plans["files"] = search(spark, folder / "index", tmp_path / "files", "--queries", tmp_path / "q", "-k", "7")
     assert plans["local"]["touched"]["plan"] == "in the queries' own 1 task(s)" and "plan" not in plans["files"]["touched"]
+    assert plans["cores"]["touched"]["plan"] == f"in the queries' own {spark.sparkContext.defaultParallelism} task(s)"
     assert plans["parts"]["touched"]["plan"] == f"in the queries' own {2 * spark.sparkContext.defaultParallelism} task(s)"
     # a part per query re-reads files: more row groups than one pass over the probed cells
     assert plans["parts"]["touched"]["row_groups_read"] > plans["local"]["touched"]["row_groups_read"]

@@ -34,9 +34,11 @@ HOLD_BYTES = 128 << 20  # catalog rows a task holds at once (estimated from the 
 # above this (all tasks together, expected) shuffling queries to files and merging costs less (1M x 512-d, 1,000
 # queries: an expected 0.85 GiB took 12.5 s in their own task, 14.4 s shuffled; 1.4 GiB 16.2 s against 15.1 s)
 LOCAL_READ_BYTES = 1 << 30
-# from this many queries on, they are spread over twice the cores, each task reading its own queries' cells (below it,
-# one task answered 1,000 GloVe queries in 7.4 s of search, two in 8.9: a shuffle and a second Python worker cost more)
+# from this many queries on, they are spread over twice the cores, each task reading its own queries' cells
 SPREAD_QUERIES = 4096
+# below it, over the cores where one task would read more than this: the tasks read in parallel, and a second worker
+# starts on a core that would wait (1,000 queries, 2 cores: 1M x 512-d 4.0 -> 3.7 s of search, GloVe 300k 4.3 -> 3.9 s)
+SPREAD_READ_BYTES = 32 << 20
 
 
 def expected_read(index: Index, queries: int, tasks: int, nprobe: int) -> float:
@@ -45,14 +47,18 @@ def expected_read(index: Index, queries: int, tasks: int, nprobe: int) -> float:
     return tasks * catalog * -math.expm1(-queries / max(tasks, 1) * nprobe / max(index.cells, 1))
 
 
-def tasks_for(spark: SparkSession, queries: int) -> int:
-    """One task for a few queries; twice the cores from SPREAD_QUERIES on."""
-    return 2 * spark.sparkContext.defaultParallelism if queries >= SPREAD_QUERIES else 1
+def tasks_for(spark: SparkSession, index: Index, queries: int, nprobe: int) -> int:
+    """Twice the cores from SPREAD_QUERIES queries on; below, one task a core where a single task would read over
+    SPREAD_READ_BYTES (each task's queries read by the task: no shuffle), else one task."""
+    cores = spark.sparkContext.defaultParallelism
+    if queries >= SPREAD_QUERIES:
+        return 2 * cores
+    return max(1, min(cores, queries)) if expected_read(index, queries, 1, nprobe) > SPREAD_READ_BYTES else 1
 
 
 def fits(spark: SparkSession, index: Index, queries: int, nprobe: int) -> bool:
     """Whether an estimated `queries` queries are answered where they are (this module) rather than shuffled to the files."""
-    return expected_read(index, queries, tasks_for(spark, queries), nprobe) <= LOCAL_READ_BYTES
+    return expected_read(index, queries, tasks_for(spark, index, queries, nprobe), nprobe) <= LOCAL_READ_BYTES
 
 
 def chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -119,7 +125,7 @@ def search(spark: SparkSession, index: Index, files: Location, queries: DataFram
            wanted: Wanted) -> LocalSearch:
     """The ranked neighbours (neighbours rows) of every query, answered in the queries' own tasks (which read the
     queries themselves, given QueryFiles)."""
-    tasks = tasks_for(spark, estimate)
+    tasks = tasks_for(spark, index, estimate, nprobe)
     listed = queries if isinstance(queries, QueryFiles) else None  # the closure below must not hold a DataFrame
     runs = listed.runs(tasks) if listed else None
     shipped = spark.sparkContext.broadcast(index)
