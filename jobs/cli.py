@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from jobs.errors import StorageError, UsageError, known_error_from_spark
 from jobs.runlog import get_logger
@@ -129,3 +130,17 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
     finally:
         if own_session and spark is not None:
             stop(spark)
+
+
+@contextmanager
+def session_setting(spark, key: str, value: str) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """The session's SQL setting key is value while the block runs, then as it was."""
+    saved = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if saved is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, saved)

@@ -164,6 +164,7 @@ def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_sa
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
     plans = {"local": search(spark, folder / "index", tmp_path / "local", "--queries", tmp_path / "q", "-k", "7")}
+    assert spark.conf.get("spark.sql.codegen.wholeStage") == "true"  # off while the local plan wrote, then as it was
     # one task a core, as where a single task would read much
     monkeypatch.setattr(local, "SPREAD_READ_BYTES", 0)
     plans["cores"] = search(spark, folder / "index", tmp_path / "cores", "--queries", tmp_path / "q", "-k", "7")
