@@ -28,7 +28,7 @@ from jobs.search.itself import CHUNK_BYTES, READ_THREADS, CatalogFiles, CatalogS
 from jobs.search.queries import QueryFiles
 from jobs.search.scoring import ShardRows, Wanted
 from jobs.tables import NEIGHBOURS_SCHEMA
-from jobs.vectors import binary_from_values
+from jobs.vectors import binary_from_values, gather_matrix, pooled_matrix
 
 HOLD_BYTES = 128 << 20  # catalog rows a task holds at once (estimated from the cells' sizes)
 # above this (all tasks together, expected) shuffling queries to files and merging costs less (1M x 512-d, 1,000
@@ -102,11 +102,19 @@ def by_nearest_cell(cells: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
 
 
 def hold(catalog: CatalogFiles, cells: np.ndarray) -> ShardRows:
-    """All the rows of these cells, read from the files that hold them, as one shard."""
-    probed = np.zeros(catalog.index.cells, bool)
+    """All the rows of these cells, read from the files that hold them, as one shard: each file's vectors go into
+    the shard's matrix as it is read, so a task holds its rows' vectors once, not twice (and faults in half as much)."""
+    index, cells = catalog.index, np.unique(cells)
+    probed = np.zeros(index.cells, bool)
     probed[cells] = True
-    _, tables, keeps = zip(*catalog.rows(catalog.holding(np.unique(cells)), probed, at_once=READ_THREADS))
-    return ShardRows.of(pa.concat_tables(tables), catalog.index.dim, np.concatenate(keeps))
+    vectors, rows, filled = pooled_matrix(int(index.plan.sizes[cells].sum()), index.dim), [], 0
+    for _, table, keep in catalog.rows(catalog.holding(cells), probed, at_once=READ_THREADS):
+        picked = np.flatnonzero(keep)
+        gather_matrix(table.column("vector"), index.dim, picked, vectors[filled : filled + len(picked)])
+        strings = table.drop_columns(["vector"])
+        rows.append(strings if len(picked) == len(keep) else strings.take(pa.array(picked)))
+        filled += len(picked)
+    return ShardRows.of(pa.concat_tables(rows), index.dim, vectors=vectors[:filled])
 
 
 @dataclass

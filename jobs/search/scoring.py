@@ -43,8 +43,9 @@ class ShardRows:
     keys: np.ndarray  # rank of each row's id: ties go to the smaller id
 
     @classmethod
-    def of(cls, table: pa.Table, dim: int, keep: np.ndarray | None = None) -> ShardRows:
-        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes), those of keep if given.
+    def of(cls, table: pa.Table, dim: int, keep: np.ndarray | None = None, vectors: np.ndarray | None = None) -> ShardRows:
+        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes), those of keep if given;
+        or, with vectors (the kept rows' vectors, in table order), without the vector column.
 
         The vectors are copied once (none moved: a catalog file is already sorted by cell), the strings not at all
         when every row is kept.
@@ -58,7 +59,10 @@ class ShardRows:
         rows = pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in strings], names=["cell", "image_id", "path", "label"])
         rows = rows if picked is None else rows.take(pa.array(picked))
         order = np.arange(len(cell)) if order is None else order
-        vectors = gather_matrix(table.column("vector"), dim, moved)
+        if vectors is None:
+            vectors = gather_matrix(table.column("vector"), dim, moved)
+        elif order is not None:
+            vectors = vectors[order]
         cells, starts = np.unique(cell[order], return_index=True)
         # int64 like knn.id_ranks: pc.rank's uint64 met TopK's int64 keys as float64, and its padding key (int64 max) overflowed
         ranks = pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
