@@ -13,6 +13,7 @@ from collections.abc import Callable
 import boto3
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, run_job
 from faulty_endpoint import FaultyEndpoint
@@ -81,6 +82,9 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
     summary = s3.get_object(Bucket="vehicles", Key="out/emb/_summary.json")["Body"].read().decode()
     assert KEYS["AWS_SECRET_ACCESS_KEY"] not in summary and "s3://vehicles/models/mobilenet_v2-b0353104.pth" in summary
     assert s3.head_object(Bucket="vehicles", Key="out/index/index.json")
+    for entry in json.loads(s3.get_object(Bucket="vehicles", Key="out/index/index.json")["Body"].read())["files"]:  # the tasks wrote them with pyarrow
+        footer = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket="vehicles", Key=f"out/index/catalog/{entry['name']}")["Body"].read())).metadata
+        assert footer.created_by.startswith("parquet-cpp-arrow") and footer.num_rows == entry["rows"]
 
     assert run_job(spark, "embed", "--input", photos, "--output", tmp_path / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights) == 0
     local = spark.read.parquet(str(tmp_path / "emb")).toPandas()
