@@ -106,6 +106,28 @@ def test_row_groups_end_at_cell_boundaries_and_only_a_cell_longer_than_the_large
         assert ends == whole and all(b - a <= 10 for a, b in zip([0, *ends], ends))
 
 
+def test_a_catalog_file_holds_what_its_manifest_entry_says_and_an_abandoned_one_leaves_nothing(tmp_path):
+    import pyarrow.fs as pafs
+
+    schema, sizes = write.catalog_schema(False), write.RowGroupSizes(least=2, most=4)
+    rows = pa.RecordBatch.from_pylist([{"group": 3 + i // 5, "cell": i // 2, "image_id": f"i{i}", "path": f"p{i}", "label": None,
+                                        "vector": np.full(4, i, np.float32).tobytes()} for i in range(9)])
+    for abandoned in (False, True):
+        writer = write.CatalogFileWriter(pafs.LocalFileSystem(), str(tmp_path / "part.parquet"), schema, sizes)
+        writer.add(rows.slice(0, 4))
+        writer.add(rows.slice(4))
+        if abandoned:
+            writer.abandon()
+            assert list(tmp_path.iterdir()) == []
+            continue
+        entry = writer.close()
+        meta = pq.ParquetFile(tmp_path / "part.parquet").metadata
+        assert entry == {"first_group": 3, "last_group": 4, "rows": 9, "bytes": (tmp_path / "part.parquet").stat().st_size}
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [2, 2, 2, 2, 1]  # a cell a row group; the last one open when the file closed
+        assert pq.read_table(tmp_path / "part.parquet").schema == schema
+        (tmp_path / "part.parquet").unlink()
+
+
 def test_where_pyarrow_cannot_write_the_index_spark_writes_the_same_catalog(spark, catalog, tmp_path, monkeypatch):
     folder, vectors, _, ids = catalog
     monkeypatch.setattr(write, "writable", lambda spark, uri: None)  # as for hdfs://, which pyarrow does not open here

@@ -8,6 +8,7 @@ read 28.5% of the catalog for 21.75% of its rows). Elsewhere Spark writes it, in
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class CatalogFileWriter:
         self.first_group, self.last_group = None, None
 
     def add(self, batch: pa.RecordBatch) -> None:
-        batch = batch.select(self.schema.names).cast(self.schema)
+        batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
         if not len(batch):
             return
         cells = batch.column("cell").to_numpy()
@@ -113,8 +114,10 @@ class CatalogFileWriter:
         return {"first_group": self.first_group, "last_group": self.last_group, "rows": self.rows, "bytes": self.fs.get_file_info(self.path).size}
 
     def abandon(self) -> None:
-        self.stream.close()
-        self.fs.delete_file(self.path)
+        """Close and delete the part written (the task's own error is the one to report)."""
+        for step in (self.writer.close, self.stream.close, lambda: self.fs.delete_file(self.path)):
+            with contextlib.suppress(OSError, pa.ArrowException):
+                step()
 
 
 def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
