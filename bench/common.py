@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    print(f"\n{title}")
+    print(f"\n{title}\nmachine: {machine_line()}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
@@ -35,7 +37,8 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"machine": {"cpu": _cpu(), "cores": __import__("os").cpu_count(), "python": platform.python_version()},
+    data = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "vector_flags": _vector_flags(), "fresh_memory_gb_s": round(fresh_memory_rate(), 2),
+                        "python": platform.python_version()},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
@@ -52,3 +55,28 @@ def _cpu() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _vector_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+
+
+@functools.cache
+def fresh_memory_rate() -> float:
+    """GB/s of writing 256 MiB of memory this process never touched: some VMs back a guest's pages only when first
+    touched (~50 us a 4 KiB page, against ~0.1 us), which slows whatever allocates, and varies by the hour."""
+    import numpy as np
+
+    start = time.perf_counter()
+    np.ones(256 << 18, np.float32)
+    return (256 << 20) / (time.perf_counter() - start) / 1e9
+
+
+def machine_line() -> str:
+    """What a table's numbers were measured on: CPU, cores, vector extensions, and how fast fresh memory was."""
+    return f"{_cpu()}, {os.cpu_count()} cores, {'+'.join(_vector_flags()) or 'no AVX2'}; fresh memory {fresh_memory_rate():.1f} GB/s"
