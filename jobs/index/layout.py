@@ -16,6 +16,7 @@ from jobs.partitions import partition_key
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
 FILE_BYTES = 64 << 20
+ROW_STRING_BYTES = 160  # an id, a path and a label, about
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 
 
@@ -45,6 +46,11 @@ def cell_sizes(assigned: DataFrame, cells: int) -> np.ndarray:
     return sizes
 
 
+def row_bytes(dim: int) -> int:
+    """About the stored size of one catalog row of dim-d vectors."""
+    return 4 * dim + ROW_STRING_BYTES
+
+
 def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.ndarray:
     """Each group's file: consecutive groups fill a file up to rows_per_file rows (a group is never split)."""
     group_rows = np.zeros(plan.groups, np.int64)
@@ -64,7 +70,7 @@ def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int
     """The catalog with its group, one Spark partition per output file, sorted by group, cell and id."""
     cell_table = spark.createDataFrame([(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
                                        "cell int, first_group int, parts int")
-    files = file_of_groups(plan, FILE_BYTES // (dim * 4 + 160), min_files)
+    files = file_of_groups(plan, FILE_BYTES // row_bytes(dim), min_files)
     group_table = spark.createDataFrame([(int(g), int(f)) for g, f in enumerate(files)], "group int, file int")
     rows = (assigned.join(F.broadcast(cell_table), "cell")
             .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import TaskContext
@@ -25,14 +24,15 @@ from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.filesystems import Location, location
+from jobs.index.layout import row_bytes
 from jobs.runlog import get_logger
 
 log = get_logger("jobs.index")
 MIN_ROW_GROUP_BYTES = 128 << 10  # a row group ends at the first cell boundary past this: runs of small cells share one
 MAX_ROW_GROUP_BYTES = 16 << 20  # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
 SPARK_ROW_GROUP_BYTES = 128 << 10  # Spark's writer: small row groups end by size, wherever the cells are
-MANIFEST_SCHEMA = "name string, first_group int, last_group int, rows bigint, bytes bigint"
-ROW_BYTES = 160  # an id, a path and a label, about
+MANIFEST_SCHEMA = "name string, first_group int, last_group int, rows bigint, bytes bigint"  # as Spark sees the tasks' rows
+MANIFEST_ARROW = pa.schema([("name", pa.string()), ("first_group", pa.int32()), ("last_group", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64())])
 
 
 def catalog_schema(with_buckets: bool) -> pa.Schema:
@@ -50,7 +50,7 @@ class RowGroupSizes:
 
     @classmethod
     def for_dim(cls, dim: int) -> RowGroupSizes:
-        row = 4 * dim + ROW_BYTES
+        row = row_bytes(dim)
         return cls(max(1, MIN_ROW_GROUP_BYTES // row), max(1, MAX_ROW_GROUP_BYTES // row))
 
 
@@ -72,7 +72,8 @@ def row_group_ends(cells: np.ndarray, open_rows: int, last_cell: int | None, siz
 
 
 class CatalogFileWriter:
-    """One catalog file written by pyarrow: batches sorted by group and cell in, row groups cut at cell boundaries."""
+    """One catalog file written by pyarrow: batches sorted by group and cell in, row groups cut at cell boundaries
+    (the rows of the row group still open are held; the sort gives the file's group range)."""
 
     def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, sizes: RowGroupSizes) -> None:
         self.fs, self.path, self.schema, self.sizes = fs, path, schema, sizes
@@ -80,24 +81,21 @@ class CatalogFileWriter:
         self.writer = pq.ParquetWriter(self.stream, schema, compression="snappy", use_dictionary=["group", "cell"],
                                        write_statistics=["group", "cell"])  # a vector's statistics would be two vectors a row group
         self.held: list[pa.RecordBatch] = []
-        self.open_rows, self.last_cell, self.rows = 0, None, 0
-        self.first_group, self.last_group = None, None
+        self.rows, self.first_group, self.last_group, self.last_cell = 0, None, None, None
 
     def add(self, batch: pa.RecordBatch) -> None:
         batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
         if not len(batch):
             return
-        cells = batch.column("cell").to_numpy()
-        ends, self.open_rows = row_group_ends(cells, self.open_rows, self.last_cell, self.sizes)
+        cells, groups = batch.column("cell").to_numpy(), batch.column("group").to_numpy()
+        ends, _ = row_group_ends(cells, sum(len(b) for b in self.held), self.last_cell, self.sizes)
         start = 0
         for end in ends:
             self.flush(batch.slice(start, end - start))
             start = end
         self.held.append(batch.slice(start))
-        low, high = pc.min_max(batch.column("group")).values()
-        self.first_group = low.as_py() if self.first_group is None else min(self.first_group, low.as_py())
-        self.last_group = max(self.last_group or 0, high.as_py())
-        self.last_cell, self.rows = int(cells[-1]), self.rows + len(batch)
+        self.first_group = int(groups[0]) if self.first_group is None else self.first_group
+        self.last_group, self.last_cell, self.rows = int(groups[-1]), int(cells[-1]), self.rows + len(batch)
 
     def flush(self, last: pa.RecordBatch | None = None) -> None:
         """Write the held rows (and last) as one row group."""
@@ -144,8 +142,7 @@ def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
                 writer.abandon()
             raise
         fs.move(hidden, f"{files.root}/{name}")
-        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], pa.schema([("name", pa.string()), ("first_group", pa.int32()),
-                                                                                 ("last_group", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64())]))
+        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], MANIFEST_ARROW)
 
     return frame.mapInArrow(write, MANIFEST_SCHEMA)
 
