@@ -10,7 +10,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from jobs.imaging import ImageError, decode, extension_glob, preprocess, resize_center_crop, to_batch
+from jobs.imaging import (
+    ImageError,
+    _pillow_resize_center_crop,
+    _rgbx_pixels,
+    decode,
+    extension_glob,
+    preprocess,
+    resize_center_crop,
+    to_batch,
+)
 from jobs.weights import build_model
 
 
@@ -141,3 +150,15 @@ def test_embeddings_match_the_reference_transform_at_every_size(real_jpegs, mobi
 def test_resizing_only_the_crop_region_equals_resize_then_crop(photos):
     content = photos["grace_hopper"][0].read_bytes()  # 512x600: decoded in full, no draft
     np.testing.assert_allclose(preprocess(content)[0].astype(int), reference_crop(content).astype(int), atol=1)
+
+
+def test_vectorised_resize_matches_pillows_and_falls_back_to_it(photos):
+    # torch resizes Pillow's memory in place; where Pillow cannot lend it (a large image in several blocks)
+    # Pillow's own resize runs, and both give the same crop within one grey level
+    decoded = [decode(photos[name][0].read_bytes())[0] for name in ("grace_hopper", "astronaut", "motorcycle", "retina")]
+    for img in decoded:
+        assert _rgbx_pixels(img) is not None
+        np.testing.assert_allclose(resize_center_crop(img).astype(int), _pillow_resize_center_crop(img).astype(int), atol=1)
+    large = decoded[1].resize((3000, 3000))
+    assert _rgbx_pixels(large) is None
+    np.testing.assert_array_equal(resize_center_crop(large), _pillow_resize_center_crop(large))
