@@ -8,8 +8,10 @@
 2. decode + preprocess on one core, with JPEG draft to 1x the resize (before issue 16) and to 2x (now).
 3. the seed's way: one image at a time, no batching, no inference mode, squashing resize to 224x224.
 4. our embed job through `spark-submit --master local[2]` of the built zip, per --backends. Steady-state
-   throughput is marginal: (N - n) / (t(N) - t(n)) over two runs of different sizes, so JVM start,
-   Python worker start and model loading cancel out; JVM start is reported separately.
+   throughput is marginal: (N - n) / (t(N) - t(n)) over two runs of different sizes (the quicker embed
+   stage of --repeat runs each), so JVM start, Python worker start and model loading cancel out; JVM
+   start is reported separately. Beside it, the tasks' own rate: 2 cores over the seconds the tasks
+   spent per image (transfer, read, decode, model), which leaves out the stage's fixed costs entirely.
 Weights are random but torchvision-shaped (speed does not depend on their values).
 """
 
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backends", default="onnxruntime,eager", help="job runs, one pair each")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each job size; the quicker embed stage counts")
     args = parser.parse_args()
     torch.set_num_threads(2)
     big, small = DATA / f"photos_{args.images}", DATA / f"photos_{args.small}"
@@ -133,9 +136,14 @@ def main() -> None:
     results["jvm_start_s"] = jvm_start(dist)
     jobs = {}
     for backend in args.backends.split(","):
-        runs = {n: job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, args.batch_size) for n, folder in ((args.small, small), (args.images, big))}
+        runs = {n: min((job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, args.batch_size) for _ in range(args.repeat)),
+                       key=lambda run: run["embed_s"])
+                for n, folder in ((args.small, small), (args.images, big))}
         marginal = (args.images - args.small) / (runs[args.images]["embed_s"] - runs[args.small]["embed_s"])
-        jobs[backend] = {"runs": runs, "steady_images_per_s": marginal, "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"]}
+        task_seconds = runs[args.images]["task_seconds"]
+        tasks_rate = 2 * args.images / sum(task_seconds.values()) if task_seconds else float("nan")  # local[2]: two task cores
+        jobs[backend] = {"runs": runs, "steady_images_per_s": marginal, "tasks_images_per_s": tasks_rate,
+                         "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"]}
     results["job"] = jobs
 
     best_name, best = max(results["model_only"].items(), key=lambda kv: kv[1])
@@ -144,6 +152,8 @@ def main() -> None:
     rows.append(["seed's way (1 image, autograd, squash)", results["seed_way"], results["seed_way"] / best, 1.0])
     for backend, job in jobs.items():
         rows.append([f"job --backend {backend}, steady state", job["steady_images_per_s"], job["steady_images_per_s"] / best, job["steady_images_per_s"] / results["seed_way"]])
+        rows.append([f"job --backend {backend}, the tasks' own rate", job["tasks_images_per_s"], job["tasks_images_per_s"] / best,
+                     job["tasks_images_per_s"] / results["seed_way"]])
         rows.append([f"job --backend {backend}, end to end incl. JVM ({args.images} images)", job["end_to_end_images_per_s"],
                      job["end_to_end_images_per_s"] / best, job["end_to_end_images_per_s"] / results["seed_way"]])
     print_table("ResNet-18 embedding throughput (images/s), ratios measured in this run", ["what", "images/s", "x best model-only", "x seed"], rows)
