@@ -1,6 +1,6 @@
 """Embedding throughput, side by side in one run: model-only per backend, decode, the seed's way, our job.
 
-  python bench/embed.py [--images 320] [--small 80] [--batch-size 32] [--backends onnxruntime,eager]
+  python bench/embed.py [--images 1280] [--small 320] [--batch-size 32] [--backends onnxruntime,eager]
 
 1. model-only: ResNet-18 on pre-made crops (uint8 NHWC, normalisation included, as the job runs it),
    batch 32, 2 threads, for each backend (eager channels_last, TorchScript trace + freeze, ONNX
@@ -9,9 +9,11 @@
 3. the seed's way: one image at a time, no batching, no inference mode, squashing resize to 224x224.
 4. our embed job through `spark-submit --master local[2]` of the built zip, per --backends. Steady-state
    throughput is marginal: (N - n) / (t(N) - t(n)) over two runs of different sizes (the quicker embed
-   stage of --repeat runs each), so JVM start, Python worker start and model loading cancel out; JVM
-   start is reported separately. Beside it, the tasks' own rate: 2 cores over the seconds the tasks
-   spent per image (transfer, read, decode, model), which leaves out the stage's fixed costs entirely.
+   stage of --repeat runs each), so JVM start, Python worker start and model loading cancel out, and so
+   does each worker's warm-up (its first ~3 batches ran 20-30% slower in the tasks' logs), which is why
+   the smaller run already holds 160 photos a task; JVM start is reported separately. Beside it, the
+   tasks' own rate: 2 cores over the seconds the tasks spent per image (transfer, read, decode, model)
+   in the larger run, which leaves out the stage's fixed costs but not the workers' warm-up.
 Weights are random but torchvision-shaped (speed does not depend on their values).
 """
 
@@ -110,8 +112,8 @@ def jvm_start(dist) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=320)
-    parser.add_argument("--small", type=int, default=80)
+    parser.add_argument("--images", type=int, default=1280)
+    parser.add_argument("--small", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backends", default="onnxruntime,eager", help="job runs, one pair each")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each job size; the quicker embed stage counts")
