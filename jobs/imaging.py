@@ -122,10 +122,10 @@ def resize_center_crop(img: Image.Image) -> np.ndarray:
     torch's antialiased uint8 resize is vectorised and reads Pillow's pixels in place: 0.8 ms a bench photo
     against Pillow's 1.6 (bench/embed.py), within one grey level of Pillow's (tests/test_imaging.py).
     """
-    new_w, new_h, top, left = _crop_geometry(*img.size)
     pixels = _rgbx_pixels(img)
     if pixels is None:
         return _pillow_resize_center_crop(img)
+    new_w, new_h, top, left = _crop_geometry(*img.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "not writable": the array is only read
         nchw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels_last: the vectorised path
