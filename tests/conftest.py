@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from scripts import sample_data
+from scripts.vectors import clustered_unit_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYSPARK_PYTHON"] = sys.executable
@@ -64,6 +69,41 @@ def run_job(spark, *argv: str) -> int:
     from jobs.cli import main
 
     return main([str(a) for a in argv], spark=spark)
+
+
+def write_embeddings(spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None) -> list[str]:
+    """An embed job's output table holding these vectors, ids prefix00000...; returns the ids."""
+    from jobs.embed import EMBEDDINGS_SCHEMA
+
+    ids = [f"{prefix}{i:05d}" for i in range(len(vectors))]
+    rows = [
+        (ids[i], f"file:/data/{prefix}/{i}.jpg", None if labels is None else str(labels[i]), 10, 10, model,
+         [float(x) for x in vectors[i]], None, 100, datetime(2024, 1, 1), weights)
+        for i in range(len(vectors))
+    ]
+    spark.createDataFrame(rows, EMBEDDINGS_SCHEMA).repartition(3).write.mode("overwrite").parquet(str(path))
+    return ids
+
+
+@pytest.fixture(scope="session")
+def catalog(spark, tmp_path_factory):
+    """3,000 clustered 64-d vectors and their IVF index, shared by the search tests: (folder, vectors, clusters, ids)."""
+    folder = tmp_path_factory.mktemp("search")
+    vectors, clusters = clustered_unit_vectors(3000, dim=64, cluster_size=30, noise=0.5, seed=3)
+    ids = write_embeddings(spark, folder / "emb", vectors, clusters)
+    assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", folder / "index") == 0
+    return folder, vectors, clusters, ids
+
+
+def read_neighbours(spark, path) -> pd.DataFrame:
+    """A search's output, ordered by query and rank."""
+    return spark.read.parquet(str(path)).toPandas().sort_values(["query_id", "rank"])
+
+
+def search(spark, index, out, *args) -> dict:
+    """Run the search job, which must succeed; returns its summary."""
+    assert run_job(spark, "search", "--index", index, "--output", out, *args) == 0
+    return json.loads((out / "_summary.json").read_text())
 
 
 @pytest.fixture
