@@ -147,7 +147,7 @@ def test_embeddings_match_the_reference_transform_at_every_size(real_jpegs, mobi
     assert min(cosines.values()) >= 0.99, cosines
 
 
-def test_resizing_only_the_crop_region_equals_resize_then_crop(photos):
+def test_preprocess_equals_resizing_the_whole_photo_then_cropping(photos):
     content = photos["grace_hopper"][0].read_bytes()  # 512x600: decoded in full, no draft
     np.testing.assert_allclose(preprocess(content)[0].astype(int), reference_crop(content).astype(int), atol=1)
 
