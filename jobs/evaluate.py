@@ -17,7 +17,9 @@ from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.ivf import Index
 from jobs.runlog import RunSummary, print_summary
-from jobs.search import cells, queries, scan
+from jobs.search import answer, catalog, queries
+from jobs.search.queries import Source
+from jobs.search.scoring import Wanted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,22 +73,11 @@ def per_query_precision(neighbours: pd.DataFrame, query_labels: dict[str, str], 
     return out
 
 
-def answers(spark: SparkSession, index: Index, sample: DataFrame, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
-    """The ranked answers of a bounded sample of queries, on the driver."""
-    if method == "ivf":
-        planned = cells.search(spark, index, sample, nprobe, cells.Wanted(k, exclude_self))
-        found = planned.top_k(k).toPandas()  # at most --sample x k rows
-        planned.release()
-        return found
-    found, fallback = [], 0
-    for block in scan.blocks(sample, 4096):
-        ranked, shipped, short = scan.answer_block(spark, index, block, method, k, exclude_self)
-        found.append(ranked.toPandas())  # at most --sample x k rows
-        fallback += short
-        for broadcast in shipped:
-            broadcast.destroy()
-    frame = pd.concat(found, ignore_index=True)
-    frame.attrs["lsh_fallback_queries"] = fallback
+def answers(spark: SparkSession, index: Index, sample: DataFrame, count: int, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
+    """The ranked answers of a bounded sample of queries, on the driver (at most --sample x k rows)."""
+    found = answer(spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, catalog.locate(spark, index))
+    frame = found.table.toPandas()
+    frame.attrs["lsh_fallback_queries"] = found.touched(index)["lsh_fallback_queries"]
     return frame
 
 
@@ -102,14 +93,14 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.k > index.count - (0 if held_out else 1):
         raise UsageError(f"-k {args.k} is larger than the catalog of {index.uri} allows ({index.count} images)")
     with summary.stage("queries"):
-        pool = queries.from_table(spark, args.queries, index) if held_out else queries.from_catalog(spark, index)
+        pool = queries.from_table(spark, args.queries, index) if held_out else queries.catalog_source(spark, index, readable=False).frame
         sample = pool.orderBy(F.xxhash64("query_id", F.lit(args.seed))).limit(args.sample).cache()
         sampled = sample.select("query_id", "query_label").toPandas()  # at most --sample rows
     nprobe = args.nprobe or index.params.nprobe
     with summary.stage("exact"):
-        exact = answers(spark, index, sample, "exact", args.k, nprobe, not held_out)
+        exact = answers(spark, index, sample, len(sampled), "exact", args.k, nprobe, not held_out)
     with summary.stage(method):
-        approx = answers(spark, index, sample, method, args.k, nprobe, not held_out)
+        approx = answers(spark, index, sample, len(sampled), method, args.k, nprobe, not held_out)
     sample.unpersist()
     metrics: dict[str, float | int] = {f"recall@{args.k}": recall_at_k(approx, exact, args.k), "queries": len(sampled)}
     if method == "lsh":

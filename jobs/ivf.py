@@ -71,29 +71,6 @@ class CellPlan:
         spans = [np.arange(first, first + parts) for first, parts in zip(self.first_group[picked], self.parts[picked])]
         return sorted({int(g) for span in spans for g in span})
 
-    def visits(self, cells: np.ndarray, offsets: np.ndarray, shard_of_group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """From each query's cells (CSR), its visits: the shards (groups, or the files holding them) that store
-        those cells' rows, each with the cells it probes there.
-
-        Returns (visit offsets per query, shard of each visit, cell offsets per visit, cells in visit order).
-        """
-        query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-        counts = self.parts[cells]
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        groups = np.repeat(self.first_group[cells], counts) + (np.arange(counts.sum()) - starts)
-        query, cells, shards = np.repeat(query, counts), np.repeat(cells, counts), shard_of_group[groups]
-        order = np.lexsort((shards, query))  # stable: within a visit, cells keep the query's nearest-first order
-        query, shards, cells = query[order], shards[order], cells[order]
-        first = np.ones(len(shards), bool)
-        first[1:] = (query[1:] != query[:-1]) | (shards[1:] != shards[:-1])
-        # a cell split over groups of one shard is probed there once
-        keep = np.ones(len(cells), bool)
-        keep[1:] = first[1:] | (cells[1:] != cells[:-1])
-        query, shards, cells, first = query[keep], shards[keep], cells[keep], first[keep]
-        visit_starts = np.flatnonzero(first)
-        visit_offsets = np.searchsorted(query[visit_starts], np.arange(len(offsets)))
-        return visit_offsets.astype(np.int32), shards[visit_starts].astype(np.int32), np.append(visit_starts, len(cells)).astype(np.int32), cells.astype(np.int32)
-
 
 @dataclass
 class Index:
@@ -151,9 +128,14 @@ class Index:
             self._unit = bool(len(self.centroids)) and bool(np.abs(np.linalg.norm(self.centroids, axis=1) - 1).max() < 1e-4)
         return self._unit
 
-    def files_for(self, groups: set[int]) -> list[dict]:
-        """The manifest entries (name, first_group, last_group, rows, bytes) of the catalog files that hold any of these groups."""
-        return [f for f in self.meta["files"] if any(f["first_group"] <= g <= f["last_group"] for g in groups)]
+    def file_of_group(self) -> np.ndarray:
+        """The manifest position of the file that stores each group (the files hold ascending runs of groups)."""
+        firsts = np.array([f["first_group"] for f in self.meta["files"]], np.int64)
+        return np.maximum(np.searchsorted(firsts, np.arange(self.plan.groups), side="right") - 1, 0).astype(np.int32)
+
+    @property
+    def catalog_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.meta["files"])
 
 
 def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:

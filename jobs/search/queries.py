@@ -1,12 +1,12 @@
-"""Where queries come from, as one distributed table: qidx, query_id, query_path, query_label, vector.
+"""Where queries come from: a queries table (read by the search tasks themselves where pyarrow opens it), catalog
+ids, photos, or the catalog itself; each as batches of qidx, query_id, query_path, query_label, vector.
 
-vector is float32 bytes (catalog rows) or list<float> (embeddings tables): the probe pass and the scans take
-either, so no Python pass converts them first.
+vector is float32 bytes (catalog rows) or list<float> (embeddings tables): the tasks take either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +24,110 @@ from jobs.runlog import get_logger
 from jobs.tables import VECTOR_COLUMNS, check_vectors, open_embeddings, read_embeddings
 
 QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]
-SPREAD_BYTES = 8 << 20  # queries with more vector bytes than this are spread over the cores before they are probed
 log = get_logger("jobs.search")
+
+
+@dataclass(frozen=True)
+class QueryFiles:
+    """A table the search tasks read themselves with pyarrow, row group by row group: an embeddings table, or the
+    catalog (whose rows carry their own cell). No Spark read of it: its first use in a job costs the driver 1-2 s
+    (the JVM's Parquet source and plans). qidx is a row's place in the table."""
+
+    place: Location
+    groups: list[tuple[str, int, int]]  # (file, row group, rows) in the table's order
+    columns: list[str]
+    catalog: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, _, rows in self.groups)
+
+    @classmethod
+    def listed(cls, spark: SparkSession, uri: str, catalog: bool = False) -> QueryFiles | None:
+        """The table's row groups from its footers, or None where pyarrow does not open it as one folder of Parquet
+        files with the columns wanted (then Spark reads it, and says what is wrong with it)."""
+        import pyarrow.dataset as ds  # imports pandas: only the driver pays for it
+
+        place = location(spark, uri)
+        if place is None:
+            return None
+        try:
+            table = ds.dataset(place.root, format="parquet", filesystem=place.filesystem())
+            groups = [(f.path, g.id, g.num_rows) for f in table.get_fragments() for g in f.row_groups]
+        except (OSError, ValueError, pa.ArrowException) as error:
+            log.info("the tasks cannot read %s themselves (%s): Spark reads it", uri, error)
+            return None
+        names = table.schema.names
+        wanted = ["image_id", "path", "label", "vector", "cell"] if catalog else [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)]
+        if any(c not in names for c in wanted[:5]) or any(path.rpartition("/")[0] != place.root for path, _, _ in groups):
+            return None  # not such a table, or partitioned into folders
+        if catalog:  # the catalog's files in the manifest's order: row groups of consecutive cells go to one task
+            order = {name: i for i, name in enumerate(sorted({p for p, _, _ in groups}))}
+            groups = sorted(groups, key=lambda g: (order[g[0]], g[1]))
+        return cls(place, groups, wanted, catalog)
+
+    def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int]]]:
+        """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of row 0)."""
+        bounds = np.linspace(0, self.rows, tasks + 1).round().astype(np.int64)
+        runs: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(tasks)]
+        start = 0
+        for path, group, rows in self.groups:
+            for task in range(tasks):
+                first, end = max(bounds[task], start), min(bounds[task + 1], start + rows)
+                if first < end:
+                    runs[task].append((path, group, int(first - start), int(end - start), start))
+            start += rows
+        return runs
+
+    def read(self, run: list[tuple[str, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
+        """One run's queries: qidx, query_id, query_path, query_label, vector and, for an embeddings table, model and
+        weights_sha256 (rows without an embedding or with an error left out), for the catalog own_cell."""
+        fs = self.place.filesystem(memory_map=True)
+        for path, group, first, end, qidx in run:
+            with fs.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                present = [c for c in self.columns if c in parquet.schema_arrow.names]  # older files of a table may lack some
+                rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
+            rows = rows.append_column("qidx", pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64)))
+            if self.catalog:
+                yield batch_of(rows, "vector", own_cell=rows.column("cell").combine_chunks())
+                continue
+            valid = pc.is_valid(rows.column("embedding"))
+            if "error" in present:
+                valid = pc.and_(valid, pc.is_null(rows.column("error")))
+            rows = rows.filter(valid)
+            digests = rows.column("weights_sha256") if "weights_sha256" in present else pa.nulls(len(rows), pa.string())
+            yield batch_of(rows, "embedding", model=rows.column("model").combine_chunks(), weights_sha256=pa.array(digests, pa.string()))
+
+
+def batch_of(rows: pa.Table, vector: str, **extra: pa.Array) -> pa.RecordBatch:
+    columns = [rows.column(c).combine_chunks() for c in ("qidx", "image_id", "path", "label", vector)]
+    return pa.RecordBatch.from_arrays([*columns, *extra.values()], names=["qidx", *QUERY_COLUMNS, *extra])
+
+
+@dataclass
+class Source:
+    """The queries of one search: a DataFrame Spark reads, or files the tasks read themselves, about how many there
+    are (counted from footers, never by a Spark job), and the queries table to check against the index, if any."""
+
+    count: int
+    frame: DataFrame | None = None
+    files: QueryFiles | None = None
+    checked: str | None = None  # a queries table whose model, dimension and weights are checked as the tasks see them
+    from_catalog: bool = False
+
+    def tasks(self, spark: SparkSession, tasks: int) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]]:
+        """What `tasks` tasks map over, and how each turns its input into its share of the query batches."""
+        if self.files is None:
+            frame = self.frame.repartition(tasks) if tasks > 1 else self.frame.coalesce(1)
+            return frame, lambda batches: batches
+        files, runs = self.files, self.files.runs(tasks)
+
+        def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for task in (t for batch in batches for t in batch.column("id").to_pylist()):
+                yield from files.read(runs[task])
+
+        return spark.range(tasks, numPartitions=tasks), read
 
 
 def numbered(queries: DataFrame, *extra: str) -> DataFrame:
@@ -55,6 +157,12 @@ def check_against_index(uri: str, index: Index, model: str, dim: int, digest: st
                          f"embed the queries with the index's weights" + (f" (--weights {source})" if source else ""))
 
 
+def check_seen(uri: str, index: Index, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
+    """A queries table's checks (one model, one dimension, the index's weights) on what the search tasks saw of it."""
+    check_vectors("queries table", uri, rows, dims, models, digests)
+    check_against_index(uri, index, next(iter(models), "unnamed-model"), next(iter(dims)), next(iter(digests), None))
+
+
 def from_table(spark: SparkSession, uri: str, index: Index) -> DataFrame:
     """Queries from an embeddings table, checked against the index first (one Spark pass over the table)."""
     table = read_embeddings(spark, uri, "queries table")
@@ -62,112 +170,28 @@ def from_table(spark: SparkSession, uri: str, index: Index) -> DataFrame:
     return from_embeddings(table.rows)
 
 
-def unchecked_from_table(spark: SparkSession, uri: str) -> DataFrame:
-    """Queries from an embeddings table, carrying model and weights_sha256 for check_seen: the IVF search looks
-    at every query anyway, so it checks them there instead of in a pass of its own."""
-    return numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
-
-
-def estimated_count(spark: SparkSession, uri: str, dim: int) -> int:
-    """About how many rows a queries table holds, without a Spark job: its Parquet footers' row counts where pyarrow
-    opens it, else its bytes over a vector's (an upper bound: ids and paths made 1,000 queries of 512-d look like 1,314)."""
-    import pyarrow.dataset as ds  # here, not at the top: it imports pandas, 0.3 s of every Python worker's start
-
-    place = location(spark, uri)
-    if place is not None:
-        try:
-            return max(1, ds.dataset(place.root, format="parquet", filesystem=place.filesystem()).count_rows())
-        except (OSError, ValueError, pa.ArrowException) as error:
-            log.info("counting %s from its footers failed (%s): estimated from its bytes", uri, error)
-    return max(1, storage.total_size(spark, uri) // (4 * dim))
-
-
-@dataclass(frozen=True)
-class QueryFiles:
-    """A queries table its tasks read themselves with pyarrow: no Spark read of it, whose first use in a job costs
-    the driver 1-2 s before the job starts (the JVM's Parquet source and plans). qidx is a row's place in the table."""
-
-    place: Location
-    groups: list[tuple[str, int, int]]  # (file, row group, rows) in the table's order
-    columns: list[str]  # the vector columns and, where the first file has them (as Spark reads a table), error and weights_sha256
-
-    @property
-    def rows(self) -> int:
-        return sum(rows for _, _, rows in self.groups)
-
-    @classmethod
-    def listed(cls, spark: SparkSession, uri: str) -> QueryFiles | None:
-        """The table's row groups from its footers, or None where pyarrow does not open it as one folder of embeddings
-        files (then Spark reads it, and says what is wrong with it)."""
-        import pyarrow.dataset as ds  # imports pandas: only the driver pays for it
-
-        place = location(spark, uri)
-        if place is None:
-            return None
-        try:
-            table = ds.dataset(place.root, format="parquet", filesystem=place.filesystem())
-            groups = [(f.path, g.id, g.num_rows) for f in table.get_fragments() for g in f.row_groups]
-        except (OSError, ValueError, pa.ArrowException) as error:
-            log.info("the tasks cannot read %s themselves (%s): Spark reads it", uri, error)
-            return None
-        names = table.schema.names
-        if any(c not in names for c in VECTOR_COLUMNS) or any(path.rpartition("/")[0] != place.root for path, _, _ in groups):
-            return None  # not an embeddings table, or partitioned into folders
-        return cls(place, groups, [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)])
-
-    def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int]]]:
-        """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of row 0)."""
-        bounds = np.linspace(0, self.rows, tasks + 1).round().astype(np.int64)
-        runs: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(tasks)]
-        start = 0
-        for path, group, rows in self.groups:
-            for task in range(tasks):
-                first, end = max(bounds[task], start), min(bounds[task + 1], start + rows)
-                if first < end:
-                    runs[task].append((path, group, int(first - start), int(end - start), start))
-            start += rows
-        return runs
-
-    def read(self, run: list[tuple[str, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
-        """One run's queries, as the Spark route gives them: qidx, query_id, query_path, query_label, vector, model,
-        weights_sha256; rows without an embedding or with an error left out (open_embeddings)."""
-        fs = self.place.filesystem()
-        for path, group, first, end, qidx in run:
-            with fs.open_input_file(path) as handle:
-                parquet = pq.ParquetFile(handle)
-                present = [c for c in self.columns if c in parquet.schema_arrow.names]  # older files of a table may lack some
-                rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
-            valid = pc.is_valid(rows.column("embedding"))
-            if "error" in present:
-                valid = pc.and_(valid, pc.is_null(rows.column("error")))
-            numbers = pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64))
-            rows = rows.append_column("qidx", numbers).filter(valid).combine_chunks()
-            digests = rows.column("weights_sha256").combine_chunks() if "weights_sha256" in present else pa.nulls(len(rows), pa.string())
-            yield pa.RecordBatch.from_arrays([rows.column(c).combine_chunks() for c in ("qidx", "image_id", "path", "label", "embedding", "model")] + [digests],
-                                             names=["qidx", *QUERY_COLUMNS, "model", "weights_sha256"])
-
-
-def spread(spark: SparkSession, table: DataFrame, estimate: int, dim: int) -> DataFrame:
-    """Queries of more than SPREAD_BYTES of vectors (estimate: about how many) spread over twice the cores: a file of
-    one row group is read by one task, and 100k queries in one file were probed on one core (6.5 s of a 31.6 s search)."""
-    if estimate * 4 * dim <= SPREAD_BYTES:
-        return table
-    return table.repartition(2 * spark.sparkContext.defaultParallelism)
-
-
-def check_seen(uri: str, index: Index, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
-    """from_table's checks, on what the probe pass saw of unchecked_from_table's queries."""
-    check_vectors("queries table", uri, rows, dims, models, digests)
-    check_against_index(uri, index, next(iter(models), "unnamed-model"), next(iter(dims)), next(iter(digests), None))
+def table_source(spark: SparkSession, uri: str, dim: int) -> Source:
+    """A queries table as its search reads it: by the tasks themselves where pyarrow opens it, else by Spark (carrying
+    model and weights_sha256, checked as the tasks see them)."""
+    files = QueryFiles.listed(spark, uri)
+    if files is not None:
+        return Source(files.rows, files=files, checked=uri)
+    frame = numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
+    return Source(max(1, storage.total_size(spark, uri) // (4 * dim)), frame=frame, checked=uri)
 
 
 def catalog(spark: SparkSession, index: Index) -> DataFrame:
     return spark.read.parquet(index.catalog_uri)
 
 
-def from_catalog(spark: SparkSession, index: Index) -> DataFrame:
-    """Every catalog row as a query (kNN graph, duplicates)."""
-    return numbered(catalog(spark, index).select(*renamed("vector")))
+def catalog_source(spark: SparkSession, index: Index, readable: bool) -> Source:
+    """Every catalog row as a query (kNN graph, duplicates), each carrying its own cell; read by the tasks where they
+    open the catalog with pyarrow (readable)."""
+    files = QueryFiles.listed(spark, index.catalog_uri, catalog=True) if readable else None
+    if files is not None:
+        return Source(index.count, files=files, from_catalog=True)
+    return Source(index.count, frame=numbered(catalog(spark, index).select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"),
+                  from_catalog=True)
 
 
 def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int = 5) -> list[str]:
@@ -194,8 +218,8 @@ def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int 
     return [found[i][0][0] for i in range(len(names))]
 
 
-def from_ids(spark: SparkSession, index: Index, names: list[str]) -> DataFrame:
-    """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries."""
+def ids_source(spark: SparkSession, index: Index, names: list[str]) -> Source:
+    """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries, with their own cells."""
     ids = resolve_ids(spark, index, names)
     found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
-    return numbered(found.select(*renamed("vector")))
+    return Source(len(ids), frame=numbered(found.select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"))

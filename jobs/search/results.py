@@ -1,13 +1,15 @@
-"""Candidates to answers: per-query top-k merge in Spark, similarity, and the neighbours table written by the executors."""
+"""Candidates to answers: each query's k nearest ranked (ties by id), per-range candidates packed and merged, the
+table written by the executors, and the first answers shown on the console."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
+import pyarrow.compute as pc
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
@@ -17,65 +19,74 @@ from jobs.tables import NEIGHBOURS_SCHEMA
 if TYPE_CHECKING:  # the executors import this module: pandas would cost each Python worker ~0.7 s
     import pandas as pd
 
+QUERY_FIELDS = [("qidx", pa.int64()), ("query_id", pa.string()), ("query_path", pa.string()), ("query_label", pa.string())]
+NEIGHBOUR_FIELDS = [("neighbor_id", pa.string()), ("neighbor_path", pa.string()), ("neighbor_label", pa.string()), ("distance", pa.float32()),
+                    ("similarity", pa.float32())]
+PARTIAL_ARROW = pa.schema(QUERY_FIELDS + NEIGHBOUR_FIELDS)  # one candidate a row
+PACKED_ARROW = pa.schema(QUERY_FIELDS + [(name, pa.list_(kind)) for name, kind in NEIGHBOUR_FIELDS])  # a query's candidates in one row
 PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
                   "neighbor_label string, distance float, similarity float")
-PARTIAL_ARROW = pa.schema([("qidx", pa.int64()), ("query_id", pa.string()), ("query_path", pa.string()), ("query_label", pa.string()), ("neighbor_id", pa.string()),
-                           ("neighbor_path", pa.string()), ("neighbor_label", pa.string()), ("distance", pa.float32()), ("similarity", pa.float32())])
+PACKED_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id array<string>, neighbor_path array<string>, "
+                 "neighbor_label array<string>, distance array<float>, similarity array<float>")
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
-MERGED_ROWS_PER_TASK = 1 << 18  # neighbour rows per merge task (and output file): 1,000 queries x 10 are one task, one file
+MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 
 
-def cosine(query_sq: np.ndarray, row_sq: np.ndarray, d2: np.ndarray) -> np.ndarray:
-    """Cosine similarity from squared norms and squared distance (shapes broadcast); the one formula everywhere."""
-    similarity = (query_sq + row_sq - d2) / np.maximum(2 * np.sqrt(query_sq * row_sq), 1e-12)
-    return np.clip(similarity, -1, 1).astype(np.float32, copy=False)
+def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
+    """The k nearest candidates of each query, ranked 1..k (ties to the smaller neighbour id): neighbours rows."""
+    best = candidates.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
+    rank = ranks_in_runs(best.column("qidx").to_numpy())
+    best = best.filter(pa.array(rank < k)).append_column("rank", pa.array(rank[rank < k].astype(np.int32) + 1))
+    return pa.RecordBatch.from_arrays([best.column(c).combine_chunks() for c in NEIGHBOUR_COLUMNS], names=NEIGHBOUR_COLUMNS)
 
 
-def partial_batch(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.ndarray, catalog: pa.Table | pa.RecordBatch,
-                  catalog_rows: np.ndarray, catalog_sq: np.ndarray, d2: np.ndarray) -> pa.RecordBatch:
-    """Candidate rows: query row i matched catalog row j at squared distance d2 (all arrays aligned)."""
-    similarity = cosine(query_sq[query_rows], catalog_sq[catalog_rows], d2)
-    q, c = pa.array(query_rows), pa.array(catalog_rows)
-    return pa.RecordBatch.from_arrays(
-        [queries.column("qidx").take(q), queries.column("query_id").take(q), queries.column("query_path").take(q), queries.column("query_label").take(q),
-         catalog.column("image_id").take(c), catalog.column("path").take(c), catalog.column("label").take(c),
-         pa.array(np.sqrt(d2).astype(np.float32)), pa.array(similarity)],
-        schema=PARTIAL_ARROW,
-    )
+def packed(candidates: pa.RecordBatch) -> pa.RecordBatch:
+    """Candidates (one a row) packed into one row per query: what a range's tile sends to the merge."""
+    order = pc.sort_indices(candidates, [("qidx", "ascending")])
+    rows = candidates.take(order)
+    qidx = rows.column("qidx").to_numpy()
+    starts = np.flatnonzero(np.r_[True, qidx[1:] != qidx[:-1]]) if len(qidx) else np.empty(0, np.int64)
+    offsets = pa.array(np.append(starts, len(qidx)).astype(np.int32))
+    heads = pa.array(starts, pa.int64())
+    columns = [rows.column(name).take(heads) for name, _ in QUERY_FIELDS]
+    columns += [pa.ListArray.from_arrays(offsets, rows.column(name)) for name, _ in NEIGHBOUR_FIELDS]
+    return pa.RecordBatch.from_arrays(columns, schema=PACKED_ARROW)
 
 
-def nearest_per_query(partials: pa.Table, k: int) -> pa.Table:
-    """The k nearest candidates of each query in a table of candidates, in top_k's order (distance, then neighbour id)."""
-    ordered = partials.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
-    return ordered.filter(pa.array(ranks_in_runs(ordered.column("qidx").to_numpy()) < k))
+def unpacked(rows: pa.Table) -> pa.Table:
+    """Packed rows back to one candidate a row."""
+    rows = rows.combine_chunks()
+    lengths = pc.list_value_length(rows.column("distance")).to_numpy(zero_copy_only=False)
+    owner = pa.array(np.repeat(np.arange(len(lengths)), lengths))
+    columns = [rows.column(name).take(owner) for name, _ in QUERY_FIELDS]
+    columns += [pc.list_flatten(rows.column(name)) for name, _ in NEIGHBOUR_FIELDS]
+    return pa.Table.from_arrays(columns, schema=PARTIAL_ARROW)
 
 
-def merge_tasks(queries: int, k: int, most: int) -> int:
-    """Tasks for the top-k merge: enough for queries x k rows at MERGED_ROWS_PER_TASK each, at most `most`."""
-    return max(1, min(most, -(-queries * k // MERGED_ROWS_PER_TASK)))
+def merged(partials: DataFrame, k: int, tasks: int) -> DataFrame:
+    """Each query's k nearest over the packed candidates of every range it probes, ranked: the neighbours table."""
+
+    def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = pa.Table.from_batches(list(batches), PACKED_ARROW)
+        if rows.num_rows:
+            yield ranked(unpacked(rows), k)
+
+    return partials.repartition(tasks, "qidx").mapInArrow(merge, NEIGHBOURS_SCHEMA)
 
 
-def top_k(partials: DataFrame, k: int, partitions: int | None = None) -> DataFrame:
-    """The k nearest candidates per query, ranked 1..k, ties broken by neighbour id: the neighbours table + query_label.
-
-    partitions: how many the merge uses (default spark.sql.shuffle.partitions, 200 unless set).
-    """
-    if partitions:
-        partials = partials.repartition(partitions, "qidx")  # the window needs no other exchange
-    order = Window.partitionBy("qidx").orderBy("distance", "neighbor_id")
-    ranked = partials.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= k)
-    return ranked.select(*NEIGHBOUR_COLUMNS, "query_label")
+def merge_tasks(queries: int, k: int, visits: float, most: int) -> int:
+    """Tasks for the merge: enough for its candidate rows at MERGED_ROWS_PER_TASK each, at most `most`."""
+    return max(1, min(most, int(queries * k * visits // MERGED_ROWS_PER_TASK) + 1))
 
 
 def duplicate_pairs(partials: DataFrame) -> DataFrame:
     """The similar pairs a catalog-against-itself range search found (each may be found from both ends), once each as (a, b), a < b."""
-    close = partials
     query_first = F.col("query_id") < F.col("neighbor_id")
 
     def side(first: str, second: str) -> Column:
         return F.when(query_first, F.col(first)).otherwise(F.col(second))
 
-    return close.select(
+    return partials.select(
         side("query_id", "neighbor_id").alias("image_a"), side("query_path", "neighbor_path").alias("path_a"),
         side("query_label", "neighbor_label").alias("label_a"), side("neighbor_id", "query_id").alias("image_b"),
         side("neighbor_path", "query_path").alias("path_b"), side("neighbor_label", "query_label").alias("label_b"),

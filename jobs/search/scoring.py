@@ -1,121 +1,139 @@
-"""Scoring on an executor: a shard of catalog rows held as a matrix, queries answered cell by cell with one matrix product each."""
+"""Scoring on an executor: catalog rows held as a matrix sorted by cell, queries scored cell by cell with one matrix
+product each, and the one running top-k every search keeps (ties to the smaller id)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.knn import merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
-from jobs.search.results import cosine, partial_batch
-from jobs.vectors import gather_matrix, matrix_from_binary, values_from_binary
+from jobs.knn import BucketIndex, merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
+from jobs.vectors import gather_matrix
 
-ROW_COLUMNS = ["cell", "image_id", "path", "label", "vector"]  # the catalog columns a shard's task holds
+STRING_COLUMNS = ["image_id", "path", "label"]
 SCORED_ENTRIES = 1 << 23  # most query x row distances in one matrix (32 MiB of float32; 3 such matrices live at once)
+QUERY_SLICE = 4096  # queries scored together against every row (exact)
+LSH_QUERIES = 32  # queries whose LSH candidates are gathered and scored together
+NO_KEY = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
 class Wanted:
-    """What a query wants from the cells it probes: its k nearest, or (min_similarity set) every row at least that similar."""
+    """What a query wants from the rows it scores: its k nearest, or (min_similarity set) every row at least that similar."""
 
     k: int
     exclude_self: bool = False
     min_similarity: float | None = None
 
+    @property
+    def enough(self) -> int:
+        """Rows a query's probed cells must hold between them (probing goes on past nprobe until they do)."""
+        return 0 if self.min_similarity is not None else self.k + (1 if self.exclude_self else 0)
 
-def asked(queries: pa.RecordBatch) -> pa.RecordBatch:
-    """The query columns a candidate row carries, under their partial names."""
-    return pa.RecordBatch.from_arrays([queries.column(c) for c in ("qidx", "id", "path", "label")], names=["qidx", "query_id", "query_path", "query_label"])
+
+def cosine(query_sq: np.ndarray, row_sq: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """Cosine similarity from squared norms and squared distance (shapes broadcast); the one formula everywhere."""
+    similarity = (query_sq + row_sq - d2) / np.maximum(2 * np.sqrt(query_sq * row_sq), 1e-12)
+    return np.clip(similarity, -1, 1).astype(np.float32, copy=False)
 
 
 @dataclass
 class ShardRows:
-    """One shard's catalog rows as read, and sorted here by cell: their vectors, norms, id ranks and each cell's bounds."""
+    """Catalog rows as read (one file's probed row groups) and sorted here by cell: vectors, norms, id ranks, cell bounds."""
 
-    rows: pa.RecordBatch  # as read: the strings are never reordered
-    order: np.ndarray  # the rows in cell order (position in the sorted arrays -> row)
+    rows: pa.RecordBatch  # image_id, path, label (and buckets for LSH) as read: the strings are never reordered
+    order: np.ndarray  # position in the sorted arrays -> row
     vectors: np.ndarray
     squares: np.ndarray
     cells: np.ndarray
     bounds: np.ndarray
-    keys: np.ndarray  # rank of each row's id: ties go to the smaller id
+    keys: np.ndarray  # rank of each row's id in this shard: ties go to the smaller id
 
     @classmethod
-    def of(cls, table: pa.Table, dim: int, keep: np.ndarray | None = None, vectors: np.ndarray | None = None) -> ShardRows:
-        """From catalog rows with columns cell, image_id, path, label and vector (float32 bytes), those of keep if given;
-        or, with vectors (the kept rows' vectors, in table order), without the vector column.
-
-        The vectors are copied once (none moved: a catalog file is already sorted by cell), the strings not at all
-        when every row is kept.
-        """
-        picked = np.flatnonzero(keep) if keep is not None and not keep.all() else None
+    def of(cls, table: pa.Table, dim: int, keep: np.ndarray) -> ShardRows:
+        """The rows of `table` (cell, image_id, path, label, vector as float32 bytes, ...) where keep is set; the kept
+        vectors are copied once (none moved: a catalog file is already sorted by cell), the strings not at all when
+        every row is kept."""
+        picked = None if keep.all() else np.flatnonzero(keep)
         cell = table.column("cell").to_numpy()
         cell = cell if picked is None else cell[picked]
-        order = np.argsort(cell, kind="stable") if (np.diff(cell) < 0).any() else None
-        moved = picked if order is None else order if picked is None else picked[order]
-        strings = [table.column(c) for c in ("cell", "image_id", "path", "label")]
-        rows = pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in strings], names=["cell", "image_id", "path", "label"])
+        order = np.argsort(cell, kind="stable") if (np.diff(cell) < 0).any() else np.arange(len(cell))
+        strings = [c for c in table.column_names if c not in ("cell", "vector", "group")]
+        rows = pa.RecordBatch.from_arrays([table.column(c).combine_chunks() for c in strings], names=strings)
         rows = rows if picked is None else rows.take(pa.array(picked))
-        order = np.arange(len(cell)) if order is None else order
-        if vectors is None:
-            vectors = gather_matrix(table.column("vector"), dim, moved)
-        elif order is not None:
-            vectors = vectors[order]
+        vectors = gather_matrix(table.column("vector"), dim, order if picked is None else picked[order])
         cells, starts = np.unique(cell[order], return_index=True)
-        # int64 like knn.id_ranks: pc.rank's uint64 met TopK's int64 keys as float64, and its padding key (int64 max) overflowed
-        ranks = pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1
-        keys = ranks[order] if len(rows) else np.empty(0, np.int64)
-        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), keys)
+        ranks = pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1 if len(rows) else order
+        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), ranks[order])
 
-    def answer(self, queries: pa.RecordBatch, wanted: Wanted) -> pa.RecordBatch:
-        """What each query wants among the rows of the cells it probes in this shard, cell by cell."""
-        vectors = matrix_from_binary(queries.column("vector"), self.vectors.shape[1])
-        query_sq = squared_norms(vectors)
-        keep = TopK(len(queries), wanted.k) if wanted.min_similarity is None else Similar(wanted.min_similarity, query_sq, self.squares)
-        self.score(keep, vectors, queries, wanted)
-        q, rows, d2 = keep.found()
-        row_squares = np.empty_like(self.squares)
-        row_squares[self.order] = self.squares
-        return partial_batch(asked(queries), q, query_sq, self.rows, self.order[rows], row_squares, d2)
+    def slots(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each asked cell, its slot in this shard and whether the shard holds it."""
+        if not len(self.cells):
+            return np.zeros(len(cells), np.int64), np.zeros(len(cells), bool)
+        slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
+        return slot, self.cells[slot] == cells
 
-    def score(self, keep: TopK | Similar, vectors: np.ndarray, queries: pa.RecordBatch, wanted: Wanted, base: int = 0) -> None:
-        """Fold into keep the rows of the cells each query probes in this shard (rows and keys numbered from base)."""
-        cells, offsets = values_from_binary(queries.column("probes"), np.int32)
-        owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
-        rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell in this shard
-        slot = np.minimum(np.searchsorted(self.cells, cells), max(len(self.cells) - 1, 0))
-        here = self.cells[slot] == cells if len(self.cells) else np.zeros(len(cells), bool)
-        if not here.all():  # a shard holding every probed cell (the local plan's) skips three copies of all the probes
-            owner, slot, rank = owner[here], slot[here], rank[here]
-        own_row = self.own_rows(queries) if wanted.exclude_self else None
+    def score(self, keep: TopK | Similar, vectors: np.ndarray, probes: tuple[np.ndarray, np.ndarray] | None, own_row: np.ndarray | None, base: int) -> None:
+        """Fold into keep every query's distances to the rows of the cells it probes here (probes: CSR cells, nearest
+        first; None: every row), rows numbered base + sorted position. own_row: each query's own row here, or -1."""
+        if probes is None:
+            for first in range(0, len(vectors), QUERY_SLICE):
+                asking = np.arange(first, min(first + QUERY_SLICE, len(vectors)))
+                self.score_rows(keep, vectors, asking, 0, len(self.order), own_row, base)
+            return
+        cells, offsets = probes
+        owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        rank = np.arange(len(cells)) - np.repeat(offsets[:-1], np.diff(offsets))  # 0: the query's nearest cell
+        slot, here = self.slots(cells)
+        owner, slot, rank = owner[here], slot[here], rank[here]
         # nearest cells first: they set each query's k-th distance, which then rules out most rows of the other cells
-        for later, phase in enumerate((rank == 0, rank > 0)):
+        for phase in (rank == 0, rank > 0):
             by_cell = np.argsort(slot[phase], kind="stable")
             phase_owner, phase_slot = owner[phase][by_cell], slot[phase][by_cell]
             for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
                 lo, hi = self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
-                step = max(1, SCORED_ENTRIES // (hi - lo))  # a big cell asked by many queries: a few of them at a time
-                for part in range(start, end, step):
-                    asking = phase_owner[part : min(part + step, end)]
-                    d2 = squared_distances(vectors[asking], self.vectors[lo:hi], self.squares[lo:hi])
-                    if own_row is not None:
-                        mine = np.flatnonzero((own_row[asking] >= lo) & (own_row[asking] < hi))
-                        d2[mine, own_row[asking[mine]] - lo] = np.inf
-                    keep.add(asking, d2, base + lo, base + self.keys[lo:hi], bool(later))
+                self.score_rows(keep, vectors, phase_owner[start:end], lo, hi, own_row, base)
 
-    def own_rows(self, queries: pa.RecordBatch) -> np.ndarray:
-        """The (sorted) position of each query's own id in this shard, or -1; queries that carry their own_cell
-        (catalog rows searching the catalog) are looked up in that cell alone."""
-        ids = queries.column("id").to_pylist()
-        if "own_cell" not in queries.schema.names:
+    def score_rows(self, keep: TopK | Similar, vectors: np.ndarray, asking: np.ndarray, lo: int, hi: int, own_row: np.ndarray | None,
+                   base: int) -> None:
+        """Score the asking queries against sorted rows lo..hi, a slice of them at a time (at most SCORED_ENTRIES distances)."""
+        step = max(1, SCORED_ENTRIES // max(len(asking), 1))
+        for first in range(lo, hi, step):
+            end = min(first + step, hi)
+            d2 = squared_distances(vectors[asking], self.vectors[first:end], self.squares[first:end])
+            if own_row is not None:
+                mine = np.flatnonzero((own_row[asking] >= first) & (own_row[asking] < end))
+                d2[mine, own_row[asking[mine]] - first] = np.inf
+            keep.add(asking, d2, np.arange(base + first, base + end), base + self.keys[first:end])
+
+    def score_lsh(self, keep: TopK, vectors: np.ndarray, probe_keys: np.ndarray, own_row: np.ndarray | None, base: int, candidates: np.ndarray) -> None:
+        """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys: queries x
+        tables x probes), a few similar queries at a time; count each query's candidates."""
+        buckets = BucketIndex(self.rows.column("buckets").take(pa.array(self.order)).flatten().to_numpy().reshape(len(self.order), -1))
+        for first in range(0, len(vectors), LSH_QUERIES):
+            asking = np.arange(first, min(first + LSH_QUERIES, len(vectors)))
+            mask = buckets.candidate_mask(probe_keys[asking])
+            if own_row is not None:
+                mine = np.flatnonzero(own_row[asking] >= 0)
+                mask[mine, own_row[asking[mine]]] = False
+            candidates[asking] += mask.sum(axis=1)
+            union = np.flatnonzero(mask.any(axis=0))
+            if len(union):
+                d2 = squared_distances(vectors[asking], self.vectors[union], self.squares[union])
+                d2[~mask[:, union]] = np.inf
+                keep.add(asking, d2, base + union, base + self.keys[union])
+
+    def own_rows(self, ids: list[str], own_cells: np.ndarray | None) -> np.ndarray:
+        """The sorted position of each query's own id in this shard, or -1; looked up in the query's own cell alone
+        where it is known (catalog rows searching the catalog)."""
+        found = np.full(len(ids), -1, np.int64)
+        if own_cells is None:
             position = {image_id: at for at, image_id in enumerate(self.sorted_ids(0, len(self.order)))}
             return np.array([position.get(q, -1) for q in ids], np.int64)
-        found = np.full(len(ids), -1, np.int64)
-        query_cells = queries.column("own_cell").to_numpy()
-        slot = np.minimum(np.searchsorted(self.cells, query_cells), max(len(self.cells) - 1, 0))
-        held = np.flatnonzero(self.cells[slot] == query_cells) if len(self.cells) else np.empty(0, np.int64)
+        slot, here = self.slots(own_cells)
+        held = np.flatnonzero(here)
         held = held[np.argsort(slot[held], kind="stable")]
         for start, end in np.column_stack(run_bounds(slot[held])) if len(held) else []:
             lo, hi = self.bounds[slot[held[start]]], self.bounds[slot[held[start]] + 1]
@@ -127,6 +145,10 @@ class ShardRows:
     def sorted_ids(self, lo: int, hi: int) -> list[str]:
         return self.rows.column("image_id").take(pa.array(self.order[lo:hi])).to_pylist()
 
+    def strings(self, positions: np.ndarray) -> pa.Table:
+        """id, path and label of rows at these sorted positions."""
+        return pa.Table.from_batches([self.rows.select(STRING_COLUMNS).take(pa.array(self.order[positions]))])
+
 
 class TopK:
     """Each query's k nearest rows so far (row, squared distance, key), ties to the smaller key."""
@@ -135,30 +157,31 @@ class TopK:
         self.k = k
         self.rows = np.full((queries, k), -1, np.int64)
         self.d2 = np.full((queries, k), np.inf, np.float32)
-        self.keys = np.full((queries, k), np.iinfo(np.int64).max, np.int64)
+        self.keys = np.full((queries, k), NO_KEY, np.int64)
 
-    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
-        """Fold in d2 (len(asking) x cell rows) of the rows first_row.. . bounded: most rows cannot beat the
-        queries' current k-th distance, so only those that can are gathered and merged."""
-        if bounded:
+    def add(self, asking: np.ndarray, d2: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Fold in d2 (len(asking) x len(rows)). Once every asking query holds k rows, most new rows cannot beat its
+        k-th distance, and only those that can are gathered and merged."""
+        kth = self.d2[asking, self.k - 1]
+        if np.isfinite(kth).all():
             # flat indices, then divmod: 2-D nonzero took three times as long (0.5 ms a cell of 1,190 x 137)
-            q, col = np.divmod(np.flatnonzero(d2 <= self.d2[asking, self.k - 1][:, None]), d2.shape[1])
+            q, col = np.divmod(np.flatnonzero(d2 <= kth[:, None]), d2.shape[1])
             if len(q):
-                self.merge(asking[q], d2[q, col], col, first_row, keys)
+                self.merge(asking[q], d2[q, col], rows[col], keys[col])
             return
         cols, values = nearest(d2, keys, self.k)
-        found = np.where(cols >= 0, cols + first_row, -1)
+        found = np.where(cols >= 0, rows[np.maximum(cols, 0)], -1)
         merged = merge_nearest((self.rows[asking], self.d2[asking], self.keys[asking]),
-                               (found, values, np.where(cols >= 0, keys[cols], np.iinfo(np.int64).max)), self.k)
+                               (found, values, np.where(cols >= 0, keys[np.maximum(cols, 0)], NO_KEY)), self.k)
         self.rows[asking], self.d2[asking], self.keys[asking] = merged
 
-    def merge(self, query: np.ndarray, d2: np.ndarray, col: np.ndarray, first_row: int, keys: np.ndarray) -> None:
+    def merge(self, query: np.ndarray, d2: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
         """Merge loose candidates (one per entry) into the k best of their queries."""
         touched = np.unique(query)
         queries = np.concatenate([np.repeat(touched, self.k), query])
         d = np.concatenate([self.d2[touched].ravel(), d2])
-        key = np.concatenate([self.keys[touched].ravel(), keys[col]])
-        row = np.concatenate([self.rows[touched].ravel(), col + first_row])
+        key = np.concatenate([self.keys[touched].ravel(), keys])
+        row = np.concatenate([self.rows[touched].ravel(), rows])
         order = np.lexsort((key, d, queries))
         queries, d, key, row = queries[order], d[order], key[order], row[order]
         rank = ranks_in_runs(queries)
@@ -172,21 +195,45 @@ class TopK:
 
 
 class Similar:
-    """Every (query, row) pair with cosine similarity at or above a threshold."""
+    """Every (query, row) pair with cosine similarity at or above a threshold, for the shard being scored."""
 
-    def __init__(self, threshold: float, query_sq: np.ndarray, row_sq: np.ndarray) -> None:
-        self.threshold, self.query_sq, self.row_sq = np.float32(threshold), query_sq, row_sq
+    def __init__(self, threshold: float, query_sq: np.ndarray, row_sq: np.ndarray, base: int) -> None:
+        self.threshold, self.query_sq, self.row_sq, self.base = np.float32(threshold), query_sq, row_sq, base
         self.pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, asking: np.ndarray, d2: np.ndarray, first_row: int, keys: np.ndarray, bounded: bool) -> None:
-        similarity = cosine(self.query_sq[asking][:, None], self.row_sq[first_row : first_row + d2.shape[1]][None, :], d2)
+    def add(self, asking: np.ndarray, d2: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
+        similarity = cosine(self.query_sq[asking][:, None], self.row_sq[rows - self.base][None, :], d2)
         q, col = np.nonzero(similarity >= self.threshold)
-        self.pairs.append((asking[q], col + first_row, d2[q, col]))
+        self.pairs.append((asking[q], rows[col] - self.base, d2[q, col]))
 
     def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.pairs:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
         return tuple(np.concatenate(parts) for parts in zip(*self.pairs))  # type: ignore[return-value]
+
+
+@dataclass
+class Kept:
+    """The id, path, label and squared norm of the rows a running top-k holds, gathered as they enter it: the shard of
+    one file is scored with rows numbered (file + 1) * FILE_ROW + position, then the entrants are copied here and
+    renumbered, so a top-k over many files holds strings only for its own rows."""
+
+    rows: pa.Table = field(default_factory=lambda: pa.table({c: pa.array([], pa.string()) for c in STRING_COLUMNS}))
+    squares: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+
+    def take_in(self, keep: TopK, held: ShardRows, base: int) -> None:
+        """Copy the held shard's rows that entered keep, renumber them as kept rows, and drop kept rows pushed out since."""
+        entered = keep.rows >= base
+        positions = keep.rows[entered] - base
+        unique, inverse = np.unique(positions, return_inverse=True)
+        keep.rows[entered] = self.rows.num_rows + inverse.reshape(-1)
+        self.rows = pa.concat_tables([self.rows, held.strings(unique)])
+        self.squares = np.concatenate([self.squares, held.squares[unique]])
+        used = np.unique(keep.rows[keep.rows >= 0])
+        if len(used) * 2 < self.rows.num_rows:
+            self.rows, self.squares = self.rows.take(pa.array(used)), self.squares[used]
+            placed = keep.rows >= 0
+            keep.rows[placed] = np.searchsorted(used, keep.rows[placed])
 
 
 def run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
