@@ -54,13 +54,6 @@ def probe_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshPa
     return np.concatenate([own[:, :, None], own[:, :, None] + moved], axis=2)
 
 
-def id_ranks(ids: list | np.ndarray) -> np.ndarray:
-    """Each id's rank among these ids: the tie-break key that makes ties go to the smaller id."""
-    ranks = np.empty(len(ids), np.int64)
-    ranks[np.argsort(np.asarray(ids, dtype=object), kind="stable")] = np.arange(len(ids))
-    return ranks
-
-
 def squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
@@ -110,13 +103,6 @@ def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return cols, values.astype(np.float32, copy=False)
 
 
-def merge_nearest(best: tuple[np.ndarray, np.ndarray, np.ndarray], found: tuple[np.ndarray, np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge two (rows, squared distances, keys) top lists per query into the k best, ties broken by key."""
-    rows, d2, keys = (np.concatenate([a, b], axis=1) for a, b in zip(best, found))
-    order = np.lexsort((keys, d2), axis=1)[:, :k]
-    return tuple(np.take_along_axis(x, order, axis=1) for x in (rows, d2, keys))  # type: ignore[return-value]
-
-
 def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of the k nearest catalog rows per query by Euclidean distance, nearest first.
 
@@ -153,34 +139,3 @@ class BucketIndex:
             offsets = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
             mask[q, self.order[offsets + np.arange(total), table]] = True
         return mask
-
-
-def lsh_topk(queries: np.ndarray, query_probes: np.ndarray, catalog: np.ndarray, index: BucketIndex, k: int,
-             exclude: np.ndarray | None = None, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The k nearest among each query's LSH candidates: (indices, distances, candidate counts).
-
-    Queries are taken in chunks of similar queries (sorted by bucket key), so a chunk's candidates
-    overlap; their union is gathered once and scored with one matrix product. Rows a query has no
-    candidate for are -1 / inf.
-    """
-    n = len(queries)
-    indices = np.full((n, k), -1, dtype=np.int64)
-    distances = np.full((n, k), np.inf, dtype=np.float32)
-    counts = np.zeros(n, dtype=np.int64)
-    catalog_sq = squared_norms(catalog)
-    similar_first = np.lexsort(query_probes[:, ::-1, 0].T)
-    for start in range(0, n, chunk):
-        rows = similar_first[start : start + chunk]
-        mask = index.candidate_mask(query_probes[rows])
-        if exclude is not None:
-            mask &= ~exclude[rows]
-        counts[rows] = mask.sum(axis=1)
-        union = np.flatnonzero(mask.any(axis=0))
-        if len(union) == 0:
-            continue
-        d2 = squared_distances(queries[rows], catalog[union], catalog_sq[union])
-        d2[~mask[:, union]] = np.inf
-        best, best_d = nearest(d2, union, k)
-        indices[rows] = np.where(best >= 0, union[best], -1)
-        distances[rows] = np.sqrt(best_d)
-    return indices, distances, counts

@@ -90,3 +90,33 @@ def print_summary(title: str, rows: list[tuple[str, Any]], notes: list[str] | No
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"  {n}" for n in notes or []]
     print("\n".join(lines), flush=True)
+
+
+class Stopwatch:
+    """Seconds a task spends on each of its parts: blocks timed by name, and the time an iterator takes to give its items."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - started
+
+    def timed(self, name: str, items: Iterator[Any]) -> Iterator[Any]:
+        """The items, the time taken to produce each added to `name`."""
+        while True:
+            with self(name):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+    def line(self) -> str:
+        return ", ".join(f"{seconds:.1f} s {name}" for name, seconds in self.spent.items())
+
+
+_END = object()

@@ -137,3 +137,13 @@ def moto(tmp_path_factory):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def force_plan(monkeypatch, blocks: int, ranges: int) -> None:
+    """Make every search in this test run as `blocks` query blocks x `ranges` cell ranges, whatever its size."""
+    from jobs.search import plan
+
+    def choose(index, queries, nprobe, k, cores, from_catalog=False, routable=True):
+        return plan.estimate(index, queries, nprobe, k, cores, blocks, ranges if routable else 1, from_catalog)
+
+    monkeypatch.setattr(plan, "choose", choose)

@@ -8,13 +8,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import read_neighbours, run_job, search, write_embeddings
+from conftest import force_plan, read_neighbours, run_job, search, write_embeddings
 
 from jobs import ivf
 from jobs.knn import exact_topk
-from jobs.search import direct
-from jobs.search import queries as query_tables
-from jobs.search.scoring import Wanted
+from jobs.search import plan, tiles
+from jobs.search.scoring import ShardRows, TopK
 from jobs.vectors import binary_from_matrix
 from scripts.vectors import clustered_unit_vectors
 
@@ -57,39 +56,67 @@ def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spa
     assert summary["counts"]["queries"] == 50 and summary["counts"]["rows"] == 500
 
 
-def test_queries_answered_in_their_own_tasks_or_shuffled_to_the_files_get_the_same_answers(spark, catalog, tmp_path, monkeypatch):
-    from jobs.search import local
-
+@pytest.mark.parametrize("method", ["ivf", "exact"])
+def test_every_tiling_gives_the_same_answers_for_one_query_or_many(spark, catalog, tmp_path, monkeypatch, method):
     folder, vectors, _, ids = catalog
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=21)
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
-    plans = {"local": search(spark, folder / "index", tmp_path / "local", "--queries", tmp_path / "q", "-k", "7")}
-    assert spark.conf.get("spark.sql.codegen.wholeStage") == "true"  # off while the local plan wrote, then as it was
-    # one task a core, as where a single task would read much
-    monkeypatch.setattr(local, "SPREAD_READ_BYTES", 0)
-    plans["cores"] = search(spark, folder / "index", tmp_path / "cores", "--queries", tmp_path / "q", "-k", "7")
-    # the same plan spread over twice the cores, each query's cells held apart (a part per query, files read again)
-    monkeypatch.setattr(local, "SPREAD_QUERIES", 0)
-    monkeypatch.setattr(local, "HOLD_BYTES", 1)
-    plans["parts"] = search(spark, folder / "index", tmp_path / "parts", "--queries", tmp_path / "q", "-k", "7")
-    # shuffled to the files' tasks, the queries spread and each file's visitors split over several tasks
-    monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
-    monkeypatch.setattr(query_tables, "SPREAD_BYTES", 0)
-    monkeypatch.setattr(direct, "SPLIT_QUERIES", 0)
-    assert direct.tasks_per_file(spark, 1, 300) == 2 * spark.sparkContext.defaultParallelism
-    spread = query_tables.spread(spark, query_tables.unchecked_from_table(spark, str(tmp_path / "q")), 300, 64)
-    assert spread.rdd.getNumPartitions() == 2 * spark.sparkContext.defaultParallelism
-    plans["files"] = search(spark, folder / "index", tmp_path / "files", "--queries", tmp_path / "q", "-k", "7")
-    assert plans["local"]["touched"]["plan"] == "in the queries' own 1 task(s)" and "plan" not in plans["files"]["touched"]
-    assert plans["cores"]["touched"]["plan"] == f"in the queries' own {spark.sparkContext.defaultParallelism} task(s)"
-    assert plans["parts"]["touched"]["plan"] == f"in the queries' own {2 * spark.sparkContext.defaultParallelism} task(s)"
-    # a part per query re-reads files: more row groups than one pass over the probed cells
-    assert plans["parts"]["touched"]["row_groups_read"] > plans["local"]["touched"]["row_groups_read"]
+    write_embeddings(spark, tmp_path / "q1", asked[:1], prefix="q")
     columns = ["query_id", "rank", "neighbor_id", "distance"]
-    answers = {plan: read_neighbours(spark, tmp_path / plan)[columns].reset_index(drop=True) for plan in plans}
-    for plan, summary in plans.items():
-        assert summary["counts"]["queries"] == 300 and summary["counts"]["rows"] == len(answers[plan]) == 300 * 7, plan
-        pd.testing.assert_frame_equal(answers["local"], answers[plan])
+    answers, plans = {}, {}
+    # one task; a block a core; queries routed to ranges of cells, with blocks; a task holding 40 queries at a time
+    for name, blocks, ranges, task_bytes in [("one", 1, 1, None), ("blocks", 3, 1, None), ("routed", 1, 2, None), ("grid", 2, 3, None),
+                                              ("passes", 1, 1, 40), ("routed passes", 1, 3, 40)]:
+        force_plan(monkeypatch, blocks, ranges)
+        if task_bytes:  # chunks of 40 queries: each its own pass over the cells they probe
+            monkeypatch.setattr(tiles, "TASK_BYTES", task_bytes * (4 * 64 + plan.QUERY_STRING_BYTES))
+        for queries in ("q", "q1"):
+            out = tmp_path / f"{name}-{queries}".replace(" ", "-")
+            summary = search(spark, folder / "index", out, "--queries", tmp_path / queries, "-k", "7", "--method", method)
+            plans[name, queries] = summary["touched"]
+            answers[name, queries] = read_neighbours(spark, out)[columns].reset_index(drop=True)
+            assert summary["counts"]["queries"] == len(answers[name, queries]) // 7 == (300 if queries == "q" else 1)
+        monkeypatch.undo()
+    for key, found in answers.items():
+        pd.testing.assert_frame_equal(answers["one", key[1]], found, check_exact=False, atol=1e-6)
+    assert plans["grid", "q"]["tasks"] == 6 and "routed to 3 ranges" in plans["grid", "q"]["plan"]
+    assert plans["blocks", "q"]["tasks"] == 3 and "routed" not in plans["blocks", "q"]["plan"]
+    # chunks of 40 queries: 8 passes over the cells they probe, each reading their row groups again
+    assert plans["passes", "q"]["row_groups_read"] > plans["one", "q"]["row_groups_read"]
+    if method == "exact":
+        truth, _ = exact_topk(asked, vectors, 7)
+        assert list(answers["one", "q"]["neighbor_id"]) == [ids[i] for q in range(300) for i in truth[q]]
+
+
+def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_reads_it_once(spark, catalog, tmp_path, monkeypatch):
+    folder, *_ = catalog
+    asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=22)
+    write_embeddings(spark, tmp_path / "q", asked, prefix="q")
+    index = ivf.load(spark, str(folder / "index"))
+    cells, _ = index.probe(asked, index.params.nprobe, 7)
+    holding = sum(row_groups_holding(folder, index, np.unique(cells)).values())
+    read = {}
+    for name, blocks, ranges in [("one", 1, 1), ("blocks", 3, 1), ("routed", 1, 3)]:
+        force_plan(monkeypatch, blocks, ranges)
+        read[name] = search(spark, folder / "index", tmp_path / name, "--queries", tmp_path / "q", "-k", "7")["touched"]
+    assert read["one"]["row_groups_read"] == holding  # one pass: every probed row group once
+    assert holding < read["blocks"]["row_groups_read"] <= 3 * holding  # each block reads the row groups its own queries probe
+    # each range's tile reads its own cells' row groups; a row group holding cells of two ranges is read by both tiles
+    assert holding <= read["routed"]["row_groups_read"] <= holding + 2
+    assert read["one"]["catalog_rows_scanned"] == read["routed"]["catalog_rows_scanned"] == index.plan.sizes[np.unique(cells)].sum()
+
+
+def row_groups_holding(folder, index: ivf.Index, cells: np.ndarray) -> dict[str, int]:
+    """Per catalog file, the row groups whose cell range (Parquet statistics) holds one of these cells."""
+    import pyarrow.parquet as pq
+
+    found = {}
+    for entry in index.meta["files"]:
+        meta = pq.ParquetFile(folder / "index" / "catalog" / entry["name"]).metadata
+        column = [meta.row_group(0).column(c).path_in_schema for c in range(meta.num_columns)].index("cell")
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+        found[entry["name"]] = sum(any(s.min <= c <= s.max for c in cells) for s in stats)
+    return found
 
 
 def test_ties_are_broken_by_id(spark, tmp_path):
@@ -138,32 +165,20 @@ def test_k_larger_than_the_catalog_returns_the_whole_catalog(spark, tmp_path):
         assert set(got["neighbor_id"]) == set(ids[1:]) and list(got["rank"]) == list(range(1, 12)), method
 
 
-def test_queries_held_together_are_ordered_by_their_nearest_cell_with_their_probes():
-    from jobs.search.local import by_nearest_cell
-
-    cells, offsets = np.array([5, 1, 2, 0, 9, 3, 4]), np.array([0, 2, 4, 4, 7])  # the third query probes nothing
-    order, moved, moved_offsets = by_nearest_cell(cells, offsets)
-    assert order.tolist() == [2, 1, 0, 3]
-    assert [moved[moved_offsets[i] : moved_offsets[i + 1]].tolist() for i in range(4)] == [[], [2, 0], [5, 1], [9, 3, 4]]
-
-
 def test_a_shard_holding_fewer_rows_than_k_pads_cleanly_with_integer_keys():
     # pc.rank gives uint64; against TopK's int64 keys they became float64 and the padding key overflowed (a warning per query)
-    from jobs.search.scoring import ShardRows
-    from jobs.vectors import binary_from_values
-
     vectors = np.eye(3, 4, dtype=np.float32)
     rows = pa.table({"cell": pa.array([0, 0, 1], pa.int32()), "image_id": ["c", "a", "b"], "path": ["/c", "/a", "/b"],
                      "label": pa.nulls(3, pa.string()), "vector": binary_from_matrix(vectors)})
-    shard = ShardRows.of(rows, 4)
+    shard = ShardRows.of(rows, 4, np.ones(3, bool))
     assert shard.keys.dtype == np.int64
-    queries = pa.RecordBatch.from_arrays([pa.array([0, 1], pa.int64()), pa.array(["q0", "q1"]), pa.array(["/q0", "/q1"]), pa.nulls(2, pa.string()),
-                                          binary_from_matrix(vectors[:2]), binary_from_values(np.array([0, 1, 1], np.int32), np.array([0, 2, 3], np.int32))],
-                                         names=["qidx", "id", "path", "label", "vector", "probes"])
+    keep = TopK(2, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        found = shard.answer(queries, Wanted(5)).to_pandas()
-    assert sorted(found.groupby("qidx")["neighbor_id"].apply(sorted).to_dict().items()) == [(0, ["a", "b", "c"]), (1, ["b"])]
+        shard.score(keep, vectors[:2], (np.array([0, 1, 1], np.int32), np.array([0, 2, 3])), None, 0)
+    q, found, _ = keep.found()
+    named = shard.rows.column("image_id").take(pa.array(shard.order[found])).to_pylist()
+    assert sorted((int(a), b) for a, b in zip(q, named)) == [(0, "a"), (0, "b"), (0, "c"), (1, "b")]
 
 
 def test_query_ids_take_paths_and_unique_path_ends_and_an_ambiguous_end_lists_its_matches(spark, tmp_path, capsys):

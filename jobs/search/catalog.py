@@ -18,7 +18,7 @@ from pyspark.sql import SparkSession
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location, opens
 from jobs.ivf import Index
-from jobs.runlog import get_logger
+from jobs.runlog import Stopwatch, get_logger
 from jobs.search.scoring import ShardRows
 
 log = get_logger("jobs.search")
@@ -103,8 +103,8 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: lis
 class CatalogFiles:
     """The catalog's files as one task reads them: which hold a set of cells, and their probed rows as shards."""
 
-    def __init__(self, index: Index, files: Location, counters: ReadCounters, columns: list[str]) -> None:
-        self.index, self.counters, self.columns = index, counters, columns
+    def __init__(self, index: Index, files: Location, counters: ReadCounters, columns: list[str], watch: Stopwatch | None = None) -> None:
+        self.index, self.counters, self.columns, self.watch = index, counters, columns, watch or Stopwatch()
         self.root = SparkFiles.get(files.root) if files.kind == SHIPPED else files.root
         self.fs = files.filesystem(memory_map=True)
         self.file_of_group = index.file_of_group()
@@ -128,10 +128,12 @@ class CatalogFiles:
 
     def taken(self, file: int, read: Future) -> tuple[int, ShardRows]:
         """A finished read as a shard, its footer kept and its bytes counted (here, in the task's own thread)."""
-        table, keep, nbytes, row_groups, footer = read.result()
+        with self.watch("waiting for the catalog"):
+            table, keep, nbytes, row_groups, footer = read.result()
         self.footers[file] = footer
         self.counters.add(nbytes, row_groups, int(keep.sum()))
-        return file, ShardRows.of(table, self.index.dim, keep)
+        with self.watch("gathering"):
+            return file, ShardRows.of(table, self.index.dim, keep)
 
     def close(self) -> None:
         self.reader.shutdown(wait=False, cancel_futures=True)

@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.knn import ranks_in_runs
+from jobs.search.scoring import id_keys
 from jobs.tables import NEIGHBOURS_SCHEMA
 
 if TYPE_CHECKING:  # the executors import this module: pandas would cost each Python worker ~0.7 s
@@ -34,10 +35,13 @@ MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 
 def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
     """The k nearest candidates of each query, ranked 1..k (ties to the smaller neighbour id): neighbours rows."""
-    best = candidates.sort_by([("qidx", "ascending"), ("distance", "ascending"), ("neighbor_id", "ascending")])
-    rank = ranks_in_runs(best.column("qidx").to_numpy())
-    best = best.filter(pa.array(rank < k)).append_column("rank", pa.array(rank[rank < k].astype(np.int32) + 1))
-    return pa.RecordBatch.from_arrays([best.column(c).combine_chunks() for c in NEIGHBOUR_COLUMNS], names=NEIGHBOUR_COLUMNS)
+    qidx = candidates.column("qidx").to_numpy()
+    order = np.lexsort((id_keys(candidates.column("neighbor_id").combine_chunks()), candidates.column("distance").to_numpy(), qidx))
+    rank = ranks_in_runs(qidx[order])
+    best = candidates.take(pa.array(order[rank < k]))
+    columns = {name: best.column(name).combine_chunks() for name in NEIGHBOUR_COLUMNS if name != "rank"}
+    columns["rank"] = pa.array(rank[rank < k].astype(np.int32) + 1)
+    return pa.RecordBatch.from_arrays([columns[name] for name in NEIGHBOUR_COLUMNS], names=NEIGHBOUR_COLUMNS)
 
 
 def packed(candidates: pa.RecordBatch) -> pa.RecordBatch:

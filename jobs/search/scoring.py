@@ -7,16 +7,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from jobs.knn import BucketIndex, merge_nearest, nearest, ranks_in_runs, squared_distances, squared_norms
+from jobs.knn import BucketIndex, ranks_in_runs, squared_distances, squared_norms
 from jobs.vectors import gather_matrix
 
 STRING_COLUMNS = ["image_id", "path", "label"]
 SCORED_ENTRIES = 1 << 23  # most query x row distances in one matrix (32 MiB of float32; 3 such matrices live at once)
 QUERY_SLICE = 4096  # queries scored together against every row (exact)
 LSH_QUERIES = 32  # queries whose LSH candidates are gathered and scored together
+FLUSH_ENTRIES = 1 << 18  # candidates a running top-k holds back before it merges them
 NO_KEY = np.iinfo(np.int64).max
+FLOAT_MAX = np.finfo(np.float32).max
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ShardRows:
     squares: np.ndarray
     cells: np.ndarray
     bounds: np.ndarray
-    keys: np.ndarray  # rank of each row's id in this shard: ties go to the smaller id
+    keys: np.ndarray  # each row's id_keys: ties go to the smaller id
 
     @classmethod
     def of(cls, table: pa.Table, dim: int, keep: np.ndarray) -> ShardRows:
@@ -65,8 +66,7 @@ class ShardRows:
         rows = rows if picked is None else rows.take(pa.array(picked))
         vectors = gather_matrix(table.column("vector"), dim, order if picked is None else picked[order])
         cells, starts = np.unique(cell[order], return_index=True)
-        ranks = pc.rank(rows.column("image_id"), sort_keys="ascending", tiebreaker="first").to_numpy().astype(np.int64) - 1 if len(rows) else order
-        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), ranks[order])
+        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), id_keys(rows.column("image_id"))[order])
 
     def slots(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each asked cell, its slot in this shard and whether the shard holds it."""
@@ -95,6 +95,8 @@ class ShardRows:
             for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
                 lo, hi = self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
                 self.score_rows(keep, vectors, phase_owner[start:end], lo, hi, own_row, base)
+            if isinstance(keep, TopK):
+                keep.flush()
 
     def score_rows(self, keep: TopK | Similar, vectors: np.ndarray, asking: np.ndarray, lo: int, hi: int, own_row: np.ndarray | None,
                    base: int) -> None:
@@ -106,7 +108,7 @@ class ShardRows:
             if own_row is not None:
                 mine = np.flatnonzero((own_row[asking] >= first) & (own_row[asking] < end))
                 d2[mine, own_row[asking[mine]] - first] = np.inf
-            keep.add(asking, d2, np.arange(base + first, base + end), base + self.keys[first:end])
+            keep.add(asking, d2, np.arange(base + first, base + end), self.keys[first:end])
 
     def score_lsh(self, keep: TopK, vectors: np.ndarray, probe_keys: np.ndarray, own_row: np.ndarray | None, base: int, candidates: np.ndarray) -> None:
         """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys: queries x
@@ -123,7 +125,7 @@ class ShardRows:
             if len(union):
                 d2 = squared_distances(vectors[asking], self.vectors[union], self.squares[union])
                 d2[~mask[:, union]] = np.inf
-                keep.add(asking, d2, base + union, base + self.keys[union])
+                keep.add(asking, d2, base + union, self.keys[union])
 
     def own_rows(self, ids: list[str], own_cells: np.ndarray | None) -> np.ndarray:
         """The sorted position of each query's own id in this shard, or -1; looked up in the query's own cell alone
@@ -151,38 +153,45 @@ class ShardRows:
 
 
 class TopK:
-    """Each query's k nearest rows so far (row, squared distance, key), ties to the smaller key."""
+    """Each query's k nearest rows so far (row, squared distance, key), ties to the smaller key. Candidates are held
+    back and merged FLUSH_ENTRIES at a time (one sort instead of one per cell); until then the k-th distances that
+    filter new rows are those of the last merge, which are never too tight."""
 
     def __init__(self, queries: int, k: int) -> None:
         self.k = k
         self.rows = np.full((queries, k), -1, np.int64)
         self.d2 = np.full((queries, k), np.inf, np.float32)
         self.keys = np.full((queries, k), NO_KEY, np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.held = 0
 
     def add(self, asking: np.ndarray, d2: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
-        """Fold in d2 (len(asking) x len(rows)). Once every asking query holds k rows, most new rows cannot beat its
-        k-th distance, and only those that can are gathered and merged."""
-        kth = self.d2[asking, self.k - 1]
-        if np.isfinite(kth).all():
-            # flat indices, then divmod: 2-D nonzero took three times as long (0.5 ms a cell of 1,190 x 137)
-            q, col = np.divmod(np.flatnonzero(d2 <= kth[:, None]), d2.shape[1])
-            if len(q):
-                self.merge(asking[q], d2[q, col], rows[col], keys[col])
-            return
-        cols, values = nearest(d2, keys, self.k)
-        found = np.where(cols >= 0, rows[np.maximum(cols, 0)], -1)
-        merged = merge_nearest((self.rows[asking], self.d2[asking], self.keys[asking]),
-                               (found, values, np.where(cols >= 0, keys[np.maximum(cols, 0)], NO_KEY)), self.k)
-        self.rows[asking], self.d2[asking], self.keys[asking] = merged
+        """Take in d2 (len(asking) x len(rows)): only the entries that may beat their query's k-th distance."""
+        kth = np.minimum(self.d2[asking, self.k - 1], FLOAT_MAX)  # an excluded row's inf never enters
+        short = np.flatnonzero(kth == FLOAT_MAX)
+        if len(short) and d2.shape[1] >= self.k:  # a query short of k: the k-th smallest here bounds it
+            kth[short] = np.minimum(np.partition(d2[short], self.k - 1, axis=1)[:, self.k - 1], FLOAT_MAX)
+        # flat indices, then divmod: 2-D nonzero took three times as long (0.5 ms a cell of 1,190 x 137)
+        q, col = np.divmod(np.flatnonzero(d2 <= kth[:, None]), d2.shape[1])
+        if len(q):
+            self.pending.append((asking[q], d2[q, col], rows[col], keys[col]))
+            self.held += len(q)
+            if self.held >= FLUSH_ENTRIES:
+                self.flush()
 
-    def merge(self, query: np.ndarray, d2: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
-        """Merge loose candidates (one per entry) into the k best of their queries."""
+    def flush(self) -> None:
+        """Merge the held candidates into the k best of their queries."""
+        if not self.pending:
+            return
+        query, d2, rows, keys = (np.concatenate(parts) for parts in zip(*self.pending))
+        self.pending, self.held = [], 0
         touched = np.unique(query)
         queries = np.concatenate([np.repeat(touched, self.k), query])
         d = np.concatenate([self.d2[touched].ravel(), d2])
         key = np.concatenate([self.keys[touched].ravel(), keys])
         row = np.concatenate([self.rows[touched].ravel(), rows])
-        order = np.lexsort((key, d, queries))
+        # one int64 sorts by query, then distance (a non-negative float32's bits ascend with it); ties by key
+        order = np.lexsort((key, (queries.astype(np.int64) << 32) | (d + np.float32(0)).view(np.uint32).astype(np.int64)))
         queries, d, key, row = queries[order], d[order], key[order], row[order]
         rank = ranks_in_runs(queries)
         top = rank < self.k
@@ -190,6 +199,7 @@ class TopK:
         self.rows[target], self.d2[target], self.keys[target] = row[top], d[top], key[top]
 
     def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.flush()
         q, r = np.nonzero(self.rows >= 0)
         return q, self.rows[q, r], self.d2[q, r]
 
@@ -223,6 +233,7 @@ class Kept:
 
     def take_in(self, keep: TopK, held: ShardRows, base: int) -> None:
         """Copy the held shard's rows that entered keep, renumber them as kept rows, and drop kept rows pushed out since."""
+        keep.flush()
         entered = keep.rows >= base
         positions = keep.rows[entered] - base
         unique, inverse = np.unique(positions, return_inverse=True)
@@ -234,6 +245,23 @@ class Kept:
             self.rows, self.squares = self.rows.take(pa.array(used)), self.squares[used]
             placed = keep.rows >= 0
             keep.rows[placed] = np.searchsorted(used, keep.rows[placed])
+
+
+def id_keys(ids: pa.Array) -> np.ndarray:
+    """An int64 per id that orders as the ids do by their first 8 bytes (image_ids are hex digests: distinct there);
+    the tie-break that makes a tie go to the smaller id, in every task alike."""
+    if not len(ids):
+        return np.empty(0, np.int64)
+    ids = ids.cast(pa.large_binary())
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset : ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2], np.uint8) if ids.buffers()[2] is not None else np.zeros(1, np.uint8)
+    places = offsets[:-1, None] + np.arange(8)
+    present = places < offsets[1:, None]
+    padded = np.where(present, data[np.minimum(places, max(len(data) - 1, 0))], 0).astype(np.uint64)
+    value = np.zeros(len(ids), np.uint64)
+    for byte in range(8):
+        value = (value << np.uint64(8)) | padded[:, byte]
+    return (value ^ np.uint64(1 << 63)).view(np.int64)
 
 
 def run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

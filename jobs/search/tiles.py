@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from jobs.filesystems import Location
 from jobs.ivf import Index, rand_unit_vectors
 from jobs.partitions import partition_key
+from jobs.runlog import Stopwatch, get_logger
 from jobs.search import results
 from jobs.search.catalog import ROW_COLUMNS, CatalogFiles, ReadCounters
 from jobs.search.plan import QUERY_STRING_BYTES, TASK_BYTES, Plan
@@ -26,6 +27,7 @@ from jobs.search.stream import QUERY_COLUMNS, Asked, answer
 from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_values, matrix_from_binary, packed_vectors
 
+task_log = get_logger("jobs.search.task")
 SEEN_VALUES = 4  # distinct models or digests remembered: enough to name a mix, bounded whatever the table
 ROUTED_SCHEMA = "tile int, qidx bigint, query_id string, query_path string, query_label string, vector binary, probes binary, own_cell int"
 
@@ -153,14 +155,20 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
 
     def local(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx, model, saw = task_setup()
-        catalog, rows, fallbacks = CatalogFiles(idx, files, counters, columns), 0, 0
-        for chunk in chunks(read(batches), chunk_rows):
+        watch = Stopwatch()
+        catalog, rows, fallbacks = CatalogFiles(idx, files, counters, columns, watch), 0, 0
+        for chunk in watch.timed("reading queries", chunks(read(batches), chunk_rows)):
             rows += len(chunk)
-            asked = probed(idx, saw, chunk)
-            for found in answered(catalog, asked, wanted, np.ones(idx.cells, bool), model) if asked is not None else []:
-                yield results.ranked(pa.Table.from_batches([found]), wanted.k) if topk else found
+            with watch("probing"):
+                asked = probed(idx, saw, chunk)
+            for found in watch.timed("scoring", answered(catalog, asked, wanted, np.ones(idx.cells, bool), model) if asked is not None else iter([])):
+                with watch("ranking"):
+                    found = results.ranked(pa.Table.from_batches([found]), wanted.k) if topk else found
+                with watch("writing"):
+                    yield found
             fallbacks += asked.fallbacks if asked is not None else 0
         catalog.close()
+        task_log.info("search task %d: %d queries: %s", TaskContext.get().partitionId(), rows, watch.line())
         done(saw, rows, fallbacks)
 
     if not plan.routed:
@@ -168,24 +176,34 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
 
     def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx, _, saw = task_setup()
-        block, rows = TaskContext.get().partitionId() % plan.blocks, 0
-        for chunk in chunks(read(batches), chunk_rows):
+        block, rows, watch = TaskContext.get().partitionId() % plan.blocks, 0, Stopwatch()
+        for chunk in watch.timed("reading queries", chunks(read(batches), chunk_rows)):
             rows += len(chunk)
-            asked = probed(idx, saw, chunk)
+            with watch("probing"):
+                asked = probed(idx, saw, chunk)
             for part in range(ranges) if asked is not None else []:
-                yield routed_rows(asked, chunk, block * ranges + part, bounds[part], bounds[part + 1])
+                with watch("routing"):
+                    routed = routed_rows(asked, chunk, block * ranges + part, bounds[part], bounds[part + 1])
+                with watch("writing"):
+                    yield routed
+        task_log.info("search task %d: %d queries routed: %s", TaskContext.get().partitionId(), rows, watch.line())
         done(saw, rows)
 
     def tile(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx, _, _ = task_setup()
-        catalog = CatalogFiles(idx, files, counters, columns)
-        for chunk in chunks(batches, chunk_rows):
-            part = chunk.column("tile")[0].as_py() % ranges
+        watch = Stopwatch()
+        catalog, rows = CatalogFiles(idx, files, counters, columns, watch), 0
+        for chunk in watch.timed("reading queries", chunks(batches, chunk_rows)):
+            part, rows = chunk.column("tile")[0].as_py() % ranges, rows + len(chunk)
             cells = np.zeros(idx.cells, bool)
             cells[bounds[part] : bounds[part + 1]] = True
-            for found in answered(catalog, Asked.routed(chunk, idx.dim), wanted, cells, None):
-                yield results.packed(found) if topk else found
+            for found in watch.timed("scoring", answered(catalog, Asked.routed(chunk, idx.dim), wanted, cells, None)):
+                with watch("packing"):
+                    found = results.packed(found) if topk else found
+                with watch("writing"):
+                    yield found
         catalog.close()
+        task_log.info("search task %d: %d queries of cells %d-%d: %s", TaskContext.get().partitionId(), rows, bounds[part], bounds[part + 1] - 1, watch.line())
 
     routed = frame.mapInArrow(route, ROUTED_SCHEMA).repartition(plan.tiles, partition_key(F.col("tile"), plan.tiles))
     candidates = routed.mapInArrow(tile, results.PACKED_SCHEMA if topk else results.PARTIAL_SCHEMA)

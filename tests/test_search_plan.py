@@ -1,0 +1,66 @@
+"""How a search is cut into tasks (plan.py): the least estimated time, read where it is cheapest, never past memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.ivf import CellPlan, Index, IvfParams
+from jobs.search import plan
+
+
+def index_of(rows: int, dim: int, cells: int, files: int, row_bytes: int) -> Index:
+    """An index's sizes alone (the plan looks at nothing else)."""
+    sizes = np.full(cells, rows // cells, np.int64)
+    meta = {"files": [{"name": f"part-{i}", "first_group": i, "last_group": i, "rows": rows // files, "bytes": rows // files * row_bytes}
+                      for i in range(files)]}
+    return Index("mem://index", "resnet18", dim, rows, IvfParams(cells, 1, 0, 0, 0), np.zeros((cells, dim), np.float32),
+                 CellPlan.build(sizes, rows), meta=meta)
+
+
+GLOVE = index_of(300_000, 50, 2191, 4, 500)  # ~150 MB, as the bench's GloVe 300k with long ids and paths
+LARGE = index_of(1_000_000, 512, 4000, 34, 2200)  # ~2.2 GB
+
+
+@pytest.mark.parametrize("index,nprobe", [(GLOVE, 105), (LARGE, 4), (LARGE, None)])
+def test_one_query_is_one_task_that_reads_only_its_cells(index, nprobe):
+    chosen = plan.choose(index, 1, nprobe, 10, cores=2)
+    assert chosen.tiles == 1 and not chosen.routed
+    assert chosen.expected_read <= index.catalog_bytes * (1 if nprobe is None else 2 * nprobe / index.cells)
+
+
+@pytest.mark.parametrize("queries", [10_000, 100_000])
+def test_many_queries_go_to_the_cells_and_each_catalog_byte_is_read_about_once(queries):
+    chosen = plan.choose(GLOVE, queries, 105, 10, cores=2)
+    assert chosen.routed and chosen.tiles >= 2 and chosen.expected_read <= 1.5 * GLOVE.catalog_bytes
+
+
+def test_the_catalog_against_itself_reads_it_in_place_rather_than_shuffling_it():
+    chosen = plan.choose(GLOVE, GLOVE.count, 105, 10, cores=2, from_catalog=True)
+    assert not chosen.routed and chosen.blocks >= 2
+
+
+def test_queries_beyond_a_tasks_memory_are_split_into_blocks_or_passes():
+    chosen = plan.choose(LARGE, 1_000_000, 1, 10, cores=2, from_catalog=True)
+    per_task = 1_000_000 * (4 * 512 + plan.QUERY_STRING_BYTES) / chosen.blocks / chosen.passes
+    assert per_task <= plan.TASK_BYTES * (chosen.ranges if chosen.routed else 1)
+
+
+def test_lsh_is_never_routed_and_no_plan_has_more_blocks_than_queries():
+    assert not plan.choose(GLOVE, 100_000, None, 10, cores=2, routable=False).routed
+    assert plan.choose(GLOVE, 3, 105, 10, cores=8).blocks <= 3
+
+
+def test_ranges_hold_about_as_many_rows_each():
+    sizes = np.array([5, 1, 1, 1, 20, 2, 2, 2, 2, 4])
+    bounds = plan.range_bounds(sizes, 3)
+    rows = [sizes[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == len(sizes) and len(rows) == 3 and max(rows) == 20
+
+
+def test_the_cost_of_the_chosen_plan_grows_smoothly_with_the_queries():
+    """No cliff: where the choice switches from one plan to another, both cost about the same."""
+    counts = np.unique(np.geomspace(1, 300_000, 60).astype(int))
+    costs = np.array([plan.choose(GLOVE, int(n), 105, 10, cores=2).expected_seconds for n in counts])
+    assert (np.diff(costs) >= -1e-9).all()
+    assert (costs[1:] / costs[:-1]).max() < 2.5
