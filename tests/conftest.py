@@ -143,7 +143,7 @@ def force_plan(monkeypatch, blocks: int, ranges: int) -> None:
     """Make every search in this test run as `blocks` query blocks x `ranges` cell ranges, whatever its size."""
     from jobs.search import plan
 
-    def choose(index, queries, nprobe, k, cores, from_catalog=False, routable=True):
-        return plan.estimate(index, queries, nprobe, k, cores, blocks, ranges if routable else 1, from_catalog)
+    def choose(index, queries, nprobe, cores, from_catalog=False, routable=True, remote=False):
+        return plan.estimate(index, queries, nprobe, cores, blocks, ranges if routable else 1, from_catalog, remote)
 
     monkeypatch.setattr(plan, "choose", choose)

@@ -100,7 +100,7 @@ def answer(spark: SparkSession, index: ivf.Index, source: Source, method: str, w
     """Every query of source answered by `method` (nprobe: ivf's cells a query probes), as planned for its size."""
     probes = None if method == "exact" or method == "lsh" or (nprobe or index.params.nprobe) >= index.cells else nprobe or index.params.nprobe
     cores = spark.sparkContext.defaultParallelism
-    planned = plan.choose(index, source.count, probes, wanted.k, cores, source.from_catalog, routable=method != "lsh")
+    planned = plan.choose(index, source.count, probes, cores, source.from_catalog, routable=method != "lsh", remote=files.kind != "local")
     log.info("%s: about %d queries, %s", method, source.count, planned.describe())
     return tiles.search(spark, index, source, planned, files, probes, wanted, lsh=method == "lsh")
 

@@ -8,8 +8,10 @@ range) tile. Every tile runs the same kernel (stream.py); they differ only in wh
   of one block, at the price of moving the queries and their candidates.
 
 The plan is the tiling of least estimated time, from the sizes the driver knows before any job runs (the
-queries' count, the catalog's files and cells, nprobe, the cores). The estimate prices catalog bytes as an object
-store serves them to one task, a shuffled row and an extra stage as measured here (docs/search.md).
+queries' count, the catalog's bytes and cells, nprobe, the cores, where the catalog lives). A task reads the
+catalog a file ahead of its scoring, so it costs the longer of the two; routing costs a pass over the queries, a
+shuffle of each query to every range it visits, and a merge of its candidates. The constants are measured
+(docs/search.md); the bench shows the plan chosen at every point.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import numpy as np
 
 from jobs.ivf import Index
 
-READ_SECONDS_PER_BYTE = 1 / 100e6  # a task reading the catalog from an object store: ~100 MB/s (S3, GCS)
-ROW_SECONDS = 2.5e-6  # a routed query or a candidate row through Spark's shuffle, per core (2M rows of ~300 bytes)
-STAGE_SECONDS = 0.3  # each stage that routing adds (a shuffle's write, its read, the scheduling)
-FLOP_SECONDS = 1 / 8e9  # a distance's multiply-adds in numpy, small matrices included, per core
+LOCAL_READ_SECONDS = 1 / 300e6  # a catalog byte read and gathered by a task from local disk (page cache included)
+REMOTE_READ_SECONDS = 1 / 100e6  # from an object store (S3, GCS), or a copy Spark ships first
+FLOP_SECONDS = 1 / 7e9  # a multiply-add of the distances and the probes, in numpy on one core, cell by cell
+BLAS_FLOP_SECONDS = 1 / 40e9  # the same in big matrix products: probing (queries x centroids), exact search
+TASK_SECONDS = 0.1  # a task's own cost: its Python worker's set-up, the index's broadcast
+ROUTE_SECONDS = 7e-6  # a routed query row leaving its map task
+VISIT_SECONDS = 16e-6  # a routed query row read by its tile, and its candidates packed and written
+MERGE_SECONDS = 50e-6  # a query's packed candidates from one range, merged and its neighbours written
+STAGE_SECONDS = 0.3  # each stage that routing adds
 TASK_BYTES = 256 << 20  # the query rows one task holds at once: more are answered in further passes over its cells
 QUERY_STRING_BYTES = 200  # a query row's id, path and label, about
 
@@ -69,9 +76,12 @@ def range_bounds(sizes: np.ndarray, ranges: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], np.minimum(cuts, len(sizes)), [len(sizes)]])).astype(np.int64)
 
 
-def estimate(index: Index, queries: int, nprobe: int | None, k: int, cores: int, blocks: int, ranges: int, from_catalog: bool) -> Plan:
-    """The plan of blocks x ranges and its estimated catalog bytes read and seconds."""
+def estimate(index: Index, queries: int, nprobe: int | None, cores: int, blocks: int, ranges: int, from_catalog: bool = False,
+             remote: bool = False) -> Plan:
+    """The plan of blocks x ranges, the catalog bytes it is expected to read and the seconds it is expected to take."""
     share = 1.0 if nprobe is None else min(nprobe, index.cells) / index.cells
+    bounds = range_bounds(index.plan.sizes, ranges) if ranges > 1 else np.array([0, index.cells])
+    ranges = len(bounds) - 1
     query_bytes = 4 * index.dim + QUERY_STRING_BYTES + (0 if nprobe is None else 4 * min(nprobe, index.cells))
     visits = ranges * covered(index.cells / ranges, share) if ranges > 1 else 1.0
     per_tile = queries / blocks * visits / ranges
@@ -80,22 +90,30 @@ def estimate(index: Index, queries: int, nprobe: int | None, k: int, cores: int,
         cover = 1 / blocks + (1 - 1 / blocks) * covered(queries / blocks, (min(nprobe, index.cells) - 1) / index.cells)
     else:
         cover = covered(per_tile / passes, share)
-    read = blocks * passes * index.catalog_bytes * cover
-    routed = queries * visits * (1 + k) if ranges > 1 else 0
-    flops = queries * share * index.count * index.dim * 2
-    busy = min(blocks * ranges, cores)
-    seconds = (read * READ_SECONDS_PER_BYTE + routed * ROW_SECONDS + flops * FLOP_SECONDS) / busy + (2 * STAGE_SECONDS if ranges > 1 else 0)
-    return Plan(blocks, range_bounds(index.plan.sizes, ranges) if ranges > 1 else np.array([0, index.cells]), passes, read, seconds)
+    tile_read = index.catalog_bytes / ranges * cover * passes
+    probe = 0.0 if nprobe is None else queries * index.cells * index.dim * 2 * BLAS_FLOP_SECONDS
+    score = queries * share * index.count * index.dim * 2 * (BLAS_FLOP_SECONDS if nprobe is None else FLOP_SECONDS)
+    read_seconds = REMOTE_READ_SECONDS if remote else LOCAL_READ_SECONDS
+    tiles = blocks * ranges
+    if ranges == 1:
+        task = max(tile_read * read_seconds, (probe + score) / blocks) + TASK_SECONDS
+        seconds = tiles * task / min(tiles, cores)
+    else:
+        task = max(tile_read * read_seconds, score / tiles + per_tile * VISIT_SECONDS) + TASK_SECONDS
+        routing = (probe + queries * visits * (ROUTE_SECONDS + MERGE_SECONDS)) / cores
+        seconds = routing + tiles * task / min(tiles, cores) + 2 * STAGE_SECONDS
+    return Plan(blocks, bounds, passes, tiles * tile_read, seconds)
 
 
-def choose(index: Index, queries: int, nprobe: int | None, k: int, cores: int, from_catalog: bool = False, routable: bool = True) -> Plan:
-    """The plan of least estimated time: one range with 1 .. 2 x cores blocks, or 1 .. 4 x cores ranges of cells
-    (never more ranges than cells, never more blocks than queries)."""
+def choose(index: Index, queries: int, nprobe: int | None, cores: int, from_catalog: bool = False, routable: bool = True,
+           remote: bool = False) -> Plan:
+    """Of the plans expected to take at most 10% longer than the fastest, the one that reads the least catalog bytes:
+    one range with 1 .. 2 x cores blocks, or 1 .. 4 x cores ranges of cells; never more blocks than queries."""
     queries = max(queries, 1)
-    query_bytes = 4 * index.dim + QUERY_STRING_BYTES
-    least_blocks = max(1, math.ceil(queries * query_bytes / TASK_BYTES))
-    options = [(blocks, 1) for blocks in sorted({least_blocks, *range(least_blocks, 2 * cores + 1)}) if blocks <= max(queries, least_blocks)]
+    least_blocks = max(1, math.ceil(queries * (4 * index.dim + QUERY_STRING_BYTES) / TASK_BYTES))
+    options = [(blocks, 1) for blocks in range(least_blocks, max(least_blocks, 2 * cores) + 1) if blocks <= max(queries, least_blocks)]
     if routable and index.cells > 1:
         options += [(least_blocks, ranges) for ranges in (cores, 2 * cores, 4 * cores) if 1 < ranges <= index.cells]
-    plans = [estimate(index, queries, nprobe, k, cores, blocks, ranges, from_catalog) for blocks, ranges in options]
-    return min(plans, key=lambda p: (round(p.expected_seconds, 3), p.tiles))
+    plans = [estimate(index, queries, nprobe, cores, blocks, ranges, from_catalog, remote) for blocks, ranges in options]
+    fastest = min(p.expected_seconds for p in plans)
+    return min((p for p in plans if p.expected_seconds <= 1.1 * fastest), key=lambda p: (p.expected_read, p.expected_seconds))
