@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from scripts import sample_data
@@ -147,3 +148,15 @@ def force_plan(monkeypatch, blocks: int, ranges: int) -> None:
         return plan.estimate(index, queries, nprobe, cores, blocks, ranges if routable else 1, from_catalog, remote)
 
     monkeypatch.setattr(plan, "choose", choose)
+
+
+def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
+    """Row groups whose cell range (Parquet statistics) holds one of these cells."""
+    count = 0
+    for path in catalog_files:
+        meta = pq.ParquetFile(path).metadata
+        column = [meta.row_group(0).column(c).path_in_schema for c in range(meta.num_columns)].index("cell")
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(column).statistics
+            count += any(stats.min <= c <= stats.max for c in cells)
+    return count

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from conftest import read_neighbours, run_job, search, write_embeddings
+from conftest import force_plan, read_neighbours, run_job, search, write_embeddings
 
-from jobs import ivf
 from jobs.knn import exact_topk
-from jobs.search import direct, itself
-from jobs.search.scoring import Wanted
+from jobs.search import tiles
 
 
 def test_all_gives_the_knn_graph_and_duplicates_lists_each_close_pair_once(spark, tmp_path):
@@ -27,31 +25,36 @@ def test_all_gives_the_knn_graph_and_duplicates_lists_each_close_pair_once(spark
     summary = search(spark, tmp_path / "index", tmp_path / "graph", "--all", "-k", "4", "--method", "exact")
     graph = read_neighbours(spark, tmp_path / "graph")
     assert summary["counts"]["queries"] == 210 and len(graph) == 840 and not (graph["query_id"] == graph["neighbor_id"]).any()
-    assert not [p.name for p in tmp_path.iterdir() if "probes" in p.name]  # the assigned catalog was written aside, then removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dups", "emb", "graph", "index"]  # nothing left aside
     truth_idx, _ = exact_topk(vectors, vectors, 5)
     assert all(list(graph[graph["query_id"] == ids[q]]["neighbor_id"]) == [ids[i] for i in truth_idx[q] if i != q][:4] for q in range(0, 210, 15))
 
 
-def test_all_answers_each_catalog_file_in_place_like_the_shuffled_search(spark, catalog, tmp_path):
+def test_all_answers_the_catalog_in_place_and_every_tiling_agrees(spark, catalog, tmp_path, monkeypatch):
     folder, vectors, _, ids = catalog
     summary = search(spark, folder / "index", tmp_path / "graph", "--all", "-k", "5")
     graph = read_neighbours(spark, tmp_path / "graph")
-    assert summary["touched"]["reader"].startswith("executors, file by file") and summary["counts"]["queries"] == 3000
+    assert "routed" not in summary["touched"]["plan"] and summary["counts"]["queries"] == 3000
     assert len(graph) == 15000 and not (graph["query_id"] == graph["neighbor_id"]).any()
     assert (graph.groupby("query_id")["rank"].apply(list) == pd.Series([[1, 2, 3, 4, 5]] * 3000, index=sorted(ids))).all()
     truth_idx, _ = exact_topk(vectors, vectors, 6)
     truth = {ids[q]: {ids[i] for i in truth_idx[q] if i != q} for q in range(3000)}
     assert np.mean([len(set(rows["neighbor_id"]) & truth[q]) / 5 for q, rows in graph.groupby("query_id")]) >= 0.95
-    # the same answers as the probe-and-shuffle search, and with chunks of 40 rows, each its own pass over the catalog
-    # (matrix products of other shapes round differently: near-ties may swap, distances agree)
-    search(spark, folder / "index", tmp_path / "shuffled", "--all", "-k", "5", "--reader", "spark")
-    index = ivf.load(spark, str(folder / "index"))
-    small = itself.search(spark, index, direct.chosen(spark, index, "direct"), index.params.nprobe, Wanted(5, True), chunk_rows=40)
-    for other in (read_neighbours(spark, tmp_path / "shuffled"), small.found.toPandas().sort_values(["query_id", "rank"])):
+    # routed to ranges of cells; read by Spark (copied to the executors); in chunks of 400 rows, each its own pass
+    others = {}
+    for name, blocks, ranges, extra in [("routed", 1, 3, []), ("spark", 2, 1, ["--reader", "spark"]), ("chunks", 3, 1, [])]:
+        force_plan(monkeypatch, blocks, ranges)
+        if name == "chunks":
+            monkeypatch.setattr(tiles, "TASK_BYTES", 400 * (4 * 64 + 200))
+        others[name] = search(spark, folder / "index", tmp_path / name, "--all", "-k", "5", *extra)["touched"]
+        monkeypatch.undo()
+        other = read_neighbours(spark, tmp_path / name)
         assert (other["query_id"].to_numpy() == graph["query_id"].to_numpy()).all() and (other["rank"].to_numpy() == graph["rank"].to_numpy()).all()
-        assert (other["neighbor_id"].to_numpy() == graph["neighbor_id"].to_numpy()).mean() > 0.999
+        # matrix products of other shapes round differently: a near-tie may swap, the distances agree
+        assert (other["neighbor_id"].to_numpy() == graph["neighbor_id"].to_numpy()).mean() > 0.999, name
         np.testing.assert_allclose(other["distance"].to_numpy(), graph["distance"].to_numpy(), atol=1e-5)
-    assert small.touched()["catalog_rows_scanned"] > 3000  # each chunk reads the cells it probes
+    assert "routed to 3 ranges" in others["routed"]["plan"]
+    assert others["chunks"]["row_groups_read"] > summary["touched"]["row_groups_read"]  # each chunk reads the cells it probes
 
 
 def test_duplicates_keep_every_pair_once_inclusive_threshold_and_empty_results(spark, tmp_path):

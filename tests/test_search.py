@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import force_plan, read_neighbours, run_job, search, write_embeddings
+from conftest import force_plan, read_neighbours, row_groups_holding, run_job, search, write_embeddings
 
 from jobs import ivf
 from jobs.knn import exact_topk
@@ -94,7 +94,7 @@ def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_read
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
     index = ivf.load(spark, str(folder / "index"))
     cells, _ = index.probe(asked, index.params.nprobe, 7)
-    holding = sum(row_groups_holding(folder, index, np.unique(cells)).values())
+    holding = row_groups_holding([folder / "index" / "catalog" / f["name"] for f in index.meta["files"]], np.unique(cells))
     read = {}
     for name, blocks, ranges in [("one", 1, 1), ("blocks", 3, 1), ("routed", 1, 3)]:
         force_plan(monkeypatch, blocks, ranges)
@@ -104,19 +104,6 @@ def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_read
     # each range's tile reads its own cells' row groups; a row group holding cells of two ranges is read by both tiles
     assert holding <= read["routed"]["row_groups_read"] <= holding + 2
     assert read["one"]["catalog_rows_scanned"] == read["routed"]["catalog_rows_scanned"] == index.plan.sizes[np.unique(cells)].sum()
-
-
-def row_groups_holding(folder, index: ivf.Index, cells: np.ndarray) -> dict[str, int]:
-    """Per catalog file, the row groups whose cell range (Parquet statistics) holds one of these cells."""
-    import pyarrow.parquet as pq
-
-    found = {}
-    for entry in index.meta["files"]:
-        meta = pq.ParquetFile(folder / "index" / "catalog" / entry["name"]).metadata
-        column = [meta.row_group(0).column(c).path_in_schema for c in range(meta.num_columns)].index("cell")
-        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
-        found[entry["name"]] = sum(any(s.min <= c <= s.max for c in cells) for s in stats)
-    return found
 
 
 def test_ties_are_broken_by_id(spark, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_job, write_embeddings
+from conftest import force_plan, run_job, write_embeddings
 
 from jobs.embed import EMBEDDINGS_SCHEMA
 
@@ -21,13 +21,11 @@ def test_an_index_from_an_older_version_says_rebuild(spark, catalog, tmp_path, c
 
 @pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index",
                                   "no lsh keys", "queries mixing weights", "queries of another length", "queries of another length, exact",
-                                  "queries of another length, files"])
+                                  "queries of another length, routed"])
 def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, monkeypatch, case):
-    from jobs.search import local
-
     folder, vectors, _, ids = catalog
-    if case.endswith("files"):  # checked by the probe pass, before the files' tasks (not after, as in the queries' own tasks)
-        monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
+    if case.endswith("routed"):  # seen by the tasks that route the queries, before the tiles' tasks
+        force_plan(monkeypatch, 1, 2)
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
     if case == "missing columns":
         spark.createDataFrame([("a", [1.0])], "image_id string, embedding array<float>").write.parquet(str(tmp_path / "bad"))

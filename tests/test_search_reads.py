@@ -7,18 +7,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_neighbours, search, write_embeddings
+from conftest import force_plan, read_neighbours, row_groups_holding, search, write_embeddings
 
 from jobs import ivf
-from jobs.search import direct, itself
+from jobs.search import catalog as catalog_files
 from jobs.search import queries as query_tables
 from jobs.vectors import binary_from_matrix, gather_matrix
 from scripts.vectors import clustered_unit_vectors
 
 
-def test_the_local_plan_reads_its_queries_itself_skipping_failed_rows_like_spark(spark, catalog, tmp_path, monkeypatch):
-    from jobs.search import local
-
+def test_the_tasks_read_their_queries_themselves_skipping_failed_rows_like_spark(spark, catalog, tmp_path, monkeypatch):
     folder, _, _, _ = catalog
     asked, _ = clustered_unit_vectors(40, dim=64, cluster_size=30, noise=0.5, seed=5)
     failed = np.arange(40) % 7 == 3  # an error, or no embedding: left out by both routes
@@ -39,51 +37,35 @@ def test_the_local_plan_reads_its_queries_itself_skipping_failed_rows_like_spark
         sizes = [sum(end - first for _, _, first, end, _ in run) for run in runs]
         assert numbered == list(range(40)) and max(sizes) - min(sizes) <= 1
     own = search(spark, folder / "index", tmp_path / "own", "--queries", tmp_path / "q", "-k", "5")
-    monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)  # the probe pass: Spark reads the table
+    monkeypatch.setattr(query_tables.QueryFiles, "listed", classmethod(lambda cls, *args, **kwargs: None))  # Spark reads the table
+    before = newest_job(spark)
     shuffled = search(spark, folder / "index", tmp_path / "shuffled", "--queries", tmp_path / "q", "-k", "5")
-    assert own["touched"]["queries_read_by"] == "the tasks (pyarrow)" and "queries_read_by" not in shuffled["touched"]
     assert own["counts"]["queries"] == shuffled["counts"]["queries"] == 40 - failed.sum()
     columns = ["query_id", "rank", "neighbor_id", "distance"]
     answers = [read_neighbours(spark, tmp_path / out)[columns].reset_index(drop=True) for out in ("own", "shuffled")]
     assert set(answers[0]["query_id"]) == {f"q{i}" for i in np.flatnonzero(~failed)}
     pd.testing.assert_frame_equal(*answers)
+    assert newest_job(spark) > before
 
 
-def row_groups_holding(catalog_files: list, cells: np.ndarray) -> int:
-    """Row groups whose cell range (Parquet statistics) holds one of these cells."""
-    count = 0
-    for path in catalog_files:
-        meta = pq.ParquetFile(path).metadata
-        column = [meta.row_group(0).column(c).path_in_schema for c in range(meta.num_columns)].index("cell")
-        for group in range(meta.num_row_groups):
-            stats = meta.row_group(group).column(column).statistics
-            count += any(stats.min <= c <= stats.max for c in cells)
-    return count
-
-
-@pytest.mark.parametrize("reader,plan", [("direct", "local"), ("direct", "files"), ("spark", "files")])
-def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catalog, tmp_path, monkeypatch, reader, plan):
-    from jobs.search import local
-
+@pytest.mark.parametrize("reader,routed", [("direct", False), ("direct", True), ("spark", False)])
+def test_one_query_reads_only_the_files_and_row_groups_of_its_cells(spark, catalog, tmp_path, monkeypatch, reader, routed):
     folder, vectors, _, ids = catalog
     index = ivf.load(spark, str(folder / "index"))
-    if plan == "files":  # the query goes to the files' tasks (cells.py), as a big query set would
-        monkeypatch.setattr(local, "LOCAL_READ_BYTES", -1)
+    if routed:  # the query goes to the ranges of cells it probes, as a big query set would
+        force_plan(monkeypatch, 1, 3)
     summary = search(spark, folder / "index", tmp_path / "nb", "--query-ids", ids[7], "-k", "5", "--nprobe", "2", "--reader", reader)
     touched = summary["touched"]
     cells, _ = index.probe(vectors[7:8], 2, 5)
     files = [folder / "index" / "catalog" / f["name"] for f in index.meta["files"]]
     catalog_bytes = sum(f.stat().st_size for f in files)
-    assert touched["catalog_bytes"] == catalog_bytes and touched["catalog_files"] == len(files) > touched["catalog_files_read"] >= 1
-    assert touched["cells_probed"] == len(cells) == 2 and touched["catalog_rows"] == 3000
+    assert touched["catalog_bytes"] == catalog_bytes and touched["catalog_files"] == len(files)
+    assert touched["cells_probed"] == len(cells) == 2 and touched["catalog_rows"] == 3000 and ("routed" in touched["plan"]) == routed
     assert touched["catalog_rows_scanned"] == index.plan.sizes[cells].sum() < 100  # only the probed cells' rows are scored
-    if reader == "direct":  # counted by the executors as they read: the footer and the row groups that hold the two cells
-        total = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
-        assert ("plan" in touched) == (plan == "local")
-        assert touched["reader"] == "executors" and 1 <= touched["row_groups_read"] == row_groups_holding(files, cells) <= 4 < total
-        assert 0 < touched["catalog_bytes_read"] < 0.2 * catalog_bytes
-    else:
-        assert touched["reader"] == "spark" and touched["groups_probed"] <= 2 < touched["groups"]
+    # counted by the executors as they read: the footers of the files that hold the two cells, and their row groups
+    total = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
+    assert 1 <= touched["row_groups_read"] == row_groups_holding(files, cells) <= 4 < total
+    assert 0 < touched["catalog_bytes_read"] < 0.2 * catalog_bytes
     got = read_neighbours(spark, tmp_path / "nb")
     assert got["neighbor_id"].iloc[0] == ids[7] and len(got) == 5
 
@@ -97,7 +79,7 @@ def test_a_queries_table_is_counted_from_its_footers_without_a_spark_job(spark, 
     ids = write_embeddings(spark, tmp_path / "q", np.eye(8, dtype=np.float32)[np.arange(37) % 8])
     before = newest_job(spark)
     assert before >= 0  # the table's write was seen, so a job run by the count would be too
-    assert query_tables.estimated_count(spark, str(tmp_path / "q"), 8) == len(ids) == 37
+    assert query_tables.table_source(spark, str(tmp_path / "q"), 8).count == len(ids) == 37
     assert newest_job(spark) == before
 
 
@@ -125,21 +107,23 @@ def test_a_table_is_opened_with_its_footers_schema_without_a_spark_job(spark, tm
 def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spark, catalog):
     folder, *_ = catalog
     index = ivf.load(spark, str(folder / "index"))
-    files = direct.locate(spark, index)
-    catalog_files = itself.CatalogFiles(index, files, direct.ReadCounters.start(spark), files.filesystem(memory_map=True))
+    files = catalog_files.locate(spark, index)
+    reader = catalog_files.CatalogFiles(index, files, catalog_files.ReadCounters.start(spark), catalog_files.ROW_COLUMNS)
     probed = np.zeros(index.cells, bool)
-    probed[:: 3] = True
-    wanted = np.arange(len(index.meta["files"]))[::-1]
-    got = list(catalog_files.rows(wanted, probed, at_once=2))
-    assert [file for file, _, _ in got] == wanted.tolist()
+    probed[::3] = True
+    got = list(reader.shards(probed))
+    assert [file for file, _ in got] == sorted(file for file, _ in got) and len(got) == len(reader.holding(np.flatnonzero(probed)))
     expected_bytes = 0
-    for file, table, keep in got:
-        one, one_keep, nbytes, _, _ = direct.read_probed(files.filesystem(), f"{files.root}/{index.meta['files'][file]['name']}", probed)
-        assert table.equals(one) and np.array_equal(keep, one_keep)
+    for file, shard in got:
+        table, keep, nbytes, _, _ = catalog_files.read_probed(files.filesystem(), f"{files.root}/{index.meta['files'][file]['name']}", probed,
+                                                              catalog_files.ROW_COLUMNS, None)
+        assert sorted(shard.rows.column("image_id").to_pylist()) == sorted(table.column("image_id").filter(pa.array(keep)).to_pylist())
+        assert set(shard.cells.tolist()) <= set(np.flatnonzero(probed).tolist())
         expected_bytes += nbytes
-    assert sum(keep.sum() for _, _, keep in got) == index.plan.sizes[probed].sum() > 0
-    assert catalog_files.counters.totals()["catalog_bytes_read"] == expected_bytes
-    assert len(catalog_files.footers) == len(wanted)  # kept for the next read of these files
+    assert sum(len(shard.order) for _, shard in got) == index.plan.sizes[probed].sum() > 0
+    assert reader.counters.totals()["catalog_bytes_read"] == expected_bytes
+    assert len(reader.footers) == len(got)  # kept for the next pass over these files
+    reader.close()
 
 
 def test_python_workers_get_4_kib_pages_kept_for_reuse_from_pyarrows_allocator(spark):

@@ -203,7 +203,9 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
                 with watch("writing"):
                     yield found
         catalog.close()
-        task_log.info("search task %d: %d queries of cells %d-%d: %s", TaskContext.get().partitionId(), rows, bounds[part], bounds[part + 1] - 1, watch.line())
+        if rows:
+            task_log.info("search task %d: %d queries of cells %d-%d: %s", TaskContext.get().partitionId(), rows, bounds[part], bounds[part + 1] - 1,
+                          watch.line())
 
     routed = frame.mapInArrow(route, ROUTED_SCHEMA).repartition(plan.tiles, partition_key(F.col("tile"), plan.tiles))
     candidates = routed.mapInArrow(tile, results.PACKED_SCHEMA if topk else results.PARTIAL_SCHEMA)
