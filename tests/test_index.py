@@ -21,7 +21,7 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     folder, vectors, _, ids = catalog
     index = ivf.load(spark, str(folder / "index"))
     assert index.count == 3000 and index.dim == 64 and index.cells == round(4 * np.sqrt(3000))
-    assert index.plan.sizes.sum() == 3000 and index.params.nprobe == round(2.25 * np.sqrt(index.cells))
+    assert index.plan.sizes.sum() == 3000 and index.params.nprobe == index.meta["calibration"]["nprobe"] < index.cells
     stored = spark.read.parquet(index.catalog_uri).toPandas().set_index("image_id").loc[ids]
     nearest = np.argmin(squared_distances(vectors, index.centroids), axis=1)
     np.testing.assert_array_equal(stored["cell"].to_numpy(), nearest)
@@ -122,3 +122,38 @@ def test_partition_keys_land_exactly_where_spark_hashes_them(spark):
     spread = spark.range(60).select((F.col("id") % 12).cast("int").alias("target")).repartition(12, partition_key(F.col("target"), 12))
     placed = spread.rdd.mapPartitionsWithIndex(lambda p, rows: [(p, r.target) for r in rows]).collect()
     assert all(p == target for p, target in placed) and len(placed) == 60
+
+
+def test_the_default_nprobe_is_the_smallest_that_reaches_the_target_recall_measured_on_the_catalog(spark, catalog, tmp_path):
+    folder, vectors, _, ids = catalog
+    index = ivf.load(spark, str(folder / "index"))
+    measured = index.meta["calibration"]
+    assert measured["target_recall"] == 0.95 and measured["k"] == 10 and 900 <= measured["sample"] <= 1000
+    recall_at = {int(p): r for p, r in measured["recall_at"].items()}
+    assert recall_at[index.params.nprobe] >= 0.95 > max(r for p, r in recall_at.items() if p < index.params.nprobe)
+    assert all(a <= b for a, b in zip(recall_at.values(), list(recall_at.values())[1:]))  # more cells, more recall
+    # the kNN graph at that nprobe reaches it on every row, as measured on the sample
+    search(spark, folder / "index", tmp_path / "graph", "--all", "-k", "10")
+    graph = read_neighbours(spark, tmp_path / "graph")
+    truth = np.argsort(squared_distances(vectors, vectors), axis=1)[:, 1:11]
+    found = graph.groupby("query_id")["neighbor_id"].apply(set)
+    recall = np.mean([len(found[ids[q]] & {ids[i] for i in truth[q]}) / 10 for q in range(len(ids))])
+    assert recall >= 0.94 and abs(recall - measured["recall"]) < 0.03
+
+
+def test_recall_curve_counts_the_neighbours_whose_cells_a_row_probes():
+    from jobs.index.calibrate import recall_curve
+
+    centroids = np.eye(3, dtype=np.float32)  # unit centroids: ranked by dot product
+    sample = np.array([[1.0, 0.5, 0.0], [0.0, 0.2, 1.0]], np.float32)  # cells by rank: (0, 1, 2) and (2, 1, 0)
+    neighbour_cells = np.array([[0, 1, 2, 2], [0, 0, 2, -1]])  # -1: fewer neighbours than k
+    np.testing.assert_allclose(recall_curve(sample, centroids, neighbour_cells), [2 / 7, 3 / 7, 1.0])
+
+
+def test_an_index_built_with_nprobe_given_reports_the_recall_measured_there(spark, catalog, tmp_path, capsys):
+    folder, *_ = catalog
+    capsys.readouterr()
+    assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", tmp_path / "index", "--nprobe", "1", "--num-hash-tables", "0") == 0
+    index = ivf.load(spark, str(tmp_path / "index"))
+    assert index.params.nprobe == 1 and index.meta["calibration"]["recall_at"]["1"] < 0.95
+    assert f"recall@10 {index.meta['calibration']['recall_at']['1']:.3f} at nprobe 1 (given)" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         # one job whose work is all in Python: compiling its few JVM operators costs more than it saves
         with session_setting(spark, "spark.sql.codegen.wholeStage", "false"):
             written = results.write(spark, table, args.output, checked)
-        touched = found.touched(index)
+        touched = {**found.touched(index), "reader": "copies shipped by Spark" if files.kind == catalog.SHIPPED else "executors"}
         seconds = time.perf_counter() - started
         if args.duplicates:
             touched.update(duplicate_stats(spark, args))
