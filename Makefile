@@ -76,6 +76,7 @@ test-spark35: build ## the end-to-end tests on pyspark 3.5 (a second virtual env
 
 lint: setup ## ruff over jobs, tests, scripts and bench
 	$(VENV)/bin/ruff check jobs tests scripts bench
+	$(VENV)/bin/ruff format --check jobs tests scripts bench
 
 # ---- jobs through spark-submit; ARGS passes job options, e.g. make embed ARGS="--input imgs --output emb"
 embed index search evaluate report: build ## run one job through spark-submit: make embed ARGS="--input photos --output out/embeddings"

@@ -54,11 +54,22 @@ def main() -> None:
     a, b = top10(vectors["fp32"]), top10(vectors["bf16"])
     same_sets = float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
     overlap = float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]))
-    print_table(f"bf16 autocast vs fp32, MobileNetV2, {len(crops)} real photos, 1 thread",
-                ["cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "fp32 img/s", "bf16 img/s"],
-                [[float(cosine.min()), float(cosine.mean()), same_sets, overlap, rates["fp32"], rates["bf16"]]])
-    write_json("bf16_fidelity", {"images": len(crops), "cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
-                                 "same_top10_sets": same_sets, "top10_overlap": overlap, "images_per_s": rates})
+    print_table(
+        f"bf16 autocast vs fp32, MobileNetV2, {len(crops)} real photos, 1 thread",
+        ["cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "fp32 img/s", "bf16 img/s"],
+        [[float(cosine.min()), float(cosine.mean()), same_sets, overlap, rates["fp32"], rates["bf16"]]],
+    )
+    write_json(
+        "bf16_fidelity",
+        {
+            "images": len(crops),
+            "cosine_min": float(cosine.min()),
+            "cosine_mean": float(cosine.mean()),
+            "same_top10_sets": same_sets,
+            "top10_overlap": overlap,
+            "images_per_s": rates,
+        },
+    )
 
 
 if __name__ == "__main__":

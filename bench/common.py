@@ -37,9 +37,17 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "vector_flags": _vector_flags(), "fresh_memory_gb_s": round(fresh_memory_rate(), 2),
-                        "python": platform.python_version()},
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data}
+    data = {
+        "machine": {
+            "cpu": _cpu(),
+            "cores": os.cpu_count(),
+            "vector_flags": _vector_flags(),
+            "fresh_memory_gb_s": round(fresh_memory_rate(), 2),
+            "python": platform.python_version(),
+        },
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **data,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     print(f"\nwrote {path}")
@@ -79,4 +87,5 @@ def fresh_memory_rate() -> float:
 
 def machine_line() -> str:
     """What a table's numbers were measured on: CPU, cores, vector extensions, and how fast fresh memory was."""
-    return f"{_cpu()}, {os.cpu_count()} cores, {'+'.join(_vector_flags()) or 'no AVX2'}; fresh memory {fresh_memory_rate():.1f} GB/s"
+    flags = "+".join(_vector_flags()) or "no AVX2"
+    return f"{_cpu()}, {os.cpu_count()} cores, {flags}; fresh memory {fresh_memory_rate():.1f} GB/s"

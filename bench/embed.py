@@ -48,7 +48,11 @@ DATA = ROOT / "bench" / "data"
 
 def model_only(backend: str, weights: bytes, crops: np.ndarray, seconds: float = 8.0) -> float:
     """Images/s of one backend on ready crops, 2 threads."""
-    run = eager_runner("resnet18", weights) if backend == "eager" else load_runner(Backend(backend, export(backend, "resnet18", weights)), 2)
+    run = (
+        eager_runner("resnet18", weights)
+        if backend == "eager"
+        else load_runner(Backend(backend, export(backend, "resnet18", weights)), 2)
+    )
     run(crops)  # warm-up (TorchScript optimises on its first calls)
     run(crops)
     done, start = 0, time.perf_counter()
@@ -88,9 +92,29 @@ def decode_only(paths: list[Path], draft_factor: int, limit: int = 100) -> float
 def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, batch_size: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = spark_submit(dist, ["embed", "--input", folder, "--output", out, "--model", "resnet18", "--weights", weights,
-                                 "--backend", backend, "--batch-size", batch_size, "--mode", "overwrite", "--log-every", "0"],
-                          conf={"spark.python.worker.reuse": "true"})
+    result = spark_submit(
+        dist,
+        [
+            "embed",
+            "--input",
+            folder,
+            "--output",
+            out,
+            "--model",
+            "resnet18",
+            "--weights",
+            weights,
+            "--backend",
+            backend,
+            "--batch-size",
+            batch_size,
+            "--mode",
+            "overwrite",
+            "--log-every",
+            "0",
+        ],
+        conf={"spark.python.worker.reuse": "true"},
+    )
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
@@ -98,10 +122,20 @@ def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, batch_si
     logs = result.stdout + result.stderr
     rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", logs)]
     # the tasks' own accounts: seconds in Arrow transfer, decoding and the model, summed over tasks
-    spent = [tuple(map(float, m)) for m in re.findall(r"seconds: arrow ([\d.]+), read ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)]
-    return {"wall_s": wall, "embed_s": summary["seconds"]["embed"], "embedded": summary["counts"]["embedded"],
-            "backend": summary["backend"], "peak_rss_mb": max(rss, default=None),
-            "task_seconds": dict(zip(("arrow", "read", "decode", "model"), np.sum(spent, axis=0).round(2).tolist())) if spent else None}
+    spent = [
+        tuple(map(float, m))
+        for m in re.findall(r"seconds: arrow ([\d.]+), read ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)
+    ]
+    return {
+        "wall_s": wall,
+        "embed_s": summary["seconds"]["embed"],
+        "embedded": summary["counts"]["embedded"],
+        "backend": summary["backend"],
+        "peak_rss_mb": max(rss, default=None),
+        "task_seconds": dict(zip(("arrow", "read", "decode", "model"), np.sum(spent, axis=0).round(2).tolist()))
+        if spent
+        else None,
+    }
 
 
 def jvm_start(dist) -> float:
@@ -132,42 +166,93 @@ def main() -> None:
     paths = sorted(big.glob("*.jpg"))
     crops = np.stack([preprocess(p.read_bytes())[0] for p in paths[: args.batch_size]])
 
-    results: dict[str, float | dict] = {"model_only": {b: model_only(b, weights.read_bytes(), crops) for b in ("eager", "torchscript", "onnxruntime")}}
+    results: dict[str, float | dict] = {
+        "model_only": {b: model_only(b, weights.read_bytes(), crops) for b in ("eager", "torchscript", "onnxruntime")}
+    }
     results["decode_preprocess_one_core"] = {f"draft {f}x": decode_only(paths, f) for f in (1, 2)}
     results["seed_way"] = seed_way(paths)
     results["jvm_start_s"] = jvm_start(dist)
     jobs = {}
     for backend in args.backends.split(","):
-        runs = {n: min((job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, args.batch_size) for _ in range(args.repeat)),
-                       key=lambda run: run["embed_s"])
-                for n, folder in ((args.small, small), (args.images, big))}
+        runs = {
+            n: min(
+                (
+                    job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, args.batch_size)
+                    for _ in range(args.repeat)
+                ),
+                key=lambda run: run["embed_s"],
+            )
+            for n, folder in ((args.small, small), (args.images, big))
+        }
         marginal = (args.images - args.small) / (runs[args.images]["embed_s"] - runs[args.small]["embed_s"])
         task_seconds = runs[args.images]["task_seconds"]
-        tasks_rate = 2 * args.images / sum(task_seconds.values()) if task_seconds else float("nan")  # local[2]: two task cores
-        jobs[backend] = {"runs": runs, "steady_images_per_s": marginal, "tasks_images_per_s": tasks_rate,
-                         "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"]}
+        tasks_rate = (
+            2 * args.images / sum(task_seconds.values()) if task_seconds else float("nan")
+        )  # local[2]: two task cores
+        jobs[backend] = {
+            "runs": runs,
+            "steady_images_per_s": marginal,
+            "tasks_images_per_s": tasks_rate,
+            "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"],
+        }
     results["job"] = jobs
 
     best_name, best = max(results["model_only"].items(), key=lambda kv: kv[1])
-    rows = [[f"model-only {name}, batch {args.batch_size}, 2 threads" + (" (best)" if name == best_name else ""), rate, rate / best, rate / results["seed_way"]]
-            for name, rate in results["model_only"].items()]
+    rows = [
+        [
+            f"model-only {name}, batch {args.batch_size}, 2 threads" + (" (best)" if name == best_name else ""),
+            rate,
+            rate / best,
+            rate / results["seed_way"],
+        ]
+        for name, rate in results["model_only"].items()
+    ]
     rows.append(["seed's way (1 image, autograd, squash)", results["seed_way"], results["seed_way"] / best, 1.0])
     for backend, job in jobs.items():
-        rows.append([f"job --backend {backend}, steady state", job["steady_images_per_s"], job["steady_images_per_s"] / best, job["steady_images_per_s"] / results["seed_way"]])
-        rows.append([f"job --backend {backend}, the tasks' own rate", job["tasks_images_per_s"], job["tasks_images_per_s"] / best,
-                     job["tasks_images_per_s"] / results["seed_way"]])
-        rows.append([f"job --backend {backend}, end to end incl. JVM ({args.images} images)", job["end_to_end_images_per_s"],
-                     job["end_to_end_images_per_s"] / best, job["end_to_end_images_per_s"] / results["seed_way"]])
-    print_table("ResNet-18 embedding throughput (images/s), ratios measured in this run", ["what", "images/s", "x best model-only", "x seed"], rows)
+        rows.append(
+            [
+                f"job --backend {backend}, steady state",
+                job["steady_images_per_s"],
+                job["steady_images_per_s"] / best,
+                job["steady_images_per_s"] / results["seed_way"],
+            ]
+        )
+        rows.append(
+            [
+                f"job --backend {backend}, the tasks' own rate",
+                job["tasks_images_per_s"],
+                job["tasks_images_per_s"] / best,
+                job["tasks_images_per_s"] / results["seed_way"],
+            ]
+        )
+        rows.append(
+            [
+                f"job --backend {backend}, end to end incl. JVM ({args.images} images)",
+                job["end_to_end_images_per_s"],
+                job["end_to_end_images_per_s"] / best,
+                job["end_to_end_images_per_s"] / results["seed_way"],
+            ]
+        )
+    print_table(
+        "ResNet-18 embedding throughput (images/s), ratios measured in this run",
+        ["what", "images/s", "x best model-only", "x seed"],
+        rows,
+    )
     decode = results["decode_preprocess_one_core"]
-    print(f"\ndecode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, {decode['draft 2x']:.1f} to 2x;"
-          f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
-          f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB")
+    print(
+        f"\ndecode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, "
+        f"{decode['draft 2x']:.1f} to 2x;"
+        f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
+        f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB"
+    )
     for backend, job in jobs.items():
         for n, run in job["runs"].items():
             if run["task_seconds"]:
                 per_image = ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in run["task_seconds"].items())
-                print(f"job --backend {backend}, {n} images: the tasks' ms per image (one core each): {per_image}; embed stage {run['embed_s']:.1f} s")
+                print(
+                    f"job --backend {backend}, {n} images: the tasks' ms per image (one core each): {per_image}; "
+                    f"embed stage {run['embed_s']:.1f} s"
+                )
     write_json("embed", {"parameters": vars(args), "results": results})
 
 

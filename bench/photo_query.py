@@ -79,7 +79,9 @@ def main() -> None:
     if not (args.reuse and (folder / "index" / "index.json").exists()):
         vectors, _ = clustered_unit_vectors(args.catalog, noise=0.6, seed=5)
         write_embeddings(folder / "emb", vectors, "c")
-        (folder / "emb" / "_summary.json").write_text(json.dumps({"weights": {"source": str(weights), "sha256": sha256}}))
+        (folder / "emb" / "_summary.json").write_text(
+            json.dumps({"weights": {"source": str(weights), "sha256": sha256}})
+        )
         submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
     write_embeddings(folder / "q1", clustered_unit_vectors(1, noise=0.6, seed=6)[0], "q")
     session_py = DATA / "session.py"
@@ -92,19 +94,64 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(args.repeat):
-        keep("whole: search --images (wall)", submit(dist, ["search", "--index", folder / "index", "--images", photo, "--output", folder / "nb_photo", "-k", "10"], "1g")["wall_s"])
+        keep(
+            "whole: search --images (wall)",
+            submit(
+                dist,
+                ["search", "--index", folder / "index", "--images", photo, "--output", folder / "nb_photo", "-k", "10"],
+                "1g",
+            )["wall_s"],
+        )
         keep("1. JVM + session start", submit((dist[0], session_py), [], "1g")["wall_s"])
-        model = json.loads(subprocess.run([sys.executable, "-c", MODEL_SCRIPT, str(weights), str(photo)], env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        model = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", MODEL_SCRIPT, str(weights), str(photo)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()[-1]
+        )
         keep("2. model load (import torch, build, load weights)", model["model_load_s"])
         keep("3. one image's embedding (decode, preprocess, forward)", model["one_image_s"])
-        submit(dist, ["search", "--index", folder / "index", "--queries", folder / "q1", "--output", folder / "nb_vector", "-k", "10"], "1g")
-        keep("4. the search itself (search stage, one vector)", json.loads((folder / "nb_vector" / "_summary.json").read_text())["seconds"]["search"])
+        submit(
+            dist,
+            [
+                "search",
+                "--index",
+                folder / "index",
+                "--queries",
+                folder / "q1",
+                "--output",
+                folder / "nb_vector",
+                "-k",
+                "10",
+            ],
+            "1g",
+        )
+        keep(
+            "4. the search itself (search stage, one vector)",
+            json.loads((folder / "nb_vector" / "_summary.json").read_text())["seconds"]["search"],
+        )
     parts = sum(v for k, v in best.items() if not k.startswith("whole"))
     whole = best["whole: search --images (wall)"]
-    rows = [[k, round(v, 2)] for k, v in best.items()] + [["sum of parts 1-4", round(parts, 2)], ["ratio whole / sum of parts (target <= 1.5)", round(whole / parts, 3)]]
-    print_table(f"one photo against a {args.catalog}-vector index, local[2], best of {args.repeat}", ["what", "seconds"], rows)
-    write_json(f"photo_query_{args.catalog}", {"parameters": vars(args), "seconds": best, "sum_of_parts_s": parts, "ratio": whole / parts,
-                                               "measured_at": time.strftime("%H:%M:%S")})
+    rows = [[k, round(v, 2)] for k, v in best.items()] + [
+        ["sum of parts 1-4", round(parts, 2)],
+        ["ratio whole / sum of parts (target <= 1.5)", round(whole / parts, 3)],
+    ]
+    print_table(
+        f"one photo against a {args.catalog}-vector index, local[2], best of {args.repeat}", ["what", "seconds"], rows
+    )
+    write_json(
+        f"photo_query_{args.catalog}",
+        {
+            "parameters": vars(args),
+            "seconds": best,
+            "sum_of_parts_s": parts,
+            "ratio": whole / parts,
+            "measured_at": time.strftime("%H:%M:%S"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ from jobs.cli import JOBS  # noqa: E402
 from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
-COUNT_SCRIPT = "import sys; from pyspark.sql import SparkSession; s = SparkSession.builder.getOrCreate(); print(s.read.parquet(sys.argv[1]).count())"
+COUNT_SCRIPT = (
+    "import sys; from pyspark.sql import SparkSession; s = SparkSession.builder.getOrCreate(); "
+    "print(s.read.parquet(sys.argv[1]).count())"
+)
 FAISS_PROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 SELF_SAMPLE = 1000  # catalog rows whose --all neighbours are checked against brute force
 FAISS_SELF_ROWS = 50_000  # FAISS's self-search is timed on this many rows and scaled (its cost per query is constant)
@@ -77,13 +80,23 @@ def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> list[str]:
     path.mkdir(parents=True)
     n, dim = vectors.shape
     ids = [row_id(prefix, i) for i in range(n)]
-    embedding = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel()))
-    table = pa.table({
-        "image_id": ids, "path": [row_path(prefix, i, ids[i]) for i in range(n)], "label": pa.nulls(n, pa.string()),
-        "width": pa.array(np.full(n, 224, np.int32)), "height": pa.array(np.full(n, 224, np.int32)), "model": ["resnet18"] * n,
-        "embedding": embedding, "error": pa.nulls(n, pa.string()), "length": pa.array(np.ones(n, np.int64)),
-        "modification_time": pa.array([datetime(2024, 1, 1)] * n, pa.timestamp("us")),
-    })
+    embedding = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+    )
+    table = pa.table(
+        {
+            "image_id": ids,
+            "path": [row_path(prefix, i, ids[i]) for i in range(n)],
+            "label": pa.nulls(n, pa.string()),
+            "width": pa.array(np.full(n, 224, np.int32)),
+            "height": pa.array(np.full(n, 224, np.int32)),
+            "model": ["resnet18"] * n,
+            "embedding": embedding,
+            "error": pa.nulls(n, pa.string()),
+            "length": pa.array(np.ones(n, np.int64)),
+            "modification_time": pa.array([datetime(2024, 1, 1)] * n, pa.timestamp("us")),
+        }
+    )
     for part, start in enumerate(range(0, n, 100_000)):
         pq.write_table(table.slice(start, 100_000), path / f"part-{part:05d}.parquet")
     return ids
@@ -91,19 +104,35 @@ def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> list[str]:
 
 def submit(dist, args: list, driver_memory: str = "1g") -> dict:
     """One spark-submit: wall seconds, peak RSS (MiB) of its largest process, and its stdout."""
-    # the trivial job (not one of ours) stands for Spark's own fixed cost of a search: it runs with a search's JVM options
-    command = submit_command(dist, args, conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"},
-                             jvm_as=None if str(args[0]) in JOBS else "search")
+    # the trivial job (not one of ours) stands for Spark's own fixed cost of a search: it runs with a search's JVM
+    # options
+    command = submit_command(
+        dist,
+        args,
+        conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"},
+        jvm_as=None if str(args[0]) in JOBS else "search",
+    )
     command[1:1] = ["--properties-file", str(ROOT / "conf" / "local.conf")]
-    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-             "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"
+    )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *command], env=submit_env({"SPARK_LOG_LEVEL": "ERROR"}), capture_output=True, text=True,
-                          cwd=dist[0].parent)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *command],
+        env=submit_env({"SPARK_LOG_LEVEL": "ERROR"}),
+        capture_output=True,
+        text=True,
+        cwd=dist[0].parent,
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": int(done.stderr.rsplit("RSS", 1)[1].split()[0]) / 1024, "stdout": done.stdout}
+    return {
+        "wall_s": wall,
+        "peak_rss_mib": int(done.stderr.rsplit("RSS", 1)[1].split()[0]) / 1024,
+        "stdout": done.stdout,
+    }
 
 
 def recall(found: list[set[int]], truth: np.ndarray) -> float:
@@ -134,7 +163,9 @@ class Faiss:
         self.flat = faiss.IndexFlatIP(self.catalog.shape[1])
         self.flat.add(self.catalog)
         start = time.perf_counter()
-        self.ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.catalog.shape[1]), self.catalog.shape[1], cells, faiss.METRIC_L2)
+        self.ivf = faiss.IndexIVFFlat(
+            faiss.IndexFlatL2(self.catalog.shape[1]), self.catalog.shape[1], cells, faiss.METRIC_L2
+        )
         sample = np.random.default_rng(0).permutation(len(self.catalog))[: min(len(self.catalog), per_cell * cells)]
         self.ivf.train(self.catalog[sample])
         self.ivf.add(self.catalog)
@@ -144,7 +175,8 @@ class Faiss:
         return self.flat.search(queries, k)[1]
 
     def at_recall(self, queries: np.ndarray, truth: np.ndarray, target: float) -> dict:
-        """The smallest nprobe whose recall reaches target (within 0.001): its recall and load + train + add + search seconds."""
+        """The smallest nprobe whose recall reaches target (within 0.001): its recall and load + train + add + search
+        seconds."""
         for nprobe in [p for p in FAISS_PROBES if p <= self.ivf.nlist]:
             self.ivf.nprobe = nprobe
             start = time.perf_counter()
@@ -153,14 +185,21 @@ class Faiss:
             got = recall([set(f) for f in found], truth)
             if got >= target - 0.001:
                 break
-        return {"faiss_nprobe": nprobe, "faiss_recall": got, "faiss_search_s": seconds, "faiss_s": self.load_s + self.build_s + seconds}
+        return {
+            "faiss_nprobe": nprobe,
+            "faiss_recall": got,
+            "faiss_search_s": seconds,
+            "faiss_s": self.load_s + self.build_s + seconds,
+        }
 
 
 def catalog_bytes(index: Path) -> int:
     return sum(f.stat().st_size for f in (index / "catalog").glob("*.parquet"))
 
 
-def sweep_catalog(dist, kind: str, size: int, counts: list[str], k: int, reuse: bool, exact: bool) -> tuple[list[dict], dict]:
+def sweep_catalog(
+    dist, kind: str, size: int, counts: list[str], k: int, reuse: bool, exact: bool
+) -> tuple[list[dict], dict]:
     """Every query count against one catalog: its rows, and the catalog's facts (build, trivial job, nprobe)."""
     numbers = [int(c) for c in counts if c != "all"]
     most = max(numbers, default=1)
@@ -174,7 +213,12 @@ def sweep_catalog(dist, kind: str, size: int, counts: list[str], k: int, reuse: 
         built = submit(dist, ["index", "--embeddings", folder / "emb", "--output", folder / "index"], "4g")
         facts["index_build_s"] = built["wall_s"]
     meta = json.loads((folder / "index" / "index.json").read_text())
-    facts.update(cells=meta["ivf"]["cells"], nprobe=meta["ivf"]["nprobe"], calibration=meta.get("calibration"), catalog_bytes=catalog_bytes(folder / "index"))
+    facts.update(
+        cells=meta["ivf"]["cells"],
+        nprobe=meta["ivf"]["nprobe"],
+        calibration=meta.get("calibration"),
+        catalog_bytes=catalog_bytes(folder / "index"),
+    )
     count_py = DATA / "count_catalog.py"
     count_py.write_text(COUNT_SCRIPT)
     facts["trivial_wall_s"] = submit((dist[0], count_py), [folder / "index" / "catalog"])["wall_s"]
@@ -192,12 +236,36 @@ def sweep_catalog(dist, kind: str, size: int, counts: list[str], k: int, reuse: 
         methods = ["ivf"] + (["exact"] if exact and n <= 1000 else [])
         for method in methods:
             out = folder / f"nb_{method}_{n}"
-            run = submit(dist, ["search", "--index", folder / "index", "--queries", table, "--output", out, "-k", k, "--method", method])
+            run = submit(
+                dist,
+                [
+                    "search",
+                    "--index",
+                    folder / "index",
+                    "--queries",
+                    table,
+                    "--output",
+                    out,
+                    "-k",
+                    k,
+                    "--method",
+                    method,
+                ],
+            )
             summary = json.loads((out / "_summary.json").read_text())
-            row = {"catalog": facts["catalog"], "queries": n, "method": method, "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
-                   "recall": recall(found_rows(out, query_rows, catalog_rows, n), truth[:n]), "peak_rss_mib": run["peak_rss_mib"],
-                   "bytes_read": summary["touched"].get("catalog_bytes_read", facts["catalog_bytes"]) / facts["catalog_bytes"],
-                   "plan": summary["touched"].get("plan", "-"), "wall_x_trivial": run["wall_s"] / facts["trivial_wall_s"]}
+            row = {
+                "catalog": facts["catalog"],
+                "queries": n,
+                "method": method,
+                "wall_s": run["wall_s"],
+                "search_s": summary["seconds"]["search"],
+                "recall": recall(found_rows(out, query_rows, catalog_rows, n), truth[:n]),
+                "peak_rss_mib": run["peak_rss_mib"],
+                "bytes_read": summary["touched"].get("catalog_bytes_read", facts["catalog_bytes"])
+                / facts["catalog_bytes"],
+                "plan": summary["touched"].get("plan", "-"),
+                "wall_x_trivial": run["wall_s"] / facts["trivial_wall_s"],
+            }
             if method == "ivf":
                 row.update(faiss.at_recall(queries[:n], truth[:n], row["recall"]))
                 row["search_x_faiss"] = row["search_s"] / row["faiss_s"]
@@ -225,17 +293,30 @@ def sweep_all(dist, folder: Path, faiss: Faiss, catalog_rows: dict[str, int], k:
     for q, n in zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()):
         found[picked[q]].add(catalog_rows[n])
     ours = recall(found, truth)
-    timed = np.union1d(sample, np.random.default_rng(12).choice(size, min(size, FAISS_SELF_ROWS) - len(sample), replace=False))
+    timed = np.union1d(
+        sample, np.random.default_rng(12).choice(size, min(size, FAISS_SELF_ROWS) - len(sample), replace=False)
+    )
     at = np.searchsorted(timed, sample)
     # FAISS searches `timed` rows (the sample among them) and its time is scaled to the whole catalog
     faiss_row = self_search(faiss, timed, at, truth, ours, size / len(timed), k)
-    return {"catalog": facts["catalog"], "queries": "all", "method": "ivf", "wall_s": run["wall_s"], "search_s": summary["seconds"]["search"],
-            "recall": ours, "peak_rss_mib": run["peak_rss_mib"], "plan": summary["touched"].get("plan", "-"),
-            "bytes_read": summary["touched"]["catalog_bytes_read"] / facts["catalog_bytes"], **faiss_row,
-            "search_x_faiss": summary["seconds"]["search"] / faiss_row["faiss_s"]}
+    return {
+        "catalog": facts["catalog"],
+        "queries": "all",
+        "method": "ivf",
+        "wall_s": run["wall_s"],
+        "search_s": summary["seconds"]["search"],
+        "recall": ours,
+        "peak_rss_mib": run["peak_rss_mib"],
+        "plan": summary["touched"].get("plan", "-"),
+        "bytes_read": summary["touched"]["catalog_bytes_read"] / facts["catalog_bytes"],
+        **faiss_row,
+        "search_x_faiss": summary["seconds"]["search"] / faiss_row["faiss_s"],
+    }
 
 
-def self_search(faiss: Faiss, timed: np.ndarray, at: np.ndarray, truth: np.ndarray, target: float, scale: float, k: int) -> dict:
+def self_search(
+    faiss: Faiss, timed: np.ndarray, at: np.ndarray, truth: np.ndarray, target: float, scale: float, k: int
+) -> dict:
     """FAISS IVF self-search (each row's own id left out) at the smallest nprobe reaching target on the sample."""
     for nprobe in [p for p in FAISS_PROBES if p <= faiss.ivf.nlist]:
         faiss.ivf.nprobe = nprobe
@@ -245,17 +326,43 @@ def self_search(faiss: Faiss, timed: np.ndarray, at: np.ndarray, truth: np.ndarr
         got = recall([set([int(j) for j in found[a] if j != timed[a]][:k]) for a in at], truth)
         if got >= target - 0.001:
             break
-    return {"faiss_nprobe": nprobe, "faiss_recall": got, "faiss_search_s": seconds, "faiss_s": faiss.load_s + faiss.build_s + seconds}
+    return {
+        "faiss_nprobe": nprobe,
+        "faiss_recall": got,
+        "faiss_search_s": seconds,
+        "faiss_s": faiss.load_s + faiss.build_s + seconds,
+    }
 
 
-HEADERS = ["catalog", "queries", "method", "recall", "search_s", "wall_s", "faiss_nprobe", "faiss_recall", "faiss_s", "search_x_faiss",
-           "wall_x_trivial", "exact_x_ivf", "bytes_read", "peak_rss_mib", "plan"]
+HEADERS = [
+    "catalog",
+    "queries",
+    "method",
+    "recall",
+    "search_s",
+    "wall_s",
+    "faiss_nprobe",
+    "faiss_recall",
+    "faiss_s",
+    "search_x_faiss",
+    "wall_x_trivial",
+    "exact_x_ivf",
+    "bytes_read",
+    "peak_rss_mib",
+    "plan",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--catalogs", default="glove:50000,glove:150000,glove:300000,clustered:1000000", help="kind:size, comma-separated")
-    parser.add_argument("--queries", default="1,1000,10000,100000,all", help="query counts, comma-separated; all: --all (the kNN graph)")
+    parser.add_argument(
+        "--catalogs",
+        default="glove:50000,glove:150000,glove:300000,clustered:1000000",
+        help="kind:size, comma-separated",
+    )
+    parser.add_argument(
+        "--queries", default="1,1000,10000,100000,all", help="query counts, comma-separated; all: --all (the kNN graph)"
+    )
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--no-exact", action="store_true", help="leave out our exact search at <= 1,000 queries")
     parser.add_argument("--reuse", action="store_true", help="keep the index an earlier run built for the same catalog")
@@ -266,12 +373,19 @@ def main() -> None:
     rows, catalogs = [], []
     for spec in args.catalogs.split(","):
         kind, size = spec.split(":")
-        found, facts = sweep_catalog(dist, kind, int(size), args.queries.split(","), args.k, args.reuse, not args.no_exact)
+        found, facts = sweep_catalog(
+            dist, kind, int(size), args.queries.split(","), args.k, args.reuse, not args.no_exact
+        )
         rows += found
         catalogs.append(facts)
         table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 3) for h in HEADERS] for r in found]
-        print_table(f"{facts['catalog']}: {facts['cells']} cells, default nprobe {facts['nprobe']}, catalog {facts['catalog_bytes'] / 2**20:.1f} MiB, "
-                    f"trivial job {facts['trivial_wall_s']:.1f} s", HEADERS, table)
+        print_table(
+            f"{facts['catalog']}: {facts['cells']} cells, default nprobe {facts['nprobe']}, catalog "
+            f"{facts['catalog_bytes'] / 2**20:.1f} MiB, "
+            f"trivial job {facts['trivial_wall_s']:.1f} s",
+            HEADERS,
+            table,
+        )
     write_json(args.name, {"parameters": vars(args), "catalogs": catalogs, "results": rows})
 
 

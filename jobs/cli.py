@@ -47,7 +47,9 @@ def build_parser(job: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"jobs.{name}")
-        job_parser = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        job_parser = sub.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(job_parser)
     return parser
 
@@ -61,7 +63,9 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     builder = (
         SparkSession.builder.appName(f"vehicle-search-{job}")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.ui.showConsoleProgress", "false")  # the jobs log their own progress; bars would garble the summaries
+        .config(
+            "spark.ui.showConsoleProgress", "false"
+        )  # the jobs log their own progress; bars would garble the summaries
     )
     given = SparkConf()  # spark-submit's settings: a user's own value of a default below stands
     for key, value in EXECUTOR_ENV.items():
@@ -84,10 +88,18 @@ def local_java_options(given, job: str | None = None) -> str | None:  # type: ig
 
     from jobs import localstart
 
-    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ or "driver-java-options" in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+    if (
+        SparkContext._gateway is not None
+        or "PYSPARK_GATEWAY_PORT" in os.environ
+        or "driver-java-options" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+    ):
         return None
     options = localstart.java_options(job)
-    return " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), options])) if options != localstart.NO_ARCHIVE else None
+    return (
+        " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), options]))
+        if options != localstart.NO_ARCHIVE
+        else None
+    )
 
 
 def stop(spark) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,9 @@ STORAGE_FAILURE = re.compile(
     r"(?:org\.apache\.hadoop\.fs\.s3a\.AWS\w*Exception|com\.amazonaws\.SdkClientException"
     r"|java\.net\.(?:Connect|NoRouteToHost|SocketTimeout)Exception): (?P<message>[^\n]+)"
 )
-STORAGE_DENIED = re.compile(r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)")
+STORAGE_DENIED = re.compile(
+    r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)"
+)
 JAVA_CLASS_PREFIX = re.compile(r"\b(?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error): ")
 SDK_DETAILS = re.compile(r" \(Service: [^)]*\)|, S3 Extended Request ID: [^:]*")
 
@@ -51,8 +53,10 @@ def storage_error(text: str) -> UsageError | StorageError | None:
     if denied := STORAGE_DENIED.search(text):
         return UsageError(f"storage refused access: {one_line(denied['message'])}")
     if failure := STORAGE_FAILURE.search(text):
-        return StorageError(f"storage failed after retries: {one_line(failure['message'])}; "
-                            "committed work is kept, run the same command again when storage is back")
+        return StorageError(
+            f"storage failed after retries: {one_line(failure['message'])}; "
+            "committed work is kept, run the same command again when storage is back"
+        )
     return None
 
 

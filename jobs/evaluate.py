@@ -24,11 +24,15 @@ from jobs.search.scoring import Wanted
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index folder written by the index job")
-    parser.add_argument("--queries", help="embeddings table of held-out queries (default: a sample of the catalog, excluding self)")
+    parser.add_argument(
+        "--queries", help="embeddings table of held-out queries (default: a sample of the catalog, excluding self)"
+    )
     parser.add_argument("-k", type=int, default=10, help="neighbours per query")
     parser.add_argument("--sample", type=int, default=500, help="queries to evaluate (random, seeded)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", choices=["ivf", "lsh"], help="the approximate method to measure (default: the index's)")
+    parser.add_argument(
+        "--method", choices=["ivf", "lsh"], help="the approximate method to measure (default: the index's)"
+    )
     parser.add_argument("--nprobe", type=int, help="ivf: cells each query probes (default: the index's)")
     parser.add_argument("--output", help="evaluation JSON (default: INDEX/_evaluation.json)")
 
@@ -41,7 +45,9 @@ def recall_at_k(approx: pd.DataFrame, exact: pd.DataFrame, k: int) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def label_metrics(neighbours: pd.DataFrame, query_labels: dict[str, str], label_counts: dict[str, int], k: int, self_in_catalog: bool) -> dict[str, float]:
+def label_metrics(
+    neighbours: pd.DataFrame, query_labels: dict[str, str], label_counts: dict[str, int], k: int, self_in_catalog: bool
+) -> dict[str, float]:
     """precision@k (share of the k neighbours with the query's label) and mAP@k over labelled queries.
 
     AP@k = sum over ranks i of precision@i * relevant(i), divided by min(k, number of relevant images).
@@ -56,7 +62,9 @@ def label_metrics(neighbours: pd.DataFrame, query_labels: dict[str, str], label_
         precisions.append(relevant.sum() / k)
         if available > 0:
             hits = np.cumsum(relevant)
-            average_precisions.append(float((hits / np.arange(1, len(relevant) + 1) * relevant).sum() / min(k, available)))
+            average_precisions.append(
+                float((hits / np.arange(1, len(relevant) + 1) * relevant).sum() / min(k, available))
+            )
     return {
         f"precision@{k}": float(np.mean(precisions)) if precisions else float("nan"),
         f"mAP@{k}": float(np.mean(average_precisions)) if average_precisions else float("nan"),
@@ -73,9 +81,20 @@ def per_query_precision(neighbours: pd.DataFrame, query_labels: dict[str, str], 
     return out
 
 
-def answers(spark: SparkSession, index: Index, sample: DataFrame, count: int, method: str, k: int, nprobe: int, exclude_self: bool) -> pd.DataFrame:
+def answers(
+    spark: SparkSession,
+    index: Index,
+    sample: DataFrame,
+    count: int,
+    method: str,
+    k: int,
+    nprobe: int,
+    exclude_self: bool,
+) -> pd.DataFrame:
     """The ranked answers of a bounded sample of queries, on the driver (at most --sample x k rows)."""
-    found = answer(spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, catalog.locate(spark, index))
+    found = answer(
+        spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, catalog.locate(spark, index)
+    )
     frame = found.table.toPandas()
     frame.attrs["lsh_fallback_queries"] = found.touched(index)["lsh_fallback_queries"]
     return frame
@@ -93,7 +112,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.k > index.count - (0 if held_out else 1):
         raise UsageError(f"-k {args.k} is larger than the catalog of {index.uri} allows ({index.count} images)")
     with summary.stage("queries"):
-        pool = queries.from_table(spark, args.queries, index) if held_out else queries.catalog_source(spark, index, readable=False).frame
+        pool = (
+            queries.from_table(spark, args.queries, index)
+            if held_out
+            else queries.catalog_source(spark, index, readable=False).frame
+        )
         sample = pool.orderBy(F.xxhash64("query_id", F.lit(args.seed))).limit(args.sample).cache()
         sampled = sample.select("query_id", "query_label").toPandas()  # at most --sample rows
     nprobe = args.nprobe or index.params.nprobe
@@ -112,14 +135,27 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         for name, frame in (("exact", exact), (method, approx)):
             for key, value in label_metrics(frame, query_labels, label_counts, args.k, not held_out).items():
                 metrics[f"{name}_{key}" if key != "labelled_queries" else key] = value
-    summary.set(index=args.index, method=method, nprobe=nprobe if method == "ivf" else None, k=args.k, metrics=metrics,
-                per_query_precision=per_query_precision(approx, query_labels, args.k) if query_labels else {})
+    summary.set(
+        index=args.index,
+        method=method,
+        nprobe=nprobe if method == "ivf" else None,
+        k=args.k,
+        metrics=metrics,
+        per_query_precision=per_query_precision(approx, query_labels, args.k) if query_labels else {},
+    )
     summary.finish()
     output = args.output or f"{args.index}/_evaluation.json"
     storage.write_text(spark, output, summary.to_json())
-    rows = [("index", f"{args.index} ({index.count} images)"), ("queries", f"{len(sampled)} {'held out' if held_out else 'sampled from the catalog'}"),
-            ("method", f"{method}" + (f", nprobe {nprobe} of {index.cells} cells" if method == "ivf" else ""))]
-    rows += [(key, f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items() if key != "queries"]
+    rows = [
+        ("index", f"{args.index} ({index.count} images)"),
+        ("queries", f"{len(sampled)} {'held out' if held_out else 'sampled from the catalog'}"),
+        ("method", f"{method}" + (f", nprobe {nprobe} of {index.cells} cells" if method == "ivf" else "")),
+    ]
+    rows += [
+        (key, f"{value:.4f}" if isinstance(value, float) else value)
+        for key, value in metrics.items()
+        if key != "queries"
+    ]
     rows += [("written", output), ("seconds", f"{summary.data['seconds']['total']:.1f}")]
     print_summary("evaluate summary", rows)
     return 0

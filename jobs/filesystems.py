@@ -1,4 +1,5 @@
-"""Files the executors open themselves with pyarrow (local, S3 through the s3a settings, GCS): where a Spark URI lives."""
+"""Files the executors open themselves with pyarrow (local, S3 through the s3a settings, GCS): where a Spark URI
+lives."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Location:
 
     def filesystem(self, memory_map: bool = False) -> pafs.FileSystem:
         """pyarrow's filesystem; memory_map: local files are mapped rather than read into buffers of their own
-        (the catalog's row groups are decoded straight from the page cache: half the time of a 1M x 512-d search's reads)."""
+        (the catalog's row groups are decoded straight from the page cache: half the time of a 1M x 512-d search's
+        reads)."""
         if self.kind == "s3":
             return pafs.S3FileSystem(**self.options)
         if self.kind == "gcs":
@@ -36,7 +38,8 @@ class Location:
 
 
 def s3_options(spark: SparkSession, bucket: str) -> dict[str, Any]:
-    """pyarrow's S3 options from the s3a settings (per-bucket first); without keys pyarrow uses AWS's credential chain."""
+    """pyarrow's S3 options from the s3a settings (per-bucket first); without keys pyarrow uses AWS's credential
+    chain."""
     conf = spark._jsc.hadoopConfiguration()
 
     def setting(key: str) -> str | None:
@@ -52,7 +55,9 @@ def s3_options(spark: SparkSession, bucket: str) -> dict[str, Any]:
         with contextlib.suppress(OSError):  # no network to ask the bucket's region: pyarrow's default applies
             options["region"] = setting("endpoint.region") or pafs.resolve_s3_region(bucket)
     if setting("access.key") and setting("secret.key"):
-        options.update(access_key=setting("access.key"), secret_key=setting("secret.key"), session_token=setting("session.token"))
+        options.update(
+            access_key=setting("access.key"), secret_key=setting("secret.key"), session_token=setting("session.token")
+        )
     return options
 
 

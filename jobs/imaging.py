@@ -28,6 +28,7 @@ class ImageError(ValueError):
 
 def extension_glob(extensions: Sequence[str] = IMAGE_EXTENSIONS) -> str:
     """A case-insensitive Hadoop glob for these extensions, e.g. `*.{[jJ][pP][gG],...}`."""
+
     def insensitive(ext: str) -> str:
         return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in ext)
 
@@ -62,7 +63,9 @@ def _draft_size(width: int, height: int, box: Box | None) -> tuple[int, int]:
     return int(np.ceil(width * scale)), int(np.ceil(height * scale))
 
 
-def decode(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, int]:
+def decode(
+    content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, int, int]:
     """RGB image (cropped to box if given, EXIF orientation applied) and the original width and height."""
     if not content:
         raise ImageError("empty file")
@@ -80,7 +83,14 @@ def decode(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX
                 sx, sy = img.size[0] / width, img.size[1] / height
                 x1, y1, x2, y2 = box
                 # rounded like Pillow's own crop(box), so a box gives the same pixels drafted or not
-                img = img.crop((max(0, round(x1 * sx)), max(0, round(y1 * sy)), min(img.size[0], round(x2 * sx)), min(img.size[1], round(y2 * sy))))
+                img = img.crop(
+                    (
+                        max(0, round(x1 * sx)),
+                        max(0, round(y1 * sy)),
+                        min(img.size[0], round(x2 * sx)),
+                        min(img.size[1], round(y2 * sy)),
+                    )
+                )
             ImageOps.exif_transpose(img, in_place=True)  # no copy of an upright photo
             rgb = _to_rgb(img)
             rgb.load()
@@ -129,7 +139,9 @@ def resize_center_crop(img: Image.Image) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "not writable": the array is only read
         nchw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels_last: the vectorised path
-    resized = torch.nn.functional.interpolate(nchw, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    resized = torch.nn.functional.interpolate(
+        nchw, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+    )
     return resized[0, :3, top : top + CROP, left : left + CROP].permute(1, 2, 0).numpy()
 
 
@@ -143,7 +155,9 @@ def _pillow_resize_center_crop(img: Image.Image) -> np.ndarray:
     return np.asarray(img.resize((CROP, CROP), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
-def preprocess(content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+def preprocess(
+    content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, int, int]:
     """Bytes to a 224x224x3 uint8 array ready for `to_batch`, with the original size."""
     img, width, height = decode(content, box, max_pixels)
     return resize_center_crop(img), width, height

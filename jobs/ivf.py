@@ -100,9 +100,15 @@ class Index:
 
         Returns CSR (flat cells, offsets).
         """
-        lists = [cell for first in range(0, len(queries), PROBE_BLOCK) for cell in self.probe_block(queries[first : first + PROBE_BLOCK], nprobe, min_rows)]
+        lists = [
+            cell
+            for first in range(0, len(queries), PROBE_BLOCK)
+            for cell in self.probe_block(queries[first : first + PROBE_BLOCK], nprobe, min_rows)
+        ]
         counts = np.array([len(c) for c in lists], np.int64)
-        return np.concatenate(lists).astype(np.int32) if lists else np.empty(0, np.int32), np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return np.concatenate(lists).astype(np.int32) if lists else np.empty(0, np.int32), np.concatenate(
+            [[0], np.cumsum(counts)]
+        ).astype(np.int32)
 
     def probe_block(self, queries: np.ndarray, nprobe: int, min_rows: int) -> list[np.ndarray]:
         """probe's cells for a block of queries (a block's distances stay in cache: 3.5x faster than all at once)."""
@@ -125,7 +131,9 @@ class Index:
     @property
     def unit_centroids(self) -> bool:
         if self._unit is None:
-            self._unit = bool(len(self.centroids)) and bool(np.abs(np.linalg.norm(self.centroids, axis=1) - 1).max() < 1e-4)
+            self._unit = bool(len(self.centroids)) and bool(
+                np.abs(np.linalg.norm(self.centroids, axis=1) - 1).max() < 1e-4
+            )
         return self._unit
 
     def file_of_group(self) -> np.ndarray:
@@ -141,7 +149,9 @@ class Index:
 def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:
     """index.json (small, readable) and cells.npz (centroids and the cell plan)."""
     buffer = io.BytesIO()
-    np.savez(buffer, centroids=centroids.astype(np.float32), sizes=plan.sizes, first_group=plan.first_group, parts=plan.parts)
+    np.savez(
+        buffer, centroids=centroids.astype(np.float32), sizes=plan.sizes, first_group=plan.first_group, parts=plan.parts
+    )
     storage.write_bytes(spark, f"{uri}/cells.npz", buffer.getvalue())
     storage.write_text(spark, f"{uri}/index.json", json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
 

@@ -43,7 +43,9 @@ def bucket_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshP
 
 def probe_keys(vectors: np.ndarray, rand_unit_vectors: np.ndarray, params: LshParams) -> np.ndarray:
     """(n, tables, 1 + probes) keys: the own bucket, then neighbours across the least certain boundaries."""
-    proj = projections(vectors, rand_unit_vectors, params.bucket_length).reshape(len(vectors), params.tables, params.hashes_per_table)
+    proj = projections(vectors, rand_unit_vectors, params.bucket_length).reshape(
+        len(vectors), params.tables, params.hashes_per_table
+    )
     hashes = np.floor(proj).astype(np.int64)
     frac = proj - hashes
     step = np.where(frac < 0.5, -1, 1)  # the nearer neighbouring bucket of each hash function
@@ -88,7 +90,9 @@ def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     if kk < n_cols:
         cols = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
         kth = np.take_along_axis(d2, cols, axis=1).max(axis=1)
-        for row in np.flatnonzero(np.isfinite(kth) & ((d2 <= kth[:, None]).sum(axis=1) > kk)):  # ties across the k-th place: lowest keys win
+        for row in np.flatnonzero(
+            np.isfinite(kth) & ((d2 <= kth[:, None]).sum(axis=1) > kk)
+        ):  # ties across the k-th place: lowest keys win
             tied = np.flatnonzero(d2[row] <= kth[row])
             cols[row] = tied[np.lexsort((keys[tied], d2[row, tied]))[:kk]]
     else:
@@ -103,7 +107,9 @@ def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return cols, values.astype(np.float32, copy=False)
 
 
-def exact_topk(queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    queries: np.ndarray, catalog: np.ndarray, k: int, exclude: np.ndarray | None = None, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(indices, distances) of the k nearest catalog rows per query by Euclidean distance, nearest first.
 
     Ties are broken by keys (default: the catalog row). exclude: (n_queries, n_catalog) boolean mask of

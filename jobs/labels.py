@@ -42,10 +42,12 @@ def normalise_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
             f"labels file {source}: need a path column ({'/'.join(PATH_COLUMNS)}) and a label column "
             f"({'/'.join(LABEL_COLUMNS)}); found {', '.join(columns)}"
         )
-    out = pd.DataFrame({
-        "key": frame[path_col].astype(str).str.replace("\\", "/", regex=False).str.lstrip("./"),
-        "label": frame[label_col].astype(str),
-    })
+    out = pd.DataFrame(
+        {
+            "key": frame[path_col].astype(str).str.replace("\\", "/", regex=False).str.lstrip("./"),
+            "label": frame[label_col].astype(str),
+        }
+    )
     box = next((b for b in BOX_COLUMNS if all(_first(columns, (c,)) for c in b)), None)
     for target, name in zip(("x1", "y1", "x2", "y2"), box or (None,) * 4):
         out[target] = pd.to_numeric(frame[_first(columns, (name,))], errors="coerce") if name else float("nan")
@@ -97,9 +99,11 @@ def _ambiguity(claims: pd.DataFrame, source: str, root: str | None) -> UsageErro
     files = claims.loc[claims["key"] == key, "path"].sort_values().tolist()
     others = claims["key"].nunique() - 1
     more = f" ({others} more keys are ambiguous)" if others else ""
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    example = relative_paths(pd.Series(files[:1]), root).iloc[0]
     return UsageError(
-        f"labels file {source}: key {key!r} matches {len(files)} files ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}){more}; "
-        f"write the paths relative to {root or 'the images'} (e.g. {relative_paths(pd.Series(files[:1]), root).iloc[0]}) or label one folder at a time"
+        f"labels file {source}: key {key!r} matches {len(files)} files ({shown}){more}; "
+        f"write the paths relative to {root or 'the images'} (e.g. {example}) or label one folder at a time"
     )
 
 

@@ -28,7 +28,8 @@ def class_archive() -> Path:
 def java_options(job: str | None = None) -> str:
     """The driver JVM's options for a local run of `job`: the option that maps the archive (NO_ARCHIVE where none was
     written; a JVM or class path other than the archive's prints one warning and loads every class from the jars, as
-    without it) and, for QUICK_JOBS on at most FEW_CORES cores, QUICK_COMPILER. Without a job: the archive's, one word."""
+    without it) and, for QUICK_JOBS on at most FEW_CORES cores, QUICK_COMPILER. Without a job: the archive's, one
+    word."""
     archive = class_archive()
     options = [f"-XX:SharedArchiveFile={archive}" if archive.is_file() else NO_ARCHIVE]
     if job in QUICK_JOBS and (os.cpu_count() or 1) <= FEW_CORES:

@@ -93,7 +93,8 @@ def print_summary(title: str, rows: list[tuple[str, Any]], notes: list[str] | No
 
 
 class Stopwatch:
-    """Seconds a task spends on each of its parts: blocks timed by name, and the time an iterator takes to give its items."""
+    """Seconds a task spends on each of its parts: blocks timed by name, and the time an iterator takes to give its
+    items."""
 
     def __init__(self) -> None:
         self.spent: dict[str, float] = {}

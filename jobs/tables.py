@@ -14,18 +14,22 @@ from jobs import storage
 from jobs.errors import UsageError, is_storage_failure
 from jobs.filesystems import location
 
-NEIGHBOURS_SCHEMA = T.StructType([
-    T.StructField("query_id", T.StringType(), False),
-    T.StructField("query_path", T.StringType(), True),
-    T.StructField("rank", T.IntegerType(), False),
-    T.StructField("neighbor_id", T.StringType(), False),
-    T.StructField("neighbor_path", T.StringType(), True),
-    T.StructField("neighbor_label", T.StringType(), True),
-    T.StructField("distance", T.FloatType(), False),
-    T.StructField("similarity", T.FloatType(), False),
-])
+NEIGHBOURS_SCHEMA = T.StructType(
+    [
+        T.StructField("query_id", T.StringType(), False),
+        T.StructField("query_path", T.StringType(), True),
+        T.StructField("rank", T.IntegerType(), False),
+        T.StructField("neighbor_id", T.StringType(), False),
+        T.StructField("neighbor_path", T.StringType(), True),
+        T.StructField("neighbor_label", T.StringType(), True),
+        T.StructField("distance", T.FloatType(), False),
+        T.StructField("similarity", T.FloatType(), False),
+    ]
+)
 VECTOR_COLUMNS = ("image_id", "path", "label", "model", "embedding")
-SPARK_SCHEMA_KEY = b"org.apache.spark.sql.parquet.row.metadata"  # where Spark keeps a table's schema in each file's footer
+SPARK_SCHEMA_KEY = (
+    b"org.apache.spark.sql.parquet.row.metadata"  # where Spark keeps a table's schema in each file's footer
+)
 
 
 def nullable(field: dict) -> dict:
@@ -52,8 +56,14 @@ def footer_schema(spark: SparkSession, uri: str) -> T.StructType | None:
     from pyspark.sql.pandas.types import from_arrow_schema
 
     try:  # as Spark reads a file: every field, element and value may be null
-        return T.StructType.fromJson(json.loads(written, object_hook=nullable)) if written else from_arrow_schema(schema)
-    except (TypeError, ValueError, KeyError):  # a type Spark has no name for, or a schema it did not write: Spark infers it
+        return (
+            T.StructType.fromJson(json.loads(written, object_hook=nullable)) if written else from_arrow_schema(schema)
+        )
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+    ):  # a type Spark has no name for, or a schema it did not write: Spark infers it
         return None
 
 
@@ -93,25 +103,35 @@ def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
     valid = table.where(F.col("embedding").isNotNull())
     if "error" in table.columns:
         valid = valid.where(F.col("error").isNull())
-    weights = F.col("weights_sha256") if "weights_sha256" in table.columns else F.lit(None).cast("string").alias("weights_sha256")
+    weights = (
+        F.col("weights_sha256")
+        if "weights_sha256" in table.columns
+        else F.lit(None).cast("string").alias("weights_sha256")
+    )
     return valid.select(*VECTOR_COLUMNS, weights)
 
 
 def check_vectors(what: str, uri: str, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
-    """UsageError unless the table has vectors, all of one length, one model and one weights digest (rows without one mix with any)."""
+    """UsageError unless the table has vectors, all of one length, one model and one weights digest (rows without one
+    mix with any)."""
     if rows == 0:
         raise UsageError(f"{what} {uri} has no embedded images (every row failed or it is empty)")
     if len(dims) > 1:
-        raise UsageError(f"{what} {uri} mixes vector dimensions {', '.join(map(str, sorted(dims)))}; re-embed with one model")
+        raise UsageError(
+            f"{what} {uri} mixes vector dimensions {', '.join(map(str, sorted(dims)))}; re-embed with one model"
+        )
     if len(models) > 1:
         raise UsageError(f"{what} {uri} mixes models {', '.join(sorted(models))}; re-embed with one model")
     if len(digests) > 1:
-        raise UsageError(f"{what} {uri} mixes vectors from different weights (sha256 {', '.join(d[:12] for d in sorted(digests))}); "
-                         "re-embed with --mode overwrite")
+        raise UsageError(
+            f"{what} {uri} mixes vectors from different weights (sha256 {', '.join(d[:12] for d in sorted(digests))}); "
+            "re-embed with --mode overwrite"
+        )
 
 
 def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool = False) -> Embeddings:
-    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one pass.
+    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one
+    pass.
 
     distinct_ids: also count distinct image ids (a second shuffle; the index needs it, a search does not).
     Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, or no vectors.
@@ -120,14 +140,32 @@ def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool
     dims = F.size("embedding")
     # min and max tell "one value" from "mixed" in one pass, without collecting sets
     stats = valid.agg(
-        F.count("*").alias("rows"), F.min(dims).alias("min_dim"), F.max(dims).alias("max_dim"), F.min("model").alias("model"), F.max("model").alias("other_model"),
-        F.min("weights_sha256").alias("weights"), F.max("weights_sha256").alias("other_weights"),
+        F.count("*").alias("rows"),
+        F.min(dims).alias("min_dim"),
+        F.max(dims).alias("max_dim"),
+        F.min("model").alias("model"),
+        F.max("model").alias("other_model"),
+        F.min("weights_sha256").alias("weights"),
+        F.max("weights_sha256").alias("other_weights"),
         *([F.countDistinct("image_id").alias("ids")] if distinct_ids else []),
     ).first()
 
     def seen(*names: str) -> set:
         return {stats[n] for n in names if stats[n] is not None}
 
-    check_vectors(what, uri, stats["rows"], seen("min_dim", "max_dim"), seen("model", "other_model"), seen("weights", "other_weights"))
-    return Embeddings(valid.select(*VECTOR_COLUMNS), stats["model"], int(stats["min_dim"]), stats["weights"],
-                      int(stats["rows"]), int(stats["ids"]) if distinct_ids else None)
+    check_vectors(
+        what,
+        uri,
+        stats["rows"],
+        seen("min_dim", "max_dim"),
+        seen("model", "other_model"),
+        seen("weights", "other_weights"),
+    )
+    return Embeddings(
+        valid.select(*VECTOR_COLUMNS),
+        stats["model"],
+        int(stats["min_dim"]),
+        stats["weights"],
+        int(stats["rows"]),
+        int(stats["ids"]) if distinct_ids else None,
+    )

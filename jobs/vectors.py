@@ -1,4 +1,5 @@
-"""Vectors in Arrow batches: float32 matrices to and from `binary` columns (the index's storage) and list<float> columns."""
+"""Vectors in Arrow batches: float32 matrices to and from `binary` columns (the index's storage) and list<float>
+columns."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def pooled_matrix(rows: int, dim: int) -> np.ndarray:
     return np.frombuffer(pa.allocate_buffer(rows * dim * 4), np.float32).reshape(rows, dim)
 
 
-def gather_matrix(column: pa.Array | pa.ChunkedArray, dim: int, rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def gather_matrix(
+    column: pa.Array | pa.ChunkedArray, dim: int, rows: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """(len(rows), dim) float32 rows of a binary vector column (all of them if rows is None), copied at most once
     (into out, given).
 
@@ -55,7 +58,9 @@ def gather_matrix(column: pa.Array | pa.ChunkedArray, dim: int, rows: np.ndarray
         matrix = matrix_from_binary(chunk, dim)
         if ascending:
             first, end = edges[number], edges[number + 1]
-            np.take(matrix, rows[first:end] - starts[number], axis=0, out=out[first:end], mode="clip")  # "raise" would buffer out
+            np.take(
+                matrix, rows[first:end] - starts[number], axis=0, out=out[first:end], mode="clip"
+            )  # "raise" would buffer out
         else:
             mine = np.flatnonzero(owner == number)
             out[mine] = matrix[rows[mine] - starts[number]]
@@ -72,7 +77,11 @@ def binary_from_matrix(matrix: np.ndarray) -> pa.Array:
 def binary_from_values(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
     """A binary column whose row i packs values[offsets[i]:offsets[i + 1]] (4-byte numbers)."""
     data = np.ascontiguousarray(values)
-    return pa.Array.from_buffers(pa.binary(), len(offsets) - 1, [None, pa.py_buffer((np.asarray(offsets) * 4).astype(np.int32)), pa.py_buffer(data.tobytes())])
+    return pa.Array.from_buffers(
+        pa.binary(),
+        len(offsets) - 1,
+        [None, pa.py_buffer((np.asarray(offsets) * 4).astype(np.int32)), pa.py_buffer(data.tobytes())],
+    )
 
 
 def matrix_from_list(column: pa.Array) -> np.ndarray:

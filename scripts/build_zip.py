@@ -18,8 +18,13 @@ def build(package: Path, target: Path) -> None:
         for path in sorted(package.rglob("*.py")):
             name = path.relative_to(package.parent).as_posix()
             archive.write(path, name)
-            compiled = py_compile.compile(str(path), cfile=f"{scratch}/{path.stem}.pyc", dfile=name, doraise=True,
-                                          invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            compiled = py_compile.compile(
+                str(path),
+                cfile=f"{scratch}/{path.stem}.pyc",
+                dfile=name,
+                doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
             archive.write(compiled, name + "c")
     tmp.replace(target)
 

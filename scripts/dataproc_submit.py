@@ -37,8 +37,18 @@ def command(cluster: str, region: str, prefix: str, job_args: list[str], env: bo
     if not env:
         props = {k: v for k, v in props.items() if not k.startswith("spark.pyspark.")}
         props |= {"spark.pyspark.python": NODE_PYTHON, "spark.pyspark.driver.python": NODE_PYTHON}
-    cmd = ["gcloud", "dataproc", "jobs", "submit", "pyspark", f"{prefix}/main.py", f"--cluster={cluster}", f"--region={region}",
-           f"--py-files={prefix}/jobs.zip", properties_flag(props)]
+    cmd = [
+        "gcloud",
+        "dataproc",
+        "jobs",
+        "submit",
+        "pyspark",
+        f"{prefix}/main.py",
+        f"--cluster={cluster}",
+        f"--region={region}",
+        f"--py-files={prefix}/jobs.zip",
+        properties_flag(props),
+    ]
     if env:
         cmd.append(f"--archives={prefix}/env.tar.gz#environment")
     return [*cmd, "--", *job_args]

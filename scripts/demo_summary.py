@@ -19,7 +19,8 @@ def summary_lines(out: Path) -> list[str]:
         f"failed {counts['failed']}, skipped {counts['skipped']} unchanged",
         f"  recall@{k} {method}/exact   {metrics[f'recall@{k}']:.3f} over {metrics['queries']} queries",
         f"  precision@{k}         {metrics.get(f'{method}_precision@{k}', float('nan')):.3f} ({method}), "
-        f"{metrics.get(f'exact_precision@{k}', float('nan')):.3f} (exact); mAP@{k} {metrics.get(f'{method}_mAP@{k}', float('nan')):.3f}",
+        f"{metrics.get(f'exact_precision@{k}', float('nan')):.3f} (exact); "
+        f"mAP@{k} {metrics.get(f'{method}_mAP@{k}', float('nan')):.3f}",
         f"  report               {(out / 'report' / 'index.html').resolve()}",
     ]
 

@@ -1,6 +1,7 @@
 """Submit a job to a running EMR cluster: upload the artefacts to S3, add a spark-submit step.
 
-  python scripts/emr_submit.py --cluster-id j-XXXX --s3-prefix s3://bucket/vehicle-search [--env dist/env.tar.gz | --no-env] \
+  python scripts/emr_submit.py --cluster-id j-XXXX --s3-prefix s3://bucket/vehicle-search [--env dist/env.tar.gz | --no-
+  env] \
       -- embed --input s3://bucket/photos --output s3://bucket/out/embeddings
 
 The step runs `spark-submit --deploy-mode cluster` through command-runner.jar with conf/emr.conf's
@@ -39,7 +40,9 @@ def spark_submit_args(prefix: str, job_args: list[str], props: dict[str, str], e
     if env_archive:
         args += ["--archives", f"{prefix}/env.tar.gz#environment"]
     else:
-        props = {k: v for k, v in props.items() if not k.startswith("spark.pyspark.")} | {"spark.pyspark.python": NODE_PYTHON}
+        props = {k: v for k, v in props.items() if not k.startswith("spark.pyspark.")} | {
+            "spark.pyspark.python": NODE_PYTHON
+        }
     for key, value in props.items():
         args += ["--conf", f"{key}={value}"]
     return [*args, f"{prefix}/main.py", *job_args]
@@ -59,12 +62,23 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cluster-id", required=True)
     parser.add_argument("--s3-prefix", required=True, help="s3://bucket/prefix for jobs.zip, main.py and env.tar.gz")
-    parser.add_argument("--env", type=Path, default=ROOT / "dist" / "env.tar.gz", help="packed environment (make pack-env) shipped with --archives")
-    parser.add_argument("--no-env", action="store_true", help=f"use the nodes' {NODE_PYTHON} (set up by scripts/emr_bootstrap.sh) instead")
+    parser.add_argument(
+        "--env",
+        type=Path,
+        default=ROOT / "dist" / "env.tar.gz",
+        help="packed environment (make pack-env) shipped with --archives",
+    )
+    parser.add_argument(
+        "--no-env",
+        action="store_true",
+        help=f"use the nodes' {NODE_PYTHON} (set up by scripts/emr_bootstrap.sh) instead",
+    )
     parser.add_argument("--dist", type=Path, default=ROOT / "dist")
     parser.add_argument("--conf", type=Path, default=ROOT / "conf" / "emr.conf")
     parser.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="for S3/EMR-compatible test servers")
+    parser.add_argument(
+        "--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"), help="for S3/EMR-compatible test servers"
+    )
     parser.add_argument("--name", help="step name (default: the job name)")
     args = parser.parse_args(ours)
     if not job_args:
@@ -77,16 +91,25 @@ def main(argv: list[str] | None = None) -> str:
         files["env.tar.gz"] = args.env
     for name, path in files.items():  # before any upload: one line, nothing half-shipped
         if not path.exists():
-            how = "make pack-env, or pass --no-env for nodes set up by scripts/emr_bootstrap.sh" if name == "env.tar.gz" else "make build"
+            how = (
+                "make pack-env, or pass --no-env for nodes set up by scripts/emr_bootstrap.sh"
+                if name == "env.tar.gz"
+                else "make build"
+            )
             raise SystemExit(f"emr_submit: {path} does not exist: run {how}")
     session = boto3.session.Session(region_name=args.region)
     upload(session.client("s3", endpoint_url=args.endpoint_url), prefix, files)
     step = {
         "Name": args.name or f"vehicle-search {job_args[0]}",
         "ActionOnFailure": "CONTINUE",
-        "HadoopJarStep": {"Jar": "command-runner.jar", "Args": spark_submit_args(prefix, job_args, read_properties(args.conf), not args.no_env)},
+        "HadoopJarStep": {
+            "Jar": "command-runner.jar",
+            "Args": spark_submit_args(prefix, job_args, read_properties(args.conf), not args.no_env),
+        },
     }
-    response = session.client("emr", endpoint_url=args.endpoint_url).add_job_flow_steps(JobFlowId=args.cluster_id, Steps=[step])
+    response = session.client("emr", endpoint_url=args.endpoint_url).add_job_flow_steps(
+        JobFlowId=args.cluster_id, Steps=[step]
+    )
     step_id = response["StepIds"][0]
     print(f"added step {step_id} to {args.cluster_id}: {' '.join(step['HadoopJarStep']['Args'])}")
     return step_id

@@ -38,7 +38,8 @@ out = sys.argv[1]
 rows = spark.range(2000).select((F.col("id") % 7).alias("cell"), F.col("id").cast("string").alias("image_id"))
 rows.write.parquet(out + "/a")
 table = spark.read.parquet(out + "/a").mapInArrow(lambda batches: (b for b in batches), rows.schema)
-ranked = table.repartition(4, "cell").withColumn("rank", F.row_number().over(Window.partitionBy("cell").orderBy("image_id")))
+ranked = table.repartition(4, "cell").withColumn("rank",
+F.row_number().over(Window.partitionBy("cell").orderBy("image_id")))
 ranked.join(F.broadcast(spark.range(7).withColumnRenamed("id", "cell")), "cell").write.parquet(out + "/b")
 print(spark.read.parquet(out + "/b").count())
 spark.stop()
@@ -84,11 +85,29 @@ def write_archive(archive: Path) -> None:
     with tempfile.TemporaryDirectory() as work:
         job = Path(work) / "warm.py"
         job.write_text(WARM_JOB)
-        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+        env = {
+            **os.environ,
+            "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": "127.0.0.1",
+        }
         env.pop("PYTHONPATH", None)
         submit = Path(sys.executable).parent / "spark-submit"
-        subprocess.run([str(submit), "--master", "local[2]", "--driver-java-options", f"-XX:ArchiveClassesAtExit={partial}", str(job), f"{work}/out"],
-                       env=env, check=True, capture_output=True, timeout=900)
+        subprocess.run(
+            [
+                str(submit),
+                "--master",
+                "local[2]",
+                "--driver-java-options",
+                f"-XX:ArchiveClassesAtExit={partial}",
+                str(job),
+                f"{work}/out",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
     if not partial.exists():
         raise RuntimeError(f"the JVM wrote no archive at {partial}")
     os.replace(partial, archive)
@@ -106,8 +125,15 @@ def main() -> int:
     if not args.skip_archive:
         try:
             write_archive(localstart.class_archive())
-            print(f"class-data sharing archive: {localstart.class_archive()} ({localstart.class_archive().stat().st_size >> 20} MiB)")
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # local runs work without it, only slower to start
+            print(
+                f"class-data sharing archive: {localstart.class_archive()} "
+                f"({localstart.class_archive().stat().st_size >> 20} MiB)"
+            )
+        except (
+            OSError,
+            RuntimeError,
+            subprocess.SubprocessError,
+        ) as error:  # local runs work without it, only slower to start
             print(f"no class-data sharing archive ({error}); local runs start as pyspark ships", file=sys.stderr)
     return 0
 

@@ -1,8 +1,8 @@
 """Sample data from what the package registries ship: real photos expanded into a labelled set, nasty files.
 
-  python scripts/sample_data.py demo  --out data/demo [--per-photo 20] [--queries 2] [--seed 0]
-  python scripts/sample_data.py nasty --out data/nasty
-  python scripts/sample_data.py synthetic --out data/bench --count 200 [--seed 0]
+python scripts/sample_data.py demo  --out data/demo [--per-photo 20] [--queries 2] [--seed 0]
+python scripts/sample_data.py nasty --out data/nasty
+python scripts/sample_data.py synthetic --out data/bench --count 200 [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,10 +21,19 @@ from PIL import Image, ImageEnhance, ImageOps
 # real photographs shipped by scikit-image and matplotlib; the motorcycle stereo pair is one subject
 SKIMAGE_PHOTOS = {
     "motorcycle": ["motorcycle_left.png", "motorcycle_right.png"],
-    "astronaut": ["astronaut.png"], "cat": ["chelsea.png"], "coffee": ["coffee.png"], "rocket": ["rocket.jpg"],
-    "galaxies": ["hubble_deep_field.jpg"], "retina": ["retina.jpg"], "tissue": ["ihc.png"],
-    "cameraman": ["camera.png"], "coins": ["coins.png"], "moon": ["moon.png"], "brick": ["brick.png"],
-    "grass": ["grass.png"], "gravel": ["gravel.png"],
+    "astronaut": ["astronaut.png"],
+    "cat": ["chelsea.png"],
+    "coffee": ["coffee.png"],
+    "rocket": ["rocket.jpg"],
+    "galaxies": ["hubble_deep_field.jpg"],
+    "retina": ["retina.jpg"],
+    "tissue": ["ihc.png"],
+    "cameraman": ["camera.png"],
+    "coins": ["coins.png"],
+    "moon": ["moon.png"],
+    "brick": ["brick.png"],
+    "grass": ["grass.png"],
+    "gravel": ["gravel.png"],
 }
 
 
@@ -56,7 +65,12 @@ def variant(photo: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, 
     scale = rng.uniform(0.5, 1.6)
     img = img.resize((max(32, int(img.width * scale)), max(32, int(img.height * scale))), Image.BICUBIC)
     if rng.random() < 0.5:
-        img = img.rotate(float(rng.uniform(-10, 10)), resample=Image.BICUBIC, expand=False, fillcolor=0 if img.mode == "L" else (0, 0, 0))
+        img = img.rotate(
+            float(rng.uniform(-10, 10)),
+            resample=Image.BICUBIC,
+            expand=False,
+            fillcolor=0 if img.mode == "L" else (0, 0, 0),
+        )
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.75, 1.25))
     return img, int(rng.integers(40, 96))
@@ -91,7 +105,9 @@ def synthetic_photos(out: Path, count: int, seed: int = 0) -> list[Path]:
         small = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
         img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
         noise = rng.normal(0, 12, size=(h // 4, w // 4, 3))
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + np.kron(noise, np.ones((4, 4, 1))), 0, 255).astype(np.uint8))
+        img = Image.fromarray(
+            np.clip(np.asarray(img, dtype=np.float32) + np.kron(noise, np.ones((4, 4, 1))), 0, 255).astype(np.uint8)
+        )
         path = out / f"photo_{i:05d}.jpg"
         img.save(path, quality=88)
         written.append(path)
@@ -105,7 +121,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header declares width x height pixels (its data is a few bytes of zeros)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(img: Image.Image, **kwargs: object) -> bytes:
@@ -178,7 +199,10 @@ def main() -> None:
             return
         counts = build_demo(args.out, args.per_photo, args.queries, args.seed)
         (args.out / ".complete").write_text(str(counts))
-        print(f"wrote {counts['catalog']} catalog and {counts['queries']} query images of {counts['labels']} subjects to {args.out}")
+        print(
+            f"wrote {counts['catalog']} catalog and {counts['queries']} query images of {counts['labels']} subjects "
+            f"to {args.out}"
+        )
     elif args.what == "nasty":
         print(f"wrote {len(write_nasty(args.out))} files to {args.out}")
     else:

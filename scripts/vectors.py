@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def clustered_unit_vectors(n: int, dim: int = 512, cluster_size: int = 100, noise: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def clustered_unit_vectors(
+    n: int, dim: int = 512, cluster_size: int = 100, noise: float = 0.8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """n L2-normalised float32 vectors around n/cluster_size random centres, and their cluster ids.
 
     noise is the norm of the Gaussian offset from the (unit) centre: 0.8 gives within-cluster cosines

@@ -32,7 +32,9 @@ def spark():
 
     os.environ.setdefault("SPARK_LOG_LEVEL", "ERROR")
     # the jobs' own session, on a local master
-    session = spark_session("tests", {"spark.master": "local[2]", "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4"})
+    session = spark_session(
+        "tests", {"spark.master": "local[2]", "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4"}
+    )
     yield session
     session.stop()
 
@@ -72,14 +74,27 @@ def run_job(spark, *argv: str) -> int:
     return main([str(a) for a in argv], spark=spark)
 
 
-def write_embeddings(spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None) -> list[str]:
+def write_embeddings(
+    spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None
+) -> list[str]:
     """An embed job's output table holding these vectors, ids prefix00000...; returns the ids."""
     from jobs.embed import EMBEDDINGS_SCHEMA
 
     ids = [f"{prefix}{i:05d}" for i in range(len(vectors))]
     rows = [
-        (ids[i], f"file:/data/{prefix}/{i}.jpg", None if labels is None else str(labels[i]), 10, 10, model,
-         [float(x) for x in vectors[i]], None, 100, datetime(2024, 1, 1), weights)
+        (
+            ids[i],
+            f"file:/data/{prefix}/{i}.jpg",
+            None if labels is None else str(labels[i]),
+            10,
+            10,
+            model,
+            [float(x) for x in vectors[i]],
+            None,
+            100,
+            datetime(2024, 1, 1),
+            weights,
+        )
         for i in range(len(vectors))
     ]
     spark.createDataFrame(rows, EMBEDDINGS_SCHEMA).repartition(3).write.mode("overwrite").parquet(str(path))
@@ -88,7 +103,8 @@ def write_embeddings(spark, path, vectors: np.ndarray, labels=None, prefix="img"
 
 @pytest.fixture(scope="session")
 def catalog(spark, tmp_path_factory):
-    """3,000 clustered 64-d vectors and their IVF index, shared by the search tests: (folder, vectors, clusters, ids)."""
+    """3,000 clustered 64-d vectors and their IVF index, shared by the search tests: (folder, vectors, clusters,
+    ids)."""
     folder = tmp_path_factory.mktemp("search")
     vectors, clusters = clustered_unit_vectors(3000, dim=64, cluster_size=30, noise=0.5, seed=3)
     ids = write_embeddings(spark, folder / "emb", vectors, clusters)
@@ -122,7 +138,11 @@ def moto(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with socket.socket() as s:

@@ -23,30 +23,61 @@ def build_dist(folder: Path) -> tuple[Path, Path]:
     return folder / "jobs.zip", folder / "main.py"
 
 
-def submit_command(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
-                   jvm_as: str | None = None) -> list[str]:
+def submit_command(
+    dist: tuple[Path, Path],
+    job_args: list,
+    master: str = "local[2]",
+    conf: dict | None = None,
+    jvm_as: str | None = None,
+) -> list[str]:
     """`spark-submit --master M --conf ... --py-files jobs.zip main.py JOB ...` as an argument list; the driver JVM's
     options are those of JOB (of `jvm_as` where given: a script that is not one of the jobs)."""
     zip_path, main_py = dist
-    command = [SPARK_SUBMIT, "--master", master, "--conf", "spark.ui.enabled=false", "--conf", "spark.ui.showConsoleProgress=false"]
+    command = [
+        SPARK_SUBMIT,
+        "--master",
+        master,
+        "--conf",
+        "spark.ui.enabled=false",
+        "--conf",
+        "spark.ui.showConsoleProgress=false",
+    ]
     # tiny inputs: 4 shuffle partitions, as in the test session (Spark's 200 make a 3-query search ~3x slower)
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
-    # as the README's S function: the job's local driver JVM options (the class archive make setup wrote, the quick compiler)
+    # as the README's S function: the job's local driver JVM options (the class archive make setup wrote, the quick
+    # compiler)
     command += ["--driver-java-options", localstart.java_options(jvm_as or (str(job_args[0]) if job_args else None))]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
 
 def submit_env(extra: dict | None = None) -> dict[str, str]:
     """This venv's python for driver and executors, loopback only, and the jobs only from the zip."""
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "SPARK_LOCAL_IP": "127.0.0.1", **(extra or {})}
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        **(extra or {}),
+    }
     env.pop("PYTHONPATH", None)
     return env
 
 
-def spark_submit(dist: tuple[Path, Path], job_args: list, master: str = "local[2]", conf: dict | None = None,
-                 timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def spark_submit(
+    dist: tuple[Path, Path],
+    job_args: list,
+    master: str = "local[2]",
+    conf: dict | None = None,
+    timeout: int = 600,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run spark-submit to completion from the folder of the zip (outside the repository)."""
-    return subprocess.run(submit_command(dist, job_args, master, conf), cwd=dist[0].parent, env=submit_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        submit_command(dist, job_args, master, conf),
+        cwd=dist[0].parent,
+        env=submit_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -171,7 +171,9 @@ def test_onnxruntime_backend_gives_eager_vectors_on_real_photos(mobilenet_weight
     assert (vectors * reference).sum(axis=1).min() >= FIDELITY
 
 
-def test_unavailable_backend_falls_back_to_eager_with_the_same_vectors(mobilenet_weights, real_crops, monkeypatch, caplog):
+def test_unavailable_backend_falls_back_to_eager_with_the_same_vectors(
+    mobilenet_weights, real_crops, monkeypatch, caplog
+):
     weights = load_weights("mobilenet_v2", mobilenet_weights)
     onnx_backend = choose_backend("onnxruntime", "mobilenet_v2", weights, "fp32")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a Python without it: import fails
@@ -181,5 +183,7 @@ def test_unavailable_backend_falls_back_to_eager_with_the_same_vectors(mobilenet
     config = EmbedConfig("mobilenet_v2", "fp32", 4, 10**8, 0, "onnxruntime")
     with caplog.at_level(logging.WARNING, logger="jobs.embed"):
         vectors = runner_for(config, onnx_backend, lambda: weights.data, 1)(real_crops)
-    assert [r.message for r in caplog.records if "unavailable" in r.message][0].startswith("backend onnxruntime unavailable")
+    assert [r.message for r in caplog.records if "unavailable" in r.message][0].startswith(
+        "backend onnxruntime unavailable"
+    )
     np.testing.assert_allclose(vectors, eager_runner("mobilenet_v2", weights.data)(real_crops), atol=1e-6)

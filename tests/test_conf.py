@@ -21,7 +21,8 @@ from scripts.emr_submit import read_properties
 # spark.executor.cores=2, embed of 74 demo photos (batch 32), polling /proc/PID/status of the pyspark.daemon processes
 # (Spark 4.3, Python 3.11, x86_64, torch 2.13.0 CPU, onnxruntime), with ARROW_DEFAULT_MEMORY_POOL=system and
 # MALLOC_ARENA_MAX=2 as the confs set them: MobileNetV2 TorchScript 1741, ResNet-18 onnxruntime 1372, MobileNetV2
-# onnxruntime 1254, MobileNetV2 eager 1124, ResNet-18 eager 1093, ResNet-18 TorchScript 1072. Without the two settings MobileNetV2 onnxruntime peaked at 2595 MB (and failed
+# onnxruntime 1254, MobileNetV2 eager 1124, ResNet-18 eager 1093, ResNet-18 TorchScript 1072. Without the two settings
+# MobileNetV2 onnxruntime peaked at 2595 MB (and failed
 # under a 2 GiB RLIMIT_AS, passed under 2.5 GiB): Arrow's jemalloc pool and glibc's arenas reserve address space.
 EMBED_WORKER_PEAK_MB = 1741
 # Beyond the measurement: bigger photos and Arrow batches than the sample's, more thread stacks on bigger nodes.
@@ -102,23 +103,38 @@ def onnx_model(mobilenet_weights, tmp_path_factory) -> str:
 def run_probe(limit_mb: float, artifact: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     photos = [str(p) for paths in sample_data.photo_paths().values() for p in paths]
     # Spark sets OMP_NUM_THREADS = spark.task.cpus for its workers
-    env = {**{k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX")},
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-c", PROBE, str(int(limit_mb)), artifact, *(photos * 3)[:32]],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX")},
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(int(limit_mb)), artifact, *(photos * 3)[:32]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_a_worker_embeds_within_the_smallest_budget_only_with_the_confs_allocator_settings(onnx_model):
     budgets = {c.name: worker_budget_mb(read_properties(c)) for c in CONFS}
     name, budget = min(((n, b) for n, b in budgets.items() if b is not None), key=lambda item: item[1])
-    executor_env = {k.removeprefix("spark.executorEnv."): v for k, v in read_properties(ROOT / "conf" / name).items() if k.startswith("spark.executorEnv.")}
+    executor_env = {
+        k.removeprefix("spark.executorEnv."): v
+        for k, v in read_properties(ROOT / "conf" / name).items()
+        if k.startswith("spark.executorEnv.")
+    }
     ok = run_probe(budget, onnx_model, executor_env)
     assert ok.returncode == 0 and "embedded 96" in ok.stdout, ok.stderr[-2000:]
     # Arrow's jemalloc pool and glibc's arenas reserve address space: without the settings the same budget is not enough
     starved = run_probe(budget, onnx_model, {})
     assert starved.returncode != 0 and "embedded 96" not in starved.stdout, starved.stdout
-    assert re.search(r"[Mm]emory|[Aa]llocat|ImportError|failed to map|bad_alloc", starved.stderr), starved.stderr[-2000:]
+    assert re.search(r"[Mm]emory|[Aa]llocat|ImportError|failed to map|bad_alloc", starved.stderr), starved.stderr[
+        -2000:
+    ]
 
 
 def test_packed_environment_holds_what_the_jobs_import():

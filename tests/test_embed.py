@@ -43,8 +43,27 @@ def check_contract(spark, path: Path, dim: int) -> pd.DataFrame:
 def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir, mobilenet_weights, capsys, reader):
     folder, expected = nasty_dir
     out = tmp_path / "emb"
-    assert run_job(spark, "embed", "--input", folder, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--batch-size", "4",
-                   "--backend", "onnxruntime", "--reader", reader) == 0
+    assert (
+        run_job(
+            spark,
+            "embed",
+            "--input",
+            folder,
+            "--output",
+            out,
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_weights,
+            "--batch-size",
+            "4",
+            "--backend",
+            "onnxruntime",
+            "--reader",
+            reader,
+        )
+        == 0
+    )
     rows = check_contract(spark, out, 1280)
     by_name = {Path(p).name: r for p, r in zip(rows["path"], rows.itertuples())}
     assert set(by_name) == set(expected)
@@ -62,9 +81,13 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
     failed = sum(e is not None for e in expected.values())
     assert summary["counts"]["embedded"] == len(expected) - failed and summary["counts"]["failed"] == failed
     assert summary["weights"]["sha256"].startswith("b03531047ffacf1e")
-    assert summary["backend"] == "onnxruntime"  # installed here, and faithful: auto picks it from AUTO_MIN_IMAGES images on
+    assert (
+        summary["backend"] == "onnxruntime"
+    )  # installed here, and faithful: auto picks it from AUTO_MIN_IMAGES images on
     assert summary["photos_read_by"] == ("tasks" if reader == "auto" else "spark")
-    assert set(rows.loc[rows["error"].isna(), "weights_sha256"]) == {summary["weights"]["sha256"]}  # provenance on every vector
+    assert set(rows.loc[rows["error"].isna(), "weights_sha256"]) == {
+        summary["weights"]["sha256"]
+    }  # provenance on every vector
     printed = capsys.readouterr().out
     assert "embed summary" in printed and f"failed                {failed}".split()[-1] in printed
 
@@ -75,7 +98,17 @@ def test_incremental_skips_unchanged_and_replaces_changed_files(spark, tmp_path,
     shutil.copy(photos["motorcycle"][0], images / "a.png")
     shutil.copy(photos["rocket"][0], images / "b.jpg")
     out = tmp_path / "emb"
-    args = ["embed", "--input", tmp_path / "images", "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights]
+    args = [
+        "embed",
+        "--input",
+        tmp_path / "images",
+        "--output",
+        out,
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        mobilenet_weights,
+    ]
     assert run_job(spark, *args) == 0
     first = read_table(spark, out).set_index("path")
     assert run_job(spark, *args) == 0
@@ -104,15 +137,46 @@ def test_labels_csv_and_crop_to_box(spark, tmp_path, photos, mobilenet_weights):
     shutil.copy(photos["motorcycle"][0], images / "00001.png")
     shutil.copy(photos["motorcycle"][1], images / "00002.png")
     csv = tmp_path / "car_dataset_train.csv"
-    csv.write_text("fname,x1,y1,x2,y2,class_name\n00001.png,0,0,370,500,Honda left\n00002.png,0,0,741,500,Honda right\n")
+    csv.write_text(
+        "fname,x1,y1,x2,y2,class_name\n00001.png,0,0,370,500,Honda left\n00002.png,0,0,741,500,Honda right\n"
+    )
     out = tmp_path / "emb"
-    assert run_job(spark, "embed", "--input", images, "--output", out, "--labels", csv, "--crop-to-box", "--model", "mobilenet_v2", "--weights", mobilenet_weights) == 0
+    assert (
+        run_job(
+            spark,
+            "embed",
+            "--input",
+            images,
+            "--output",
+            out,
+            "--labels",
+            csv,
+            "--crop-to-box",
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_weights,
+        )
+        == 0
+    )
     rows = read_table(spark, out).set_index("label")
     assert set(rows.index) == {"Honda left", "Honda right"}
     assert rows.loc["Honda left", "width"] == 741  # the original size, not the box's
 
 
-@pytest.mark.parametrize("case", ["missing input", "empty input", "unknown model", "bad weights", "foreign output", "other model", "other weights", "bad batch"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing input",
+        "empty input",
+        "unknown model",
+        "bad weights",
+        "foreign output",
+        "other model",
+        "other weights",
+        "bad batch",
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_weights, capsys, case):
     images = tmp_path / "images"
     images.mkdir()
@@ -136,11 +200,13 @@ def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_we
     elif case == "other model":
         spark.createDataFrame([], EMBEDDINGS_SCHEMA).write.parquet(str(out))
         spark.createDataFrame(
-            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1), None)], EMBEDDINGS_SCHEMA
+            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1), None)],
+            EMBEDDINGS_SCHEMA,
         ).write.mode("append").parquet(str(out))
     elif case == "other weights":  # adding vectors of another checkpoint would mix two spaces in one table
         spark.createDataFrame(
-            [("i", "file:/x.jpg", None, 1, 1, "mobilenet_v2", [0.0], None, 1, datetime(2024, 1, 1), "f" * 64)], EMBEDDINGS_SCHEMA
+            [("i", "file:/x.jpg", None, 1, 1, "mobilenet_v2", [0.0], None, 1, datetime(2024, 1, 1), "f" * 64)],
+            EMBEDDINGS_SCHEMA,
         ).write.parquet(str(out))
     elif case == "bad batch":
         args += ["--batch-size", "0"]
@@ -160,7 +226,21 @@ def test_run_where_most_files_fail_exits_2_and_names_them(spark, tmp_path, photo
     out = tmp_path / "emb"
     capsys.readouterr()
     # no --max-error-rate: the default must fail a run where 2 of 3 files failed
-    assert run_job(spark, "embed", "--input", images, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights) == 2
+    assert (
+        run_job(
+            spark,
+            "embed",
+            "--input",
+            images,
+            "--output",
+            out,
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_weights,
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "2 of 3 files (67%)" in captured.err and "Traceback" not in captured.err
     summary = json.loads((out / "_summary.json").read_text())
@@ -184,6 +264,8 @@ def test_tasks_reading_photos_leave_out_those_gone_since_the_listing(tmp_path):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         (tmp_path / name).write_bytes(name.encode() * 3)
     (tmp_path / "b.jpg").unlink()
-    batch = pd.DataFrame({"path": [f"file:{tmp_path}/{n}" for n in ("a.jpg", "b.jpg", "c.jpg")], "label": ["x", "y", "z"]})
+    batch = pd.DataFrame(
+        {"path": [f"file:{tmp_path}/{n}" for n in ("a.jpg", "b.jpg", "c.jpg")], "label": ["x", "y", "z"]}
+    )
     kept, contents = read_photos(pafs.LocalFileSystem(), batch)
     assert kept["label"].tolist() == ["x", "z"] and contents == [b"a.jpga.jpga.jpg", b"c.jpgc.jpgc.jpg"]

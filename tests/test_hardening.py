@@ -31,9 +31,28 @@ def test_killed_run_resumes_and_equals_an_uninterrupted_run(spark, tmp_path, mob
     images = tmp_path / "images"
     synthetic_photos(images / "batch", 72, seed=5)
     out = tmp_path / "emb"
-    args = ["embed", "--input", images, "--output", out, "--model", "mobilenet_v2", "--weights", mobilenet_weights, "--chunk-files", "12", "--batch-size", "4"]
-    process = subprocess.Popen(submit_command(build_dist(tmp_path / "dist"), args), env=submit_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "embed",
+        "--input",
+        images,
+        "--output",
+        out,
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        mobilenet_weights,
+        "--chunk-files",
+        "12",
+        "--batch-size",
+        "4",
+    ]
+    process = subprocess.Popen(
+        submit_command(build_dist(tmp_path / "dist"), args),
+        env=submit_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     staging = tmp_path / ".emb.staging"
     deadline = time.monotonic() + 300
     try:
@@ -67,7 +86,17 @@ def test_file_too_large_for_spark_and_max_error_rate(spark, tmp_path, photos, mo
     with open(images / "huge_scan.jpg", "wb") as f:  # sparse: 2.2 GB long, no disk used
         f.truncate(2_200_000_000)
     (images / "saved_error_page.jpg").write_text("<html>404</html>")
-    args = ["embed", "--input", images, "--output", tmp_path / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights]
+    args = [
+        "embed",
+        "--input",
+        images,
+        "--output",
+        tmp_path / "emb",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        mobilenet_weights,
+    ]
     capsys.readouterr()
     assert run_job(spark, *args, "--max-error-rate", "0.5") == 2
     err = capsys.readouterr().err
@@ -93,10 +122,37 @@ def test_odd_paths_survive_the_whole_pipeline(spark, tmp_path, demo_dir, mobilen
     assert list(odd_rows["path"]) == [f"file:{odd}/photo {i} #x %41 =y ü.jpg" for i in range(3)]
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
     query = odd_rows["image_id"].iloc[0]
-    assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", query, "--output", tmp_path / "nb", "-k", "2", "--exclude-self") == 0
+    assert (
+        run_job(
+            spark,
+            "search",
+            "--index",
+            tmp_path / "index",
+            "--query-ids",
+            query,
+            "--output",
+            tmp_path / "nb",
+            "-k",
+            "2",
+            "--exclude-self",
+        )
+        == 0
+    )
     neighbours = spark.read.parquet(str(tmp_path / "nb")).toPandas()
     assert set(neighbours["neighbor_path"]) == set(odd_rows["path"]) - {odd_rows["path"].iloc[0]}
-    assert run_job(spark, "report", "--neighbours", tmp_path / "nb", "--output", tmp_path / "report", "--embeddings", tmp_path / "emb") == 0
+    assert (
+        run_job(
+            spark,
+            "report",
+            "--neighbours",
+            tmp_path / "nb",
+            "--output",
+            tmp_path / "report",
+            "--embeddings",
+            tmp_path / "emb",
+        )
+        == 0
+    )
     page = (tmp_path / "report" / "index.html").read_text()
     assert "photo 0 #x %41 =y ü.jpg" in page and "Citroën #2 100% a=b" in page
     summary = json.loads((tmp_path / "report" / "report_summary.json").read_text())

@@ -116,12 +116,15 @@ def reference_crop(content: bytes, box: tuple[float, float, float, float] | None
 
 @pytest.fixture(scope="module")
 def real_jpegs(photos) -> dict[str, bytes]:
-    """Real photos as JPEGs at the sizes where draft decoding matters: 512 px, 600 px, 1024 px, 1411 px, 3000 px, 2.5:1."""
+    """Real photos as JPEGs at the sizes where draft decoding matters: 512 px, 600 px, 1024 px, 1411 px, 3000 px,
+    2.5:1."""
     moto = Image.open(photos["motorcycle"][0]).convert("RGB")
     return {
         "astronaut 512x512": jpeg(Image.open(photos["astronaut"][0]).convert("RGB"), quality=90),
         # the worst case of drafting to 2x: a JPEG DCT-scaled to exactly twice the resize (1/2 of 1024 = 512)
-        "astronaut 1024x1024": jpeg(Image.open(photos["astronaut"][0]).convert("RGB").resize((1024, 1024), Image.BICUBIC), quality=90),
+        "astronaut 1024x1024": jpeg(
+            Image.open(photos["astronaut"][0]).convert("RGB").resize((1024, 1024), Image.BICUBIC), quality=90
+        ),
         "cameraman 512x512 grey": jpeg(Image.open(photos["cameraman"][0]), quality=90),
         "grace hopper 512x600": photos["grace_hopper"][0].read_bytes(),
         "retina 1411x1411": photos["retina"][0].read_bytes(),
@@ -155,10 +158,14 @@ def test_preprocess_equals_resizing_the_whole_photo_then_cropping(photos):
 def test_vectorised_resize_matches_pillows_and_falls_back_to_it(photos):
     # torch resizes Pillow's memory in place; where Pillow cannot lend it (a large image in several blocks)
     # Pillow's own resize runs, and both give the same crop within one grey level
-    decoded = [decode(photos[name][0].read_bytes())[0] for name in ("grace_hopper", "astronaut", "motorcycle", "retina")]
+    decoded = [
+        decode(photos[name][0].read_bytes())[0] for name in ("grace_hopper", "astronaut", "motorcycle", "retina")
+    ]
     for img in decoded:
         assert _rgbx_pixels(img) is not None
-        np.testing.assert_allclose(resize_center_crop(img).astype(int), _pillow_resize_center_crop(img).astype(int), atol=1)
+        np.testing.assert_allclose(
+            resize_center_crop(img).astype(int), _pillow_resize_center_crop(img).astype(int), atol=1
+        )
     large = decoded[1].resize((3000, 3000))
     assert _rgbx_pixels(large) is None
     np.testing.assert_array_equal(resize_center_crop(large), _pillow_resize_center_crop(large))

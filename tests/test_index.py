@@ -26,9 +26,14 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     nearest = np.argmin(squared_distances(vectors, index.centroids), axis=1)
     np.testing.assert_array_equal(stored["cell"].to_numpy(), nearest)
     assert (stored["group"].to_numpy() == index.plan.first_group[nearest]).all()  # no cell is split here
-    for entry in index.meta["files"]:  # every file holds a run of groups, sorted by group then cell, in several row groups
+    for entry in index.meta[
+        "files"
+    ]:  # every file holds a run of groups, sorted by group then cell, in several row groups
         table = pq.read_table(folder / "index" / "catalog" / entry["name"]).to_pandas()
-        assert list(table["group"]) == sorted(table["group"]) and (table["group"].min(), table["group"].max()) == (entry["first_group"], entry["last_group"])
+        assert list(table["group"]) == sorted(table["group"]) and (table["group"].min(), table["group"].max()) == (
+            entry["first_group"],
+            entry["last_group"],
+        )
         assert all((g["cell"].diff().dropna() >= 0).all() for _, g in table.groupby("group"))
     sizes, row_groups = write.RowGroupSizes.for_dim(64), 0
     for entry in index.meta["files"]:  # row groups end at cell boundaries: a probed cell is read without its neighbours
@@ -38,14 +43,23 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
         assert all(meta.row_group(g).num_rows >= sizes.least for g in range(meta.num_row_groups - 1))
         row_groups += meta.num_row_groups
     assert row_groups >= 3000 // (sizes.least + 40)  # cells of up to 40 rows
-    assert sorted(p.name for p in (folder / "index" / "catalog").iterdir()) == sorted([f["name"] for f in index.meta["files"]] + ["_SUCCESS"])
+    assert sorted(p.name for p in (folder / "index" / "catalog").iterdir()) == sorted(
+        [f["name"] for f in index.meta["files"]] + ["_SUCCESS"]
+    )
     model = BucketedRandomProjectionLSHModel.load(str(folder / "index" / "model"))
     assert model.getNumHashTables() == LshParams().num_hash_tables
     sample = spark.createDataFrame([([float(x) for x in v],) for v in vectors[:20]], "e array<float>")
-    spark_hashes = np.array([[h[0] for h in row.hashes] for row in model.transform(sample.select(array_to_vector("e").alias("features"))).collect()])
+    spark_hashes = np.array(
+        [
+            [h[0] for h in row.hashes]
+            for row in model.transform(sample.select(array_to_vector("e").alias("features"))).collect()
+        ]
+    )
     projections = rand_unit_vectors(spark, str(folder / "index" / "model"))
     np.testing.assert_array_equal(np.floor(vectors[:20] @ projections.T / index.lsh.bucket_length), spark_hashes)
-    np.testing.assert_array_equal(np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh))
+    np.testing.assert_array_equal(
+        np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh)
+    )
 
 
 def test_row_groups_end_at_cell_boundaries_and_only_a_cell_longer_than_the_largest_is_cut():
@@ -70,8 +84,19 @@ def test_a_catalog_file_holds_what_its_manifest_entry_says_and_an_abandoned_one_
     import pyarrow.fs as pafs
 
     schema, sizes = write.catalog_schema(False), write.RowGroupSizes(least=2, most=4)
-    rows = pa.RecordBatch.from_pylist([{"group": 3 + i // 5, "cell": i // 2, "image_id": f"i{i}", "path": f"p{i}", "label": None,
-                                        "vector": np.full(4, i, np.float32).tobytes()} for i in range(9)])
+    rows = pa.RecordBatch.from_pylist(
+        [
+            {
+                "group": 3 + i // 5,
+                "cell": i // 2,
+                "image_id": f"i{i}",
+                "path": f"p{i}",
+                "label": None,
+                "vector": np.full(4, i, np.float32).tobytes(),
+            }
+            for i in range(9)
+        ]
+    )
     for abandoned in (False, True):
         writer = write.CatalogFileWriter(pafs.LocalFileSystem(), str(tmp_path / "part.parquet"), schema, sizes)
         writer.add(rows.slice(0, 4))
@@ -82,8 +107,19 @@ def test_a_catalog_file_holds_what_its_manifest_entry_says_and_an_abandoned_one_
             continue
         entry = writer.close()
         meta = pq.ParquetFile(tmp_path / "part.parquet").metadata
-        assert entry == {"first_group": 3, "last_group": 4, "rows": 9, "bytes": (tmp_path / "part.parquet").stat().st_size}
-        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [2, 2, 2, 2, 1]  # a cell a row group; the last one open when the file closed
+        assert entry == {
+            "first_group": 3,
+            "last_group": 4,
+            "rows": 9,
+            "bytes": (tmp_path / "part.parquet").stat().st_size,
+        }
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [
+            2,
+            2,
+            2,
+            2,
+            1,
+        ]  # a cell a row group; the last one open when the file closed
         assert pq.read_table(tmp_path / "part.parquet").schema == schema
         (tmp_path / "part.parquet").unlink()
 
@@ -93,11 +129,18 @@ def test_where_pyarrow_cannot_write_the_index_spark_writes_the_same_catalog(spar
     monkeypatch.setattr(write, "writable", lambda spark, uri: None)  # as for hdfs://, which pyarrow does not open here
     assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", tmp_path / "index") == 0
     both = [ivf.load(spark, str(path)) for path in (folder / "index", tmp_path / "index")]
-    assert [[(f["first_group"], f["last_group"], f["rows"]) for f in index.meta["files"]] for index in both] == [[(f["first_group"], f["last_group"], f["rows"]) for f in both[0].meta["files"]]] * 2
-    stored = [spark.read.parquet(index.catalog_uri).toPandas().sort_values("image_id", ignore_index=True) for index in both]
+    assert [[(f["first_group"], f["last_group"], f["rows"]) for f in index.meta["files"]] for index in both] == [
+        [(f["first_group"], f["last_group"], f["rows"]) for f in both[0].meta["files"]]
+    ] * 2
+    stored = [
+        spark.read.parquet(index.catalog_uri).toPandas().sort_values("image_id", ignore_index=True) for index in both
+    ]
     pd.testing.assert_frame_equal(*stored)
-    answers = [search(spark, path, tmp_path / f"nb{n}", "--query-ids", ids[7], "-k", "5") and read_neighbours(spark, tmp_path / f"nb{n}")
-               for n, path in enumerate((folder / "index", tmp_path / "index"))]
+    answers = [
+        search(spark, path, tmp_path / f"nb{n}", "--query-ids", ids[7], "-k", "5")
+        and read_neighbours(spark, tmp_path / f"nb{n}")
+        for n, path in enumerate((folder / "index", tmp_path / "index"))
+    ]
     pd.testing.assert_frame_equal(*answers)
 
 
@@ -118,13 +161,21 @@ def test_partition_keys_land_exactly_where_spark_hashes_them(spark):
 
     from jobs.partitions import partition_key, spark_hash_int
 
-    assert [spark_hash_int(i) for i in (-7, 0, 1, 2**31 - 1)] == [r[0] for r in spark.createDataFrame([(-7,), (0,), (1,), (2**31 - 1,)], "v int").select(F.hash("v")).collect()]
-    spread = spark.range(60).select((F.col("id") % 12).cast("int").alias("target")).repartition(12, partition_key(F.col("target"), 12))
+    assert [spark_hash_int(i) for i in (-7, 0, 1, 2**31 - 1)] == [
+        r[0] for r in spark.createDataFrame([(-7,), (0,), (1,), (2**31 - 1,)], "v int").select(F.hash("v")).collect()
+    ]
+    spread = (
+        spark.range(60)
+        .select((F.col("id") % 12).cast("int").alias("target"))
+        .repartition(12, partition_key(F.col("target"), 12))
+    )
     placed = spread.rdd.mapPartitionsWithIndex(lambda p, rows: [(p, r.target) for r in rows]).collect()
     assert all(p == target for p, target in placed) and len(placed) == 60
 
 
-def test_the_default_nprobe_is_the_smallest_that_reaches_the_target_recall_measured_on_the_catalog(spark, catalog, tmp_path):
+def test_the_default_nprobe_is_the_smallest_that_reaches_the_target_recall_measured_on_the_catalog(
+    spark, catalog, tmp_path
+):
     folder, vectors, _, ids = catalog
     index = ivf.load(spark, str(folder / "index"))
     measured = index.meta["calibration"]
@@ -153,7 +204,21 @@ def test_recall_curve_counts_the_neighbours_whose_cells_a_row_probes():
 def test_an_index_built_with_nprobe_given_reports_the_recall_measured_there(spark, catalog, tmp_path, capsys):
     folder, *_ = catalog
     capsys.readouterr()
-    assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", tmp_path / "index", "--nprobe", "1", "--num-hash-tables", "0") == 0
+    assert (
+        run_job(
+            spark,
+            "index",
+            "--embeddings",
+            folder / "emb",
+            "--output",
+            tmp_path / "index",
+            "--nprobe",
+            "1",
+            "--num-hash-tables",
+            "0",
+        )
+        == 0
+    )
     index = ivf.load(spark, str(tmp_path / "index"))
     assert index.params.nprobe == 1 and index.meta["calibration"]["recall_at"]["1"] < 0.95
     assert f"recall@10 {index.meta['calibration']['recall_at']['1']:.3f} at nprobe 1 (given)" in capsys.readouterr().out

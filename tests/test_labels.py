@@ -10,16 +10,20 @@ from conftest import run_job
 from jobs.errors import UsageError
 from jobs.labels import label_files, parse_labels, read_labels
 
-PATHS = pd.Series([
-    "file:/data/cars_train/00001.jpg",
-    "file:/data/cars_test/00001.jpg",
-    "file:/data/cars_train/00002.jpg",
-    "s3a://bucket/other/ford/x.png",
-])
+PATHS = pd.Series(
+    [
+        "file:/data/cars_train/00001.jpg",
+        "file:/data/cars_test/00001.jpg",
+        "file:/data/cars_train/00002.jpg",
+        "s3a://bucket/other/ford/x.png",
+    ]
+)
 
 
 def test_plain_csv_matches_on_relative_path_and_prefers_the_longest_key():
-    labels = parse_labels(b"path,label\n00001.jpg,anything\ncars_test/00001.jpg,BMW M3\ncars_train/00001.jpg,Audi A4\n", "l.csv")
+    labels = parse_labels(
+        b"path,label\n00001.jpg,anything\ncars_test/00001.jpg,BMW M3\ncars_train/00001.jpg,Audi A4\n", "l.csv"
+    )
     out = label_files(PATHS, labels).set_index("path")["label"]
     assert out["file:/data/cars_train/00001.jpg"] == "Audi A4"
     assert out["file:/data/cars_test/00001.jpg"] == "BMW M3"
@@ -71,7 +75,10 @@ def test_a_key_exact_for_one_file_does_not_label_its_namesake_elsewhere(spark, t
 
 def test_an_ambiguous_key_is_named_not_guessed():
     labels = parse_labels(b"fname,class_name\n00001.jpg,Audi A4\n00002.jpg,Acura TL\n", "car_dataset_train.csv")
-    with pytest.raises(UsageError, match=r"key '00001.jpg' matches 2 files \(file:/data/cars_test/00001.jpg, file:/data/cars_train/00001.jpg\)") as e:
+    with pytest.raises(
+        UsageError,
+        match=r"key '00001.jpg' matches 2 files \(file:/data/cars_test/00001.jpg, file:/data/cars_train/00001.jpg\)",
+    ) as e:
         label_files(PATHS, labels, root="file:/data")
     assert "\n" not in str(e.value) and "cars_test/00001.jpg" in str(e.value).split("relative to file:/data")[1]
 
@@ -82,7 +89,16 @@ def test_embed_with_an_ambiguous_labels_file_exits_2_with_one_line(spark, tmp_pa
         (tmp_path / "images" / folder).mkdir(parents=True)
         (tmp_path / "images" / folder / "00001.png").write_bytes(photo.read_bytes())
     (tmp_path / "images" / "labels.csv").write_text("path,label\n00001.png,Audi A4\n")
-    code = run_job(spark, "embed", "--input", tmp_path / "images", "--output", tmp_path / "emb", "--labels", tmp_path / "images" / "labels.csv")
+    code = run_job(
+        spark,
+        "embed",
+        "--input",
+        tmp_path / "images",
+        "--output",
+        tmp_path / "emb",
+        "--labels",
+        tmp_path / "images" / "labels.csv",
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "key '00001.png' matches 2 files" in err[0]
     assert not (tmp_path / "emb").exists()

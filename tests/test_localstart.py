@@ -60,7 +60,10 @@ def test_only_the_jobs_that_work_in_python_get_the_quick_compiler_on_a_small_mac
     # Spark ML's KMeans (index) and PCA (report) run in the JVM: those jobs keep the optimising compiler
     for job in ("index", "report"):
         assert localstart.QUICK_COMPILER not in (local_java_options(given, job) or ""), job
-    assert localstart.java_options() in (localstart.NO_ARCHIVE, f"-XX:SharedArchiveFile={localstart.class_archive()}")  # one word
+    assert localstart.java_options() in (
+        localstart.NO_ARCHIVE,
+        f"-XX:SharedArchiveFile={localstart.class_archive()}",
+    )  # one word
     monkeypatch.setattr(localstart.os, "cpu_count", lambda: 16)
     assert localstart.QUICK_COMPILER not in (local_java_options(given, "search") or "")
 
@@ -69,7 +72,11 @@ def test_local_runs_map_the_class_archive_setup_wrote(tmp_path, monkeypatch):
     if not localstart.class_archive().is_file():
         pytest.skip("make setup wrote no class archive here (scripts/local_start.py said why)")
     # -Xshare:on: a JVM that cannot map the archive (another JVM, class path or pyspark) refuses to start
-    monkeypatch.setattr(localstart, "java_options", lambda job=None: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}")
+    monkeypatch.setattr(
+        localstart,
+        "java_options",
+        lambda job=None: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}",
+    )
     from helpers import build_dist
 
     result = spark_submit(build_dist(tmp_path / "dist"), ["search", "--help"])
@@ -94,6 +101,8 @@ print(total.value, SparkContext._active_spark_context is None, server.server_shu
 def test_a_job_that_used_accumulators_stops_its_session_and_their_server(tmp_path):
     # its own JVM, started as vehicle-search starts one: with the search job's options (archive, quick compiler)
     env = {**submit_env(), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", STOPPED], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-4:] == ["45", "True", "True", "-1"]  # counted, context gone, server shut and closed

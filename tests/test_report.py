@@ -40,7 +40,21 @@ def small_run(spark, tmp_path_factory, demo_dir, mobilenet_weights):
     assert run_job(spark, "embed", "--input", catalog, "--output", folder / "emb", *weights) == 0
     assert run_job(spark, "embed", "--input", folder / "queries", "--output", folder / "qemb", *weights) == 0
     assert run_job(spark, "index", "--embeddings", folder / "emb", "--output", folder / "index") == 0
-    assert run_job(spark, "search", "--index", folder / "index", "--queries", folder / "qemb", "--output", folder / "nb", "-k", "4") == 0
+    assert (
+        run_job(
+            spark,
+            "search",
+            "--index",
+            folder / "index",
+            "--queries",
+            folder / "qemb",
+            "--output",
+            folder / "nb",
+            "-k",
+            "4",
+        )
+        == 0
+    )
     return folder
 
 
@@ -51,8 +65,23 @@ def test_report_renders_sheets_gallery_and_map(spark, small_run):
     original = victim.read_bytes()
     victim.write_bytes(b"")
     try:
-        assert run_job(spark, "report", "--neighbours", small_run / "nb", "--output", out, "--embeddings", small_run / "emb", "--embeddings", small_run / "qemb",
-                       "--map-points", "5") == 0
+        assert (
+            run_job(
+                spark,
+                "report",
+                "--neighbours",
+                small_run / "nb",
+                "--output",
+                out,
+                "--embeddings",
+                small_run / "emb",
+                "--embeddings",
+                small_run / "qemb",
+                "--map-points",
+                "5",
+            )
+            == 0
+        )
     finally:
         victim.write_bytes(original)
     sheets = sorted((out / "sheets").glob("*.png"))
@@ -79,9 +108,24 @@ def test_report_of_missing_table_is_a_usage_error(spark, tmp_path):
 
 def test_a_big_table_renders_only_max_queries_chosen_in_spark(spark, tmp_path):
     queries = 120
-    rows = [(f"q{i:03d}", f"file:{tmp_path}/photos/q{i:03d}.jpg", rank, f"n{rank}", f"file:{tmp_path}/photos/n{rank}.jpg", "car", 1.0 - rank / 10)
-            for i in range(queries) for rank in (1, 2)]
-    table = spark.createDataFrame(rows, "query_id string, query_path string, rank int, neighbor_id string, neighbor_path string, neighbor_label string, similarity double")
+    rows = [
+        (
+            f"q{i:03d}",
+            f"file:{tmp_path}/photos/q{i:03d}.jpg",
+            rank,
+            f"n{rank}",
+            f"file:{tmp_path}/photos/n{rank}.jpg",
+            "car",
+            1.0 - rank / 10,
+        )
+        for i in range(queries)
+        for rank in (1, 2)
+    ]
+    table = spark.createDataFrame(
+        rows,
+        "query_id string, query_path string, rank int, neighbor_id string, neighbor_path string, neighbor_label "
+        "string, similarity double",
+    )
     table.repartition(4).write.parquet(str(tmp_path / "nb"))
     out = tmp_path / "report"
     assert run_job(spark, "report", "--neighbours", tmp_path / "nb", "--output", out, "--max-queries", "3") == 0
@@ -91,4 +135,3 @@ def test_a_big_table_renders_only_max_queries_chosen_in_spark(spark, tmp_path):
     assert len(list((out / "sheets").glob("*.png"))) == 3 and "3 of 120" in (out / "index.html").read_text()
     assert json.loads((out / "report_summary.json").read_text())["counts"]["queries"] == queries
     assert run_job(spark, "report", "--neighbours", tmp_path / "nb", "--output", out, "--max-queries", "0") == 2
-

@@ -24,7 +24,11 @@ from jobs.report import sheet_size
 
 pytestmark = pytest.mark.slow
 JARS = [ROOT / "jars" / "hadoop-aws-3.3.1.jar", ROOT / "jars" / "aws-java-sdk-bundle-1.11.901.jar"]
-KEYS = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-value", "AWS_DEFAULT_REGION": "us-east-1"}
+KEYS = {
+    "AWS_ACCESS_KEY_ID": "test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-value",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def s3a_conf(endpoint: str) -> dict[str, str]:
@@ -32,13 +36,17 @@ def s3a_conf(endpoint: str) -> dict[str, str]:
     assert not missing, f"run `make s3a-jars` first: missing {missing}"
     return {
         "spark.jars": ",".join(str(j) for j in JARS),
-        "spark.hadoop.fs.s3a.endpoint": endpoint, "spark.hadoop.fs.s3a.path.style.access": "true",
+        "spark.hadoop.fs.s3a.endpoint": endpoint,
+        "spark.hadoop.fs.s3a.path.style.access": "true",
         "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
         "spark.hadoop.fs.s3a.aws.credentials.provider": "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
         # hadoop-aws 3.3 on Hadoop 3.5's defaults: these must be plain numbers
-        "spark.hadoop.fs.s3a.threads.keepalivetime": "60", "spark.hadoop.fs.s3a.connection.establish.timeout": "5000",
-        "spark.hadoop.fs.s3a.connection.timeout": "10000", "spark.hadoop.fs.s3a.multipart.purge.age": "86400",
-        "spark.hadoop.fs.s3a.attempts.maximum": "3", "spark.hadoop.fs.s3a.retry.limit": "2",
+        "spark.hadoop.fs.s3a.threads.keepalivetime": "60",
+        "spark.hadoop.fs.s3a.connection.establish.timeout": "5000",
+        "spark.hadoop.fs.s3a.connection.timeout": "10000",
+        "spark.hadoop.fs.s3a.multipart.purge.age": "86400",
+        "spark.hadoop.fs.s3a.attempts.maximum": "3",
+        "spark.hadoop.fs.s3a.retry.limit": "2",
     }
 
 
@@ -50,11 +58,17 @@ def short_name(path: str) -> str:
 def read_remote(s3, prefix: str, bucket: str = "vehicles") -> pd.DataFrame:
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
     parts = [o["Key"] for o in listing if o["Key"].removeprefix(prefix).startswith("part-")]  # not _temporary/'s
-    return pd.concat([pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts], ignore_index=True)
+    return pd.concat(
+        [pd.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts],
+        ignore_index=True,
+    )
 
 
 def neighbour_names(frame: pd.DataFrame) -> list[tuple[str, int, str]]:
-    return sorted((short_name(q), int(r), short_name(n)) for q, r, n in zip(frame["query_path"], frame["rank"], frame["neighbor_path"]))
+    return sorted(
+        (short_name(q), int(r), short_name(n))
+        for q, r, n in zip(frame["query_path"], frame["rank"], frame["neighbor_path"])
+    )
 
 
 def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_weights, monkeypatch):
@@ -76,17 +90,44 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert KEYS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
 
-    submit("embed", "--input", "s3a://vehicles/photos", "--output", "s3a://vehicles/out/emb", "--model", "mobilenet_v2",
-           "--weights", "s3://vehicles/models/mobilenet_v2-b0353104.pth")
+    submit(
+        "embed",
+        "--input",
+        "s3a://vehicles/photos",
+        "--output",
+        "s3a://vehicles/out/emb",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        "s3://vehicles/models/mobilenet_v2-b0353104.pth",
+    )
     submit("index", "--embeddings", "s3a://vehicles/out/emb", "--output", "s3a://vehicles/out/index")
     summary = s3.get_object(Bucket="vehicles", Key="out/emb/_summary.json")["Body"].read().decode()
     assert KEYS["AWS_SECRET_ACCESS_KEY"] not in summary and "s3://vehicles/models/mobilenet_v2-b0353104.pth" in summary
     assert s3.head_object(Bucket="vehicles", Key="out/index/index.json")
-    for entry in json.loads(s3.get_object(Bucket="vehicles", Key="out/index/index.json")["Body"].read())["files"]:  # the tasks wrote them with pyarrow
-        footer = pq.ParquetFile(io.BytesIO(s3.get_object(Bucket="vehicles", Key=f"out/index/catalog/{entry['name']}")["Body"].read())).metadata
+    for entry in json.loads(s3.get_object(Bucket="vehicles", Key="out/index/index.json")["Body"].read())[
+        "files"
+    ]:  # the tasks wrote them with pyarrow
+        footer = pq.ParquetFile(
+            io.BytesIO(s3.get_object(Bucket="vehicles", Key=f"out/index/catalog/{entry['name']}")["Body"].read())
+        ).metadata
         assert footer.created_by.startswith("parquet-cpp-arrow") and footer.num_rows == entry["rows"]
 
-    assert run_job(spark, "embed", "--input", photos, "--output", tmp_path / "emb", "--model", "mobilenet_v2", "--weights", mobilenet_weights) == 0
+    assert (
+        run_job(
+            spark,
+            "embed",
+            "--input",
+            photos,
+            "--output",
+            tmp_path / "emb",
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            mobilenet_weights,
+        )
+        == 0
+    )
     local = spark.read.parquet(str(tmp_path / "emb")).toPandas()
     remote = read_remote(s3, "out/emb/")
     local.index, remote.index = local["path"].map(short_name), remote["path"].map(short_name)
@@ -96,19 +137,48 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
         np.testing.assert_allclose(remote.loc[name, "embedding"], local.loc[name, "embedding"], atol=1e-5)
 
     picked = list(local.index[:3])
-    submit("search", "--index", "s3a://vehicles/out/index", "--query-ids", ",".join(remote.loc[picked, "image_id"]),
-           "--output", "s3a://vehicles/out/nb", "-k", "3", "--exclude-self")
+    submit(
+        "search",
+        "--index",
+        "s3a://vehicles/out/index",
+        "--query-ids",
+        ",".join(remote.loc[picked, "image_id"]),
+        "--output",
+        "s3a://vehicles/out/nb",
+        "-k",
+        "3",
+        "--exclude-self",
+    )
     touched = json.loads(s3.get_object(Bucket="vehicles", Key="out/nb/_summary.json")["Body"].read())["touched"]
-    assert touched["reader"] == "executors" and touched["catalog_bytes_read"] > 0  # pyarrow on the executors read the catalog from S3
+    assert (
+        touched["reader"] == "executors" and touched["catalog_bytes_read"] > 0
+    )  # pyarrow on the executors read the catalog from S3
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
-    assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", ",".join(local.loc[picked, "image_id"]),
-                   "--output", tmp_path / "nb", "-k", "3", "--exclude-self", "--method", "exact") == 0
+    assert (
+        run_job(
+            spark,
+            "search",
+            "--index",
+            tmp_path / "index",
+            "--query-ids",
+            ",".join(local.loc[picked, "image_id"]),
+            "--output",
+            tmp_path / "nb",
+            "-k",
+            "3",
+            "--exclude-self",
+            "--method",
+            "exact",
+        )
+        == 0
+    )
     local_nb = spark.read.parquet(str(tmp_path / "nb")).toPandas()
     assert len(local_nb) == 9 and neighbour_names(read_remote(s3, "out/nb/")) == neighbour_names(local_nb)
 
     # the report reads the table and its images from S3 and writes to S3 (in cluster mode nothing local survives)
-    submit("report", "--neighbours", "s3a://vehicles/out/nb", "--output", "s3a://vehicles/out/report",
-           "--max-queries", "2")
+    submit(
+        "report", "--neighbours", "s3a://vehicles/out/nb", "--output", "s3a://vehicles/out/report", "--max-queries", "2"
+    )
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="vehicles", Prefix="out/report/")["Contents"]}
     sheets = sorted(k for k in keys if k.startswith("out/report/sheets/") and k.endswith(".png"))
     assert {"out/report/index.html", "out/report/report_summary.json"} <= keys and len(sheets) == 2
@@ -117,13 +187,16 @@ def test_pipeline_on_s3_equals_local(spark, moto, tmp_path, demo_dir, mobilenet_
     assert Image.open(io.BytesIO(s3.get_object(Bucket="vehicles", Key=sheets[0])["Body"].read())).size == sheet_size(3)
 
 
-
 def nth_task_output(n: int, bucket: str) -> Callable[[str, str], bool]:
     """A trigger that fires on the n-th upload of a Spark task's output file into the staging table."""
     seen = []
 
     def trigger(method: str, path: str) -> bool:
-        if method == "PUT" and path.startswith(f"/{bucket}/out/.emb.staging/_temporary/0/_temporary/attempt_") and "/part-" in path:
+        if (
+            method == "PUT"
+            and path.startswith(f"/{bucket}/out/.emb.staging/_temporary/0/_temporary/attempt_")
+            and "/part-" in path
+        ):
             seen.append(path)
         return len(seen) == n
 
@@ -131,7 +204,9 @@ def nth_task_output(n: int, bucket: str) -> Callable[[str, str], bool]:
 
 
 @pytest.mark.parametrize("fault", ["refused", "503"])
-def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resumes(moto, tmp_path, demo_dir, mobilenet_weights, monkeypatch, fault):
+def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resumes(
+    moto, tmp_path, demo_dir, mobilenet_weights, monkeypatch, fault
+):
     """After chunk 1 of 3 is committed the endpoint goes down (connections refused) or answers 503 to
     everything: s3a retries with backoff, embed exits 3 with one line, nothing appears under the output
     name, chunk 1 stays in the hidden staging table, and a run against the healthy endpoint finishes the
@@ -145,14 +220,29 @@ def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resume
         for path in sorted((demo_dir / "catalog" / label).glob("*.jpg")):
             s3.upload_file(str(path), bucket, f"photos/{label}/{path.name}")
     dist = build_dist(tmp_path / "dist")
-    args = ["embed", "--input", f"s3a://{bucket}/photos", "--output", f"s3a://{bucket}/out/emb", "--model", "mobilenet_v2",
-            "--weights", mobilenet_weights, "--chunk-files", "4"]
+    args = [
+        "embed",
+        "--input",
+        f"s3a://{bucket}/photos",
+        "--output",
+        f"s3a://{bucket}/out/emb",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        mobilenet_weights,
+        "--chunk-files",
+        "4",
+    ]
     # chunk 1 is two tasks of two images: the third task output is chunk 2's first
     with FaultyEndpoint(moto, nth_task_output(3, bucket), fault) as endpoint:
         # Hadoop's default retries wait minutes (throttling) or seconds (each failed request); shorter waits keep
         # the test short, and still show backoff
-        conf = {**s3a_conf(endpoint.url), "spark.hadoop.fs.s3a.retry.throttle.limit": "2", "spark.hadoop.fs.s3a.retry.throttle.interval": "100ms",
-                "spark.hadoop.fs.s3a.retry.interval": "100ms"}
+        conf = {
+            **s3a_conf(endpoint.url),
+            "spark.hadoop.fs.s3a.retry.throttle.limit": "2",
+            "spark.hadoop.fs.s3a.retry.throttle.interval": "100ms",
+            "spark.hadoop.fs.s3a.retry.interval": "100ms",
+        }
         failed = spark_submit(dist, args, conf=conf, env=KEYS)
     output = failed.stdout + failed.stderr
     assert endpoint.broke_at is not None, output[-3000:]
@@ -161,7 +251,9 @@ def test_storage_failing_mid_run_fails_cleanly_keeps_committed_chunks_and_resume
     assert len(errors) == 1 and "Traceback (most recent call last)" not in output, output[-5000:]
     # which request gives up first (a task's upload, the driver's cleanup) is up to the scheduler
     assert "storage failed after retries" in errors[0] and "out/.emb.staging" in errors[0], errors[0]
-    assert any(cause in errors[0] for cause in (["Connection refused"] if fault == "refused" else ["503", "SlowDown"])), errors[0]
+    assert any(
+        cause in errors[0] for cause in (["Connection refused"] if fault == "refused" else ["503", "SlowDown"])
+    ), errors[0]
     assert "4/12 files of this run are committed" in output and KEYS["AWS_SECRET_ACCESS_KEY"] not in output
 
     if fault == "503":  # every failed request was retried, with waits between tries rather than at once
@@ -193,8 +285,20 @@ def test_weights_endpoint_down_is_a_storage_failure(spark, tmp_path, demo_dir, m
         down = f"http://127.0.0.1:{s.getsockname()[1]}"
     for key, value in {**KEYS, "AWS_ENDPOINT_URL": down, "AWS_MAX_ATTEMPTS": "2"}.items():
         monkeypatch.setenv(key, value)
-    code = run_job(spark, "embed", "--input", demo_dir / "catalog" / "cat", "--output", tmp_path / "emb", "--model", "mobilenet_v2",
-                   "--weights", "s3://vehicles/models/mobilenet_v2-b0353104.pth")
+    code = run_job(
+        spark,
+        "embed",
+        "--input",
+        demo_dir / "catalog" / "cat",
+        "--output",
+        tmp_path / "emb",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        "s3://vehicles/models/mobilenet_v2-b0353104.pth",
+    )
     err = capsys.readouterr().err
-    assert code == 3 and "cannot get mobilenet_v2 weights from s3://vehicles/models/" in err and "after retries" in err, err
+    assert (
+        code == 3 and "cannot get mobilenet_v2 weights from s3://vehicles/models/" in err and "after retries" in err
+    ), err
     assert "Traceback" not in err and not (tmp_path / "emb").exists()

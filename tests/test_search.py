@@ -42,7 +42,18 @@ def test_exact_and_ivf_probing_every_cell_are_exactly_right(spark, catalog, tmp_
 def test_approximate_methods_return_k_sorted_rows_per_query_with_high_recall(spark, catalog, tmp_path, method):
     folder, vectors, _, ids = catalog
     picked = ids[:50]
-    summary = search(spark, folder / "index", tmp_path / "nb", "--query-ids", ",".join(picked), "-k", "10", "--exclude-self", "--method", method)
+    summary = search(
+        spark,
+        folder / "index",
+        tmp_path / "nb",
+        "--query-ids",
+        ",".join(picked),
+        "-k",
+        "10",
+        "--exclude-self",
+        "--method",
+        method,
+    )
     got = read_neighbours(spark, tmp_path / "nb")
     assert set(got["query_id"]) == set(picked)
     for qid, rows in got.groupby("query_id"):
@@ -65,14 +76,22 @@ def test_every_tiling_gives_the_same_answers_for_one_query_or_many(spark, catalo
     columns = ["query_id", "rank", "neighbor_id", "distance"]
     answers, plans = {}, {}
     # one task; a block a core; queries routed to ranges of cells, with blocks; a task holding 40 queries at a time
-    for name, blocks, ranges, task_bytes in [("one", 1, 1, None), ("blocks", 3, 1, None), ("routed", 1, 2, None), ("grid", 2, 3, None),
-                                              ("passes", 1, 1, 40), ("routed passes", 1, 3, 40)]:
+    for name, blocks, ranges, task_bytes in [
+        ("one", 1, 1, None),
+        ("blocks", 3, 1, None),
+        ("routed", 1, 2, None),
+        ("grid", 2, 3, None),
+        ("passes", 1, 1, 40),
+        ("routed passes", 1, 3, 40),
+    ]:
         force_plan(monkeypatch, blocks, ranges)
         if task_bytes:  # chunks of 40 queries: each its own pass over the cells they probe
             monkeypatch.setattr(tiles, "TASK_BYTES", task_bytes * (4 * 64 + plan.QUERY_STRING_BYTES))
         for queries in ("q", "q1"):
             out = tmp_path / f"{name}-{queries}".replace(" ", "-")
-            summary = search(spark, folder / "index", out, "--queries", tmp_path / queries, "-k", "7", "--method", method)
+            summary = search(
+                spark, folder / "index", out, "--queries", tmp_path / queries, "-k", "7", "--method", method
+            )
             plans[name, queries] = summary["touched"]
             answers[name, queries] = read_neighbours(spark, out)[columns].reset_index(drop=True)
             assert summary["counts"]["queries"] == len(answers[name, queries]) // 7 == (300 if queries == "q" else 1)
@@ -88,22 +107,32 @@ def test_every_tiling_gives_the_same_answers_for_one_query_or_many(spark, catalo
         assert list(answers["one", "q"]["neighbor_id"]) == [ids[i] for q in range(300) for i in truth[q]]
 
 
-def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_reads_it_once(spark, catalog, tmp_path, monkeypatch):
+def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_reads_it_once(
+    spark, catalog, tmp_path, monkeypatch
+):
     folder, *_ = catalog
     asked, _ = clustered_unit_vectors(300, dim=64, cluster_size=30, noise=0.5, seed=22)
     write_embeddings(spark, tmp_path / "q", asked, prefix="q")
     index = ivf.load(spark, str(folder / "index"))
     cells, _ = index.probe(asked, index.params.nprobe, 7)
-    holding = row_groups_holding([folder / "index" / "catalog" / f["name"] for f in index.meta["files"]], np.unique(cells))
+    holding = row_groups_holding(
+        [folder / "index" / "catalog" / f["name"] for f in index.meta["files"]], np.unique(cells)
+    )
     read = {}
     for name, blocks, ranges in [("one", 1, 1), ("blocks", 3, 1), ("routed", 1, 3)]:
         force_plan(monkeypatch, blocks, ranges)
         read[name] = search(spark, folder / "index", tmp_path / name, "--queries", tmp_path / "q", "-k", "7")["touched"]
     assert read["one"]["row_groups_read"] == holding  # one pass: every probed row group once
-    assert holding < read["blocks"]["row_groups_read"] <= 3 * holding  # each block reads the row groups its own queries probe
+    assert (
+        holding < read["blocks"]["row_groups_read"] <= 3 * holding
+    )  # each block reads the row groups its own queries probe
     # each range's tile reads its own cells' row groups; a row group holding cells of two ranges is read by both tiles
     assert holding <= read["routed"]["row_groups_read"] <= holding + 2
-    assert read["one"]["catalog_rows_scanned"] == read["routed"]["catalog_rows_scanned"] == index.plan.sizes[np.unique(cells)].sum()
+    assert (
+        read["one"]["catalog_rows_scanned"]
+        == read["routed"]["catalog_rows_scanned"]
+        == index.plan.sizes[np.unique(cells)].sum()
+    )
 
 
 def test_ties_are_broken_by_id(spark, tmp_path):
@@ -112,7 +141,9 @@ def test_ties_are_broken_by_id(spark, tmp_path):
     vectors = np.vstack([base[[i % 8 for i in range(40)]]])
     order = np.random.default_rng(1).permutation(40)
     ids = write_embeddings(spark, tmp_path / "emb", vectors[order])
-    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "4") == 0
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "4") == 0
+    )
     write_embeddings(spark, tmp_path / "q", base[:2], prefix="q")
     for method in ("exact", "ivf"):
         search(spark, tmp_path / "index", tmp_path / method, "--queries", tmp_path / "q", "-k", "3", "--method", method)
@@ -124,11 +155,27 @@ def test_ties_are_broken_by_id(spark, tmp_path):
 
 def test_odd_cells_huge_cell_empty_cells_and_short_probes(spark, tmp_path):
     rng = np.random.default_rng(5)
-    crowd = np.tile(np.array([[1.0] + [0.0] * 15], np.float32), (300, 1)) + 0.01 * rng.standard_normal((300, 16)).astype(np.float32)
+    crowd = np.tile(np.array([[1.0] + [0.0] * 15], np.float32), (300, 1)) + 0.01 * rng.standard_normal(
+        (300, 16)
+    ).astype(np.float32)
     rest, _ = clustered_unit_vectors(200, dim=16, cluster_size=10, noise=0.3, seed=6)
     vectors = np.vstack([crowd / np.linalg.norm(crowd, axis=1, keepdims=True), rest])
     ids = write_embeddings(spark, tmp_path / "emb", vectors)
-    assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index", "--cells", "60", "--max-group-rows", "40") == 0
+    assert (
+        run_job(
+            spark,
+            "index",
+            "--embeddings",
+            tmp_path / "emb",
+            "--output",
+            tmp_path / "index",
+            "--cells",
+            "60",
+            "--max-group-rows",
+            "40",
+        )
+        == 0
+    )
     index = ivf.load(spark, str(tmp_path / "index"))
     assert index.plan.sizes.max() > 40 and index.plan.parts.max() > 1  # the crowd's cell is split over groups
     assert index.meta["largest_cell"] == index.plan.sizes.max()
@@ -147,16 +194,35 @@ def test_k_larger_than_the_catalog_returns_the_whole_catalog(spark, tmp_path):
     ids = write_embeddings(spark, tmp_path / "emb", vectors)
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
     for method in ("ivf", "exact", "lsh"):
-        search(spark, tmp_path / "index", tmp_path / method, "--query-ids", ids[0], "-k", "50", "--exclude-self", "--method", method)
+        search(
+            spark,
+            tmp_path / "index",
+            tmp_path / method,
+            "--query-ids",
+            ids[0],
+            "-k",
+            "50",
+            "--exclude-self",
+            "--method",
+            method,
+        )
         got = read_neighbours(spark, tmp_path / method)
         assert set(got["neighbor_id"]) == set(ids[1:]) and list(got["rank"]) == list(range(1, 12)), method
 
 
 def test_a_shard_holding_fewer_rows_than_k_pads_cleanly_with_integer_keys():
-    # pc.rank gives uint64; against TopK's int64 keys they became float64 and the padding key overflowed (a warning per query)
+    # pc.rank gives uint64; against TopK's int64 keys they became float64 and the padding key overflowed (a warning per
+    # query)
     vectors = np.eye(3, 4, dtype=np.float32)
-    rows = pa.table({"cell": pa.array([0, 0, 1], pa.int32()), "image_id": ["c", "a", "b"], "path": ["/c", "/a", "/b"],
-                     "label": pa.nulls(3, pa.string()), "vector": binary_from_matrix(vectors)})
+    rows = pa.table(
+        {
+            "cell": pa.array([0, 0, 1], pa.int32()),
+            "image_id": ["c", "a", "b"],
+            "path": ["/c", "/a", "/b"],
+            "label": pa.nulls(3, pa.string()),
+            "vector": binary_from_matrix(vectors),
+        }
+    )
     shard = ShardRows.of(rows, 4, np.ones(3, bool))
     assert shard.keys.dtype == np.int64
     keep = TopK(2, 5)
@@ -174,11 +240,27 @@ def test_query_ids_take_paths_and_unique_path_ends_and_an_ambiguous_end_lists_it
     write_embeddings(spark, tmp_path / "test", vectors[8:], prefix="test")  # and file:/data/test/0.jpg ...
     spark.read.parquet(str(tmp_path / "test")).write.mode("append").parquet(str(tmp_path / "emb"))
     assert run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index") == 0
-    search(spark, tmp_path / "index", tmp_path / "nb", "--query-ids", f"train/3.jpg,file:/data/test/5.jpg,{ids[1]}", "-k", "1")
+    search(
+        spark,
+        tmp_path / "index",
+        tmp_path / "nb",
+        "--query-ids",
+        f"train/3.jpg,file:/data/test/5.jpg,{ids[1]}",
+        "-k",
+        "1",
+    )
     got = read_neighbours(spark, tmp_path / "nb")
     assert sorted(got["query_path"]) == ["file:/data/test/5.jpg", "file:/data/train/1.jpg", "file:/data/train/3.jpg"]
     assert (got["query_id"] == got["neighbor_id"]).all()  # each found itself: the right rows were picked
     capsys.readouterr()
-    assert run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", "3.jpg", "--output", tmp_path / "nb2") == 2
+    assert (
+        run_job(spark, "search", "--index", tmp_path / "index", "--query-ids", "3.jpg", "--output", tmp_path / "nb2")
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "file:/data/test/3.jpg" in err[0] and "file:/data/train/3.jpg" in err[0] and "several" in err[0]
+    assert (
+        len(err) == 1
+        and "file:/data/test/3.jpg" in err[0]
+        and "file:/data/train/3.jpg" in err[0]
+        and "several" in err[0]
+    )

@@ -19,16 +19,33 @@ def test_an_index_from_an_older_version_says_rebuild(spark, catalog, tmp_path, c
     assert len(err) == 1 and "older version" in err[0] and "rebuild" in err[0]
 
 
-@pytest.mark.parametrize("case", ["missing columns", "mixed dims", "empty catalog", "unknown ids", "other model", "other weights", "mixed weights", "not an index",
-                                  "no lsh keys", "queries mixing weights", "queries of another length", "queries of another length, exact",
-                                  "queries of another length, routed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing columns",
+        "mixed dims",
+        "empty catalog",
+        "unknown ids",
+        "other model",
+        "other weights",
+        "mixed weights",
+        "not an index",
+        "no lsh keys",
+        "queries mixing weights",
+        "queries of another length",
+        "queries of another length, exact",
+        "queries of another length, routed",
+    ],
+)
 def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, monkeypatch, case):
     folder, vectors, _, ids = catalog
     if case.endswith("routed"):  # seen by the tasks that route the queries, before the tiles' tasks
         force_plan(monkeypatch, 1, 2)
     index_args = ["search", "--index", folder / "index", "--output", tmp_path / "nb"]
     if case == "missing columns":
-        spark.createDataFrame([("a", [1.0])], "image_id string, embedding array<float>").write.parquet(str(tmp_path / "bad"))
+        spark.createDataFrame([("a", [1.0])], "image_id string, embedding array<float>").write.parquet(
+            str(tmp_path / "bad")
+        )
         args = ["index", "--embeddings", tmp_path / "bad", "--output", tmp_path / "i"]
     elif case == "mixed dims":
         write_embeddings(spark, tmp_path / "bad", vectors[:5])
@@ -63,8 +80,23 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, monkeypatch, 
         args = [*index_args, "--queries", tmp_path / "q", *(["--method", "exact"] if case.endswith("exact") else [])]
     elif case == "no lsh keys":
         write_embeddings(spark, tmp_path / "e", vectors[:50])
-        assert run_job(spark, "index", "--embeddings", tmp_path / "e", "--output", tmp_path / "i", "--num-hash-tables", "0") == 0
-        args = ["search", "--index", tmp_path / "i", "--query-ids", "img00001", "--output", tmp_path / "nb", "--method", "lsh"]
+        assert (
+            run_job(
+                spark, "index", "--embeddings", tmp_path / "e", "--output", tmp_path / "i", "--num-hash-tables", "0"
+            )
+            == 0
+        )
+        args = [
+            "search",
+            "--index",
+            tmp_path / "i",
+            "--query-ids",
+            "img00001",
+            "--output",
+            tmp_path / "nb",
+            "--method",
+            "lsh",
+        ]
     else:
         args = ["search", "--index", tmp_path, "--query-ids", ids[0], "--output", tmp_path / "nb"]
     capsys.readouterr()

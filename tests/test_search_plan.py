@@ -12,10 +12,28 @@ from jobs.search import plan
 def index_of(rows: int, dim: int, cells: int, files: int, row_bytes: int) -> Index:
     """An index's sizes alone (the plan looks at nothing else)."""
     sizes = np.full(cells, rows // cells, np.int64)
-    meta = {"files": [{"name": f"part-{i}", "first_group": i, "last_group": i, "rows": rows // files, "bytes": rows // files * row_bytes}
-                      for i in range(files)]}
-    return Index("mem://index", "resnet18", dim, rows, IvfParams(cells, 1, 0, 0, 0), np.zeros((cells, dim), np.float32),
-                 CellPlan.build(sizes, rows), meta=meta)
+    meta = {
+        "files": [
+            {
+                "name": f"part-{i}",
+                "first_group": i,
+                "last_group": i,
+                "rows": rows // files,
+                "bytes": rows // files * row_bytes,
+            }
+            for i in range(files)
+        ]
+    }
+    return Index(
+        "mem://index",
+        "resnet18",
+        dim,
+        rows,
+        IvfParams(cells, 1, 0, 0, 0),
+        np.zeros((cells, dim), np.float32),
+        CellPlan.build(sizes, rows),
+        meta=meta,
+    )
 
 
 GLOVE = index_of(300_000, 50, 2191, 4, 500)  # ~150 MB, as the bench's GloVe 300k with long ids and paths
@@ -25,7 +43,11 @@ LARGE = index_of(1_000_000, 512, 4000, 34, 2200)  # ~2.2 GB
 @pytest.mark.parametrize("index,nprobe", [(GLOVE, 105), (LARGE, 4)])
 def test_one_query_is_one_task_that_reads_only_its_cells(index, nprobe):
     chosen = plan.choose(index, 1, nprobe, cores=2)
-    assert chosen.tiles == 1 and not chosen.routed and chosen.expected_read <= index.catalog_bytes * 2 * nprobe / index.cells
+    assert (
+        chosen.tiles == 1
+        and not chosen.routed
+        and chosen.expected_read <= index.catalog_bytes * 2 * nprobe / index.cells
+    )
 
 
 def test_an_exact_search_of_one_query_splits_the_catalog_over_the_cores_and_reads_it_once():
@@ -44,7 +66,11 @@ def test_many_queries_on_a_small_catalog_are_split_over_the_cores_where_they_are
 def test_queries_go_to_the_cells_of_a_large_catalog_in_an_object_store_and_each_byte_is_read_once(queries):
     chosen = plan.choose(LARGE, queries, 1, cores=2, remote=True)
     blocks = plan.estimate(LARGE, queries, 1, 2, 2, 1, remote=True)
-    assert chosen.routed and chosen.expected_read < blocks.expected_read and chosen.expected_read <= 0.5 * LARGE.catalog_bytes
+    assert (
+        chosen.routed
+        and chosen.expected_read < blocks.expected_read
+        and chosen.expected_read <= 0.5 * LARGE.catalog_bytes
+    )
 
 
 def test_the_catalog_against_itself_reads_it_in_place_rather_than_shuffling_it():
@@ -68,7 +94,10 @@ def test_ranges_hold_about_as_many_rows_each_and_a_big_cell_a_range_of_its_own()
     bounds = plan.range_bounds(sizes, 3)
     rows = [sizes[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
     assert bounds[0] == 0 and bounds[-1] == len(sizes) and sum(rows) == sizes.sum() and len(rows) <= 3
-    assert all(r <= sizes.sum() / 3 + 1 or b - a == 1 or sizes[a:b].max() > sizes.sum() / 3 for r, a, b in zip(rows, bounds[:-1], bounds[1:]))
+    assert all(
+        r <= sizes.sum() / 3 + 1 or b - a == 1 or sizes[a:b].max() > sizes.sum() / 3
+        for r, a, b in zip(rows, bounds[:-1], bounds[1:])
+    )
 
 
 @pytest.mark.parametrize("index,nprobe", [(GLOVE, 105), (LARGE, 1), (LARGE, None)])

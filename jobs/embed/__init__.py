@@ -1,7 +1,8 @@
 """embed: image files (local dir or any Hadoop URI) -> L2-normalised CNN embeddings as Parquet.
 
 plan.py lists the images and plans what to compute (incremental re-runs skip unchanged files),
-model.py decodes and embeds them in batches on the executors, on the backend backends.py chose (the fastest faithful one),
+model.py decodes and embeds them in batches on the executors, on the backend backends.py chose (the fastest faithful
+one),
 write.py appends each chunk to the table, so that an interrupted run resumes where it stopped.
 """
 
@@ -21,31 +22,88 @@ from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.weights import load_weights
 
-__all__ = ["EMBEDDINGS_COLUMNS", "EMBEDDINGS_SCHEMA", "EmbedConfig", "add_arguments", "embed_images", "plan_files", "run"]
+__all__ = [
+    "EMBEDDINGS_COLUMNS",
+    "EMBEDDINGS_SCHEMA",
+    "EmbedConfig",
+    "add_arguments",
+    "embed_images",
+    "plan_files",
+    "run",
+]
 log = get_logger("jobs.embed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="folder or URI of images, read recursively (local, s3a://, s3://, gs://, hdfs://)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="folder or URI of images, read recursively (local, s3a://, s3://, gs://, hdfs://)",
+    )
     parser.add_argument("--output", required=True, help="embeddings table (Parquet folder or URI)")
-    parser.add_argument("--labels", help="labels CSV (path,label[,x1,y1,x2,y2]) or Stanford Cars annos CSV/.mat; default: parent folder name")
-    parser.add_argument("--crop-to-box", action="store_true", help="crop to the labels file's bounding box before resizing")
+    parser.add_argument(
+        "--labels",
+        help="labels CSV (path,label[,x1,y1,x2,y2]) or Stanford Cars annos CSV/.mat; default: parent folder name",
+    )
+    parser.add_argument(
+        "--crop-to-box", action="store_true", help="crop to the labels file's bounding box before resizing"
+    )
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"], help="backbone")
-    parser.add_argument("--weights", help="checkpoint: local path, s3:// URI or https URL (default: torchvision's, cached in $TORCH_HOME/hub/checkpoints)")
+    parser.add_argument(
+        "--weights",
+        help="checkpoint: local path, s3:// URI or https URL (default: torchvision's, cached in "
+        "$TORCH_HOME/hub/checkpoints)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (and per Arrow batch)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = fp32; bf16 autocast is opt-in (see bench/README.md: it changes neighbours)")
-    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                        help=f"how the model runs; auto = the first of {', '.join(AUTO_ORDER)} that is installed and gives eager's vectors "
-                             "(cosine >= 0.9999); one that is unavailable falls back with one log line")
-    parser.add_argument("--mode", default="incremental", choices=["incremental", "overwrite"], help="incremental skips files whose path, length and modification time are in the output")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images become error rows (decompression-bomb guard)")
-    parser.add_argument("--max-error-rate", type=float, default=0.5, help="fail (exit 2) when more than this fraction of new files cannot be embedded (1 never fails)")
-    parser.add_argument("--chunk-files", type=int, default=20000, help="files per committed chunk: an interrupted run loses at most one chunk")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto = fp32; bf16 autocast is opt-in (see bench/README.md: it changes neighbours)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", *BACKENDS],
+        help=f"how the model runs; auto = the first of {', '.join(AUTO_ORDER)} that is installed and gives eager's "
+        f"vectors "
+        "(cosine >= 0.9999); one that is unavailable falls back with one log line",
+    )
+    parser.add_argument(
+        "--mode",
+        default="incremental",
+        choices=["incremental", "overwrite"],
+        help="incremental skips files whose path, length and modification time are in the output",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images become error rows (decompression-bomb guard)",
+    )
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.5,
+        help="fail (exit 2) when more than this fraction of new files cannot be embedded (1 never fails)",
+    )
+    parser.add_argument(
+        "--chunk-files",
+        type=int,
+        default=20000,
+        help="files per committed chunk: an interrupted run loses at most one chunk",
+    )
     parser.add_argument("--log-every", type=int, default=10, help="log throughput every N batches per task")
-    parser.add_argument("--reader", choices=["auto", "direct", "spark"], default="auto",
-                        help="direct: each task reads its photos with pyarrow (local, s3a/s3, gs); spark: Spark's binaryFile reader "
-                             "(any Hadoop filesystem); auto: direct where pyarrow opens the input")
-    parser.add_argument("--extensions", default=",".join(IMAGE_EXTENSIONS), help="file extensions to read (case-insensitive)")
+    parser.add_argument(
+        "--reader",
+        choices=["auto", "direct", "spark"],
+        default="auto",
+        help="direct: each task reads its photos with pyarrow (local, s3a/s3, gs); spark: Spark's binaryFile reader "
+        "(any Hadoop filesystem); auto: direct where pyarrow opens the input",
+    )
+    parser.add_argument(
+        "--extensions", default=",".join(IMAGE_EXTENSIONS), help="file extensions to read (case-insensitive)"
+    )
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
@@ -54,7 +112,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.chunk_files < 1:
         raise UsageError("--batch-size and --chunk-files must be at least 1")
     with summary.stage("list"):
-        plan = make_plan(spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box)
+        plan = make_plan(
+            spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box
+        )
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(plan.listing), len(plan.todo), plan.skipped)
     precision = resolve_precision(args.precision)
     with summary.stage("weights"):
@@ -74,7 +134,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     weights_bc = spark.sparkContext.broadcast(weights.data)
     backend_bc = spark.sparkContext.broadcast(backend)
     with summary.stage("embed"):
-        write_chunks(spark, plan, args.model, args.chunk_files, lambda chunk: embed_images(read_files(spark, chunk, photos), config, weights.sha256, weights_bc, backend_bc))
+        write_chunks(
+            spark,
+            plan,
+            args.model,
+            args.chunk_files,
+            lambda chunk: embed_images(
+                read_files(spark, chunk, photos), config, weights.sha256, weights_bc, backend_bc
+            ),
+        )
     with summary.stage("commit"):
         commit(spark, plan, args.output)
 
@@ -82,10 +150,21 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     outcome = Outcome(table, plan.todo["path"].tolist(), spark)
     vanished = len(plan.todo) - outcome.embedded - outcome.failed
     seconds = summary.data["seconds"].get("embed", 0.0)
-    summary.count(read=len(plan.listing), embedded=outcome.embedded, failed=outcome.failed, skipped=plan.skipped,
-                  vanished=vanished, table_rows=table.count())
+    summary.count(
+        read=len(plan.listing),
+        embedded=outcome.embedded,
+        failed=outcome.failed,
+        skipped=plan.skipped,
+        vanished=vanished,
+        table_rows=table.count(),
+    )
     summary.set(
-        input=args.input, output=args.output, model=args.model, precision=precision, backend=backend.name, photos_read_by="tasks" if photos else "spark",
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        precision=precision,
+        backend=backend.name,
+        photos_read_by="tasks" if photos else "spark",
         weights={"source": weights.source, "sha256": weights.sha256},
         images_per_second=round((outcome.embedded + outcome.failed) / seconds, 2) if seconds else None,
         **outcome.summary(),
@@ -93,10 +172,14 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
     rows = [
-        ("input", args.input), ("output", args.output),
+        ("input", args.input),
+        ("output", args.output),
         ("model", f"{args.model} ({precision}, {backend.name}), weights sha256 {weights.sha256[:12]}"),
-        ("images listed", len(plan.listing)), ("embedded", outcome.embedded), ("failed", outcome.failed),
-        ("skipped (unchanged)", plan.skipped), ("vanished before read", vanished),
+        ("images listed", len(plan.listing)),
+        ("embedded", outcome.embedded),
+        ("failed", outcome.failed),
+        ("skipped (unchanged)", plan.skipped),
+        ("vanished before read", vanished),
         ("table rows", summary.data["counts"]["table_rows"]),
         ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} embedding"),
         ("images/s", summary.data["images_per_second"]),

@@ -1,4 +1,5 @@
-"""embed, how the model runs: eager PyTorch, TorchScript or ONNX Runtime, chosen once on the driver by fidelity to eager."""
+"""embed, how the model runs: eager PyTorch, TorchScript or ONNX Runtime, chosen once on the driver by fidelity to
+eager."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def _probe(n: int = 2) -> np.ndarray:
     """Deterministic photo-like crops (smooth colour fields plus grain) for the driver's fidelity check."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:CROP, 0:CROP] / CROP
-    fields = [np.stack([np.sin(6 * xx + k) , np.cos(5 * yy - k), np.sin(4 * (xx + yy) + 2 * k)], -1) for k in range(n)]
+    fields = [np.stack([np.sin(6 * xx + k), np.cos(5 * yy - k), np.sin(4 * (xx + yy) + 2 * k)], -1) for k in range(n)]
     return np.clip(np.stack(fields) * 90 + 128 + rng.normal(0, 12, (n, CROP, CROP, 3)), 0, 255).astype(np.uint8)
 
 
@@ -97,8 +98,16 @@ def export(name: str, model: str, weights: bytes) -> bytes:
     elif name == "onnxruntime":
         import onnxruntime  # noqa: F401 - fail here, before exporting, where it is not installed
 
-        torch.onnx.export(net, (example,), buffer, dynamo=False, input_names=["crops"], output_names=["vectors"],
-                          dynamic_axes={"crops": {0: "batch"}, "vectors": {0: "batch"}}, opset_version=17)
+        torch.onnx.export(
+            net,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["crops"],
+            output_names=["vectors"],
+            dynamic_axes={"crops": {0: "batch"}, "vectors": {0: "batch"}},
+            opset_version=17,
+        )
     else:
         raise ValueError(f"unknown backend {name}")
     return buffer.getvalue()
@@ -146,7 +155,9 @@ def pick_backend(requested: str, model: str, weights: bytes, precision: str) -> 
     """choose_backend without the memory."""
     if precision == "bf16" or _device().type == "cuda":
         if requested not in ("auto", "eager"):
-            log.warning("backend %s runs fp32 on CPU only; using eager for %s on %s", requested, precision, _device().type)
+            log.warning(
+                "backend %s runs fp32 on CPU only; using eager for %s on %s", requested, precision, _device().type
+            )
         return Backend("eager")
     candidates = AUTO_ORDER if requested == "auto" else (requested,)
     if candidates[0] == "eager":

@@ -48,9 +48,12 @@ def runner_for(config: EmbedConfig, backend: Backend, weights: Callable[[], byte
         try:
             return load_runner(backend, threads)
         except Exception as e:  # e.g. onnxruntime missing from this executor's Python
-            log.warning("backend %s unavailable on this executor (%s); using eager", config.backend, f"{type(e).__name__}: {e}"[:200])
+            log.warning(
+                "backend %s unavailable on this executor (%s); using eager",
+                config.backend,
+                f"{type(e).__name__}: {e}"[:200],
+            )
     return eager_runner(config.model, weights(), config.precision)
-
 
 
 class Embedder:
@@ -77,7 +80,9 @@ def _set_torch_threads() -> None:
         torch.set_num_threads(threads)  # one thread per task core: two tasks never fight over a core
 
 
-def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256: str, weights: Any, backend: Any) -> Iterator[pd.DataFrame]:
+def embed_partition(
+    batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256: str, weights: Any, backend: Any
+) -> Iterator[pd.DataFrame]:
     """Executor side: decode, preprocess and embed each Arrow batch; a bad file becomes an error row."""
     _set_torch_threads()
     embed = Embedder.get(config, sha256, weights, backend)
@@ -120,13 +125,22 @@ def embed_partition(batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256
         images += n
         n_batches += 1
         if config.log_every and n_batches % config.log_every == 0:
-            task_log.info("task %s: %d images, %.1f images/s", _task_id(), images, images / (time.perf_counter() - started))
+            task_log.info(
+                "task %s: %d images, %.1f images/s", _task_id(), images, images / (time.perf_counter() - started)
+            )
         yield _rows(batch, widths, heights, vectors, errors, config.model)
         mark = time.perf_counter()
     if images:
         rate = images / (time.perf_counter() - started)
-        task_log.info("task %s done: %d images, %.1f images/s, backend %s, seconds: %s, peak RSS %.0f MB", _task_id(), images, rate, config.backend,
-                      ", ".join(f"{k} {v:.2f}" for k, v in spent.items()), _peak_rss_mb())
+        task_log.info(
+            "task %s done: %d images, %.1f images/s, backend %s, seconds: %s, peak RSS %.0f MB",
+            _task_id(),
+            images,
+            rate,
+            config.backend,
+            ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
+            _peak_rss_mb(),
+        )
 
 
 def read_photos(filesystem: Any, batch: pd.DataFrame) -> tuple[pd.DataFrame, list[bytes]]:
@@ -150,18 +164,20 @@ def _peak_rss_mb() -> float:
 
 def _rows(batch: pd.DataFrame, widths: list, heights: list, vectors: list, errors: list, model: str) -> pd.DataFrame:
     """One output frame in the executors' schema."""
-    return pd.DataFrame({
-        "image_id": batch["image_id"],
-        "path": batch["path"],
-        "label": batch["label"],
-        "width": pd.array(widths, dtype="Int32"),
-        "height": pd.array(heights, dtype="Int32"),
-        "model": model,
-        "embedding": vectors,
-        "error": errors,
-        "length": batch["length"],
-        "modification_us": batch["modification_us"],
-    })
+    return pd.DataFrame(
+        {
+            "image_id": batch["image_id"],
+            "path": batch["path"],
+            "label": batch["label"],
+            "width": pd.array(widths, dtype="Int32"),
+            "height": pd.array(heights, dtype="Int32"),
+            "model": model,
+            "embedding": vectors,
+            "error": errors,
+            "length": batch["length"],
+            "modification_us": batch["modification_us"],
+        }
+    )
 
 
 def _task_id() -> str:
@@ -175,5 +191,8 @@ def embed_images(files: DataFrame, config: EmbedConfig, sha256: str, weights: An
     """Files (path, content, plan columns) to rows of the embeddings contract; weights and backend are broadcasts."""
     with_ids = files.withColumn("image_id", F.sha1(F.col("path")))
     embedded = with_ids.mapInPandas(lambda it: embed_partition(it, config, sha256, weights, backend), _EMBEDDED_SCHEMA)
-    return (embedded.withColumn("modification_time", F.timestamp_micros("modification_us"))
-            .withColumn("weights_sha256", F.lit(sha256)).select(EMBEDDINGS_COLUMNS))
+    return (
+        embedded.withColumn("modification_time", F.timestamp_micros("modification_us"))
+        .withColumn("weights_sha256", F.lit(sha256))
+        .select(EMBEDDINGS_COLUMNS)
+    )

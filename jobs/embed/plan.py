@@ -20,22 +20,26 @@ from jobs.tables import read_parquet_or_explain
 
 log = get_logger("jobs.embed")
 
-EMBEDDINGS_SCHEMA = T.StructType([
-    T.StructField("image_id", T.StringType(), False),
-    T.StructField("path", T.StringType(), False),
-    T.StructField("label", T.StringType(), True),
-    T.StructField("width", T.IntegerType(), True),
-    T.StructField("height", T.IntegerType(), True),
-    T.StructField("model", T.StringType(), False),
-    T.StructField("embedding", T.ArrayType(T.FloatType()), True),
-    T.StructField("error", T.StringType(), True),
-    T.StructField("length", T.LongType(), False),
-    T.StructField("modification_time", T.TimestampType(), False),
-    # provenance: search checks that queries and catalog come from the same checkpoint
-    T.StructField("weights_sha256", T.StringType(), True),
-])
+EMBEDDINGS_SCHEMA = T.StructType(
+    [
+        T.StructField("image_id", T.StringType(), False),
+        T.StructField("path", T.StringType(), False),
+        T.StructField("label", T.StringType(), True),
+        T.StructField("width", T.IntegerType(), True),
+        T.StructField("height", T.IntegerType(), True),
+        T.StructField("model", T.StringType(), False),
+        T.StructField("embedding", T.ArrayType(T.FloatType()), True),
+        T.StructField("error", T.StringType(), True),
+        T.StructField("length", T.LongType(), False),
+        T.StructField("modification_time", T.TimestampType(), False),
+        # provenance: search checks that queries and catalog come from the same checkpoint
+        T.StructField("weights_sha256", T.StringType(), True),
+    ]
+)
 EMBEDDINGS_COLUMNS = EMBEDDINGS_SCHEMA.fieldNames()
-REQUIRED_COLUMNS = [c for c in EMBEDDINGS_COLUMNS if c != "weights_sha256"]  # tables from before the digest column stay readable
+REQUIRED_COLUMNS = [
+    c for c in EMBEDDINGS_COLUMNS if c != "weights_sha256"
+]  # tables from before the digest column stay readable
 PLAN_COLUMNS = ["path", "length", "modification_us", "label", "x1", "y1", "x2", "y2"]
 PLAN_SCHEMA = "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double"
 MAX_BINARY_FILE_BYTES = 2**31 - 1  # Spark's binaryFile cannot read a file larger than this
@@ -56,8 +60,10 @@ class Plan:
         """An incremental run adds to a table only vectors from the same checkpoint."""
         others = [w for w in self.weights_done if w != sha256]
         if others:
-            raise UsageError(f"output {output} holds vectors from other weights (sha256 {others[0][:12]}), not {sha256[:12]}; "
-                             "use --mode overwrite or another --output")
+            raise UsageError(
+                f"output {output} holds vectors from other weights (sha256 {others[0][:12]}), not {sha256[:12]}; "
+                "use --mode overwrite or another --output"
+            )
 
     @property
     def skipped(self) -> int:
@@ -70,8 +76,16 @@ class Plan:
         return self.todo[~self.todo.index.isin(self.readable().index)]
 
 
-def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode: str,
-              extensions: list[str], labels_uri: str | None, crop_to_box: bool) -> Plan:
+def make_plan(
+    spark: SparkSession,
+    input_uri: str,
+    output: str,
+    model: str,
+    mode: str,
+    extensions: list[str],
+    labels_uri: str | None,
+    crop_to_box: bool,
+) -> Plan:
     """List the input, find the table to add to (or a killed first run's chunks) and plan the work."""
     listing = list_images(spark, input_uri, extensions)
     labels = read_labels(spark, labels_uri) if labels_uri else None
@@ -87,10 +101,21 @@ def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode
             storage.delete(spark, staging)
     done = (
         existing.select("path", "length", F.unix_micros("modification_time").alias("modification_us")).toPandas()
-        if existing is not None else None
+        if existing is not None
+        else None
     )
-    weights_done = ([r[0] for r in existing.where(F.col("weights_sha256").isNotNull()).select("weights_sha256").distinct().limit(3).collect()]
-                    if existing is not None and "weights_sha256" in existing.columns else [])
+    weights_done = (
+        [
+            r[0]
+            for r in existing.where(F.col("weights_sha256").isNotNull())
+            .select("weights_sha256")
+            .distinct()
+            .limit(3)
+            .collect()
+        ]
+        if existing is not None and "weights_sha256" in existing.columns
+        else []
+    )
     todo, changed = plan_files(listing, done)
     todo = todo.merge(label_files(todo["path"], labels), on="path", how="left")
     if not crop_to_box:
@@ -102,7 +127,10 @@ def make_plan(spark: SparkSession, input_uri: str, output: str, model: str, mode
 def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
     """path, length, modification_us of every image file under input_uri (file contents are not read)."""
     if not storage.matches(spark, input_uri):
-        raise UsageError(f"input {input_uri} does not exist" + (" (the pattern matches nothing)" if any(c in input_uri for c in "*?[{") else ""))
+        raise UsageError(
+            f"input {input_uri} does not exist"
+            + (" (the pattern matches nothing)" if any(c in input_uri for c in "*?[{") else "")
+        )
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
@@ -113,7 +141,9 @@ def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> p
     # Spark's scan drops zero-byte files; its file index still knows them, and they deserve an error row
     indexed = files.inputFiles()
     if len(indexed) > len(listing):
-        listing = pd.concat([listing, storage.stat_files(spark, indexed, exclude=set(listing["path"]))], ignore_index=True)
+        listing = pd.concat(
+            [listing, storage.stat_files(spark, indexed, exclude=set(listing["path"]))], ignore_index=True
+        )
     if listing.empty:
         raise UsageError(f"no image files ({', '.join(extensions)}) under {input_uri}")
     return listing
@@ -123,13 +153,21 @@ def read_existing(spark: SparkSession, output: str, model: str) -> DataFrame | N
     """The embeddings table already at output, checked to be one this model can add to."""
     if not storage.exists(spark, output):
         return None
-    table = read_parquet_or_explain(spark, output, f"output {output} exists and is not an embeddings table; use another --output")
+    table = read_parquet_or_explain(
+        spark, output, f"output {output} exists and is not an embeddings table; use another --output"
+    )
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise UsageError(f"output {output} exists but is not an embeddings table (missing {', '.join(missing)}); use another --output")
+        raise UsageError(
+            f"output {output} exists but is not an embeddings table (missing {', '.join(missing)}); use another "
+            f"--output"
+        )
     models = [r.model for r in table.select("model").distinct().limit(3).collect()]
     if models and models != [model]:
-        raise UsageError(f"output {output} holds {', '.join(models)} embeddings, not {model}; use --mode overwrite or another --output")
+        raise UsageError(
+            f"output {output} holds {', '.join(models)} embeddings, not {model}; use --mode overwrite or another "
+            f"--output"
+        )
     return table
 
 
@@ -171,7 +209,8 @@ def balanced_partitions(files: int, parallelism: int, per_task: int = 256) -> in
 
 
 def photo_location(spark: SparkSession, paths: pd.Series) -> Location | None:
-    """Where the executors open the photos themselves with pyarrow (local, S3, GCS), checked on the first; None: Spark reads them."""
+    """Where the executors open the photos themselves with pyarrow (local, S3, GCS), checked on the first; None: Spark
+    reads them."""
     if paths.empty:
         return None
     place = location(spark, paths.iloc[0])
@@ -188,8 +227,14 @@ def read_files(spark: SparkSession, chunk: pd.DataFrame, place: Location | None)
         return plan_df.repartition(partitions)
     # Spark looks up every listed path before reading, in one task per path past 32 paths: 20 ms a photo on a
     # 2-core machine, more than decoding it. A few tasks per core look them all up as well.
-    with session_setting(spark, "spark.sql.sources.parallelPartitionDiscovery.parallelism", str(2 * spark.sparkContext.defaultParallelism)):
-        contents = spark.read.format("binaryFile").load([escape_glob(p) for p in chunk["path"]]).select("path", "content")
+    with session_setting(
+        spark,
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism",
+        str(2 * spark.sparkContext.defaultParallelism),
+    ):
+        contents = (
+            spark.read.format("binaryFile").load([escape_glob(p) for p in chunk["path"]]).select("path", "content")
+        )
     return contents.join(F.broadcast(plan_df), "path").repartition(partitions)
 
 
@@ -208,7 +253,8 @@ def error_rows(spark: SparkSession, rejected: pd.DataFrame, model: str) -> DataF
     ]
     frame = spark.createDataFrame(
         rows,
-        "path string, label string, width int, height int, model string, embedding array<float>, error string, length long, modification_us long",
+        "path string, label string, width int, height int, model string, embedding array<float>, error string, "
+        "length long, modification_us long",
     )
     return (
         frame.withColumn("image_id", F.sha1("path"))

@@ -18,7 +18,9 @@ log = get_logger("jobs.embed")
 FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the pattern, bounded for a big input
 
 
-def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[pd.DataFrame], DataFrame]) -> None:
+def write_chunks(
+    spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[pd.DataFrame], DataFrame]
+) -> None:
     """Embed the plan's files chunk by chunk, each chunk committed to plan.target before the next starts."""
     readable, rejected = plan.readable(), plan.rejected()
     # a killed run can leave committed task files in _temporary that the next append would adopt
@@ -32,8 +34,15 @@ def write_chunks(spark: SparkSession, plan: Plan, model: str, chunk_files: int, 
         try:
             embed(chunk).write.mode("append").parquet(plan.target)
         except Exception:
-            log.warning("chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
-                        "with the same --output keeps them", n, len(chunks), done_files, len(readable), plan.target)
+            log.warning(
+                "chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
+                "with the same --output keeps them",
+                n,
+                len(chunks),
+                done_files,
+                len(readable),
+                plan.target,
+            )
             raise
         done_files += len(chunk)
         rate = done_files / (time.perf_counter() - started)
@@ -56,9 +65,11 @@ def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> Da
     keys = spark.createDataFrame(stale[["path", "length", "modification_us"]])
     if "weights_sha256" not in table.columns:  # a table from before the digest column
         table = table.withColumn("weights_sha256", F.lit(None).cast("string"))
-    return table.withColumn("modification_us", F.unix_micros("modification_time")).join(
-        F.broadcast(keys), ["path", "length", "modification_us"], "left_anti"
-    ).select(EMBEDDINGS_COLUMNS)
+    return (
+        table.withColumn("modification_us", F.unix_micros("modification_time"))
+        .join(F.broadcast(keys), ["path", "length", "modification_us"], "left_anti")
+        .select(EMBEDDINGS_COLUMNS)
+    )
 
 
 class Outcome:
@@ -77,7 +88,9 @@ class Outcome:
         self.reasons = sorted(((r.error, r["count"]) for r in counts if r.error is not None), key=lambda x: -x[1])
         self.failed = sum(n for _, n in self.reasons)
         if self.failed:
-            first = mine.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
+            first = (
+                mine.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
+            )
             self.failed_files = [(r.path, r.error) for r in first.collect()]
 
     def summary(self) -> dict:
@@ -90,7 +103,11 @@ class Outcome:
         """What the console summary says about failures: reasons by count, then the first failed files."""
         lines = [f"failed x{n}: {e}" for e, n in self.reasons[:5]]
         if self.failed_files:
-            more = f" (first {len(self.failed_files)} of {self.failed}, by path)" if self.failed > len(self.failed_files) else ""
+            more = (
+                f" (first {len(self.failed_files)} of {self.failed}, by path)"
+                if self.failed > len(self.failed_files)
+                else ""
+            )
             lines.append(f"failed files{more}:")
             lines += [f"  {p}: {e}" for p, e in self.failed_files]
         return lines

@@ -34,8 +34,14 @@ class Calibration:
     def report(self) -> dict:
         """For index.json: the target, the sample, the nprobe chosen and the recall at it and at powers of two."""
         shown = sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= len(self.recall)} | {self.nprobe})
-        return {"target_recall": self.target, "k": self.k, "sample": self.sample, "nprobe": self.nprobe, "recall": round(float(self.recall[self.nprobe - 1]), 4),
-                "recall_at": {str(p): round(float(self.recall[p - 1]), 4) for p in shown}}
+        return {
+            "target_recall": self.target,
+            "k": self.k,
+            "sample": self.sample,
+            "nprobe": self.nprobe,
+            "recall": round(float(self.recall[self.nprobe - 1]), 4),
+            "recall_at": {str(p): round(float(self.recall[p - 1]), 4) for p in shown},
+        }
 
 
 def exact_neighbour_cells(assigned: DataFrame, sample: np.ndarray, sample_ids: list[str], k: int) -> np.ndarray:
@@ -56,14 +62,21 @@ def exact_neighbour_cells(assigned: DataFrame, sample: np.ndarray, sample_ids: l
                     if image_id in own:
                         d2[own[image_id], col] = np.inf
                 cols, values = nearest(np.concatenate([best_d2, d2], axis=1), np.arange(k + d2.shape[1]), k)
-                cells = np.concatenate([best_cell, np.broadcast_to(rows.column("cell").to_numpy().astype(np.int32), d2.shape)], axis=1)
+                cells = np.concatenate(
+                    [best_cell, np.broadcast_to(rows.column("cell").to_numpy().astype(np.int32), d2.shape)], axis=1
+                )
                 best_d2, best_cell = values, np.take_along_axis(cells, np.maximum(cols, 0), axis=1)
         found = np.isfinite(best_d2)
         query, _ = np.nonzero(found)
-        yield pa.RecordBatch.from_arrays([pa.array(query.astype(np.int32)), pa.array(best_d2[found]), pa.array(best_cell[found])], names=["q", "d2", "cell"])
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(query.astype(np.int32)), pa.array(best_d2[found]), pa.array(best_cell[found])],
+            names=["q", "d2", "cell"],
+        )
 
     partial = assigned.select("image_id", "cell", "vector").mapInArrow(nearest_here, "q int, d2 float, cell int")
-    top = partial.withColumn("rank", F.row_number().over(Window.partitionBy("q").orderBy("d2"))).where(F.col("rank") <= k)
+    top = partial.withColumn("rank", F.row_number().over(Window.partitionBy("q").orderBy("d2"))).where(
+        F.col("rank") <= k
+    )
     cells = np.full((len(sample), k), -1, np.int32)
     for row in top.collect():  # sample x k rows
         cells[row["q"], row["rank"] - 1] = row["cell"]
@@ -83,11 +96,19 @@ def recall_curve(sample: np.ndarray, centroids: np.ndarray, neighbour_cells: np.
     return np.cumsum(np.bincount(ranks, minlength=len(centroids))) / max(known.sum(), 1)
 
 
-def calibrate(assigned: DataFrame, centroids: np.ndarray, count: int, target: float, sample_size: int, k: int, seed: int) -> Calibration:
+def calibrate(
+    assigned: DataFrame, centroids: np.ndarray, count: int, target: float, sample_size: int, k: int, seed: int
+) -> Calibration:
     """The smallest nprobe whose recall@k on a seeded sample of the catalog (self excluded) reaches target."""
     fraction = min(1.0, 2.0 * sample_size / max(count, 1))
-    rows = assigned.sample(fraction=fraction, seed=seed).select("image_id", "vector").limit(sample_size).collect()  # at most sample_size rows
-    sample = np.stack([np.frombuffer(r["vector"], np.float32) for r in rows]) if rows else np.empty((0, centroids.shape[1]), np.float32)
+    rows = (
+        assigned.sample(fraction=fraction, seed=seed).select("image_id", "vector").limit(sample_size).collect()
+    )  # at most sample_size rows
+    sample = (
+        np.stack([np.frombuffer(r["vector"], np.float32) for r in rows])
+        if rows
+        else np.empty((0, centroids.shape[1]), np.float32)
+    )
     curve = recall_curve(sample, centroids, exact_neighbour_cells(assigned, sample, [r["image_id"] for r in rows], k))
     nprobe = int(np.searchsorted(curve, target - 1e-9) + 1) if len(curve) else 1
     return Calibration(target, k, len(rows), curve, min(nprobe, len(centroids)))

@@ -22,17 +22,34 @@ ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the dist
 
 def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:
     """image_id, path, label, cell (nearest centroid), vector (float32 bytes) and, with lsh, buckets."""
-    schema = "image_id string, path string, label string, cell int, vector binary" + (", buckets array<bigint>" if lsh else "")
+    schema = "image_id string, path string, label string, cell int, vector binary" + (
+        ", buckets array<bigint>" if lsh else ""
+    )
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             matrix = matrix_from_list(batch.column("embedding"))
-            cells = np.concatenate([np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
-                                    for s in range(0, len(matrix), ASSIGN_ROWS)] or [np.empty(0, np.int64)])
-            columns = [batch.column("image_id"), batch.column("path"), batch.column("label"), pa.array(cells.astype(np.int32)), binary_from_matrix(matrix)]
+            cells = np.concatenate(
+                [
+                    np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
+                    for s in range(0, len(matrix), ASSIGN_ROWS)
+                ]
+                or [np.empty(0, np.int64)]
+            )
+            columns = [
+                batch.column("image_id"),
+                batch.column("path"),
+                batch.column("label"),
+                pa.array(cells.astype(np.int32)),
+                binary_from_matrix(matrix),
+            ]
             if lsh:
                 keys = bucket_keys(matrix, *lsh)
-                columns.append(pa.ListArray.from_arrays(pa.array(np.arange(0, keys.size + 1, keys.shape[1], dtype=np.int32)), pa.array(keys.ravel())))
+                columns.append(
+                    pa.ListArray.from_arrays(
+                        pa.array(np.arange(0, keys.size + 1, keys.shape[1], dtype=np.int32)), pa.array(keys.ravel())
+                    )
+                )
             yield pa.RecordBatch.from_arrays(columns, names=[f.split()[0] for f in schema.split(", ")])
 
     return vectors.select("image_id", "path", "label", "embedding").mapInArrow(assign, schema)
@@ -68,14 +85,28 @@ def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.nda
 
 def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int, min_files: int) -> DataFrame:
     """The catalog with its group, one Spark partition per output file, sorted by group, cell and id."""
-    cell_table = spark.createDataFrame([(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
-                                       "cell int, first_group int, parts int")
+    cell_table = spark.createDataFrame(
+        [(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
+        "cell int, first_group int, parts int",
+    )
     files = file_of_groups(plan, FILE_BYTES // row_bytes(dim), min_files)
     group_table = spark.createDataFrame([(int(g), int(f)) for g, f in enumerate(files)], "group int, file int")
-    rows = (assigned.join(F.broadcast(cell_table), "cell")
-            .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))
-            .join(F.broadcast(group_table), "group"))
+    rows = (
+        assigned.join(F.broadcast(cell_table), "cell")
+        .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))
+        .join(F.broadcast(group_table), "group")
+    )
     n_files = int(files.max()) + 1 if len(files) else 1
-    return (rows.repartition(n_files, partition_key(F.col("file"), n_files))
-            .sortWithinPartitions("group", "cell", "image_id")
-            .select("group", "cell", "image_id", "path", "label", "vector", *(["buckets"] if "buckets" in assigned.columns else [])))
+    return (
+        rows.repartition(n_files, partition_key(F.col("file"), n_files))
+        .sortWithinPartitions("group", "cell", "image_id")
+        .select(
+            "group",
+            "cell",
+            "image_id",
+            "path",
+            "label",
+            "vector",
+            *(["buckets"] if "buckets" in assigned.columns else []),
+        )
+    )

@@ -13,8 +13,13 @@ from jobs.knn import LshParams
 
 def fit_and_save(vectors: DataFrame, params: LshParams, seed: int, uri: str) -> np.ndarray:
     """Fit the model (its random projections need one row only), save it at uri, return its unit vectors."""
-    lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes", bucketLength=params.bucket_length,
-                                      numHashTables=params.num_hash_tables, seed=seed)
+    lsh = BucketedRandomProjectionLSH(
+        inputCol="features",
+        outputCol="hashes",
+        bucketLength=params.bucket_length,
+        numHashTables=params.num_hash_tables,
+        seed=seed,
+    )
     model = lsh.fit(vectors.limit(1).select(array_to_vector("embedding").alias("features")))
     model.write().overwrite().save(uri)
     return rand_unit_vectors(vectors.sparkSession, uri)

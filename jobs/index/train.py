@@ -26,15 +26,24 @@ def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, ite
     rows = rows.where(F.exists("embedding", lambda x: x != 0))  # cosine is undefined for a zero vector
     # limit() leaves one partition: spread the sample again, or KMeans runs on one core
     parallelism = vectors.sparkSession.sparkContext.defaultParallelism
-    features = rows.limit(sample).repartition(parallelism).select(array_to_vector("embedding").alias("features")).cache()
+    features = (
+        rows.limit(sample).repartition(parallelism).select(array_to_vector("embedding").alias("features")).cache()
+    )
     try:
         k = min(cells, features.count())
         # k-means|| costs more than all the iterations at thousands of cells; random init is then enough
         # (and k-means|| copes with samples of few distinct points, where Spark's random init fails).
         # Cosine (unit centroids): with Euclidean centroids, the rows of groups no centroid claims pile
         # into the cell of the shortest centroid, a cell 86x the mean at 1M that every query probed.
-        kmeans = KMeans(k=k, maxIter=iterations, seed=seed, initMode="random" if k > 256 else "k-means||", solver="block", tol=1e-4,
-                        distanceMeasure="cosine")
+        kmeans = KMeans(
+            k=k,
+            maxIter=iterations,
+            seed=seed,
+            initMode="random" if k > 256 else "k-means||",
+            solver="block",
+            tol=1e-4,
+            distanceMeasure="cosine",
+        )
         centroids = np.array(kmeans.fit(features).clusterCenters(), dtype=np.float32)
     finally:
         features.unpersist()

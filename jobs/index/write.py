@@ -29,15 +29,34 @@ from jobs.runlog import get_logger
 
 log = get_logger("jobs.index")
 MIN_ROW_GROUP_BYTES = 128 << 10  # a row group ends at the first cell boundary past this: runs of small cells share one
-MAX_ROW_GROUP_BYTES = 16 << 20  # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
+MAX_ROW_GROUP_BYTES = (
+    16 << 20
+)  # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
 SPARK_ROW_GROUP_BYTES = 128 << 10  # Spark's writer: small row groups end by size, wherever the cells are
-MANIFEST_SCHEMA = "name string, first_group int, last_group int, rows bigint, bytes bigint"  # as Spark sees the tasks' rows
-MANIFEST_ARROW = pa.schema([("name", pa.string()), ("first_group", pa.int32()), ("last_group", pa.int32()), ("rows", pa.int64()), ("bytes", pa.int64())])
+MANIFEST_SCHEMA = (
+    "name string, first_group int, last_group int, rows bigint, bytes bigint"  # as Spark sees the tasks' rows
+)
+MANIFEST_ARROW = pa.schema(
+    [
+        ("name", pa.string()),
+        ("first_group", pa.int32()),
+        ("last_group", pa.int32()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+    ]
+)
 
 
 def catalog_schema(with_buckets: bool) -> pa.Schema:
     """The catalog's columns as Spark writes them (Spark reads the files either writer made)."""
-    fields = [("group", pa.int32()), ("cell", pa.int32()), ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("vector", pa.binary())]
+    fields = [
+        ("group", pa.int32()),
+        ("cell", pa.int32()),
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("vector", pa.binary()),
+    ]
     return pa.schema(fields + ([("buckets", pa.list_(pa.int64()))] if with_buckets else []))
 
 
@@ -54,7 +73,9 @@ class RowGroupSizes:
         return cls(max(1, MIN_ROW_GROUP_BYTES // row), max(1, MAX_ROW_GROUP_BYTES // row))
 
 
-def row_group_ends(cells: np.ndarray, open_rows: int, last_cell: int | None, sizes: RowGroupSizes) -> tuple[list[int], int]:
+def row_group_ends(
+    cells: np.ndarray, open_rows: int, last_cell: int | None, sizes: RowGroupSizes
+) -> tuple[list[int], int]:
     """Where row groups end in a run of rows sorted by cell that continues an open row group of open_rows rows
     (the last of cell last_cell): the positions in cells (0 ends only the open rows), and the rows left open."""
     boundaries = (np.flatnonzero(cells[1:] != cells[:-1]) + 1).tolist()
@@ -78,8 +99,13 @@ class CatalogFileWriter:
     def __init__(self, fs: pafs.FileSystem, path: str, schema: pa.Schema, sizes: RowGroupSizes) -> None:
         self.fs, self.path, self.schema, self.sizes = fs, path, schema, sizes
         self.stream = fs.open_output_stream(path)
-        self.writer = pq.ParquetWriter(self.stream, schema, compression="snappy", use_dictionary=["group", "cell"],
-                                       write_statistics=["group", "cell"])  # a vector's statistics would be two vectors a row group
+        self.writer = pq.ParquetWriter(
+            self.stream,
+            schema,
+            compression="snappy",
+            use_dictionary=["group", "cell"],
+            write_statistics=["group", "cell"],
+        )  # a vector's statistics would be two vectors a row group
         self.held: list[pa.RecordBatch] = []
         self.rows, self.first_group, self.last_group, self.last_cell = 0, None, None, None
 
@@ -109,7 +135,12 @@ class CatalogFileWriter:
         self.flush()
         self.writer.close()
         self.stream.close()
-        return {"first_group": self.first_group, "last_group": self.last_group, "rows": self.rows, "bytes": self.fs.get_file_info(self.path).size}
+        return {
+            "first_group": self.first_group,
+            "last_group": self.last_group,
+            "rows": self.rows,
+            "bytes": self.fs.get_file_info(self.path).size,
+        }
 
     def abandon(self) -> None:
         """Close and delete the part written (the task's own error is the one to report)."""
@@ -121,7 +152,8 @@ class CatalogFileWriter:
 def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
     """The manifest rows of the files the tasks write: one per non-empty partition of frame (sorted by group and cell).
 
-    A task writes a hidden file, then moves it to its name: a retried or speculative attempt never leaves half a file there.
+    A task writes a hidden file, then moves it to its name: a retried or speculative attempt never leaves half a file
+    there.
     """
     schema, sizes, token = catalog_schema("buckets" in frame.columns), RowGroupSizes.for_dim(dim), uuid.uuid4().hex[:12]
 
@@ -166,7 +198,9 @@ def write_catalog(spark: SparkSession, frame: DataFrame, uri: str, dim: int) -> 
     files = writable(spark, uri)
     if files is not None:
         found = [row.asDict() for row in write_files(frame, files, dim).collect()]
-        with files.filesystem().open_output_stream(f"{files.root}/_SUCCESS"):  # as Spark's writer marks a finished folder
+        with files.filesystem().open_output_stream(
+            f"{files.root}/_SUCCESS"
+        ):  # as Spark's writer marks a finished folder
             pass
     else:
         frame.write.option("parquet.block.size", SPARK_ROW_GROUP_BYTES).parquet(uri)
@@ -176,7 +210,18 @@ def write_catalog(spark: SparkSession, frame: DataFrame, uri: str, dim: int) -> 
 
 def spark_manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
     """The manifest of a catalog Spark wrote (read from the group column alone)."""
-    files = (spark.read.parquet(uri).groupBy(F.input_file_name().alias("file"))
-             .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows")))
-    return [{"name": r["file"].rsplit("/", 1)[-1], "first_group": r["first_group"], "last_group": r["last_group"], "rows": r["rows"],
-             "bytes": storage.size(spark, r["file"])} for r in files.collect()]
+    files = (
+        spark.read.parquet(uri)
+        .groupBy(F.input_file_name().alias("file"))
+        .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows"))
+    )
+    return [
+        {
+            "name": r["file"].rsplit("/", 1)[-1],
+            "first_group": r["first_group"],
+            "last_group": r["last_group"],
+            "rows": r["rows"],
+            "bytes": storage.size(spark, r["file"]),
+        }
+        for r in files.collect()
+    ]

@@ -31,10 +31,21 @@ NEIGHBOUR_COLUMNS = {"query_id", "query_path", "rank", "neighbor_id", "neighbor_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neighbours", required=True, help="neighbours table written by search")
-    parser.add_argument("--output", required=True, help="folder (local, s3a://, gs://, hdfs://) for index.html, sheets/ and embedding_map.png")
-    parser.add_argument("--embeddings", action="append", default=[], help="embeddings table(s): labels of the queries and the points of the map (repeatable)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder (local, s3a://, gs://, hdfs://) for index.html, sheets/ and embedding_map.png",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action="append",
+        default=[],
+        help="embeddings table(s): labels of the queries and the points of the map (repeatable)",
+    )
     parser.add_argument("--evaluation", help="evaluation JSON written by evaluate, shown in the gallery")
-    parser.add_argument("--max-queries", type=int, default=50, help="contact sheets for at most this many queries (the first by path)")
+    parser.add_argument(
+        "--max-queries", type=int, default=50, help="contact sheets for at most this many queries (the first by path)"
+    )
     parser.add_argument("--map-points", type=int, default=5000, help="points drawn on the embedding map (sampled)")
 
 
@@ -43,7 +54,12 @@ def pca_points(spark: SparkSession, uris: list[str], limit: int) -> pd.DataFrame
     from pyspark.ml.feature import PCA
     from pyspark.ml.functions import array_to_vector, vector_to_array
 
-    tables = [spark.read.parquet(u).where(F.col("embedding").isNotNull()).select("image_id", "path", "label", "model", "embedding") for u in uris]
+    tables = [
+        spark.read.parquet(u)
+        .where(F.col("embedding").isNotNull())
+        .select("image_id", "path", "label", "model", "embedding")
+        for u in uris
+    ]
     table = tables[0]
     for other in tables[1:]:
         table = table.unionByName(other)
@@ -52,7 +68,9 @@ def pca_points(spark: SparkSession, uris: list[str], limit: int) -> pd.DataFrame
     # a seeded random top-N (each partition keeps at most `limit` rows): min(limit, rows) points reach the driver
     sampled = vectors.orderBy(F.rand(seed=0)).limit(limit)
     projected = model.transform(sampled).withColumn("pc", vector_to_array("pc"))
-    return projected.select("image_id", "path", "label", "model", F.col("pc")[0].alias("x"), F.col("pc")[1].alias("y")).toPandas()
+    return projected.select(
+        "image_id", "path", "label", "model", F.col("pc")[0].alias("x"), F.col("pc")[1].alias("y")
+    ).toPandas()
 
 
 def gallery_html(sheets: list[tuple[Sheet, str]], facts: list[tuple[str, str]], has_map: bool) -> str:
@@ -61,11 +79,16 @@ def gallery_html(sheets: list[tuple[Sheet, str]], facts: list[tuple[str, str]], 
     rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in facts)
     cards = []
     for sheet, file_name in sheets:
-        precision = "" if sheet.precision is None else f' <span class="p">precision@{len(sheet.neighbours)} {sheet.precision:.2f}</span>'
+        precision = (
+            ""
+            if sheet.precision is None
+            else f' <span class="p">precision@{len(sheet.neighbours)} {sheet.precision:.2f}</span>'
+        )
         label = "" if sheet.query_label is None else f" — {e(sheet.query_label)}"
         cards.append(
             f'<section id="{e(sheet.query_id)}"><h2>{e(sheet.query_path.rsplit("/", 1)[-1])}{label}{precision}</h2>'
-            f'<p class="path">{e(sheet.query_path)}</p><a href="sheets/{e(file_name)}"><img src="sheets/{e(file_name)}" '
+            f'<p class="path">{e(sheet.query_path)}</p>'
+            f'<a href="sheets/{e(file_name)}"><img src="sheets/{e(file_name)}" '
             f'alt="{e(sheet.query_path)}" loading="lazy"></a></section>'
         )
     figure = '<h2>Embedding map</h2><img src="embedding_map.png" alt="embedding map">' if has_map else ""
@@ -73,8 +96,10 @@ def gallery_html(sheets: list[tuple[Sheet, str]], facts: list[tuple[str, str]], 
 <html lang="en"><head><meta charset="utf-8"><title>Vehicle similarity search report</title>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self'; style-src 'unsafe-inline'">
 <style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}}table{{border-collapse:collapse;margin-bottom:16px}}
-th,td{{text-align:left;padding:3px 12px 3px 0}}section{{background:#fff;padding:8px 12px;margin:12px 0;border-radius:6px;box-shadow:0 1px 3px #0002}}
-section img{{max-width:100%}}h2{{font-size:16px;margin:4px 0}}.p{{color:#2e7d32;font-weight:normal;margin-left:8px}}.path{{color:#777;font-size:12px;margin:0 0 6px}}</style>
+th,td{{text-align:left;padding:3px 12px 3px 0}}section{{background:#fff;padding:8px 12px;margin:12px 0;border-
+radius:6px;box-shadow:0 1px 3px #0002}}
+section img{{max-width:100%}}h2{{font-size:16px;margin:4px 0}}.p{{color:#2e7d32;font-weight:normal;margin-
+left:8px}}.path{{color:#777;font-size:12px;margin:0 0 6px}}</style>
 </head><body><h1>Vehicle similarity search</h1><table>{rows}</table>{figure}
 <h2>{len(sheets)} queries</h2>
 {chr(10).join(cards)}
@@ -87,9 +112,16 @@ def query_labels(spark: SparkSession, uris: list[str], queries: pd.DataFrame) ->
     found: dict[str, str | None] = {}
     wanted = spark.createDataFrame(queries[["query_id"]].drop_duplicates(), "query_id string")
     for uri in uris:
-        rows = spark.read.parquet(uri).select(F.col("image_id").alias("query_id"), "label").join(F.broadcast(wanted), "query_id")
+        rows = (
+            spark.read.parquet(uri)
+            .select(F.col("image_id").alias("query_id"), "label")
+            .join(F.broadcast(wanted), "query_id")
+        )
         found.update({r.query_id: r.label for r in rows.collect()})
-    return {q: found.get(q, p.rsplit("/", 2)[-2] if p.count("/") >= 2 else None) for q, p in zip(queries["query_id"], queries["query_path"])}
+    return {
+        q: found.get(q, p.rsplit("/", 2)[-2] if p.count("/") >= 2 else None)
+        for q, p in zip(queries["query_id"], queries["query_path"])
+    }
 
 
 def sample_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame, int]:
@@ -135,22 +167,33 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     facts = [("neighbours", args.neighbours), ("queries shown", f"{len(sheets)} of {total_queries}"), ("k", k)]
     if storage.exists(spark, f"{args.neighbours}/_summary.json"):
         run_info = json.loads(storage.read_text(spark, f"{args.neighbours}/_summary.json"))
-        facts += [("index", run_info.get("index", "")), ("method", run_info.get("method", "")),
-                  ("catalog images", run_info.get("counts", {}).get("catalog", ""))]
+        facts += [
+            ("index", run_info.get("index", "")),
+            ("method", run_info.get("method", "")),
+            ("catalog images", run_info.get("counts", {}).get("catalog", "")),
+        ]
     precisions = [s.precision for s, _ in sheets if s.precision is not None]
     if precisions:
         facts.append((f"mean precision@{k} (shown queries)", f"{np.mean(precisions):.3f}"))
     if args.evaluation:
         evaluation = json.loads(storage.read_text(spark, args.evaluation))
-        facts += [(key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in evaluation.get("metrics", {}).items()]
+        facts += [
+            (key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in evaluation.get("metrics", {}).items()
+        ]
     storage.write_text(spark, f"{staging}/index.html", gallery_html(sheets, facts, has_map))
-    summary.count(sheets=len(sheets), queries=total_queries, placeholders=sum("placeholder" in img.info for img in cache.values()))
+    summary.count(
+        sheets=len(sheets), queries=total_queries, placeholders=sum("placeholder" in img.info for img in cache.values())
+    )
     summary.finish()
     storage.write_text(spark, f"{staging}/report_summary.json", summary.to_json())
     storage.swap_in(spark, staging, output)
-    print_summary("report summary", [
-        ("contact sheets", f"{len(sheets)} of {total_queries} queries in {output}/sheets"),
-        ("embedding map", f"{output}/embedding_map.png" if has_map else "(no --embeddings given)"),
-        ("gallery", f"{output}/index.html"), ("seconds", f"{summary.data['seconds']['total']:.1f}"),
-    ])
+    print_summary(
+        "report summary",
+        [
+            ("contact sheets", f"{len(sheets)} of {total_queries} queries in {output}/sheets"),
+            ("embedding map", f"{output}/embedding_map.png" if has_map else "(no --embeddings given)"),
+            ("gallery", f"{output}/index.html"),
+            ("seconds", f"{summary.data['seconds']['total']:.1f}"),
+        ],
+    )
     return 0

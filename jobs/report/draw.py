@@ -25,6 +25,7 @@ HEADER = 34
 GAP = 24  # between the query and its neighbours
 MATCH, MISMATCH, QUERY, INK, PAPER = (46, 160, 67), (214, 39, 40), (31, 119, 180), (33, 33, 33), (250, 250, 250)
 
+
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     import matplotlib
 
@@ -119,10 +120,17 @@ def draw_sheet(spark: SparkSession, sheet: Sheet, k: int, cache: dict[str, Image
         if sheet.query_label is not None and row.neighbor_label is not None:
             colour = MATCH if row.neighbor_label == sheet.query_label else MISMATCH
         if colour:
-            draw.rectangle((x - 3, top - 3, x + TILE + 2, top + TILE + 2), outline=colour, width=3 if colour == MATCH else 5)
+            draw.rectangle(
+                (x - 3, top - 3, x + TILE + 2, top + TILE + 2), outline=colour, width=3 if colour == MATCH else 5
+            )
         mark = "" if colour is None else ("✓ " if colour == MATCH else "✗ ")
         draw.text((x, top + TILE + 6), f"#{row.rank}  sim {row.similarity:.3f}", fill=INK, font=bold)
-        draw.text((x, top + TILE + 24), _clip(mark + (row.neighbor_label or "(no label)"), TILE, small), fill=colour or INK, font=small)
+        draw.text(
+            (x, top + TILE + 24),
+            _clip(mark + (row.neighbor_label or "(no label)"), TILE, small),
+            fill=colour or INK,
+            font=small,
+        )
     return canvas
 
 
@@ -140,7 +148,14 @@ def embedding_map(points: pd.DataFrame, spark: SparkSession, thumbs: int = 16) -
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     for i, name in enumerate(names):
         chosen = labels == name
-        ax.scatter(points.loc[chosen, "x"], points.loc[chosen, "y"], s=14, alpha=0.75, color=cmap(i % cmap.N), label=name if len(names) <= 25 else None)
+        ax.scatter(
+            points.loc[chosen, "x"],
+            points.loc[chosen, "y"],
+            s=14,
+            alpha=0.75,
+            color=cmap(i % cmap.N),
+            label=name if len(names) <= 25 else None,
+        )
     # one representative per label (the point nearest its label's median), offset so points stay visible
     labelled = points.assign(label=labels)
     medians = labelled.groupby("label")[["x", "y"]].transform("median")
@@ -149,8 +164,17 @@ def embedding_map(points: pd.DataFrame, spark: SparkSession, thumbs: int = 16) -
     for i, row in enumerate(representatives.itertuples()):
         img = thumbnail(spark, row.path, 64)
         offset = (40 if i % 2 else -40, 36 if (i // 2) % 2 else -36)
-        ax.add_artist(AnnotationBbox(OffsetImage(np.asarray(img), zoom=0.6), (row.x, row.y), xybox=offset, boxcoords="offset points",
-                                     frameon=True, pad=0.1, arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8}))
+        ax.add_artist(
+            AnnotationBbox(
+                OffsetImage(np.asarray(img), zoom=0.6),
+                (row.x, row.y),
+                xybox=offset,
+                boxcoords="offset points",
+                frameon=True,
+                pad=0.1,
+                arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8},
+            )
+        )
     ax.set_title(f"Embedding map: PCA of {len(points)} image embeddings ({points['model'].iloc[0]})")
     ax.set_xlabel("principal component 1")
     ax.set_ylabel("principal component 2")

@@ -29,24 +29,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index folder written by the index job")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--queries", help="embeddings table of query images (embed run on a folder of queries)")
-    source.add_argument("--query-ids", help="comma-separated catalog images: image_id, path, or a unique end of a path (e.g. train/00001.jpg)")
-    source.add_argument("--images", help="query photos: a file, a folder or a glob (local, s3a://, gs://); embedded here with the index's model and weights")
-    source.add_argument("--all", action="store_true", help="every catalog image is a query: the kNN graph of the catalog (self excluded)")
-    source.add_argument("--duplicates", action="store_true", help="every catalog pair with similarity >= --min-similarity, each once")
+    source.add_argument(
+        "--query-ids",
+        help="comma-separated catalog images: image_id, path, or a unique end of a path (e.g. train/00001.jpg)",
+    )
+    source.add_argument(
+        "--images",
+        help="query photos: a file, a folder or a glob (local, s3a://, gs://); embedded here with the index's model "
+        "and weights",
+    )
+    source.add_argument(
+        "--all",
+        action="store_true",
+        help="every catalog image is a query: the kNN graph of the catalog (self excluded)",
+    )
+    source.add_argument(
+        "--duplicates", action="store_true", help="every catalog pair with similarity >= --min-similarity, each once"
+    )
     parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")
     parser.add_argument("-k", type=int, default=10, help="neighbours per query")
-    parser.add_argument("--method", choices=["ivf", "lsh", "exact"], help="ivf: probe the nearest cells (default); lsh: LSH buckets; exact: every row")
-    parser.add_argument("--nprobe", type=int, help="ivf: cells each query probes (default: the index's, calibrated when it was built)")
-    parser.add_argument("--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)")
-    parser.add_argument("--min-similarity", type=float, help="with --duplicates: the cosine similarity a pair needs (e.g. 0.95)")
-    parser.add_argument("--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)")
-    parser.add_argument("--groups", help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table")
-    parser.add_argument("--weights", help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)")
-    parser.add_argument("--report", help="also write the contact sheets and HTML gallery of the neighbours to this folder or URI, in the same job")
-    parser.add_argument("--show", type=int, help="queries whose neighbours are printed on the console (default: 5 with --images or --query-ids, else 0)")
-    parser.add_argument("--reader", choices=["auto", "direct", "spark"], default="auto",
-                        help="how the tasks reach the catalog: direct: they open its files with pyarrow (local, s3a/s3, gs); spark: Spark copies "
-                             "the catalog to every executor first (any Hadoop filesystem); auto: direct where pyarrow opens it")
+    parser.add_argument(
+        "--method",
+        choices=["ivf", "lsh", "exact"],
+        help="ivf: probe the nearest cells (default); lsh: LSH buckets; exact: every row",
+    )
+    parser.add_argument(
+        "--nprobe", type=int, help="ivf: cells each query probes (default: the index's, calibrated when it was built)"
+    )
+    parser.add_argument(
+        "--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)"
+    )
+    parser.add_argument(
+        "--min-similarity", type=float, help="with --duplicates: the cosine similarity a pair needs (e.g. 0.95)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="with --duplicates: a Euclidean distance instead (0.3 ~ cosine 0.955)"
+    )
+    parser.add_argument(
+        "--groups",
+        help="with --duplicates: also write the duplicate groups (connected components of the pairs) to this table",
+    )
+    parser.add_argument(
+        "--weights",
+        help="with --images: the checkpoint the catalog was embedded with (default: the one index.json names)",
+    )
+    parser.add_argument(
+        "--report",
+        help="also write the contact sheets and HTML gallery of the neighbours to this folder or URI, in the same job",
+    )
+    parser.add_argument(
+        "--show",
+        type=int,
+        help="queries whose neighbours are printed on the console (default: 5 with --images or --query-ids, else 0)",
+    )
+    parser.add_argument(
+        "--reader",
+        choices=["auto", "direct", "spark"],
+        default="auto",
+        help="how the tasks reach the catalog: direct: they open its files with pyarrow (local, s3a/s3, gs); spark: "
+        "Spark copies "
+        "the catalog to every executor first (any Hadoop filesystem); auto: direct where pyarrow opens it",
+    )
 
 
 def check(args: argparse.Namespace, index: ivf.Index) -> None:
@@ -65,7 +108,9 @@ def check(args: argparse.Namespace, index: ivf.Index) -> None:
     if args.groups and not args.duplicates:
         raise UsageError("--groups needs --duplicates (groups are the connected components of the duplicate pairs)")
     if args.method == "lsh" and index.lsh is None:
-        raise UsageError(f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact")
+        raise UsageError(
+            f"index {index.uri} has no LSH keys (built with --num-hash-tables 0); use --method ivf or exact"
+        )
 
 
 def wanted(args: argparse.Namespace) -> Wanted:
@@ -87,7 +132,10 @@ def query_source(spark: SparkSession, args: argparse.Namespace, index: ivf.Index
         for path, error in failed:
             log.warning("query photo %s could not be embedded: %s", path, error)
         if failed and found.count_failed() == found.listed:
-            raise UsageError(f"none of the {found.listed} photo(s) at {args.images} could be embedded (first: {failed[0][0]}: {failed[0][1]})")
+            raise UsageError(
+                f"none of the {found.listed} photo(s) at {args.images} could be embedded (first: {failed[0][0]}: "
+                f"{failed[0][1]})"
+            )
         return Source(found.listed, frame=found.queries())
     if args.all or args.duplicates:
         return queries.catalog_source(spark, index, files.kind != catalog.SHIPPED)
@@ -96,11 +144,25 @@ def query_source(spark: SparkSession, args: argparse.Namespace, index: ivf.Index
     return queries.ids_source(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
 
 
-def answer(spark: SparkSession, index: ivf.Index, source: Source, method: str, wanted: Wanted, nprobe: int | None, files: Location) -> tiles.Found:
+def answer(
+    spark: SparkSession,
+    index: ivf.Index,
+    source: Source,
+    method: str,
+    wanted: Wanted,
+    nprobe: int | None,
+    files: Location,
+) -> tiles.Found:
     """Every query of source answered by `method` (nprobe: ivf's cells a query probes), as planned for its size."""
-    probes = None if method == "exact" or method == "lsh" or (nprobe or index.params.nprobe) >= index.cells else nprobe or index.params.nprobe
+    probes = (
+        None
+        if method == "exact" or method == "lsh" or (nprobe or index.params.nprobe) >= index.cells
+        else nprobe or index.params.nprobe
+    )
     cores = spark.sparkContext.defaultParallelism
-    planned = plan.choose(index, source.count, probes, cores, source.from_catalog, routable=method != "lsh", remote=files.kind != "local")
+    planned = plan.choose(
+        index, source.count, probes, cores, source.from_catalog, routable=method != "lsh", remote=files.kind != "local"
+    )
     log.info("%s: about %d queries, %s", method, source.count, planned.describe())
     return tiles.search(spark, index, source, planned, files, probes, wanted, lsh=method == "lsh")
 
@@ -112,7 +174,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     check(args, index)
     asked = wanted(args)
     if args.k > index.count - (1 if asked.exclude_self else 0):
-        log.warning("-k %d is more than the catalog of %d images holds: every query gets all of them", args.k, index.count)
+        log.warning(
+            "-k %d is more than the catalog of %d images holds: every query gets all of them", args.k, index.count
+        )
     with summary.stage("search"):
         started = time.perf_counter()
         files = catalog.locate(spark, index, args.reader)
@@ -128,16 +192,33 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         # one job whose work is all in Python: compiling its few JVM operators costs more than it saves
         with session_setting(spark, "spark.sql.codegen.wholeStage", "false"):
             written = results.write(spark, table, args.output, checked)
-        touched = {**found.touched(index), "reader": "copies shipped by Spark" if files.kind == catalog.SHIPPED else "executors"}
+        touched = {
+            **found.touched(index),
+            "reader": "copies shipped by Spark" if files.kind == catalog.SHIPPED else "executors",
+        }
         seconds = time.perf_counter() - started
         if args.duplicates:
             touched.update(duplicate_stats(spark, args))
     count = found.seen.value.queries
-    summary.count(queries=count, rows=written, catalog=index.count,
-                  **{k: v for k, v in touched.items() if k in ("lsh_fallback_queries", "images_with_pairs", "groups", "largest_group")})
+    summary.count(
+        queries=count,
+        rows=written,
+        catalog=index.count,
+        **{
+            k: v
+            for k, v in touched.items()
+            if k in ("lsh_fallback_queries", "images_with_pairs", "groups", "largest_group")
+        },
+    )
     nprobe = args.nprobe or index.params.nprobe
-    summary.set(index=args.index, method=args.method, k=args.k, nprobe=nprobe if args.method == "ivf" else None, touched=touched,
-                queries_per_second=round(count / seconds, 2) if seconds else None)
+    summary.set(
+        index=args.index,
+        method=args.method,
+        k=args.k,
+        nprobe=nprobe if args.method == "ivf" else None,
+        touched=touched,
+        queries_per_second=round(count / seconds, 2) if seconds else None,
+    )
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
     print_summary("search summary", summary_rows(args, index, count, written, touched, summary, seconds))
@@ -149,24 +230,52 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     return 0
 
 
-def summary_rows(args: argparse.Namespace, index: ivf.Index, count: int, written: int, touched: dict, summary: RunSummary, seconds: float) -> list:
-    method = args.method + (f", nprobe {args.nprobe or index.params.nprobe} of {index.cells} cells" if args.method == "ivf" else "")
+def summary_rows(
+    args: argparse.Namespace,
+    index: ivf.Index,
+    count: int,
+    written: int,
+    touched: dict,
+    summary: RunSummary,
+    seconds: float,
+) -> list:
+    method = args.method + (
+        f", nprobe {args.nprobe or index.params.nprobe} of {index.cells} cells" if args.method == "ivf" else ""
+    )
     rows = [
         ("index", f"{args.index} ({index.count} images, {index.model})"),
-        ("queries", count), ("method", f"{method}, k={args.k}" + (", excluding self" if wanted(args).exclude_self else "")),
-        ("duplicate pairs" if args.duplicates else "neighbour rows", written), ("output", args.output),
+        ("queries", count),
+        ("method", f"{method}, k={args.k}" + (", excluding self" if wanted(args).exclude_self else "")),
+        ("duplicate pairs" if args.duplicates else "neighbour rows", written),
+        ("output", args.output),
         ("plan", touched["plan"]),
-        ("read", f"{touched['catalog_bytes_read'] / 2**20:.1f} of {touched['catalog_bytes'] / 2**20:.1f} MiB of the catalog "
-                 f"({touched['catalog_bytes_read'] / max(touched['catalog_bytes'], 1):.2f}x), {touched['row_groups_read']} row groups, "
-                 f"{touched['catalog_rows_scanned']} rows scored; {touched['cells_probed']} of {touched['cells']} cells probed"),
-        ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching ({summary.data['queries_per_second']} queries/s)"),
+        (
+            "read",
+            f"{touched['catalog_bytes_read'] / 2**20:.1f} of {touched['catalog_bytes'] / 2**20:.1f} MiB of the catalog "
+            f"({touched['catalog_bytes_read'] / max(touched['catalog_bytes'], 1):.2f}x), "
+            f"{touched['row_groups_read']} row groups, "
+            f"{touched['catalog_rows_scanned']} rows scored; {touched['cells_probed']} of {touched['cells']} cells "
+            f"probed",
+        ),
+        (
+            "seconds",
+            f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching "
+            f"({summary.data['queries_per_second']} queries/s)",
+        ),
     ]
     if args.duplicates:
         rows.append(("images with a pair", touched["images_with_pairs"]))
     if args.groups:
-        rows.append(("duplicate groups", f"{touched['groups']} groups, largest {touched['largest_group']} images -> {args.groups}"))
+        rows.append(
+            (
+                "duplicate groups",
+                f"{touched['groups']} groups, largest {touched['largest_group']} images -> {args.groups}",
+            )
+        )
     if args.method == "lsh":
-        rows.append(("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly"))
+        rows.append(
+            ("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly")
+        )
     return rows
 
 
@@ -176,8 +285,15 @@ def duplicate_stats(spark: SparkSession, args: argparse.Namespace) -> dict:
     if not args.groups:
         return {"images_with_pairs": groups.edges(pairs).select("node").distinct().count()}
     results.write(spark, groups.group_table(pairs), args.groups)
-    shape = spark.read.parquet(args.groups).agg(F.count("*").alias("images"), F.countDistinct("group_id").alias("groups"),
-                                                 F.max("group_size").alias("largest")).first()
+    shape = (
+        spark.read.parquet(args.groups)
+        .agg(
+            F.count("*").alias("images"),
+            F.countDistinct("group_id").alias("groups"),
+            F.max("group_size").alias("largest"),
+        )
+        .first()
+    )
     return {"images_with_pairs": shape["images"], "groups": shape["groups"], "largest_group": shape["largest"] or 0}
 
 

@@ -23,7 +23,9 @@ from jobs.search.scoring import ShardRows
 
 log = get_logger("jobs.search")
 ROW_COLUMNS = ["cell", "image_id", "path", "label", "vector"]
-READ_AHEAD = 2  # files read at once in threads beside the scoring (pyarrow lets go of the GIL while it reads and decodes)
+READ_AHEAD = (
+    2  # files read at once in threads beside the scoring (pyarrow lets go of the GIL while it reads and decodes)
+)
 SHIPPED = "shipped"  # Location kind: the catalog copied to every executor by Spark (SparkContext.addFile)
 
 
@@ -37,7 +39,11 @@ def locate(spark: SparkSession, index: Index, reader: str = "auto") -> Location:
     if reader == "direct":
         raise UsageError(f"--reader direct: pyarrow cannot open {index.catalog_uri} here; use --reader spark")
     size = sum(f["bytes"] for f in index.meta["files"]) / 2**20
-    log.info("the executors cannot open %s with pyarrow: Spark copies its %.0f MiB to every executor first", index.catalog_uri, size)
+    log.info(
+        "the executors cannot open %s with pyarrow: Spark copies its %.0f MiB to every executor first",
+        index.catalog_uri,
+        size,
+    )
     spark.sparkContext.addFile(index.catalog_uri, recursive=True)
     return Location(SHIPPED, index.catalog_uri.rstrip("/").rsplit("/", 1)[-1])
 
@@ -60,7 +66,11 @@ class ReadCounters:
         self.rows.add(rows)
 
     def totals(self) -> dict[str, int]:
-        return {"catalog_bytes_read": self.bytes.value, "row_groups_read": self.row_groups.value, "catalog_rows_scanned": self.rows.value}
+        return {
+            "catalog_bytes_read": self.bytes.value,
+            "row_groups_read": self.row_groups.value,
+            "catalog_rows_scanned": self.rows.value,
+        }
 
 
 @dataclass(frozen=True)
@@ -75,18 +85,31 @@ class Footer:
     @classmethod
     def read(cls, parquet: pq.ParquetFile, cells: int) -> Footer:
         meta = parquet.metadata
-        columns = {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)} if meta.num_row_groups else {}
+        columns = (
+            {meta.row_group(0).column(c).path_in_schema: c for c in range(meta.num_columns)}
+            if meta.num_row_groups
+            else {}
+        )
         stats = (meta.row_group(g).column(columns["cell"]).statistics for g in range(meta.num_row_groups))
-        ranges = np.array([(0, cells - 1) if s is None or not s.has_min_max else (s.min, s.max) for s in stats], np.int64)
+        ranges = np.array(
+            [(0, cells - 1) if s is None or not s.has_min_max else (s.min, s.max) for s in stats], np.int64
+        )
         return cls(meta, columns, *ranges.reshape(-1, 2).T)
 
     def bytes_of(self, row_groups: np.ndarray, columns: list[str]) -> int:
         """Footer and column chunk bytes of these row groups."""
-        chunks = (self.metadata.row_group(int(g)).column(self.columns[c]) for g in row_groups for c in columns if c in self.columns)
+        chunks = (
+            self.metadata.row_group(int(g)).column(self.columns[c])
+            for g in row_groups
+            for c in columns
+            if c in self.columns
+        )
         return self.metadata.serialized_size + sum(chunk.total_compressed_size for chunk in chunks)
 
 
-def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: list[str], footer: Footer | None) -> tuple[pa.Table, np.ndarray, int, int, Footer]:
+def read_probed(
+    fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: list[str], footer: Footer | None
+) -> tuple[pa.Table, np.ndarray, int, int, Footer]:
     """A file's row groups whose cell range holds a probed cell, which of their rows are in probed cells, the bytes
     (footer + column chunks) and row groups read, and the file's footer (given, or read here)."""
     probed_before = np.concatenate([[0], np.cumsum(probed)])  # probed cells below each cell number
@@ -95,7 +118,13 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: lis
         footer = footer or Footer.read(parquet, len(probed))
         chosen = np.flatnonzero(probed_before[footer.highest + 1] > probed_before[footer.lowest])
         if not len(chosen):
-            return parquet.schema_arrow.empty_table().select(columns), np.zeros(0, bool), footer.metadata.serialized_size, 0, footer
+            return (
+                parquet.schema_arrow.empty_table().select(columns),
+                np.zeros(0, bool),
+                footer.metadata.serialized_size,
+                0,
+                footer,
+            )
         table = parquet.read_row_groups(chosen.tolist(), columns=columns)
     return table, probed[table.column("cell").to_numpy()], footer.bytes_of(chosen, columns), len(chosen), footer
 
@@ -103,7 +132,9 @@ def read_probed(fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: lis
 class CatalogFiles:
     """The catalog's files as one task reads them: which hold a set of cells, and their probed rows as shards."""
 
-    def __init__(self, index: Index, files: Location, counters: ReadCounters, columns: list[str], watch: Stopwatch | None = None) -> None:
+    def __init__(
+        self, index: Index, files: Location, counters: ReadCounters, columns: list[str], watch: Stopwatch | None = None
+    ) -> None:
         self.index, self.counters, self.columns, self.watch = index, counters, columns, watch or Stopwatch()
         self.root = SparkFiles.get(files.root) if files.kind == SHIPPED else files.root
         self.fs = files.filesystem(memory_map=True)
@@ -113,14 +144,20 @@ class CatalogFiles:
         self.reader = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="catalog-read")
 
     def holding(self, cells: np.ndarray) -> np.ndarray:
-        return np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())]) if len(cells) else np.empty(0, np.int64)
+        return (
+            np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
+            if len(cells)
+            else np.empty(0, np.int64)
+        )
 
     def shards(self, probed: np.ndarray) -> Iterator[tuple[int, ShardRows]]:
         """Each file holding a probed cell, in order, with its rows of probed cells; READ_AHEAD files are read ahead."""
         pending: deque[tuple[int, Future]] = deque()
         for file in self.holding(np.flatnonzero(probed)).tolist():
             path = f"{self.root}/{self.names[file]}"
-            pending.append((file, self.reader.submit(read_probed, self.fs, path, probed, self.columns, self.footers.get(file))))
+            pending.append(
+                (file, self.reader.submit(read_probed, self.fs, path, probed, self.columns, self.footers.get(file)))
+            )
             if len(pending) > READ_AHEAD:
                 yield self.taken(*pending.popleft())
         while pending:

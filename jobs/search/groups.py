@@ -19,12 +19,18 @@ MAX_ROUNDS = 64
 def edges(pairs: DataFrame) -> DataFrame:
     """Both directions of every pair: (node, partner)."""
     forward = pairs.select(F.col("image_a").alias("node"), F.col("image_b").alias("partner"))
-    return forward.unionByName(forward.select(F.col("partner").alias("node"), F.col("node").alias("partner"))).distinct()
+    return forward.unionByName(
+        forward.select(F.col("partner").alias("node"), F.col("node").alias("partner"))
+    ).distinct()
 
 
 def _partner_min(links: DataFrame, labels: DataFrame) -> DataFrame:
     """(node, label): the smallest label among a node's partners and its own."""
-    theirs = links.join(labels.withColumnRenamed("node", "partner"), "partner").groupBy("node").agg(F.min("label").alias("theirs"))
+    theirs = (
+        links.join(labels.withColumnRenamed("node", "partner"), "partner")
+        .groupBy("node")
+        .agg(F.min("label").alias("theirs"))
+    )
     return labels.join(theirs, "node").select("node", F.least("label", "theirs").alias("label"))
 
 
@@ -40,7 +46,11 @@ def components(pairs: DataFrame, max_rounds: int = MAX_ROUNDS) -> DataFrame:
     labels = links.groupBy("node").agg(F.least(F.min("partner"), F.first("node")).alias("label")).localCheckpoint()
     for rounds in range(1, max_rounds + 1):
         settled = _jump(_partner_min(links, labels)).localCheckpoint()
-        changed = settled.join(labels.withColumnRenamed("label", "before"), "node").where(F.col("label") != F.col("before")).count()
+        changed = (
+            settled.join(labels.withColumnRenamed("label", "before"), "node")
+            .where(F.col("label") != F.col("before"))
+            .count()
+        )
         labels = settled
         log.info("duplicate groups: round %d, %d labels changed", rounds, changed)
         if not changed:
@@ -53,8 +63,18 @@ def components(pairs: DataFrame, max_rounds: int = MAX_ROUNDS) -> DataFrame:
 def group_table(pairs: DataFrame) -> DataFrame:
     """The duplicate groups table: group_id, group_size, image_id, path, label; one row per image that has a pair."""
     members = components(pairs)
-    described = pairs.select(F.col("image_a").alias("image_id"), F.col("path_a").alias("path"), F.col("label_a").alias("label")).unionByName(
-        pairs.select(F.col("image_b").alias("image_id"), F.col("path_b").alias("path"), F.col("label_b").alias("label"))
-    ).dropDuplicates(["image_id"])
+    described = (
+        pairs.select(F.col("image_a").alias("image_id"), F.col("path_a").alias("path"), F.col("label_a").alias("label"))
+        .unionByName(
+            pairs.select(
+                F.col("image_b").alias("image_id"), F.col("path_b").alias("path"), F.col("label_b").alias("label")
+            )
+        )
+        .dropDuplicates(["image_id"])
+    )
     sizes = members.groupBy("group_id").agg(F.count("*").cast("int").alias("group_size"))
-    return members.join(sizes, "group_id").join(described, "image_id").select("group_id", "group_size", "image_id", "path", "label")
+    return (
+        members.join(sizes, "group_id")
+        .join(described, "image_id")
+        .select("group_id", "group_size", "image_id", "path", "label")
+    )

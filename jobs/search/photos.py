@@ -36,7 +36,12 @@ class Photos:
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, error) of the first photos that could not be embedded; bounded, whatever the input."""
-        failed = self.embedded.where(F.col("embedding").isNull()).select("path", "error").orderBy("path").limit(FAILURES_SHOWN)
+        failed = (
+            self.embedded.where(F.col("embedding").isNull())
+            .select("path", "error")
+            .orderBy("path")
+            .limit(FAILURES_SHOWN)
+        )
         return [(r["path"], r["error"]) for r in failed.collect()]
 
     def count_failed(self) -> int:
@@ -48,26 +53,45 @@ def index_weights(index: Index, override: str | None) -> Weights:
     source = override or index.meta.get("weights_source")
     expected = index.meta.get("weights_sha256")
     if not source and expected:
-        raise UsageError(f"index {index.uri} does not say where its weights came from (sha256 {expected[:12]}); give --weights")
+        raise UsageError(
+            f"index {index.uri} does not say where its weights came from (sha256 {expected[:12]}); give --weights"
+        )
     weights = load_weights(index.model, source)
     if expected and weights.sha256 != expected:
-        raise UsageError(f"weights {weights.source} have sha256 {weights.sha256[:12]} but index {index.uri} was built from {expected[:12]}; "
-                         "give --weights with the file the catalog was embedded with")
+        raise UsageError(
+            f"weights {weights.source} have sha256 {weights.sha256[:12]} but index {index.uri} was built from "
+            f"{expected[:12]}; "
+            "give --weights with the file the catalog was embedded with"
+        )
     return weights
 
 
-def embed_photos(spark: SparkSession, index: Index, uri: str, weights_override: str | None, batch_size: int = 32) -> Photos:
+def embed_photos(
+    spark: SparkSession, index: Index, uri: str, weights_override: str | None, batch_size: int = 32
+) -> Photos:
     """Embed the photos at uri (a file, a folder or a glob; any Hadoop URI) on the executors, as the embed job would."""
     weights = index_weights(index, weights_override)
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
     backend = choose_backend("auto", index.model, weights, "fp32", len(todo))
-    log.info("embedding %d query photo(s) with %s (%s, weights sha256 %s)", len(todo), index.model, backend.name, weights.sha256[:12])
+    log.info(
+        "embedding %d query photo(s) with %s (%s, weights sha256 %s)",
+        len(todo),
+        index.model,
+        backend.name,
+        weights.sha256[:12],
+    )
     photos = photo_location(spark, todo["path"])
     config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     context = spark.sparkContext
-    embedded = embed_images(read_files(spark, todo, photos), config, weights.sha256, context.broadcast(weights.data), context.broadcast(backend))
+    embedded = embed_images(
+        read_files(spark, todo, photos),
+        config,
+        weights.sha256,
+        context.broadcast(weights.data),
+        context.broadcast(backend),
+    )
     # the search reads the queries more than once: embed each photo once
     return Photos(embedded.persist(StorageLevel.MEMORY_AND_DISK), len(todo), weights)

@@ -61,7 +61,10 @@ class Plan:
     def describe(self) -> str:
         if not self.routed:
             return f"{self.blocks} task(s), each reading its own queries and the cells they probe"
-        return f"queries routed to {self.ranges} ranges of cells x {self.blocks} block(s): {self.tiles} tasks, each streaming its range once"
+        return (
+            f"queries routed to {self.ranges} ranges of cells x {self.blocks} block(s): "
+            f"{self.tiles} tasks, each streaming its range once"
+        )
 
 
 def covered(queries: float, share: float) -> float:
@@ -76,8 +79,16 @@ def range_bounds(sizes: np.ndarray, ranges: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], np.minimum(cuts, len(sizes)), [len(sizes)]])).astype(np.int64)
 
 
-def estimate(index: Index, queries: int, nprobe: int | None, cores: int, blocks: int, ranges: int, from_catalog: bool = False,
-             remote: bool = False) -> Plan:
+def estimate(
+    index: Index,
+    queries: int,
+    nprobe: int | None,
+    cores: int,
+    blocks: int,
+    ranges: int,
+    from_catalog: bool = False,
+    remote: bool = False,
+) -> Plan:
     """The plan of blocks x ranges, the catalog bytes it is expected to read and the seconds it is expected to take."""
     share = 1.0 if nprobe is None else min(nprobe, index.cells) / index.cells
     bounds = range_bounds(index.plan.sizes, ranges) if ranges > 1 else np.array([0, index.cells])
@@ -105,15 +116,30 @@ def estimate(index: Index, queries: int, nprobe: int | None, cores: int, blocks:
     return Plan(blocks, bounds, passes, tiles * tile_read, seconds)
 
 
-def choose(index: Index, queries: int, nprobe: int | None, cores: int, from_catalog: bool = False, routable: bool = True,
-           remote: bool = False) -> Plan:
+def choose(
+    index: Index,
+    queries: int,
+    nprobe: int | None,
+    cores: int,
+    from_catalog: bool = False,
+    routable: bool = True,
+    remote: bool = False,
+) -> Plan:
     """Of the plans expected to take at most 10% longer than the fastest, the one that reads the least catalog bytes:
     one range with 1 .. 2 x cores blocks, or 1 .. 4 x cores ranges of cells; never more blocks than queries."""
     queries = max(queries, 1)
     least_blocks = max(1, math.ceil(queries * (4 * index.dim + QUERY_STRING_BYTES) / TASK_BYTES))
-    options = [(blocks, 1) for blocks in range(least_blocks, max(least_blocks, 2 * cores) + 1) if blocks <= max(queries, least_blocks)]
+    options = [
+        (blocks, 1)
+        for blocks in range(least_blocks, max(least_blocks, 2 * cores) + 1)
+        if blocks <= max(queries, least_blocks)
+    ]
     if routable and index.cells > 1:
         options += [(least_blocks, ranges) for ranges in (cores, 2 * cores, 4 * cores) if 1 < ranges <= index.cells]
-    plans = [estimate(index, queries, nprobe, cores, blocks, ranges, from_catalog, remote) for blocks, ranges in options]
+    plans = [
+        estimate(index, queries, nprobe, cores, blocks, ranges, from_catalog, remote) for blocks, ranges in options
+    ]
     fastest = min(p.expected_seconds for p in plans)
-    return min((p for p in plans if p.expected_seconds <= 1.1 * fastest), key=lambda p: (p.expected_read, p.expected_seconds))
+    return min(
+        (p for p in plans if p.expected_seconds <= 1.1 * fastest), key=lambda p: (p.expected_read, p.expected_seconds)
+    )

@@ -58,8 +58,14 @@ class QueryFiles:
             log.info("the tasks cannot read %s themselves (%s): Spark reads it", uri, error)
             return None
         names = table.schema.names
-        wanted = ["image_id", "path", "label", "vector", "cell"] if catalog else [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)]
-        if any(c not in names for c in wanted[:5]) or any(path.rpartition("/")[0] != place.root for path, _, _ in groups):
+        wanted = (
+            ["image_id", "path", "label", "vector", "cell"]
+            if catalog
+            else [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)]
+        )
+        if any(c not in names for c in wanted[:5]) or any(
+            path.rpartition("/")[0] != place.root for path, _, _ in groups
+        ):
             return None  # not such a table, or partitioned into folders
         if catalog:  # the catalog's files in the manifest's order: row groups of consecutive cells go to one task
             order = {name: i for i, name in enumerate(sorted({p for p, _, _ in groups}))}
@@ -67,7 +73,8 @@ class QueryFiles:
         return cls(place, groups, wanted, catalog)
 
     def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int]]]:
-        """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of row 0)."""
+        """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of
+        row 0)."""
         bounds = np.linspace(0, self.rows, tasks + 1).round().astype(np.int64)
         runs: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(tasks)]
         start = 0
@@ -86,7 +93,9 @@ class QueryFiles:
         for path, group, first, end, qidx in run:
             with fs.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
-                present = [c for c in self.columns if c in parquet.schema_arrow.names]  # older files of a table may lack some
+                present = [
+                    c for c in self.columns if c in parquet.schema_arrow.names
+                ]  # older files of a table may lack some
                 rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
             rows = rows.append_column("qidx", pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64)))
             if self.catalog:
@@ -97,7 +106,12 @@ class QueryFiles:
                 valid = pc.and_(valid, pc.is_null(rows.column("error")))
             rows = rows.filter(valid)
             digests = rows.column("weights_sha256") if "weights_sha256" in present else pa.nulls(len(rows), pa.string())
-            yield batch_of(rows, "embedding", model=rows.column("model").combine_chunks(), weights_sha256=pa.array(digests, pa.string()))
+            yield batch_of(
+                rows,
+                "embedding",
+                model=rows.column("model").combine_chunks(),
+                weights_sha256=pa.array(digests, pa.string()),
+            )
 
 
 def batch_of(rows: pa.Table, vector: str, **extra: pa.Array) -> pa.RecordBatch:
@@ -116,7 +130,9 @@ class Source:
     checked: str | None = None  # a queries table whose model, dimension and weights are checked as the tasks see them
     from_catalog: bool = False
 
-    def tasks(self, spark: SparkSession, tasks: int) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]]:
+    def tasks(
+        self, spark: SparkSession, tasks: int
+    ) -> tuple[DataFrame, Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]]:
         """What `tasks` tasks map over, and how each turns its input into its share of the query batches."""
         if self.files is None:
             frame = self.frame.repartition(tasks) if tasks > 1 else self.frame.coalesce(1)
@@ -137,7 +153,12 @@ def numbered(queries: DataFrame, *extra: str) -> DataFrame:
 
 def renamed(vector: str) -> list[Column]:
     """Catalog or embeddings columns under the queries' names."""
-    return [F.col("image_id").alias("query_id"), F.col("path").alias("query_path"), F.col("label").alias("query_label"), F.col(vector).alias("vector")]
+    return [
+        F.col("image_id").alias("query_id"),
+        F.col("path").alias("query_path"),
+        F.col("label").alias("query_label"),
+        F.col(vector).alias("vector"),
+    ]
 
 
 def from_embeddings(table: DataFrame) -> DataFrame:
@@ -148,13 +169,18 @@ def from_embeddings(table: DataFrame) -> DataFrame:
 def check_against_index(uri: str, index: Index, model: str, dim: int, digest: str | None) -> None:
     """UsageError unless a queries table's vectors come from the index's model, dimension and weights."""
     if (model, dim) != (index.model, index.dim):
-        raise UsageError(f"queries {uri} are {model} {dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
-                         f"embed the queries with --model {index.model}")
+        raise UsageError(
+            f"queries {uri} are {model} {dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
+            f"embed the queries with --model {index.model}"
+        )
     expected = index.meta.get("weights_sha256")
     if expected and digest and digest != expected:
         source = index.meta.get("weights_source")
-        raise UsageError(f"queries {uri} were embedded with weights sha256 {digest[:12]} but index {index.uri} with {expected[:12]}; "
-                         f"embed the queries with the index's weights" + (f" (--weights {source})" if source else ""))
+        raise UsageError(
+            f"queries {uri} were embedded with weights sha256 {digest[:12]} but index {index.uri} with "
+            f"{expected[:12]}; "
+            f"embed the queries with the index's weights" + (f" (--weights {source})" if source else "")
+        )
 
 
 def check_seen(uri: str, index: Index, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:
@@ -176,7 +202,11 @@ def table_source(spark: SparkSession, uri: str, dim: int) -> Source:
     files = QueryFiles.listed(spark, uri)
     if files is not None:
         return Source(files.rows, files=files, checked=uri)
-    frame = numbered(open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"), "model", "weights_sha256")
+    frame = numbered(
+        open_embeddings(spark, uri, "queries table").select(*renamed("embedding"), "model", "weights_sha256"),
+        "model",
+        "weights_sha256",
+    )
     return Source(max(1, storage.total_size(spark, uri) // (4 * dim)), frame=frame, checked=uri)
 
 
@@ -190,8 +220,11 @@ def catalog_source(spark: SparkSession, index: Index, readable: bool) -> Source:
     files = QueryFiles.listed(spark, index.catalog_uri, catalog=True) if readable else None
     if files is not None:
         return Source(index.count, files=files, from_catalog=True)
-    return Source(index.count, frame=numbered(catalog(spark, index).select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"),
-                  from_catalog=True)
+    return Source(
+        index.count,
+        frame=numbered(catalog(spark, index).select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"),
+        from_catalog=True,
+    )
 
 
 def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int = 5) -> list[str]:
@@ -200,17 +233,29 @@ def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int 
     UsageError naming the names that match nothing, or a suffix that matches several images (with them).
     """
     rows = catalog(spark, index).select("image_id", "path")
-    hits = [F.when((F.col("image_id") == name) | (F.col("path") == name) | F.col("path").endswith("/" + name.lstrip("/")), F.lit(i))
-            for i, name in enumerate(names)]
-    matched = rows.select("image_id", "path", F.explode(F.array_compact(F.array(*hits))).alias("name")).dropDuplicates(["name", "image_id"])
+    hits = [
+        F.when(
+            (F.col("image_id") == name) | (F.col("path") == name) | F.col("path").endswith("/" + name.lstrip("/")),
+            F.lit(i),
+        )
+        for i, name in enumerate(names)
+    ]
+    matched = rows.select("image_id", "path", F.explode(F.array_compact(F.array(*hits))).alias("name")).dropDuplicates(
+        ["name", "image_id"]
+    )
     # a few matches per name are enough to tell unique from ambiguous: bounded by the command line, not the catalog
-    first = matched.withColumn("n", F.row_number().over(Window.partitionBy("name").orderBy("path"))).where(F.col("n") <= shown + 1)
+    first = matched.withColumn("n", F.row_number().over(Window.partitionBy("name").orderBy("path"))).where(
+        F.col("n") <= shown + 1
+    )
     found: dict[int, list[tuple[str, str]]] = {}
     for row in first.collect():
         found.setdefault(row["name"], []).append((row["image_id"], row["path"]))
     unknown = [name for i, name in enumerate(names) if i not in found]
     if unknown:
-        raise UsageError(f"{len(unknown)} query id(s) not in the catalog of {index.uri} (give an image_id, a path or a unique end of one): {', '.join(unknown[:5])}")
+        raise UsageError(
+            f"{len(unknown)} query id(s) not in the catalog of {index.uri} (give an image_id, a path or a unique end "
+            f"of one): {', '.join(unknown[:5])}"
+        )
     for i, name in enumerate(names):
         if len(found[i]) > 1:
             paths = ", ".join(p for _, p in found[i][:shown]) + (", ..." if len(found[i]) > shown else "")
@@ -222,4 +267,6 @@ def ids_source(spark: SparkSession, index: Index, names: list[str]) -> Source:
     """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries, with their own cells."""
     ids = resolve_ids(spark, index, names)
     found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
-    return Source(len(ids), frame=numbered(found.select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"))
+    return Source(
+        len(ids), frame=numbered(found.select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell")
+    )

@@ -20,15 +20,32 @@ from jobs.tables import NEIGHBOURS_SCHEMA
 if TYPE_CHECKING:  # the executors import this module: pandas would cost each Python worker ~0.7 s
     import pandas as pd
 
-QUERY_FIELDS = [("qidx", pa.int64()), ("query_id", pa.string()), ("query_path", pa.string()), ("query_label", pa.string())]
-NEIGHBOUR_FIELDS = [("neighbor_id", pa.string()), ("neighbor_path", pa.string()), ("neighbor_label", pa.string()), ("distance", pa.float32()),
-                    ("similarity", pa.float32())]
+QUERY_FIELDS = [
+    ("qidx", pa.int64()),
+    ("query_id", pa.string()),
+    ("query_path", pa.string()),
+    ("query_label", pa.string()),
+]
+NEIGHBOUR_FIELDS = [
+    ("neighbor_id", pa.string()),
+    ("neighbor_path", pa.string()),
+    ("neighbor_label", pa.string()),
+    ("distance", pa.float32()),
+    ("similarity", pa.float32()),
+]
 PARTIAL_ARROW = pa.schema(QUERY_FIELDS + NEIGHBOUR_FIELDS)  # one candidate a row
-PACKED_ARROW = pa.schema(QUERY_FIELDS + [(name, pa.list_(kind)) for name, kind in NEIGHBOUR_FIELDS])  # a query's candidates in one row
-PARTIAL_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
-                  "neighbor_label string, distance float, similarity float")
-PACKED_SCHEMA = ("qidx bigint, query_id string, query_path string, query_label string, neighbor_id array<string>, neighbor_path array<string>, "
-                 "neighbor_label array<string>, distance array<float>, similarity array<float>")
+PACKED_ARROW = pa.schema(
+    QUERY_FIELDS + [(name, pa.list_(kind)) for name, kind in NEIGHBOUR_FIELDS]
+)  # a query's candidates in one row
+PARTIAL_SCHEMA = (
+    "qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
+    "neighbor_label string, distance float, similarity float"
+)
+PACKED_SCHEMA = (
+    "qidx bigint, query_id string, query_path string, query_label string, neighbor_id array<string>, neighbor_path "
+    "array<string>, "
+    "neighbor_label array<string>, distance array<float>, similarity array<float>"
+)
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
 MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 
@@ -36,7 +53,9 @@ MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
     """The k nearest candidates of each query, ranked 1..k (ties to the smaller neighbour id): neighbours rows."""
     qidx = candidates.column("qidx").to_numpy()
-    order = np.lexsort((id_keys(candidates.column("neighbor_id").combine_chunks()), candidates.column("distance").to_numpy(), qidx))
+    order = np.lexsort(
+        (id_keys(candidates.column("neighbor_id").combine_chunks()), candidates.column("distance").to_numpy(), qidx)
+    )
     rank = ranks_in_runs(qidx[order])
     best = candidates.take(pa.array(order[rank < k]))
     columns = {name: best.column(name).combine_chunks() for name in NEIGHBOUR_COLUMNS if name != "rank"}
@@ -84,17 +103,22 @@ def merge_tasks(queries: int, k: int, visits: float, most: int) -> int:
 
 
 def duplicate_pairs(partials: DataFrame) -> DataFrame:
-    """The similar pairs a catalog-against-itself range search found (each may be found from both ends), once each as (a, b), a < b."""
+    """The similar pairs a catalog-against-itself range search found (each may be found from both ends), once each as
+    (a, b), a < b."""
     query_first = F.col("query_id") < F.col("neighbor_id")
 
     def side(first: str, second: str) -> Column:
         return F.when(query_first, F.col(first)).otherwise(F.col(second))
 
     return partials.select(
-        side("query_id", "neighbor_id").alias("image_a"), side("query_path", "neighbor_path").alias("path_a"),
-        side("query_label", "neighbor_label").alias("label_a"), side("neighbor_id", "query_id").alias("image_b"),
-        side("neighbor_path", "query_path").alias("path_b"), side("neighbor_label", "query_label").alias("label_b"),
-        "distance", "similarity",
+        side("query_id", "neighbor_id").alias("image_a"),
+        side("query_path", "neighbor_path").alias("path_a"),
+        side("query_label", "neighbor_label").alias("label_a"),
+        side("neighbor_id", "query_id").alias("image_b"),
+        side("neighbor_path", "query_path").alias("path_b"),
+        side("neighbor_label", "query_label").alias("label_b"),
+        "distance",
+        "similarity",
     ).dropDuplicates(["image_a", "image_b"])
 
 
@@ -119,7 +143,9 @@ def first_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.D
 
     Spark picks the queries (distinct, then a top-N sort); only the chosen queries' rows reach the driver.
     """
-    chosen = neighbours.select("query_id", "query_path").distinct().orderBy("query_path", "query_id").limit(limit).toPandas()
+    chosen = (
+        neighbours.select("query_id", "query_path").distinct().orderBy("query_path", "query_id").limit(limit).toPandas()
+    )
     if chosen.empty:
         return chosen, neighbours.limit(0).toPandas()
     wanted = neighbours.sparkSession.createDataFrame(chosen[["query_id"]], "query_id string")

@@ -22,7 +22,8 @@ FLOAT_MAX = np.finfo(np.float32).max
 
 @dataclass(frozen=True)
 class Wanted:
-    """What a query wants from the rows it scores: its k nearest, or (min_similarity set) every row at least that similar."""
+    """What a query wants from the rows it scores: its k nearest, or (min_similarity set) every row at least that
+    similar."""
 
     k: int
     exclude_self: bool = False
@@ -42,7 +43,8 @@ def cosine(query_sq: np.ndarray, row_sq: np.ndarray, d2: np.ndarray) -> np.ndarr
 
 @dataclass
 class ShardRows:
-    """Catalog rows as read (one file's probed row groups) and sorted here by cell: vectors, norms, id ranks, cell bounds."""
+    """Catalog rows as read (one file's probed row groups) and sorted here by cell: vectors, norms, id ranks, cell
+    bounds."""
 
     rows: pa.RecordBatch  # image_id, path, label (and buckets for LSH) as read: the strings are never reordered
     order: np.ndarray  # position in the sorted arrays -> row
@@ -66,7 +68,15 @@ class ShardRows:
         rows = rows if picked is None else rows.take(pa.array(picked))
         vectors = gather_matrix(table.column("vector"), dim, order if picked is None else picked[order])
         cells, starts = np.unique(cell[order], return_index=True)
-        return cls(rows, order, vectors, squared_norms(vectors), cells, np.append(starts, len(order)), id_keys(rows.column("image_id"))[order])
+        return cls(
+            rows,
+            order,
+            vectors,
+            squared_norms(vectors),
+            cells,
+            np.append(starts, len(order)),
+            id_keys(rows.column("image_id"))[order],
+        )
 
     def slots(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each asked cell, its slot in this shard and whether the shard holds it."""
@@ -75,7 +85,14 @@ class ShardRows:
         slot = np.minimum(np.searchsorted(self.cells, cells), len(self.cells) - 1)
         return slot, self.cells[slot] == cells
 
-    def score(self, keep: TopK | Similar, vectors: np.ndarray, probes: tuple[np.ndarray, np.ndarray] | None, own_row: np.ndarray | None, base: int) -> None:
+    def score(
+        self,
+        keep: TopK | Similar,
+        vectors: np.ndarray,
+        probes: tuple[np.ndarray, np.ndarray] | None,
+        own_row: np.ndarray | None,
+        base: int,
+    ) -> None:
         """Fold into keep every query's distances to the rows of the cells it probes here (probes: CSR cells, nearest
         first; None: every row), rows numbered base + sorted position. own_row: each query's own row here, or -1."""
         if probes is None:
@@ -98,9 +115,18 @@ class ShardRows:
             if isinstance(keep, TopK):
                 keep.flush()
 
-    def score_rows(self, keep: TopK | Similar, vectors: np.ndarray, asking: np.ndarray, lo: int, hi: int, own_row: np.ndarray | None,
-                   base: int) -> None:
-        """Score the asking queries against sorted rows lo..hi, a slice of them at a time (at most SCORED_ENTRIES distances)."""
+    def score_rows(
+        self,
+        keep: TopK | Similar,
+        vectors: np.ndarray,
+        asking: np.ndarray,
+        lo: int,
+        hi: int,
+        own_row: np.ndarray | None,
+        base: int,
+    ) -> None:
+        """Score the asking queries against sorted rows lo..hi, a slice of them at a time (at most SCORED_ENTRIES
+        distances)."""
         step = max(1, SCORED_ENTRIES // max(len(asking), 1))
         for first in range(lo, hi, step):
             end = min(first + step, hi)
@@ -110,10 +136,21 @@ class ShardRows:
                 d2[mine, own_row[asking[mine]] - first] = np.inf
             keep.add(asking, d2, np.arange(base + first, base + end), self.keys[first:end])
 
-    def score_lsh(self, keep: TopK, vectors: np.ndarray, probe_keys: np.ndarray, own_row: np.ndarray | None, base: int, candidates: np.ndarray) -> None:
-        """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys: queries x
+    def score_lsh(
+        self,
+        keep: TopK,
+        vectors: np.ndarray,
+        probe_keys: np.ndarray,
+        own_row: np.ndarray | None,
+        base: int,
+        candidates: np.ndarray,
+    ) -> None:
+        """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys: queries
+        x
         tables x probes), a few similar queries at a time; count each query's candidates."""
-        buckets = BucketIndex(self.rows.column("buckets").take(pa.array(self.order)).flatten().to_numpy().reshape(len(self.order), -1))
+        buckets = BucketIndex(
+            self.rows.column("buckets").take(pa.array(self.order)).flatten().to_numpy().reshape(len(self.order), -1)
+        )
         for first in range(0, len(vectors), LSH_QUERIES):
             asking = np.arange(first, min(first + LSH_QUERIES, len(vectors)))
             mask = buckets.candidate_mask(probe_keys[asking])
@@ -191,7 +228,9 @@ class TopK:
         key = np.concatenate([self.keys[touched].ravel(), keys])
         row = np.concatenate([self.rows[touched].ravel(), rows])
         # one int64 sorts by query, then distance (a non-negative float32's bits ascend with it); ties by key
-        order = np.lexsort((key, (queries.astype(np.int64) << 32) | (d + np.float32(0)).view(np.uint32).astype(np.int64)))
+        order = np.lexsort(
+            (key, (queries.astype(np.int64) << 32) | (d + np.float32(0)).view(np.uint32).astype(np.int64))
+        )
         queries, d, key, row = queries[order], d[order], key[order], row[order]
         rank = ranks_in_runs(queries)
         top = rank < self.k
@@ -232,7 +271,8 @@ class Kept:
     squares: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
     def take_in(self, keep: TopK, held: ShardRows, base: int) -> None:
-        """Copy the held shard's rows that entered keep, renumber them as kept rows, and drop kept rows pushed out since."""
+        """Copy the held shard's rows that entered keep, renumber them as kept rows, and drop kept rows pushed out
+        since."""
         keep.flush()
         entered = keep.rows >= base
         positions = keep.rows[entered] - base

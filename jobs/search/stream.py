@@ -34,7 +34,9 @@ class Asked:
     fallbacks: int = 0  # LSH: queries answered exactly instead
 
     @classmethod
-    def probed(cls, batch: pa.RecordBatch, vectors: np.ndarray, index: Index, nprobe: int | None, wanted: Wanted) -> Asked:
+    def probed(
+        cls, batch: pa.RecordBatch, vectors: np.ndarray, index: Index, nprobe: int | None, wanted: Wanted
+    ) -> Asked:
         """Queries with their nprobe nearest cells (more while those hold too few rows); nprobe None: every cell."""
         probes = None if nprobe is None else index.probe(vectors, nprobe, wanted.enough)
         own = batch.column("own_cell").to_numpy() if "own_cell" in batch.schema.names else None
@@ -44,9 +46,12 @@ class Asked:
     def routed(cls, batch: pa.RecordBatch, dim: int) -> Asked:
         """Queries as a routed row carries them: vector bytes and probes (packed int32) of this tile's cells."""
         own, probes = batch.column("own_cell"), batch.column("probes")
-        return cls(batch.select(QUERY_COLUMNS), matrix_from_binary(batch.column("vector"), dim),
-                   None if probes.null_count == len(batch) else values_from_binary(probes, np.int32),
-                   None if own.null_count == len(batch) else own.to_numpy(zero_copy_only=False))
+        return cls(
+            batch.select(QUERY_COLUMNS),
+            matrix_from_binary(batch.column("vector"), dim),
+            None if probes.null_count == len(batch) else values_from_binary(probes, np.int32),
+            None if own.null_count == len(batch) else own.to_numpy(zero_copy_only=False),
+        )
 
     def subset(self, chosen: np.ndarray) -> Asked:
         """These queries alone, probing every cell."""
@@ -63,8 +68,13 @@ class Asked:
         return mask & cells
 
 
-def answer(catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None = None
-           ) -> Iterator[pa.RecordBatch]:
+def answer(
+    catalog: CatalogFiles,
+    asked: Asked,
+    wanted: Wanted,
+    cells: np.ndarray,
+    lsh: tuple[np.ndarray, LshParams] | None = None,
+) -> Iterator[pa.RecordBatch]:
     """Candidates of the asked queries among the rows of the cells they probe within `cells` (a mask), as PARTIAL_ARROW
     rows: each query's k nearest after the last file or, with wanted.min_similarity, each file's close pairs.
 
@@ -84,7 +94,9 @@ def answer(catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndarra
             close = Similar(wanted.min_similarity, query_sq, held.squares, base)
             held.score(close, asked.vectors, asked.probes, own_row, base)
             q, positions, d2 = close.found()
-            yield candidates(asked.rows, q, query_sq, held.strings(positions), np.arange(len(positions)), held.squares[positions], d2)
+            yield candidates(
+                asked.rows, q, query_sq, held.strings(positions), np.arange(len(positions)), held.squares[positions], d2
+            )
             continue
         if keys is not None:
             held.score_lsh(keep, asked.vectors, keys, own_row, base, asked.candidates)
@@ -96,13 +108,23 @@ def answer(catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndarra
         yield candidates(asked.rows, q, query_sq, kept.rows, rows, kept.squares, d2)
 
 
-def candidates(queries: pa.RecordBatch, query_rows: np.ndarray, query_sq: np.ndarray, catalog: pa.Table, catalog_rows: np.ndarray,
-               catalog_sq: np.ndarray, d2: np.ndarray) -> pa.RecordBatch:
+def candidates(
+    queries: pa.RecordBatch,
+    query_rows: np.ndarray,
+    query_sq: np.ndarray,
+    catalog: pa.Table,
+    catalog_rows: np.ndarray,
+    catalog_sq: np.ndarray,
+    d2: np.ndarray,
+) -> pa.RecordBatch:
     """Candidate rows: query row i matched catalog row j at squared distance d2 (all arrays aligned)."""
     similarity = cosine(query_sq[query_rows], catalog_sq[catalog_rows], d2)
     q, c = pa.array(query_rows, pa.int64()), pa.array(catalog_rows, pa.int64())
     columns = [queries.column(name).take(q) for name in QUERY_COLUMNS]
-    columns += [catalog.column(name).take(c).combine_chunks() if isinstance(catalog, pa.Table) else catalog.column(name).take(c)
-                for name in ("image_id", "path", "label")]
-    return pa.RecordBatch.from_arrays([*columns, pa.array(np.sqrt(d2).astype(np.float32)), pa.array(similarity)], schema=PARTIAL_ARROW)
-
+    columns += [
+        catalog.column(name).take(c).combine_chunks() if isinstance(catalog, pa.Table) else catalog.column(name).take(c)
+        for name in ("image_id", "path", "label")
+    ]
+    return pa.RecordBatch.from_arrays(
+        [*columns, pa.array(np.sqrt(d2).astype(np.float32)), pa.array(similarity)], schema=PARTIAL_ARROW
+    )

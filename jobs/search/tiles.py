@@ -29,7 +29,10 @@ from jobs.vectors import binary_from_values, matrix_from_binary, packed_vectors
 
 task_log = get_logger("jobs.search.task")
 SEEN_VALUES = 4  # distinct models or digests remembered: enough to name a mix, bounded whatever the table
-ROUTED_SCHEMA = "tile int, qidx bigint, query_id string, query_path string, query_label string, vector binary, probes binary, own_cell int"
+ROUTED_SCHEMA = (
+    "tile int, qidx bigint, query_id string, query_path string, query_label string, "
+    "vector binary, probes binary, own_cell int"
+)
 
 
 @dataclass
@@ -47,8 +50,14 @@ class Seen:
 
     def merge(self, other: Seen) -> Seen:
         cells = other.cells if self.cells is None else self.cells if other.cells is None else self.cells | other.cells
-        return Seen(cells, {**self.rows, **other.rows}, self.dims | other.dims, bounded(self.models | other.models),
-                    bounded(self.digests | other.digests), {**self.fallbacks, **other.fallbacks})
+        return Seen(
+            cells,
+            {**self.rows, **other.rows},
+            self.dims | other.dims,
+            bounded(self.models | other.models),
+            bounded(self.digests | other.digests),
+            {**self.fallbacks, **other.fallbacks},
+        )
 
     @property
     def queries(self) -> int:
@@ -88,10 +97,18 @@ class Found:
 
     def touched(self, index: Index) -> dict:
         seen = self.seen.value
-        return {"plan": self.plan.describe(), "tasks": self.plan.tiles, "cells": index.cells, "catalog_rows": index.count,
-                "cells_probed": int(seen.cells.sum()) if seen.cells is not None else 0, "catalog_files": len(index.meta["files"]),
-                "catalog_bytes": index.catalog_bytes, "expected_bytes_read": round(self.plan.expected_read), **self.counters.totals(),
-                "lsh_fallback_queries": sum(seen.fallbacks.values())}
+        return {
+            "plan": self.plan.describe(),
+            "tasks": self.plan.tiles,
+            "cells": index.cells,
+            "catalog_rows": index.count,
+            "cells_probed": int(seen.cells.sum()) if seen.cells is not None else 0,
+            "catalog_files": len(index.meta["files"]),
+            "catalog_bytes": index.catalog_bytes,
+            "expected_bytes_read": round(self.plan.expected_read),
+            **self.counters.totals(),
+            "lsh_fallback_queries": sum(seen.fallbacks.values()),
+        }
 
 
 def chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -110,7 +127,9 @@ def chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBa
         yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
 
 
-def answered(catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndarray, lsh: tuple | None) -> Iterator[pa.RecordBatch]:
+def answered(
+    catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndarray, lsh: tuple | None
+) -> Iterator[pa.RecordBatch]:
     """The kernel's candidates for one chunk; with lsh, queries with fewer candidates than they want are answered
     exactly instead (a second pass for them alone), and counted in asked.fallbacks."""
     found = list(answer(catalog, asked, wanted, cells, lsh))
@@ -125,9 +144,18 @@ def answered(catalog: CatalogFiles, asked: Asked, wanted: Wanted, cells: np.ndar
     yield from found
 
 
-def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files: Location, nprobe: int | None, wanted: Wanted,
-           lsh: bool = False) -> Found:
-    """The search of every query of source as planned: nprobe cells each (None: every cell), LSH candidates only with lsh."""
+def search(
+    spark: SparkSession,
+    index: Index,
+    source: Source,
+    plan: Plan,
+    files: Location,
+    nprobe: int | None,
+    wanted: Wanted,
+    lsh: bool = False,
+) -> Found:
+    """The search of every query of source as planned: nprobe cells each (None: every cell), LSH candidates only with
+    lsh."""
     shipped = spark.sparkContext.broadcast((index, rand_unit_vectors(spark, f"{index.uri}/model") if lsh else None))
     seen, counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
     chunk_rows = max(1, TASK_BYTES // (4 * index.dim + QUERY_STRING_BYTES))
@@ -161,7 +189,10 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
             rows += len(chunk)
             with watch("probing"):
                 asked = probed(idx, saw, chunk)
-            for found in watch.timed("scoring", answered(catalog, asked, wanted, np.ones(idx.cells, bool), model) if asked is not None else iter([])):
+            for found in watch.timed(
+                "scoring",
+                answered(catalog, asked, wanted, np.ones(idx.cells, bool), model) if asked is not None else iter([]),
+            ):
                 with watch("ranking"):
                     found = results.ranked(pa.Table.from_batches([found]), wanted.k) if topk else found
                 with watch("writing"):
@@ -172,7 +203,9 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
         done(saw, rows, fallbacks)
 
     if not plan.routed:
-        return Found(frame.mapInArrow(local, NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA), seen, counters, plan)
+        return Found(
+            frame.mapInArrow(local, NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA), seen, counters, plan
+        )
 
     def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         idx, _, saw = task_setup()
@@ -204,8 +237,14 @@ def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files:
                     yield found
         catalog.close()
         if rows:
-            task_log.info("search task %d: %d queries of cells %d-%d: %s", TaskContext.get().partitionId(), rows, bounds[part], bounds[part + 1] - 1,
-                          watch.line())
+            task_log.info(
+                "search task %d: %d queries of cells %d-%d: %s",
+                TaskContext.get().partitionId(),
+                rows,
+                bounds[part],
+                bounds[part + 1] - 1,
+                watch.line(),
+            )
 
     routed = frame.mapInArrow(route, ROUTED_SCHEMA).repartition(plan.tiles, partition_key(F.col("tile"), plan.tiles))
     candidates = routed.mapInArrow(tile, results.PACKED_SCHEMA if topk else results.PARTIAL_SCHEMA)
@@ -228,6 +267,13 @@ def routed_rows(asked: Asked, chunk: pa.RecordBatch, tile: int, first: int, end:
         probes = binary_from_values(cells[inside], np.concatenate([[0], np.cumsum(counts[keep])]))
     taken = pa.array(keep)
     own = chunk.column("own_cell").take(taken) if "own_cell" in chunk.schema.names else pa.nulls(len(keep), pa.int32())
-    return pa.RecordBatch.from_arrays([pa.array(np.full(len(keep), tile, np.int32)), *(asked.rows.column(c).take(taken) for c in QUERY_COLUMNS),
-                                       packed_vectors(chunk.column("vector"))[0].take(taken), probes, own.cast(pa.int32())],
-                                      names=["tile", *QUERY_COLUMNS, "vector", "probes", "own_cell"])
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.full(len(keep), tile, np.int32)),
+            *(asked.rows.column(c).take(taken) for c in QUERY_COLUMNS),
+            packed_vectors(chunk.column("vector"))[0].take(taken),
+            probes,
+            own.cast(pa.int32()),
+        ],
+        names=["tile", *QUERY_COLUMNS, "vector", "probes", "own_cell"],
+    )
