@@ -1,4 +1,5 @@
-"""Shared bench helpers: timing, a results table on stdout and JSON under bench/results/."""
+"""Shared bench helpers: timing, results tables on stdout and in JSON under bench/results/ (bench/report.py turns
+the JSON into bench/README.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PRINTED: list[dict[str, Any]] = []  # the tables and notes this run printed, kept in its JSON for the report
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
@@ -27,12 +29,19 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
 
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    PRINTED.append({"title": title, "header": header, "rows": cells})
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     print(f"\n{title}\nmachine: {machine_line()}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def note(text: str) -> None:
+    """A line printed under the tables, and kept for the report."""
+    print(text)
+    PRINTED.append({"note": text})
 
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
@@ -46,6 +55,7 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
             "python": platform.python_version(),
         },
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "printed": PRINTED,
         **data,
     }
     path = RESULTS / f"{name}.json"

@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import print_table, write_json  # noqa: E402
+from common import note, print_table, write_json  # noqa: E402
 from helpers import build_dist, spark_submit  # noqa: E402
 
 from jobs import imaging  # noqa: E402
@@ -239,8 +239,8 @@ def main() -> None:
         rows,
     )
     decode = results["decode_preprocess_one_core"]
-    print(
-        f"\ndecode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, "
+    note(
+        f"decode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, "
         f"{decode['draft 2x']:.1f} to 2x;"
         f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
         f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB"
@@ -249,7 +249,7 @@ def main() -> None:
         for n, run in job["runs"].items():
             if run["task_seconds"]:
                 per_image = ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in run["task_seconds"].items())
-                print(
+                note(
                     f"job --backend {backend}, {n} images: the tasks' ms per image (one core each): {per_image}; "
                     f"embed stage {run['embed_s']:.1f} s"
                 )

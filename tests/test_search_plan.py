@@ -59,7 +59,7 @@ def test_many_queries_on_a_small_catalog_are_split_over_the_cores_where_they_are
     """Scoring, not reading, is their cost: each core's block reads the catalog beside its scoring."""
     for queries in (10_000, 100_000):
         chosen = plan.choose(GLOVE, queries, 105, cores=2)
-        assert not chosen.routed and chosen.blocks == 2
+        assert not chosen.routed and chosen.blocks >= 2
 
 
 @pytest.mark.parametrize("queries", [1000, 10_000])

@@ -32,6 +32,7 @@ ROUTE_SECONDS = 7e-6  # a routed query row leaving its map task
 VISIT_SECONDS = 16e-6  # a routed query row read by its tile, and its candidates packed and written
 MERGE_SECONDS = 50e-6  # a query's packed candidates from one range, merged and its neighbours written
 STAGE_SECONDS = 0.3  # each stage that routing adds
+STRAGGLER = 0.5  # the share of one task's time the slowest task runs past the mean (GloVe's halves: 18.6 and 28.3 s)
 TASK_BYTES = 256 << 20  # the query rows one task holds at once: more are answered in further passes over its cells
 QUERY_STRING_BYTES = 200  # a query row's id, path and label, about
 
@@ -108,11 +109,11 @@ def estimate(
     tiles = blocks * ranges
     if ranges == 1:
         task = max(tile_read * read_seconds, (probe + score) / blocks) + TASK_SECONDS
-        seconds = tiles * task / min(tiles, cores)
+        seconds = tiles * task / min(tiles, cores) + (STRAGGLER * task if tiles > 1 else 0.0)
     else:
         task = max(tile_read * read_seconds, score / tiles + per_tile * VISIT_SECONDS) + TASK_SECONDS
         routing = (probe + queries * visits * (ROUTE_SECONDS + MERGE_SECONDS)) / cores
-        seconds = routing + tiles * task / min(tiles, cores) + 2 * STAGE_SECONDS
+        seconds = routing + tiles * task / min(tiles, cores) + STRAGGLER * task + 2 * STAGE_SECONDS
     return Plan(blocks, bounds, passes, tiles * tile_read, seconds)
 
 

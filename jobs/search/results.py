@@ -48,6 +48,7 @@ PACKED_SCHEMA = (
 )
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
 MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
+BATCH_ROWS = 1 << 15  # rows a task hands Spark at a time: the JVM holds each batch whole (a 1g driver runs local tasks)
 
 
 def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
@@ -61,6 +62,12 @@ def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
     columns = {name: best.column(name).combine_chunks() for name in NEIGHBOUR_COLUMNS if name != "rank"}
     columns["rank"] = pa.array(rank[rank < k].astype(np.int32) + 1)
     return pa.RecordBatch.from_arrays([columns[name] for name in NEIGHBOUR_COLUMNS], names=NEIGHBOUR_COLUMNS)
+
+
+def sliced(batch: pa.RecordBatch, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The batch in slices of at most `rows` rows."""
+    for first in range(0, len(batch), rows):
+        yield batch.slice(first, rows)
 
 
 def packed(candidates: pa.RecordBatch) -> pa.RecordBatch:
@@ -92,7 +99,7 @@ def merged(partials: DataFrame, k: int, tasks: int) -> DataFrame:
     def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         rows = pa.Table.from_batches(list(batches), PACKED_ARROW)
         if rows.num_rows:
-            yield ranked(unpacked(rows), k)
+            yield from sliced(ranked(unpacked(rows), k))
 
     return partials.repartition(tasks, "qidx").mapInArrow(merge, NEIGHBOURS_SCHEMA)
 

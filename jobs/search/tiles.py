@@ -196,7 +196,7 @@ def search(
                 with watch("ranking"):
                     found = results.ranked(pa.Table.from_batches([found]), wanted.k) if topk else found
                 with watch("writing"):
-                    yield found
+                    yield from results.sliced(found)
             fallbacks += asked.fallbacks if asked is not None else 0
         catalog.close()
         task_log.info("search task %d: %d queries: %s", TaskContext.get().partitionId(), rows, watch.line())
@@ -218,7 +218,7 @@ def search(
                 with watch("routing"):
                     routed = routed_rows(asked, chunk, block * ranges + part, bounds[part], bounds[part + 1])
                 with watch("writing"):
-                    yield routed
+                    yield from results.sliced(routed)
         task_log.info("search task %d: %d queries routed: %s", TaskContext.get().partitionId(), rows, watch.line())
         done(saw, rows)
 
@@ -234,7 +234,7 @@ def search(
                 with watch("packing"):
                     found = results.packed(found) if topk else found
                 with watch("writing"):
-                    yield found
+                    yield from results.sliced(found)
         catalog.close()
         if rows:
             task_log.info(

@@ -1,0 +1,71 @@
+"""Write bench/README.md from bench/results/*.json: each benchmark's current tables, with the machine it ran on.
+
+  python bench/report.py        (make bench-report)
+
+A run of a benchmark replaces its JSON, so a new run replaces its tables; what was tried before is in git and in
+bench/tried.md, which is copied in at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+HEAD = """# Benchmarks
+
+The current results of every benchmark, one section each, written by `make bench-report` from
+`bench/results/*.json`; rerun a benchmark to replace its section. Ratios are within one run on one machine:
+the machines here are shared, noisy and unlike each other, so compare a section's rows, not sections.
+
+| benchmark | command | what it measures |
+|---|---|---|
+| search | `make bench-search` | catalog sizes x query counts beside FAISS IVF-Flat at equal recall, bytes read |
+| embed | `make bench-embed` | images/s of each backend model-only, decode, the job's steady rate against them |
+| photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
+| bf16_fidelity | `python bench/bf16_fidelity.py` | bf16 against fp32 vectors on real photos |
+"""
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+
+
+def section(path: Path) -> list[str]:
+    """One results file as markdown: its name, when and where it ran, then what it printed."""
+    data = json.loads(path.read_text())
+    machine = data.get("machine", {})
+    flags = "+".join(machine.get("vector_flags", [])) or "no AVX2"
+    lines = [
+        f"## {path.stem}",
+        "",
+        f"{data.get('at', '?')} on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {flags}; "
+        f"fresh memory {machine.get('fresh_memory_gb_s', '?')} GB/s",
+        "",
+    ]
+    printed = data.get("printed") or []
+    if not printed:
+        return [*lines, "(written before results kept their tables: rerun the benchmark)", ""]
+    for item in printed:
+        if "note" in item:
+            lines += [item["note"], ""]
+        else:
+            lines += [f"**{item['title']}**", "", *markdown_table(item["header"], item["rows"]), ""]
+    return lines
+
+
+def main() -> None:
+    results = sorted((BENCH / "results").glob("*.json"))
+    lines = HEAD.splitlines() + [""]
+    for path in results:
+        lines += section(path)
+    tried = BENCH / "tried.md"
+    if tried.exists():
+        lines += tried.read_text().splitlines()
+    (BENCH / "README.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {BENCH / 'README.md'} from {len(results)} result file(s)")
+
+
+if __name__ == "__main__":
+    main()
