@@ -45,7 +45,7 @@ def submit_command(
     # tiny inputs: 4 shuffle partitions, as in the test session (Spark's 200 make a 3-query search ~3x slower)
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
-    # as the Makefile's submit: the job's local driver JVM options (the class archive make setup wrote, the quick compiler)
+    # as the Makefile's submit: the job's local driver JVM options (the class archive of make setup, the quick compiler)
     command += ["--driver-java-options", localstart.java_options(jvm_as or (str(job_args[0]) if job_args else None))]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
