@@ -28,7 +28,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35
+.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -87,11 +87,16 @@ embed index search evaluate report: build ## run one job through spark-submit: m
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
 	$(PY) bench/embed.py
 
-bench-search: build ## search on GloVe and 1M synthetic vectors next to FAISS (bench/results/search_*.json)
+bench-search: build ## search: GloVe 50k-300k and 1M x 512 x 1 to 100k queries and --all, next to FAISS (bench/results/search.json)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/search.py --dataset glove --catalog 300000 --queries 1000
-	$(PY) bench/search.py --dataset glove --catalog 300000 --queries 100000 --methods ivf,exact
-	$(PY) bench/search.py --dataset clustered --catalog 1000000 --queries 1000
+	$(PY) bench/search.py
+
+bench-update: build ## index updates next to full rebuilds, GloVe 250k (bench/results/index_update.json)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/index_update.py
+
+bench-report: ## bench/README.md from bench/results/*.json
+	$(PY) bench/report.py
 
 demo: build ## the whole pipeline on real photos, offline: embed -> index -> search -> evaluate -> report
 	$(PY) scripts/sample_data.py demo --out $(DATA) --per-photo $(PER_PHOTO)

@@ -74,19 +74,21 @@ def row_path(prefix: str, i: int, image_id: str) -> str:
     return f"s3://vehicle-photos-prod/listings/2026/{1 + i % 12:02d}/{dealer}/{prefix}/{image_id}.jpg"
 
 
-def write_embeddings(path: Path, vectors: np.ndarray, prefix: str) -> list[str]:
-    """An embeddings table of the contract with sha1 ids and long paths; returns the ids in row order."""
+def write_embeddings(path: Path, vectors: np.ndarray, prefix: str, numbers: np.ndarray | None = None) -> list[str]:
+    """An embeddings table of the contract with sha1 ids (of prefix and each row's number: its position unless given)
+    and long paths; returns the ids in row order."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     n, dim = vectors.shape
-    ids = [row_id(prefix, i) for i in range(n)]
+    numbers = np.arange(n) if numbers is None else numbers
+    ids = [row_id(prefix, int(i)) for i in numbers]
     embedding = pa.ListArray.from_arrays(
         pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
     )
     table = pa.table(
         {
             "image_id": ids,
-            "path": [row_path(prefix, i, ids[i]) for i in range(n)],
+            "path": [row_path(prefix, int(numbers[i]), ids[i]) for i in range(n)],
             "label": pa.nulls(n, pa.string()),
             "width": pa.array(np.full(n, 224, np.int32)),
             "height": pa.array(np.full(n, 224, np.int32)),

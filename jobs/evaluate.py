@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from jobs import ivf, storage
 from jobs.errors import UsageError
+from jobs.filesystems import Location
 from jobs.ivf import Index
 from jobs.runlog import RunSummary, print_summary
 from jobs.search import answer, catalog, queries
@@ -90,11 +91,10 @@ def answers(
     k: int,
     nprobe: int,
     exclude_self: bool,
+    files: Location,
 ) -> pd.DataFrame:
     """The ranked answers of a bounded sample of queries, on the driver (at most --sample x k rows)."""
-    found = answer(
-        spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, catalog.locate(spark, index)
-    )
+    found = answer(spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, files)
     frame = found.table.toPandas()
     frame.attrs["lsh_fallback_queries"] = found.touched(index)["lsh_fallback_queries"]
     return frame
@@ -111,24 +111,23 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     held_out = args.queries is not None
     if args.k > index.count - (0 if held_out else 1):
         raise UsageError(f"-k {args.k} is larger than the catalog of {index.uri} allows ({index.count} images)")
+    files = catalog.locate(spark, index)
     with summary.stage("queries"):
         pool = (
-            queries.from_table(spark, args.queries, index)
-            if held_out
-            else queries.catalog_source(spark, index, readable=False).frame
+            queries.from_table(spark, args.queries, index) if held_out else queries.catalog_queries(spark, index, files)
         )
         sample = pool.orderBy(F.xxhash64("query_id", F.lit(args.seed))).limit(args.sample).cache()
         sampled = sample.select("query_id", "query_label").toPandas()  # at most --sample rows
     nprobe = args.nprobe or index.params.nprobe
     with summary.stage("exact"):
-        exact = answers(spark, index, sample, len(sampled), "exact", args.k, nprobe, not held_out)
+        exact = answers(spark, index, sample, len(sampled), "exact", args.k, nprobe, not held_out, files)
     with summary.stage(method):
-        approx = answers(spark, index, sample, len(sampled), method, args.k, nprobe, not held_out)
+        approx = answers(spark, index, sample, len(sampled), method, args.k, nprobe, not held_out, files)
     sample.unpersist()
     metrics: dict[str, float | int] = {f"recall@{args.k}": recall_at_k(approx, exact, args.k), "queries": len(sampled)}
     if method == "lsh":
         metrics["lsh_fallback_queries"] = approx.attrs.get("lsh_fallback_queries", 0)
-    labels = spark.read.parquet(index.catalog_uri).groupBy("label").count().toPandas()  # one row per label
+    labels = catalog.live_rows(spark, index, files, ["label"]).groupBy("label").count().toPandas()  # a row a label
     label_counts = {r.label: int(r.count) for r in labels.itertuples() if r.label is not None}
     query_labels = {q: lab for q, lab in zip(sampled["query_id"], sampled["query_label"]) if lab is not None}
     if query_labels and label_counts:

@@ -19,7 +19,8 @@ from jobs import storage
 from jobs.errors import UsageError
 from jobs.knn import LshParams, squared_distances
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MANIFESTS = "_manifests"  # one immutable manifest per version: vN.json
 PROBE_BLOCK = 2048  # queries whose distances to every centroid are computed and ranked at once
 
 
@@ -64,12 +65,6 @@ class CellPlan:
             first[cell] = group
             rows += size
         return cls(np.asarray(sizes, np.int64), first, parts)
-
-    def groups_of(self, cells: list[int]) -> list[int]:
-        """The groups that store these cells' rows, ascending."""
-        picked = np.asarray(cells, np.int64)
-        spans = [np.arange(first, first + parts) for first, parts in zip(self.first_group[picked], self.parts[picked])]
-        return sorted({int(g) for span in spans for g in span})
 
 
 @dataclass
@@ -136,10 +131,13 @@ class Index:
             )
         return self._unit
 
-    def file_of_group(self) -> np.ndarray:
-        """The manifest position of the file that stores each group (the files hold ascending runs of groups)."""
-        firsts = np.array([f["first_group"] for f in self.meta["files"]], np.int64)
-        return np.maximum(np.searchsorted(firsts, np.arange(self.plan.groups), side="right") - 1, 0).astype(np.int32)
+    def files_holding(self, cells: np.ndarray) -> np.ndarray:
+        """The manifest positions of the catalog files whose range of cells holds one of these (a mask per cell)."""
+        files = self.meta["files"]
+        first = np.array([f["first_cell"] for f in files], np.int64)
+        last = np.array([f["last_cell"] for f in files], np.int64)
+        before = np.concatenate([[0], np.cumsum(cells)])  # marked cells below each cell number
+        return np.flatnonzero(before[last + 1] > before[first]) if len(files) else np.empty(0, np.int64)
 
     @property
     def catalog_bytes(self) -> int:
@@ -147,23 +145,40 @@ class Index:
 
 
 def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:
-    """index.json (small, readable) and cells.npz (centroids and the cell plan)."""
+    """A new version of the index at uri: its cells (centroids and the cell plan, cells-vN.npz), then its manifest
+    (_manifests/vN.json), which makes it the index's current version, then index.json, a readable copy.
+
+    Readers take the newest manifest, so a reader sees one version whole; UsageError if another writer took N first.
+    """
+    version = meta.get("version", 1)
     buffer = io.BytesIO()
     np.savez(
         buffer, centroids=centroids.astype(np.float32), sizes=plan.sizes, first_group=plan.first_group, parts=plan.parts
     )
-    storage.write_bytes(spark, f"{uri}/cells.npz", buffer.getvalue())
-    storage.write_text(spark, f"{uri}/index.json", json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+    cells = f"cells-v{version}.npz"
+    storage.write_bytes(spark, f"{uri}/{cells}", buffer.getvalue())
+    text = json.dumps({"format_version": FORMAT_VERSION, **meta, "version": version, "cells": cells}, indent=2)
+    if not storage.create_new(spark, f"{uri}/{MANIFESTS}/v{version:08d}.json", text.encode()):
+        raise UsageError(f"index {uri} was updated by another run meanwhile (version {version}); run this one again")
+    storage.write_text(spark, f"{uri}/index.json", text)
+
+
+def versions(spark: SparkSession, uri: str) -> list[int]:
+    """The index's versions, oldest first."""
+    found = storage.names(spark, f"{uri}/{MANIFESTS}")
+    return sorted(int(n[1:-5]) for n in found if n.startswith("v") and n.endswith(".json") and n[1:-5].isdigit())
 
 
 def load(spark: SparkSession, uri: str) -> Index:
-    """The index at uri; UsageError if there is none, or if an older version wrote it."""
-    if not storage.exists(spark, f"{uri}/index.json"):
+    """The index's newest version; UsageError if there is none, or if an older version of this tool wrote it."""
+    known = versions(spark, uri)
+    manifest = f"{uri}/{MANIFESTS}/v{known[-1]:08d}.json" if known else f"{uri}/index.json"
+    if not storage.exists(spark, manifest):
         raise UsageError(f"{uri} is not an index (no index.json); build one with the index job")
-    meta = json.loads(storage.read_text(spark, f"{uri}/index.json"))
+    meta = json.loads(storage.read_text(spark, manifest))
     if meta.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"index {uri} was written by an older version of this tool; rebuild it with the index job")
-    with np.load(io.BytesIO(storage.read_bytes(spark, f"{uri}/cells.npz")), allow_pickle=False) as cells:
+    with np.load(io.BytesIO(storage.read_bytes(spark, f"{uri}/{meta['cells']}")), allow_pickle=False) as cells:
         plan = CellPlan(cells["sizes"], cells["first_group"], cells["parts"])
         centroids = cells["centroids"]
     lsh = LshParams(**meta["lsh"]) if meta.get("lsh") else None

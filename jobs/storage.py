@@ -80,6 +80,24 @@ def write_bytes(spark: SparkSession, uri: str, data: bytes) -> None:
         stream.close()
 
 
+def create_new(spark: SparkSession, uri: str, data: bytes) -> bool:
+    """Write a small file that must not exist yet, whole or not at all (written aside, then renamed); False if it
+    exists."""
+    fs, path = _fs_and_path(spark, uri)
+    aside = sibling(uri, "new")
+    write_bytes(spark, aside, data)
+    if fs.exists(path) or not fs.rename(spark._jvm.org.apache.hadoop.fs.Path(aside), path):
+        delete(spark, aside)
+        return False
+    return True
+
+
+def names(spark: SparkSession, uri: str) -> list[str]:
+    """The names in a folder (none if it does not exist)."""
+    fs, path = _fs_and_path(spark, uri)
+    return [str(status.getPath().getName()) for status in fs.listStatus(path)] if fs.exists(path) else []
+
+
 def write_text(spark: SparkSession, uri: str, text: str) -> None:
     """Write a small UTF-8 file, replacing any file there."""
     write_bytes(spark, uri, text.encode("utf-8"))

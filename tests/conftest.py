@@ -75,12 +75,13 @@ def run_job(spark, *argv: str) -> int:
 
 
 def write_embeddings(
-    spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None
+    spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None, numbers=None
 ) -> list[str]:
-    """An embed job's output table holding these vectors, ids prefix00000...; returns the ids."""
+    """An embed job's output table holding these vectors, ids prefix00000... (or prefix + each of `numbers`);
+    returns the ids."""
     from jobs.embed import EMBEDDINGS_SCHEMA
 
-    ids = [f"{prefix}{i:05d}" for i in range(len(vectors))]
+    ids = [f"{prefix}{i:05d}" for i in (range(len(vectors)) if numbers is None else numbers)]
     rows = [
         (
             ids[i],

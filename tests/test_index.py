@@ -93,6 +93,7 @@ def test_a_catalog_file_holds_what_its_manifest_entry_says_and_an_abandoned_one_
                 "path": f"p{i}",
                 "label": None,
                 "vector": np.full(4, i, np.float32).tobytes(),
+                "fingerprint": i,
             }
             for i in range(9)
         ]
@@ -110,6 +111,8 @@ def test_a_catalog_file_holds_what_its_manifest_entry_says_and_an_abandoned_one_
         assert entry == {
             "first_group": 3,
             "last_group": 4,
+            "first_cell": 0,
+            "last_cell": 4,
             "rows": 9,
             "bytes": (tmp_path / "part.parquet").stat().st_size,
         }

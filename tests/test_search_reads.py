@@ -44,8 +44,8 @@ def test_the_tasks_read_their_queries_themselves_skipping_failed_rows_like_spark
     assert listed.rows == 40 and len(listed.groups) == 5 and {"error", "weights_sha256"} <= set(listed.columns)
     for tasks in (1, 3, 7):  # every row in exactly one run, the runs within a row of each other
         runs = listed.runs(tasks)
-        numbered = sorted(qidx + row for run in runs for _, _, first, end, qidx in run for row in range(first, end))
-        sizes = [sum(end - first for _, _, first, end, _ in run) for run in runs]
+        numbered = sorted(qidx + row for run in runs for _, _, first, end, qidx, _ in run for row in range(first, end))
+        sizes = [sum(end - first for _, _, first, end, _, _ in run) for run in runs]
         assert numbered == list(range(40)) and max(sizes) - min(sizes) <= 1
     own = search(spark, folder / "index", tmp_path / "own", "--queries", tmp_path / "q", "-k", "5")
     monkeypatch.setattr(
@@ -139,9 +139,7 @@ def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spar
     probed = np.zeros(index.cells, bool)
     probed[::3] = True
     got = list(reader.shards(probed))
-    assert [file for file, _ in got] == sorted(file for file, _ in got) and len(got) == len(
-        reader.holding(np.flatnonzero(probed))
-    )
+    assert [file for file, _ in got] == sorted(file for file, _ in got) and len(got) == len(index.files_holding(probed))
     expected_bytes = 0
     for file, shard in got:
         table, keep, nbytes, _, _ = catalog_files.read_probed(
@@ -150,6 +148,7 @@ def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spar
             probed,
             catalog_files.ROW_COLUMNS,
             None,
+            np.empty(0, np.int64),
         )
         assert sorted(shard.rows.column("image_id").to_pylist()) == sorted(
             table.column("image_id").filter(pa.array(keep)).to_pylist()

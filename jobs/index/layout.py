@@ -13,16 +13,17 @@ from pyspark.sql import functions as F
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
-from jobs.vectors import binary_from_matrix, matrix_from_list
+from jobs.vectors import binary_from_matrix, fingerprints, matrix_from_list
 
 FILE_BYTES = 64 << 20
 ROW_STRING_BYTES = 160  # an id, a path and a label, about
+CATALOG_COLUMNS = ["group", "cell", "image_id", "path", "label", "vector", "fingerprint"]
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 
 
 def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:
-    """image_id, path, label, cell (nearest centroid), vector (float32 bytes) and, with lsh, buckets."""
-    schema = "image_id string, path string, label string, cell int, vector binary" + (
+    """image_id, path, label, cell (nearest centroid), vector (float32 bytes), its fingerprint, with lsh buckets."""
+    schema = "image_id string, path string, label string, cell int, vector binary, fingerprint bigint" + (
         ", buckets array<bigint>" if lsh else ""
     )
 
@@ -42,6 +43,7 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
                 batch.column("label"),
                 pa.array(cells.astype(np.int32)),
                 binary_from_matrix(matrix),
+                pa.array(fingerprints(matrix)),
             ]
             if lsh:
                 keys = bucket_keys(matrix, *lsh)
@@ -100,13 +102,5 @@ def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int
     return (
         rows.repartition(n_files, partition_key(F.col("file"), n_files))
         .sortWithinPartitions("group", "cell", "image_id")
-        .select(
-            "group",
-            "cell",
-            "image_id",
-            "path",
-            "label",
-            "vector",
-            *(["buckets"] if "buckets" in assigned.columns else []),
-        )
+        .select(*CATALOG_COLUMNS, *(["buckets"] if "buckets" in assigned.columns else []))
     )

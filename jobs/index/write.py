@@ -29,21 +29,24 @@ from jobs.runlog import get_logger
 
 log = get_logger("jobs.index")
 MIN_ROW_GROUP_BYTES = 128 << 10  # a row group ends at the first cell boundary past this: runs of small cells share one
-MAX_ROW_GROUP_BYTES = (
-    16 << 20
-)  # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
+# a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
+MAX_ROW_GROUP_BYTES = 16 << 20
 SPARK_ROW_GROUP_BYTES = 128 << 10  # Spark's writer: small row groups end by size, wherever the cells are
-MANIFEST_SCHEMA = (
-    "name string, first_group int, last_group int, rows bigint, bytes bigint"  # as Spark sees the tasks' rows
-)
+# a file's manifest entry: its groups and cells (a search opens the files whose cell range holds a probed cell)
 MANIFEST_ARROW = pa.schema(
     [
         ("name", pa.string()),
         ("first_group", pa.int32()),
         ("last_group", pa.int32()),
+        ("first_cell", pa.int32()),
+        ("last_cell", pa.int32()),
         ("rows", pa.int64()),
         ("bytes", pa.int64()),
     ]
+)
+MANIFEST_SCHEMA = ", ".join(
+    f"{f.name} {'string' if f.type == pa.string() else 'int' if f.type == pa.int32() else 'bigint'}"
+    for f in MANIFEST_ARROW
 )
 
 
@@ -56,6 +59,7 @@ def catalog_schema(with_buckets: bool) -> pa.Schema:
         ("path", pa.string()),
         ("label", pa.string()),
         ("vector", pa.binary()),
+        ("fingerprint", pa.int64()),
     ]
     return pa.schema(fields + ([("buckets", pa.list_(pa.int64()))] if with_buckets else []))
 
@@ -108,6 +112,7 @@ class CatalogFileWriter:
         )  # a vector's statistics would be two vectors a row group
         self.held: list[pa.RecordBatch] = []
         self.rows, self.first_group, self.last_group, self.last_cell = 0, None, None, None
+        self.cells = (np.iinfo(np.int32).max, -1)
 
     def add(self, batch: pa.RecordBatch) -> None:
         batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
@@ -122,6 +127,7 @@ class CatalogFileWriter:
         self.held.append(batch.slice(start))
         self.first_group = int(groups[0]) if self.first_group is None else self.first_group
         self.last_group, self.last_cell, self.rows = int(groups[-1]), int(cells[-1]), self.rows + len(batch)
+        self.cells = (min(self.cells[0], int(cells.min())), max(self.cells[1], int(cells.max())))
 
     def flush(self, last: pa.RecordBatch | None = None) -> None:
         """Write the held rows (and last) as one row group."""
@@ -138,6 +144,8 @@ class CatalogFileWriter:
         return {
             "first_group": self.first_group,
             "last_group": self.last_group,
+            "first_cell": self.cells[0],
+            "last_cell": self.cells[1],
             "rows": self.rows,
             "bytes": self.fs.get_file_info(self.path).size,
         }
@@ -213,13 +221,21 @@ def spark_manifest(spark: SparkSession, uri: str) -> list[dict[str, Any]]:
     files = (
         spark.read.parquet(uri)
         .groupBy(F.input_file_name().alias("file"))
-        .agg(F.min("group").alias("first_group"), F.max("group").alias("last_group"), F.count("*").alias("rows"))
+        .agg(
+            F.min("group").alias("first_group"),
+            F.max("group").alias("last_group"),
+            F.min("cell").alias("first_cell"),
+            F.max("cell").alias("last_cell"),
+            F.count("*").alias("rows"),
+        )
     )
     return [
         {
             "name": r["file"].rsplit("/", 1)[-1],
             "first_group": r["first_group"],
             "last_group": r["last_group"],
+            "first_cell": r["first_cell"],
+            "last_cell": r["last_cell"],
             "rows": r["rows"],
             "bytes": storage.size(spark, r["file"]),
         }

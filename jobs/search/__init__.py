@@ -138,10 +138,10 @@ def query_source(spark: SparkSession, args: argparse.Namespace, index: ivf.Index
             )
         return Source(found.listed, frame=found.queries())
     if args.all or args.duplicates:
-        return queries.catalog_source(spark, index, files.kind != catalog.SHIPPED)
+        return queries.catalog_source(spark, index, files)
     if args.queries:
         return queries.table_source(spark, args.queries, index.dim)
-    return queries.ids_source(spark, index, [i.strip() for i in args.query_ids.split(",") if i.strip()])
+    return queries.ids_source(spark, index, files, [i.strip() for i in args.query_ids.split(",") if i.strip()])
 
 
 def answer(

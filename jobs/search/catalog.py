@@ -3,6 +3,7 @@ cells are probed (a file is sorted by cell and its row groups end at cell bounda
 
 from __future__ import annotations
 
+import io
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark import Accumulator, SparkFiles
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location, opens
@@ -96,6 +97,12 @@ class Footer:
         )
         return cls(meta, columns, *ranges.reshape(-1, 2).T)
 
+    def row_numbers(self, row_groups: np.ndarray) -> np.ndarray:
+        """The file's row numbers of these row groups' rows, in order."""
+        sizes = np.array([self.metadata.row_group(g).num_rows for g in range(self.metadata.num_row_groups)], np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        return np.concatenate([np.arange(starts[g], starts[g + 1]) for g in row_groups])
+
     def bytes_of(self, row_groups: np.ndarray, columns: list[str]) -> int:
         """Footer and column chunk bytes of these row groups."""
         chunks = (
@@ -108,25 +115,32 @@ class Footer:
 
 
 def read_probed(
-    fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: list[str], footer: Footer | None
+    fs: pafs.FileSystem, path: str, probed: np.ndarray, columns: list[str], footer: Footer | None, deleted: np.ndarray
 ) -> tuple[pa.Table, np.ndarray, int, int, Footer]:
-    """A file's row groups whose cell range holds a probed cell, which of their rows are in probed cells, the bytes
-    (footer + column chunks) and row groups read, and the file's footer (given, or read here)."""
+    """A file's row groups whose cell range holds a probed cell, which of their rows are in probed cells and not
+    deleted (`deleted`: sorted row numbers in the file), the bytes (footer + column chunks) and row groups read, and
+    the file's footer (given, or read here)."""
     probed_before = np.concatenate([[0], np.cumsum(probed)])  # probed cells below each cell number
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=True, metadata=footer.metadata if footer else None)
         footer = footer or Footer.read(parquet, len(probed))
         chosen = np.flatnonzero(probed_before[footer.highest + 1] > probed_before[footer.lowest])
         if not len(chosen):
-            return (
-                parquet.schema_arrow.empty_table().select(columns),
-                np.zeros(0, bool),
-                footer.metadata.serialized_size,
-                0,
-                footer,
-            )
+            empty = parquet.schema_arrow.empty_table().select(columns)
+            return empty, np.zeros(0, bool), footer.metadata.serialized_size, 0, footer
         table = parquet.read_row_groups(chosen.tolist(), columns=columns)
-    return table, probed[table.column("cell").to_numpy()], footer.bytes_of(chosen, columns), len(chosen), footer
+    keep = probed[table.column("cell").to_numpy()]
+    if len(deleted):
+        keep &= ~np.isin(footer.row_numbers(chosen), deleted, assume_unique=True)
+    return table, keep, footer.bytes_of(chosen, columns), len(chosen), footer
+
+
+def deletions(fs: pafs.FileSystem, root: str, entry: dict) -> np.ndarray:
+    """The sorted row numbers deleted from a catalog file (its manifest entry names the file that lists them)."""
+    if not entry.get("deleted"):
+        return np.empty(0, np.int64)
+    with fs.open_input_file(f"{root}/{entry['deleted']}") as handle:
+        return np.load(io.BytesIO(handle.read()), allow_pickle=False)
 
 
 class CatalogFiles:
@@ -138,26 +152,22 @@ class CatalogFiles:
         self.index, self.counters, self.columns, self.watch = index, counters, columns, watch or Stopwatch()
         self.root = SparkFiles.get(files.root) if files.kind == SHIPPED else files.root
         self.fs = files.filesystem(memory_map=True)
-        self.file_of_group = index.file_of_group()
-        self.names = [f["name"] for f in index.meta["files"]]
+        self.entries = index.meta["files"]
         self.footers: dict[int, Footer] = {}  # a file read again, for the next chunk of queries, skips its footer
+        self.deleted: dict[int, np.ndarray] = {}
         self.reader = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="catalog-read")
-
-    def holding(self, cells: np.ndarray) -> np.ndarray:
-        return (
-            np.unique(self.file_of_group[self.index.plan.groups_of(cells.tolist())])
-            if len(cells)
-            else np.empty(0, np.int64)
-        )
 
     def shards(self, probed: np.ndarray) -> Iterator[tuple[int, ShardRows]]:
         """Each file holding a probed cell, in order, with its rows of probed cells; READ_AHEAD files are read ahead."""
         pending: deque[tuple[int, Future]] = deque()
-        for file in self.holding(np.flatnonzero(probed)).tolist():
-            path = f"{self.root}/{self.names[file]}"
-            pending.append(
-                (file, self.reader.submit(read_probed, self.fs, path, probed, self.columns, self.footers.get(file)))
+        for file in self.index.files_holding(probed).tolist():
+            if file not in self.deleted:
+                self.deleted[file] = deletions(self.fs, self.root, self.entries[file])
+            path = f"{self.root}/{self.entries[file]['name']}"
+            read = self.reader.submit(
+                read_probed, self.fs, path, probed, self.columns, self.footers.get(file), self.deleted[file]
             )
+            pending.append((file, read))
             if len(pending) > READ_AHEAD:
                 yield self.taken(*pending.popleft())
         while pending:
@@ -174,3 +184,48 @@ class CatalogFiles:
 
     def close(self) -> None:
         self.reader.shutdown(wait=False, cancel_futures=True)
+
+
+SPARK_TYPES = {
+    "group": "int",
+    "cell": "int",
+    "image_id": "string",
+    "path": "string",
+    "label": "string",
+    "vector": "binary",
+    "fingerprint": "bigint",
+    "buckets": "array<bigint>",
+}
+
+
+def live_rows(
+    spark: SparkSession,
+    index: Index,
+    files: Location,
+    columns: list[str],
+    which: list[int] | None = None,
+    positions: bool = False,
+) -> DataFrame:
+    """The rows of the catalog files the manifest holds (`which` of them), less those it deleted, these columns, one
+    task a file; with positions, each row's file (its manifest position) and row number in it."""
+    entries = index.meta["files"]
+    which = list(range(len(entries))) if which is None else which
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs = files.filesystem(memory_map=True)
+        root = SparkFiles.get(files.root) if files.kind == SHIPPED else files.root
+        for number in (which[n] for batch in batches for n in batch.column("id").to_pylist()):
+            deleted = deletions(fs, root, entries[number])
+            with fs.open_input_file(f"{root}/{entries[number]['name']}") as handle:
+                table = pq.read_table(handle, columns=columns)
+            if positions:
+                table = table.append_column("file", pa.array(np.full(table.num_rows, number, np.int32)))
+                table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            if len(deleted):
+                table = table.filter(pa.array(~np.isin(np.arange(table.num_rows), deleted)))
+            yield from table.to_batches(max_chunksize=1 << 15)
+
+    schema = ", ".join(
+        [f"{column} {SPARK_TYPES[column]}" for column in columns] + (["file int", "row bigint"] if positions else [])
+    )
+    return spark.range(len(which), numPartitions=max(1, len(which))).mapInArrow(read, schema)

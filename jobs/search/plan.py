@@ -107,13 +107,14 @@ def estimate(
     score = queries * share * index.count * index.dim * 2 * (BLAS_FLOP_SECONDS if nprobe is None else FLOP_SECONDS)
     read_seconds = REMOTE_READ_SECONDS if remote else LOCAL_READ_SECONDS
     tiles = blocks * ranges
+    # equal tasks run in waves of `cores`; the slowest of a wave lags the rest
+    waves = math.ceil(tiles / cores) + (STRAGGLER if tiles > 1 else 0.0)
     if ranges == 1:
-        task = max(tile_read * read_seconds, (probe + score) / blocks) + TASK_SECONDS
-        seconds = tiles * task / min(tiles, cores) + (STRAGGLER * task if tiles > 1 else 0.0)
+        seconds = waves * (max(tile_read * read_seconds, (probe + score) / blocks) + TASK_SECONDS)
     else:
         task = max(tile_read * read_seconds, score / tiles + per_tile * VISIT_SECONDS) + TASK_SECONDS
         routing = (probe + queries * visits * (ROUTE_SECONDS + MERGE_SECONDS)) / cores
-        seconds = routing + tiles * task / min(tiles, cores) + STRAGGLER * task + 2 * STAGE_SECONDS
+        seconds = routing + waves * task + 2 * STAGE_SECONDS
     return Plan(blocks, bounds, passes, tiles * tile_read, seconds)
 
 
@@ -127,13 +128,12 @@ def choose(
     remote: bool = False,
 ) -> Plan:
     """Of the plans expected to take at most 10% longer than the fastest, the one that reads the least catalog bytes:
-    one range with 1 .. 2 x cores blocks, or 1 .. 4 x cores ranges of cells; never more blocks than queries."""
+    one range with as few blocks as hold the queries and up to 2 x cores more, or 1 .. 4 x cores ranges of cells;
+    never more blocks than queries."""
     queries = max(queries, 1)
     least_blocks = max(1, math.ceil(queries * (4 * index.dim + QUERY_STRING_BYTES) / TASK_BYTES))
     options = [
-        (blocks, 1)
-        for blocks in range(least_blocks, max(least_blocks, 2 * cores) + 1)
-        if blocks <= max(queries, least_blocks)
+        (blocks, 1) for blocks in range(least_blocks, least_blocks + 2 * cores) if blocks <= max(queries, least_blocks)
     ]
     if routable and index.cells > 1:
         options += [(least_blocks, ranges) for ranges in (cores, 2 * cores, 4 * cores) if 1 < ranges <= index.cells]

@@ -6,8 +6,9 @@ vector is float32 bytes (catalog rows) or list<float> (embeddings tables): the t
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from jobs.errors import UsageError
 from jobs.filesystems import Location, location
 from jobs.ivf import Index
 from jobs.runlog import get_logger
+from jobs.search.catalog import SHIPPED, live_rows
 from jobs.tables import VECTOR_COLUMNS, check_vectors, open_embeddings, read_embeddings
 
 QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]
@@ -30,22 +32,23 @@ log = get_logger("jobs.search")
 @dataclass(frozen=True)
 class QueryFiles:
     """A table the search tasks read themselves with pyarrow, row group by row group: an embeddings table, or the
-    catalog (whose rows carry their own cell). No Spark read of it: its first use in a job costs the driver 1-2 s
-    (the JVM's Parquet source and plans). qidx is a row's place in the table."""
+    catalog (whose rows carry their own cell, less the rows the index deleted). No Spark read of it: its first use
+    in a job costs the driver 1-2 s (the JVM's Parquet source and plans). qidx is a row's place in the table."""
 
     place: Location
-    groups: list[tuple[str, int, int]]  # (file, row group, rows) in the table's order
+    groups: list[tuple[str, int, int, int]]  # (file, row group, rows, its first row in the file) in the table's order
     columns: list[str]
+    deleted: dict[str, str] = field(default_factory=dict)  # catalog file -> the file listing its deleted rows
     catalog: bool = False
 
     @property
     def rows(self) -> int:
-        return sum(rows for _, _, rows in self.groups)
+        return sum(group[2] for group in self.groups)
 
     @classmethod
-    def listed(cls, spark: SparkSession, uri: str, catalog: bool = False) -> QueryFiles | None:
-        """The table's row groups from its footers, or None where pyarrow does not open it as one folder of Parquet
-        files with the columns wanted (then Spark reads it, and says what is wrong with it)."""
+    def listed(cls, spark: SparkSession, uri: str) -> QueryFiles | None:
+        """An embeddings table's row groups from its footers, or None where pyarrow does not open it as one folder of
+        Parquet files with the columns wanted (then Spark reads it, and says what is wrong with it)."""
         import pyarrow.dataset as ds  # imports pandas: only the driver pays for it
 
         place = location(spark, uri)
@@ -53,52 +56,61 @@ class QueryFiles:
             return None
         try:
             table = ds.dataset(place.root, format="parquet", filesystem=place.filesystem())
-            groups = [(f.path, g.id, g.num_rows) for f in table.get_fragments() for g in f.row_groups]
+            groups = [(f.path, g.id, g.num_rows, 0) for f in table.get_fragments() for g in f.row_groups]
         except (OSError, ValueError, pa.ArrowException) as error:
             log.info("the tasks cannot read %s themselves (%s): Spark reads it", uri, error)
             return None
         names = table.schema.names
-        wanted = (
-            ["image_id", "path", "label", "vector", "cell"]
-            if catalog
-            else [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)]
-        )
-        if any(c not in names for c in wanted[:5]) or any(
-            path.rpartition("/")[0] != place.root for path, _, _ in groups
-        ):
-            return None  # not such a table, or partitioned into folders
-        if catalog:  # the catalog's files in the manifest's order: row groups of consecutive cells go to one task
-            order = {name: i for i, name in enumerate(sorted({p for p, _, _ in groups}))}
-            groups = sorted(groups, key=lambda g: (order[g[0]], g[1]))
-        return cls(place, groups, wanted, catalog)
+        if any(c not in names for c in VECTOR_COLUMNS) or any(g[0].rpartition("/")[0] != place.root for g in groups):
+            return None  # not an embeddings table, or partitioned into folders
+        return cls(place, groups, [*VECTOR_COLUMNS, *(c for c in ("error", "weights_sha256") if c in names)])
 
-    def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int]]]:
+    @classmethod
+    def of_catalog(cls, index: Index, files: Location) -> QueryFiles:
+        """The catalog's live rows, file by file in the manifest's order (row groups of neighbouring cells together)."""
+        fs, groups = files.filesystem(), []
+        for entry in index.meta["files"]:
+            with fs.open_input_file(f"{files.root}/{entry['name']}") as handle:
+                meta = pq.ParquetFile(handle).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            groups += [(f"{files.root}/{entry['name']}", g, sizes[g], int(offsets[g])) for g in range(len(sizes))]
+        deleted = {
+            f"{files.root}/{e['name']}": f"{files.root}/{e['deleted']}" for e in index.meta["files"] if e.get("deleted")
+        }
+        return cls(files, groups, ["image_id", "path", "label", "vector", "cell"], deleted, catalog=True)
+
+    def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int, int]]]:
         """The rows split into `tasks` runs of about as many rows each: (file, row group, first row, end row, qidx of
-        row 0)."""
+        row 0, the row group's first row in the file)."""
         bounds = np.linspace(0, self.rows, tasks + 1).round().astype(np.int64)
-        runs: list[list[tuple[str, int, int, int, int]]] = [[] for _ in range(tasks)]
+        runs: list[list[tuple[str, int, int, int, int, int]]] = [[] for _ in range(tasks)]
         start = 0
-        for path, group, rows in self.groups:
+        for path, group, rows, offset in self.groups:
             for task in range(tasks):
                 first, end = max(bounds[task], start), min(bounds[task + 1], start + rows)
                 if first < end:
-                    runs[task].append((path, group, int(first - start), int(end - start), start))
+                    runs[task].append((path, group, int(first - start), int(end - start), start, offset))
             start += rows
         return runs
 
-    def read(self, run: list[tuple[str, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
+    def read(self, run: list[tuple[str, int, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
         """One run's queries: qidx, query_id, query_path, query_label, vector and, for an embeddings table, model and
         weights_sha256 (rows without an embedding or with an error left out), for the catalog own_cell."""
-        fs = self.place.filesystem(memory_map=True)
-        for path, group, first, end, qidx in run:
+        fs, deleted = self.place.filesystem(memory_map=True), {}
+        for path, group, first, end, qidx, offset in run:
             with fs.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
-                present = [
-                    c for c in self.columns if c in parquet.schema_arrow.names
-                ]  # older files of a table may lack some
+                # older files of a table may lack some columns
+                present = [c for c in self.columns if c in parquet.schema_arrow.names]
                 rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
             rows = rows.append_column("qidx", pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64)))
             if self.catalog:
+                if path in self.deleted and path not in deleted:
+                    with fs.open_input_file(self.deleted[path]) as handle:
+                        deleted[path] = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+                if len(deleted.get(path, ())):
+                    rows = rows.filter(pa.array(~np.isin(np.arange(offset + first, offset + end), deleted[path])))
                 yield batch_of(rows, "vector", own_cell=rows.column("cell").combine_chunks())
                 continue
             valid = pc.is_valid(rows.column("embedding"))
@@ -210,29 +222,26 @@ def table_source(spark: SparkSession, uri: str, dim: int) -> Source:
     return Source(max(1, storage.total_size(spark, uri) // (4 * dim)), frame=frame, checked=uri)
 
 
-def catalog(spark: SparkSession, index: Index) -> DataFrame:
-    return spark.read.parquet(index.catalog_uri)
+def catalog_queries(spark: SparkSession, index: Index, files: Location) -> DataFrame:
+    """Every live catalog row as a query, each carrying its own cell, as a DataFrame."""
+    rows = live_rows(spark, index, files, ["image_id", "path", "label", "vector", "cell"])
+    return numbered(rows.select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell")
 
 
-def catalog_source(spark: SparkSession, index: Index, readable: bool) -> Source:
-    """Every catalog row as a query (kNN graph, duplicates), each carrying its own cell; read by the tasks where they
-    open the catalog with pyarrow (readable)."""
-    files = QueryFiles.listed(spark, index.catalog_uri, catalog=True) if readable else None
-    if files is not None:
-        return Source(index.count, files=files, from_catalog=True)
-    return Source(
-        index.count,
-        frame=numbered(catalog(spark, index).select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell"),
-        from_catalog=True,
-    )
+def catalog_source(spark: SparkSession, index: Index, files: Location) -> Source:
+    """Every live catalog row as a query (kNN graph, duplicates): read by the search tasks with pyarrow where they
+    can, else from the copies Spark shipped."""
+    if files.kind != SHIPPED:
+        return Source(index.count, files=QueryFiles.of_catalog(index, files), from_catalog=True)
+    return Source(index.count, frame=catalog_queries(spark, index, files), from_catalog=True)
 
 
-def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int = 5) -> list[str]:
+def resolve_ids(spark: SparkSession, index: Index, files: Location, names: list[str], shown: int = 5) -> list[str]:
     """The catalog image_id each name stands for: an image_id, a whole path or a unique path suffix.
 
     UsageError naming the names that match nothing, or a suffix that matches several images (with them).
     """
-    rows = catalog(spark, index).select("image_id", "path")
+    rows = live_rows(spark, index, files, ["image_id", "path"])
     hits = [
         F.when(
             (F.col("image_id") == name) | (F.col("path") == name) | F.col("path").endswith("/" + name.lstrip("/")),
@@ -263,10 +272,14 @@ def resolve_ids(spark: SparkSession, index: Index, names: list[str], shown: int 
     return [found[i][0][0] for i in range(len(names))]
 
 
-def ids_source(spark: SparkSession, index: Index, names: list[str]) -> Source:
+def ids_source(spark: SparkSession, index: Index, files: Location, names: list[str]) -> Source:
     """Catalog rows named by image_id, path or unique path suffix (resolve_ids) as queries, with their own cells."""
-    ids = resolve_ids(spark, index, names)
-    found = catalog(spark, index).where(F.col("image_id").isin(ids)).dropDuplicates(["image_id"])
+    ids = resolve_ids(spark, index, files, names)
+    found = (
+        live_rows(spark, index, files, ["image_id", "path", "label", "vector", "cell"])
+        .where(F.col("image_id").isin(ids))
+        .dropDuplicates(["image_id"])
+    )
     return Source(
         len(ids), frame=numbered(found.select(*renamed("vector"), F.col("cell").alias("own_cell")), "own_cell")
     )

@@ -1,0 +1,198 @@
+"""Index updates (--mode incremental) next to full rebuilds of the same tables, in one run.
+
+  python bench/index_update.py                     # GloVe 250k: +10%, +50%, -10%, +50k -10k, ten 1% updates
+  python bench/index_update.py --clustered 1000000 # and 1M x 512 clustered + 10%
+
+Each row is one spark-submit (Spark's default 1g driver; the index job's 4g where it builds from scratch, as
+bench/search.py builds). The catalog is GloVe 6B 50-d split into a 250k base, up to 149k rows to add and 1,000
+held-out queries, written with sha1 ids and long paths as bench/search.py writes them. After each update: the index
+holds exactly the table's rows (counted), recall@10 of the default search on the held-out queries against brute force
+over the table, and whether any dropped row came back. Ten successive 1% updates end with a 1,000-query search timed
+against the same search on a fresh rebuild.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+
+from common import print_table, write_json  # noqa: E402
+from helpers import build_dist  # noqa: E402
+from search import DATA, recall, row_id, submit, vectors_of, write_embeddings  # noqa: E402
+
+
+class Catalog:
+    """Numbered rows of one data set: any subset written as an embeddings table, and truth for the held-out queries."""
+
+    def __init__(self, kind: str, base: int, extra: int, queries: int) -> None:
+        self.vectors, self.queries = vectors_of(kind, base + extra, queries)
+        self.ids = [row_id("c", i) for i in range(len(self.vectors))]
+        self.base = base
+
+    def write(self, path: Path, rows: np.ndarray) -> None:
+        write_embeddings(path, self.vectors[rows], "c", rows)
+
+    def check(self, out: Path, rows: np.ndarray, dropped: np.ndarray) -> dict:
+        """Recall@10 of a neighbours table against brute force over `rows`, and the dropped rows it returned."""
+        import faiss
+
+        flat = faiss.IndexFlatIP(self.vectors.shape[1])
+        flat.add(self.vectors[rows])
+        truth = rows[flat.search(self.queries, 10)[1]]
+        table = pq.read_table(out, columns=["query_id", "neighbor_id"])
+        number = {image_id: i for i, image_id in enumerate(self.ids)}
+        found: list[set[int]] = [set() for _ in self.queries]
+        query_number = {row_id("q", i): i for i in range(len(self.queries))}
+        for q, n in zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()):
+            found[query_number[q]].add(number[n])
+        returned = set().union(*found) & set(dropped.tolist())
+        return {"recall": recall(found, truth), "dropped_returned": len(returned)}
+
+
+def index_job(dist, table: Path, index: Path, mode: str) -> dict:
+    run = submit(
+        dist, ["index", "--embeddings", table, "--output", index, "--mode", mode], "4g" if mode == "overwrite" else "1g"
+    )
+    summary = json.loads((index / "_summary.json").read_text())
+    return {"wall_s": run["wall_s"], "stages": summary["seconds"], "count": summary["counts"].get("indexed")}
+
+
+def search_job(dist, index: Path, queries: Path, out: Path) -> dict:
+    run = submit(dist, ["search", "--index", index, "--queries", queries, "--output", out, "-k", "10"])
+    return {"wall_s": run["wall_s"], "search_s": json.loads((out / "_summary.json").read_text())["seconds"]["search"]}
+
+
+def scenario(dist, data: Catalog, folder: Path, name: str, rows: np.ndarray, queries: Path) -> list[dict]:
+    """The base index updated to `rows`, next to a rebuild of `rows`: wall, count, recall, dropped rows returned."""
+    base = np.arange(data.base)
+    table, index = folder / f"table_{name}", folder / f"index_{name}"
+    data.write(table, rows)
+    shutil.rmtree(index, ignore_errors=True)
+    shutil.copytree(folder / "index_base", index)
+    dropped = np.setdiff1d(base, rows)
+    found = []
+    for mode in ("incremental", "overwrite"):
+        job = index_job(dist, table, index, mode)
+        searched = search_job(dist, index, queries, folder / f"nb_{name}_{mode}")
+        checked = data.check(folder / f"nb_{name}_{mode}", rows, dropped)
+        found.append(
+            {
+                "update": name,
+                "mode": mode,
+                "rows": len(rows),
+                "index_wall_s": job["wall_s"],
+                "holds": job["count"],
+                "exact_rows": job["count"] == len(rows),
+                **checked,
+                "search_s": searched["search_s"],
+            }
+        )
+    found[0]["x_rebuild"] = found[0]["index_wall_s"] / found[1]["index_wall_s"]
+    return found
+
+
+def successive(dist, data: Catalog, folder: Path, queries: Path, steps: int = 10) -> list[dict]:
+    """Ten 1% updates of the base, then a 1,000-query search against the same search on a fresh rebuild."""
+    index = folder / "index_steps"
+    shutil.rmtree(index, ignore_errors=True)
+    shutil.copytree(folder / "index_base", index)
+    rows, step = np.arange(data.base), data.base // 100
+    walls = []
+    for n in range(steps):
+        rows = np.concatenate([rows[step // 2 :], np.arange(data.base + n * step, data.base + n * step + step)])
+        data.write(folder / "table_steps", rows)
+        walls.append(index_job(dist, folder / "table_steps", index, "incremental")["wall_s"])
+    files = len(json.loads((index / "index.json").read_text())["files"])
+    updated = [search_job(dist, index, queries, folder / "nb_steps")["search_s"] for _ in range(3)]
+    fresh_index = folder / "index_steps_fresh"
+    index_job(dist, folder / "table_steps", fresh_index, "overwrite")
+    fresh = [search_job(dist, fresh_index, queries, folder / "nb_fresh")["search_s"] for _ in range(3)]
+    return [
+        {
+            "update": f"{steps} successive 1% updates",
+            "mode": "incremental",
+            "rows": len(rows),
+            "index_wall_s": float(np.median(walls)),
+            "files": files,
+            "search_s": float(np.median(updated)),
+            "fresh_search_s": float(np.median(fresh)),
+            "x_fresh_search": float(np.median(updated) / np.median(fresh)),
+        }
+    ]
+
+
+HEADERS = [
+    "update",
+    "mode",
+    "rows",
+    "holds",
+    "exact_rows",
+    "index_wall_s",
+    "x_rebuild",
+    "recall",
+    "dropped_returned",
+    "search_s",
+    "fresh_search_s",
+    "x_fresh_search",
+    "files",
+]
+
+
+def run_catalog(dist, kind: str, base: int, extra: int, quick: bool) -> list[dict]:
+    data = Catalog(kind, base, extra, 1000)
+    folder = DATA / f"update_{kind}_{base}"
+    folder.mkdir(parents=True, exist_ok=True)
+    queries = folder / "queries"
+    write_embeddings(queries, data.queries, "q")
+    data.write(folder / "table_base", np.arange(base))
+    index_job(dist, folder / "table_base", folder / "index_base", "overwrite")
+    tenth, rng = base // 10, np.random.default_rng(3)
+    plans = {"+10%": np.arange(base + tenth)}
+    if not quick:
+        plans.update(
+            {
+                "+50%": np.arange(min(base + base // 2, base + extra)),
+                "-10%": np.sort(rng.choice(base, base - tenth, replace=False)),
+                "+50k -10k": np.concatenate(
+                    [np.sort(rng.choice(base, base - 10_000, replace=False)), np.arange(base, base + 50_000)]
+                ),
+            }
+        )
+    rows = [r for name, chosen in plans.items() for r in scenario(dist, data, folder, name, chosen, queries)]
+    return rows + ([] if quick else successive(dist, data, folder, queries))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--glove", type=int, default=250_000, help="the GloVe base (0: none)")
+    parser.add_argument(
+        "--clustered", type=int, default=0, help="also a clustered 512-d base of this size, updated by +10%%"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    dist = build_dist(DATA / "dist")
+    rows = []
+    if args.glove:
+        rows += run_catalog(dist, "glove", args.glove, 400_000 - args.glove - 1000, quick=False)
+        table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 3) for h in HEADERS] for r in rows]
+        print_table(f"GloVe {args.glove:,}: updates against rebuilds of the same table", HEADERS, table)
+    if args.clustered:
+        found = run_catalog(dist, "clustered", args.clustered, args.clustered // 10, quick=True)
+        table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 3) for h in HEADERS] for r in found]
+        print_table(f"clustered {args.clustered:,} x 512: +10% against a rebuild", HEADERS, table)
+        rows += found
+    write_json("index_update", {"parameters": vars(args), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""index --mode overwrite: a new index from scratch.
+
+Train the cells on a sample (train.py), give every row its cell and LSH keys, plan the groups of cells, write the
+catalog sorted by group and cell with row groups cut at cell boundaries (layout.py, write.py), measure the default
+nprobe (calibrate.py), then the cells and the manifest beside it; all in a folder beside the output, swapped in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+from pyspark import StorageLevel
+from pyspark.sql import SparkSession
+
+from jobs import ivf, storage
+from jobs.index import calibrate, layout, lsh, train, write
+from jobs.index.summary import built_rows
+from jobs.ivf import CellPlan, IvfParams
+from jobs.knn import LshParams
+from jobs.runlog import RunSummary, get_logger, print_summary
+from jobs.tables import Embeddings
+
+log = get_logger("jobs.index")
+CALIBRATION_K = 10  # the recall@k the default nprobe is calibrated for
+
+
+def weights_provenance(spark: SparkSession, embeddings: str, table_sha256: str | None) -> tuple[str | None, str | None]:
+    """(sha256, source) of the weights the vectors came from: the table's own digest, and where its embed run got them.
+
+    The source comes from the embed run's summary, trusted only when its digest is the table's (or the
+    table predates the digest column); search --images loads the same weights from it.
+    """
+    summary = f"{embeddings}/_summary.json"
+    if not storage.exists(spark, summary):  # a table written by other tools: provenance is the digest alone
+        return table_sha256, None
+    recorded = json.loads(storage.read_text(spark, summary)).get("weights") or {}
+    if table_sha256 and recorded.get("sha256") != table_sha256:
+        return table_sha256, None
+    return recorded.get("sha256"), recorded.get("source")
+
+
+def build(
+    spark: SparkSession, args: argparse.Namespace, table: Embeddings, lsh_params: LshParams | None, summary: RunSummary
+) -> int:
+    """A new index from scratch: train, assign, write, calibrate, swap in."""
+    vectors, model_name, dim, count = table.rows, table.model, table.dim, table.count
+    cells = min(args.cells or train.default_cells(count), count)
+    sample = min(count, args.train_sample or max(32 * cells, 10_000))
+    staged = storage.sibling(args.output, "staging")
+    with summary.stage("train"):
+        log.info("KMeans: %d cells from %d of %d vectors, %d iterations", cells, sample, count, args.kmeans_iterations)
+        centroids = train.train_centroids(vectors, count, cells, sample, args.kmeans_iterations, args.seed)
+        projections = lsh.fit_and_save(vectors, lsh_params, args.seed, f"{staged}/model") if lsh_params else None
+    with summary.stage("assign"):
+        # read twice (cell sizes, then the write); on disk, because heap-cached columnar batches of
+        # float32 vectors ran a 4g driver out of memory at 1M x 512
+        assigned = layout.assign_cells(vectors, centroids, (projections, lsh_params) if lsh_params else None).persist(
+            StorageLevel.DISK_ONLY
+        )
+        sizes = layout.cell_sizes(assigned, len(centroids))
+        parallelism = spark.sparkContext.defaultParallelism
+        plan = CellPlan.build(
+            sizes, max(1, min(args.max_group_rows, -(-count // (2 * parallelism))))
+        )  # about two groups per core
+    with summary.stage("write"):
+        files = write.write_catalog(
+            spark, layout.clustered(spark, assigned, plan, dim, parallelism), f"{staged}/catalog", dim
+        )
+    measured = None
+    if args.calibration_sample and count > CALIBRATION_K:
+        with summary.stage("calibrate"):
+            measured = calibrate.calibrate(
+                assigned, centroids, count, args.target_recall, args.calibration_sample, CALIBRATION_K, args.seed
+            )
+    assigned.unpersist()
+    nprobe = args.nprobe or (measured.nprobe if measured else train.default_nprobe(len(centroids)))
+    params = IvfParams(len(centroids), nprobe, sample, args.kmeans_iterations, args.max_group_rows, args.seed)
+    sha256, weights_source = weights_provenance(spark, args.embeddings, table.weights_sha256)
+    meta = {
+        "model": model_name,
+        "dim": dim,
+        "count": count,
+        "default_method": "ivf",
+        "source": args.embeddings,
+        "weights_sha256": sha256,
+        "weights_source": weights_source,
+        "ivf": asdict(params),
+        "calibration": measured.report() if measured else None,
+        "groups": plan.groups,
+        "largest_cell": int(sizes.max()),
+        "empty_cells": int((sizes == 0).sum()),
+        "lsh": asdict(lsh_params) if lsh_params else None,
+        "trained_rows": count,
+        "added_since_training": 0,
+        "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),
+        "files": files,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    ivf.save(spark, staged, meta, centroids, plan)
+    with summary.stage("commit"):
+        storage.swap_in(spark, staged, args.output)
+    summary.count(indexed=count)
+    summary.set(index={k: v for k, v in meta.items() if k != "files"})
+    summary.finish()
+    storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
+    print_summary("index summary", built_rows(args, meta, params, measured, plan, sizes, lsh_params, summary))
+    return 0

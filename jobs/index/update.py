@@ -1,0 +1,257 @@
+"""index --mode incremental: an index brought up to date with its embeddings table, without retraining.
+
+Rows new to the table go to their nearest cells, in new files laid out as a build lays them out. Rows gone from the
+table, or whose vector changed (its fingerprint), are marked deleted: beside each file that holds some, a list of
+their row numbers, so nothing is rewritten. A new manifest version then makes the whole change visible at once,
+and the files that neither it nor the version before refer to are removed. When added files pile up past
+COMPACT_FILES, or a file has lost most of its rows, those files are rewritten as one set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs import ivf, storage
+from jobs.errors import UsageError
+from jobs.filesystems import Location, location
+from jobs.index import layout, write
+from jobs.ivf import CellPlan, Index, rand_unit_vectors
+from jobs.partitions import partition_key
+from jobs.runlog import RunSummary, get_logger
+from jobs.search.catalog import deletions, live_rows
+from jobs.tables import Embeddings
+from jobs.vectors import fingerprints, matrix_from_list
+
+log = get_logger("jobs.index")
+COMPACT_FILES = 8  # added files past which they are rewritten as one set
+DELETED_SHARE = 0.5  # a file that has lost more than this share of its rows is rewritten at the next compaction
+DRIFT_ADDED = 0.5  # rows added since training, as a share of the rows trained on, past which a rebuild is advised
+LISTED = pa.schema([("file", pa.int32()), ("name", pa.string()), ("rows", pa.int64())])
+DRIFT_LARGEST = 2.0  # the largest cell against the mean, as a multiple of that at training, past which too
+
+
+@dataclass
+class Update:
+    """What an update found and did."""
+
+    added: int = 0
+    dropped: int = 0
+    changed: int = 0
+    files_written: int = 0
+    files_compacted: int = 0
+    drift: dict = field(default_factory=dict)
+
+    @property
+    def nothing(self) -> bool:
+        return not (self.added or self.dropped or self.changed)
+
+
+def check_compatible(index: Index, table: Embeddings, uri: str) -> None:
+    """UsageError unless the table's vectors come from the index's model, dimension and weights."""
+    weights = index.meta.get("weights_sha256")
+    if (table.model, table.dim) != (index.model, index.dim) or weights and table.weights_sha256 not in (None, weights):
+        raise UsageError(
+            f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "
+            f"has {table.model} {table.dim}-d vectors of weights {str(table.weights_sha256)[:12]}; "
+            "rebuild with --mode overwrite"
+        )
+
+
+def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
+    """How far the catalog has moved from the cells it was trained on, and whether a rebuild is advised."""
+    trained = meta.get("trained_rows") or meta["count"]
+    since = meta.get("added_since_training", 0) + added
+    ratio = float(sizes.max() / max(sizes.mean(), 1e-9)) if len(sizes) else 1.0
+    at_training = meta.get("training_largest_over_mean") or ratio
+    reasons = (
+        [f"{since} rows added since training, over {DRIFT_ADDED:.0%} of the {trained} trained on"]
+        if since > DRIFT_ADDED * trained
+        else []
+    )
+    if ratio > DRIFT_LARGEST * at_training:
+        reasons.append(f"the largest cell is {ratio:.1f}x the mean, against {at_training:.1f}x at training")
+    return {
+        "added_since_training": since,
+        "trained_rows": trained,
+        "largest_over_mean": round(ratio, 2),
+        "training_largest_over_mean": round(at_training, 2),
+        "rebuild_advised": "; ".join(reasons) or None,
+    }
+
+
+def fingerprinted(rows: DataFrame) -> DataFrame:
+    """image_id and the fingerprint of each embeddings row's vector."""
+
+    def compute(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            vectors = matrix_from_list(batch.column("embedding"))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("image_id"), pa.array(fingerprints(vectors))], names=["image_id", "fingerprint"]
+            )
+
+    return rows.select("image_id", "embedding").mapInArrow(compute, "image_id string, fingerprint bigint")
+
+
+def write_deletions(dropped: DataFrame, index: Index, files: Location, version: int) -> dict[int, tuple[str, int]]:
+    """Each touched file's new list of deleted rows (its old list and the new ones), written by the executors:
+    {file: (the list's name under catalog/, how many rows it lists)} (one small row per file reaches the driver)."""
+    entries, count = index.meta["files"], len(index.meta["files"])
+
+    def write_lists(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs = files.filesystem()
+        fs.create_dir(f"{files.root}/_deleted", recursive=True)
+        table = pa.Table.from_batches(list(batches), pa.schema([("file", pa.int32()), ("row", pa.int64())]))
+        for number in np.unique(table.column("file").to_numpy()).tolist():
+            rows = table.filter(pc.equal(table.column("file"), number)).column("row").to_numpy()
+            merged = np.union1d(deletions(fs, files.root, entries[number]), rows).astype(np.int64)
+            name = f"_deleted/{entries[number]['name']}.v{version}.npy"
+            buffer = io.BytesIO()
+            np.save(buffer, merged, allow_pickle=False)
+            with fs.open_output_stream(f"{files.root}/{name}") as stream:
+                stream.write(buffer.getvalue())
+            yield pa.RecordBatch.from_pylist([{"file": number, "name": name, "rows": len(merged)}], schema=LISTED)
+
+    spread = dropped.select("file", "row").repartition(count, partition_key(F.col("file"), count))
+    found = spread.mapInArrow(write_lists, "file int, name string, rows bigint").collect()
+    return {r["file"]: (r["name"], r["rows"]) for r in found}
+
+
+def add_rows(
+    spark: SparkSession, rows: DataFrame, index: Index, files: Location, lsh: tuple | None, version: int
+) -> tuple[list[dict], np.ndarray]:
+    """The new rows laid out as a build lays them out, in new files: their manifest entries and rows per cell."""
+    assigned = layout.assign_cells(rows, index.centroids, lsh).persist(StorageLevel.DISK_ONLY)
+    try:
+        sizes = layout.cell_sizes(assigned, index.cells)
+        frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
+        entries = [{**r.asDict(), "added_in": version} for r in write.write_files(frame, files, index.dim).collect()]
+    finally:
+        assigned.unpersist()
+    return entries, sizes
+
+
+def compact(spark: SparkSession, index: Index, files: Location, which: list[int], version: int) -> list[dict]:
+    """The live rows of these files rewritten as one set of files laid out by cell: their manifest entries."""
+    columns = [c for c in layout.CATALOG_COLUMNS if c != "group"] + (["buckets"] if index.lsh else [])
+    rows = live_rows(spark, index, files, columns, which)  # clustered() gives each row its group again
+    frame = layout.clustered(spark, rows, index.plan, index.dim, spark.sparkContext.defaultParallelism)
+    return [{**r.asDict(), "added_in": version} for r in write.write_files(frame, files, index.dim).collect()]
+
+
+def update(
+    spark: SparkSession, index: Index, table: Embeddings, uri: str, summary: RunSummary, auto: bool
+) -> Update | None:
+    """Bring the index up to date with the table; None where --mode auto finds a rebuild advised instead."""
+    check_compatible(index, table, uri)
+    files = location(spark, index.catalog_uri)
+    if files is None:
+        raise UsageError(
+            f"an update writes {index.catalog_uri} with pyarrow (local, s3a://, gs://); rebuild with --mode overwrite"
+        )
+    version = index.meta.get("version", 1) + 1
+    with summary.stage("diff"):
+        held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
+        joined = (
+            fingerprinted(table.rows).withColumnRenamed("fingerprint", "incoming").join(held, "image_id", "full_outer")
+        )
+        joined = joined.withColumn(
+            "change",
+            F.when(F.col("file").isNull(), "added")
+            .when(F.col("incoming").isNull(), "dropped")
+            .when(F.col("incoming") != F.col("fingerprint"), "changed")
+            .otherwise("same"),
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = {r["change"]: r["count"] for r in joined.groupBy("change").count().collect()}  # at most four rows
+    done = Update(counts.get("added", 0), counts.get("dropped", 0), counts.get("changed", 0))
+    done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
+    if done.nothing or auto and done.drift["rebuild_advised"]:
+        joined.unpersist()
+        return done if done.nothing else None
+    lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
+    with summary.stage("add"):
+        new_ids = joined.where(F.col("change").isin("added", "changed")).select("image_id")
+        new_rows = table.rows.join(new_ids, "image_id", "left_semi")
+        added, added_sizes = (
+            add_rows(spark, new_rows, index, files, lsh, version) if done.added + done.changed else ([], 0)
+        )
+    with summary.stage("delete"):
+        dropped = joined.where(F.col("change").isin("dropped", "changed"))
+        dropped_sizes = np.zeros(index.cells, np.int64)
+        for row in dropped.groupBy("cell").count().collect():  # at most one row a cell
+            dropped_sizes[row["cell"]] = row["count"]
+        lists = write_deletions(dropped, index, files, version) if done.dropped + done.changed else {}
+    joined.unpersist()
+    entries = [
+        {**e, **({"deleted": lists[n][0], "deleted_rows": int(lists[n][1])} if n in lists else {})}
+        for n, e in enumerate(index.meta["files"])
+    ] + added
+    sizes = index.plan.sizes + added_sizes - dropped_sizes
+    meta = {**index.meta, "files": entries, "count": int(sizes.sum()), "version": version}
+    compactable = [n for n, e in enumerate(entries) if e.get("deleted_rows", 0) > DELETED_SHARE * e["rows"]]
+    grown = [n for n, e in enumerate(entries) if e.get("added_in")]
+    if len(grown) > COMPACT_FILES or compactable:
+        with summary.stage("compact"):
+            which = sorted(set(compactable) | (set(grown) if len(grown) > COMPACT_FILES else set()))
+            staged = Index(
+                index.uri,
+                index.model,
+                index.dim,
+                int(sizes.sum()),
+                index.params,
+                index.centroids,
+                index.plan,
+                index.lsh,
+                meta,
+            )
+            rewritten = compact(spark, staged, files, which, version)
+            meta["files"] = [e for n, e in enumerate(entries) if n not in which] + rewritten
+            done.files_compacted = len(which)
+    done.files_written = len(added)
+    meta.update(
+        done.drift,
+        largest_cell=int(sizes.max()),
+        empty_cells=int((sizes == 0).sum()),
+        updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    meta["files"] = sorted(meta["files"], key=lambda e: (e["first_cell"], e["name"]))
+    ivf.save(spark, index.uri, meta, index.centroids, CellPlan(sizes, index.plan.first_group, index.plan.parts))
+    remove_unused(spark, index.uri, version)
+    return done
+
+
+def referenced(meta: dict) -> set[str]:
+    return {
+        meta["cells"],
+        *(f"catalog/{e['name']}" for e in meta["files"]),
+        *(f"catalog/{e['deleted']}" for e in meta["files"] if e.get("deleted")),
+    }
+
+
+def remove_unused(spark: SparkSession, uri: str, version: int) -> None:
+    """Delete what neither this version nor the one before refers to: a search that began on the version before
+    still finds every file it needs (and a killed update's files go at the next update)."""
+    kept = set()
+    for v in (version - 1, version):
+        path = f"{uri}/{ivf.MANIFESTS}/v{v:08d}.json"
+        if storage.exists(spark, path):
+            kept |= referenced(json.loads(storage.read_text(spark, path)))
+    for v in ivf.versions(spark, uri):
+        if v < version - 1:
+            storage.delete(spark, f"{uri}/{ivf.MANIFESTS}/v{v:08d}.json")
+    candidates = [n for n in storage.names(spark, uri) if n.startswith("cells-v")]
+    candidates += [f"catalog/{n}" for n in storage.names(spark, f"{uri}/catalog") if n.endswith(".parquet")]
+    candidates += [f"catalog/_deleted/{n}" for n in storage.names(spark, f"{uri}/catalog/_deleted")]
+    for name in candidates:
+        if name not in kept:
+            storage.delete(spark, f"{uri}/{name}")

@@ -1,0 +1,205 @@
+"""index --mode incremental: rows added, dropped and changed without retraining, seen whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import read_neighbours, run_job, search, write_embeddings
+
+from jobs import ivf
+from jobs.index import update
+from jobs.knn import squared_distances
+from scripts.vectors import clustered_unit_vectors
+
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def base(spark, tmp_path_factory):
+    """An index of 2,000 vectors, and the table it was built from: (folder, vectors, ids)."""
+    folder = tmp_path_factory.mktemp("update")
+    vectors, _ = clustered_unit_vectors(2600, dim=DIM, cluster_size=20, noise=0.4, seed=12)
+    ids = write_embeddings(spark, folder / "emb", vectors[:2000])
+    assert (
+        run_job(spark, "index", "--embeddings", folder / "emb", "--output", folder / "index", "--num-hash-tables", "0")
+        == 0
+    )
+    return folder, vectors, ids
+
+
+def changed_table(spark, path, vectors: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The base table less 200 rows, with 50 vectors moved and 300 new rows: its vectors and ids."""
+    kept = np.r_[0:1700, 1900:2000]  # rows 1700-1899 dropped
+    table = vectors[kept].copy()
+    table[:50] = vectors[2300:2350]  # the first 50 ids get new vectors
+    table = np.vstack([table, vectors[2000:2300]])  # 300 new rows
+    ids = [f"img{i:05d}" for i in kept] + [f"new{i:05d}" for i in range(300)]
+    write_embeddings(spark, path / "a", table[: len(kept)], numbers=kept)
+    write_embeddings(spark, path / "b", table[len(kept) :], prefix="new")
+    spark.read.parquet(str(path / "b")).write.mode("append").parquet(str(path / "a"))
+    return table, ids
+
+
+def ivf_truth(index: ivf.Index, table: np.ndarray, ids: list[str], queries: np.ndarray, k: int) -> list[list[str]]:
+    """What an index of `table` on these centroids answers: each query's k nearest in the cells it probes."""
+    cells = np.argmin(squared_distances(table, index.centroids), axis=1)
+    probes, offsets = index.probe(queries, index.params.nprobe, k)
+    found = []
+    for q in range(len(queries)):
+        rows = np.flatnonzero(np.isin(cells, probes[offsets[q] : offsets[q + 1]]))
+        d2 = squared_distances(queries[q : q + 1], table[rows])[0]
+        found.append([ids[rows[i]] for i in np.lexsort(([ids[r] for r in rows], d2))[:k]])
+    return found
+
+
+def test_an_update_adds_drops_and_moves_rows_as_a_rebuild_on_the_same_centroids_would(
+    spark, base, tmp_path, copy_tree, capsys
+):
+    folder, vectors, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    table, ids = changed_table(spark, tmp_path, vectors)
+    before = ivf.load(spark, str(index_dir))
+    capsys.readouterr()
+    assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
+    out = capsys.readouterr().out
+    assert "300 added, 200 dropped, 50 changed" in out
+    after = ivf.load(spark, str(index_dir))
+    assert after.meta["version"] == before.meta["version"] + 1 and after.count == len(ids) == 2100
+    assert np.array_equal(after.centroids, before.centroids) and after.plan.sizes.sum() == 2100
+    assert after.meta["added_since_training"] == 350 and after.meta["trained_rows"] == 2000
+    # the index holds exactly the table's rows: the kNN graph's queries and neighbours are its ids
+    search(spark, index_dir, tmp_path / "graph", "--all", "-k", "5")
+    graph = read_neighbours(spark, tmp_path / "graph")
+    assert set(graph["query_id"]) == set(ids) and set(graph["neighbor_id"]) <= set(ids)
+    # exact: the table's exact neighbours; ivf: those among the cells each query probes, as on these centroids
+    queries = vectors[2350:2400]
+    write_embeddings(spark, tmp_path / "q", queries, prefix="q")
+    for method in ("exact", "ivf"):
+        search(spark, index_dir, tmp_path / method, "--queries", tmp_path / "q", "-k", "6", "--method", method)
+        got = read_neighbours(spark, tmp_path / method).groupby("query_id")["neighbor_id"].apply(list)
+        if method == "exact":
+            order = np.argsort(squared_distances(queries, table), axis=1)[:, :6]
+            expected = [[ids[i] for i in row] for row in order]
+        else:
+            expected = ivf_truth(after, table, ids, queries, 6)
+        assert [got[f"q{q:05d}"] for q in range(50)] == expected, method
+    # nothing changed: nothing written
+    capsys.readouterr()
+    assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
+    assert (
+        "nothing written" in capsys.readouterr().out
+        and ivf.load(spark, str(index_dir)).meta["version"] == after.meta["version"]
+    )
+
+
+def test_a_killed_update_leaves_the_old_version_searchable_and_the_next_run_completes_it(
+    spark, base, tmp_path, copy_tree, monkeypatch
+):
+    folder, vectors, ids = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    changed_table(spark, tmp_path, vectors)
+    files_before = sorted(p.name for p in (index_dir / "catalog").iterdir())
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)  # the update dies after writing its files, before its manifest
+
+    monkeypatch.setattr(ivf, "save", killed)
+    with pytest.raises(SystemExit):
+        run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental")
+    monkeypatch.undo()
+    assert len(list((index_dir / "catalog").iterdir())) > len(files_before)  # its files are there, unreferenced
+    summary = search(spark, index_dir, tmp_path / "graph", "--all", "-k", "3")
+    graph = read_neighbours(spark, tmp_path / "graph")
+    assert summary["counts"]["queries"] == 2000 and set(graph["query_id"]) == set(ids)  # the old version, whole
+    assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
+    index = ivf.load(spark, str(index_dir))
+    assert index.count == 2100
+    names = {p.name for p in (index_dir / "catalog").iterdir() if p.suffix == ".parquet"}
+    assert names == {e["name"] for e in index.meta["files"]}  # the killed run's files were removed
+
+
+def test_a_search_that_loaded_the_version_before_an_update_reads_it_whole(spark, base, tmp_path, copy_tree):
+    from jobs.search import answer, catalog, queries
+    from jobs.search.scoring import Wanted
+
+    folder, vectors, ids = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    changed_table(spark, tmp_path, vectors)
+    old = ivf.load(spark, str(index_dir))  # as a search does when it starts
+    assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
+    files = catalog.locate(spark, old)
+    found = answer(spark, old, queries.catalog_source(spark, old, files), "exact", Wanted(3, True), None, files)
+    rows = found.table.toPandas()
+    assert set(rows["query_id"]) == set(ids) and set(rows["neighbor_id"]) <= set(ids)
+
+
+def test_compaction_rewrites_piled_up_files_and_keeps_the_answers(
+    spark, base, tmp_path, copy_tree, monkeypatch, capsys
+):
+    folder, vectors, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    monkeypatch.setattr(update, "COMPACT_FILES", 1)
+    table, ids = changed_table(spark, tmp_path, vectors)
+    write_embeddings(spark, tmp_path / "more", vectors[2400:2450], prefix="more")
+    spark.read.parquet(str(tmp_path / "more")).write.mode("append").parquet(str(tmp_path / "a"))
+    capsys.readouterr()
+    assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
+    assert "compacted" in capsys.readouterr().out
+    index = ivf.load(spark, str(index_dir))
+    assert index.count == 2150 and sum(1 for e in index.meta["files"] if e.get("added_in")) <= len(index.meta["files"])
+    search(spark, index_dir, tmp_path / "graph", "--all", "-k", "4", "--method", "exact")
+    graph = read_neighbours(spark, tmp_path / "graph").groupby("query_id")["neighbor_id"].apply(list)
+    everything = np.vstack([table, vectors[2400:2450]])
+    names = ids + [f"more{i:05d}" for i in range(50)]
+    d2 = squared_distances(everything, everything)
+    np.fill_diagonal(d2, np.inf)
+    for q in range(0, len(names), 97):
+        assert graph[names[q]] == [names[i] for i in np.argsort(d2[q])[:4]]
+
+
+def test_an_update_of_other_weights_or_an_old_index_is_refused_with_one_line(spark, base, tmp_path, copy_tree, capsys):
+    _, vectors, _ = base
+    write_embeddings(spark, tmp_path / "emb", vectors[:300], weights="a" * 64)
+    index_dir = tmp_path / "index"
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", index_dir, "--num-hash-tables", "0") == 0
+    )
+    write_embeddings(spark, tmp_path / "other", vectors[:100], weights="c" * 64)
+    meta = json.loads((index_dir / "index.json").read_text())
+    capsys.readouterr()
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "other", "--output", index_dir, "--mode", "incremental") == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mode overwrite" in err[0] and "cccccccccccc" in err[0]
+    assert ivf.load(spark, str(index_dir)).meta["version"] == meta["version"]  # untouched
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text(json.dumps({**meta, "format_version": 2}))
+    assert run_job(spark, "index", "--embeddings", tmp_path / "other", "--output", old, "--mode", "incremental") == 2
+    assert "rebuild" in capsys.readouterr().err
+
+
+def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp_path, copy_tree, capsys):
+    folder, vectors, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    write_embeddings(spark, tmp_path / "grown", vectors[:2000])
+    outputs = []
+    for prefix in ("extra", "again"):  # 600 rows, then 600 more: past half of the 2,000 trained on
+        write_embeddings(spark, tmp_path / prefix, vectors[2000:2600], prefix=prefix)
+        spark.read.parquet(str(tmp_path / prefix)).write.mode("append").parquet(str(tmp_path / "grown"))
+        capsys.readouterr()
+        assert (
+            run_job(spark, "index", "--embeddings", tmp_path / "grown", "--output", index_dir, "--mode", "incremental")
+            == 0
+        )
+        outputs.append(capsys.readouterr().out)
+    assert "none: the cells still fit" in outputs[0]
+    assert "rebuild (--mode overwrite): 1200 rows added since training" in outputs[1]
+    write_embeddings(spark, tmp_path / "last", vectors[2000:2100], prefix="last")
+    spark.read.parquet(str(tmp_path / "last")).write.mode("append").parquet(str(tmp_path / "grown"))
+    assert run_job(spark, "index", "--embeddings", tmp_path / "grown", "--output", index_dir, "--mode", "auto") == 0
+    index = ivf.load(spark, str(index_dir))
+    assert index.meta["version"] == 1 and index.meta["trained_rows"] == index.count == 3300  # rebuilt
