@@ -13,7 +13,8 @@ from conftest import force_plan, read_neighbours, row_groups_holding, run_job, s
 from jobs import ivf
 from jobs.knn import exact_topk
 from jobs.search import plan, tiles
-from jobs.search.scoring import ShardRows, TopK
+from jobs.search.scoring import ShardRows
+from jobs.search.topk import TopK
 from jobs.vectors import binary_from_matrix
 from scripts.vectors import clustered_unit_vectors
 

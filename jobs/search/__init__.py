@@ -11,7 +11,6 @@ import argparse
 import time
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from jobs import ivf, storage
 from jobs.cli import session_setting
@@ -198,7 +197,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         }
         seconds = time.perf_counter() - started
         if args.duplicates:
-            touched.update(duplicate_stats(spark, args))
+            touched.update(groups.duplicate_stats(spark, args.output, args.groups))
     count = found.seen.value.queries
     summary.count(
         queries=count,
@@ -277,24 +276,6 @@ def summary_rows(
             ("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly")
         )
     return rows
-
-
-def duplicate_stats(spark: SparkSession, args: argparse.Namespace) -> dict:
-    """Images with at least one pair and, with --groups, the groups table written and its shape."""
-    pairs = spark.read.parquet(args.output)
-    if not args.groups:
-        return {"images_with_pairs": groups.edges(pairs).select("node").distinct().count()}
-    results.write(spark, groups.group_table(pairs), args.groups)
-    shape = (
-        spark.read.parquet(args.groups)
-        .agg(
-            F.count("*").alias("images"),
-            F.countDistinct("group_id").alias("groups"),
-            F.max("group_size").alias("largest"),
-        )
-        .first()
-    )
-    return {"images_with_pairs": shape["images"], "groups": shape["groups"], "largest_group": shape["largest"] or 0}
 
 
 def write_report(spark: SparkSession, neighbours: str, output: str) -> None:

@@ -7,10 +7,11 @@ its label. A chain of length d settles in about log2(d) rounds instead of d.
 
 from __future__ import annotations
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.runlog import get_logger
+from jobs.search.results import write
 
 log = get_logger("jobs.search")
 MAX_ROUNDS = 64
@@ -78,3 +79,21 @@ def group_table(pairs: DataFrame) -> DataFrame:
         .join(described, "image_id")
         .select("group_id", "group_size", "image_id", "path", "label")
     )
+
+
+def duplicate_stats(spark: SparkSession, pairs_uri: str, groups_uri: str | None) -> dict:
+    """Images with at least one pair and, with --groups, the groups table written and its shape."""
+    pairs = spark.read.parquet(pairs_uri)
+    if not groups_uri:
+        return {"images_with_pairs": edges(pairs).select("node").distinct().count()}
+    write(spark, group_table(pairs), groups_uri)
+    shape = (
+        spark.read.parquet(groups_uri)
+        .agg(
+            F.count("*").alias("images"),
+            F.countDistinct("group_id").alias("groups"),
+            F.max("group_size").alias("largest"),
+        )
+        .first()
+    )
+    return {"images_with_pairs": shape["images"], "groups": shape["groups"], "largest_group": shape["largest"] or 0}

@@ -14,7 +14,8 @@ from jobs.ivf import Index
 from jobs.knn import LshParams, probe_keys
 from jobs.search.catalog import CatalogFiles
 from jobs.search.results import PARTIAL_ARROW
-from jobs.search.scoring import Kept, Similar, TopK, Wanted, cosine
+from jobs.search.scoring import Wanted, cosine
+from jobs.search.topk import Kept, Similar, TopK
 from jobs.vectors import matrix_from_binary, values_from_binary
 
 FILE_ROW = 1 << 32  # rows of a file being scored are numbered (file + 1) * FILE_ROW + position; kept rows below
