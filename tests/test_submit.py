@@ -95,37 +95,3 @@ def test_help_lists_every_option_with_defaults(dist):
         assert option in result.stdout
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default: resnet18)" in text and "(default: incremental)" in text
-
-
-def test_index_and_the_catalog_against_itself_through_spark_submit(spark, dist, tmp_path):
-    from conftest import write_embeddings
-
-    from jobs.knn import exact_topk
-    from scripts.vectors import clustered_unit_vectors
-
-    vectors, _ = clustered_unit_vectors(400, dim=16, cluster_size=20, noise=0.3, seed=8)
-    vectors[1] = vectors[0]  # one exact duplicate pair
-    ids = write_embeddings(spark, tmp_path / "emb", vectors)
-    for args in (
-        ["index", "--embeddings", tmp_path / "emb", "--output", tmp_path / "index"],
-        ["search", "--index", tmp_path / "index", "--all", "-k", "3", "--output", tmp_path / "graph"],
-        [
-            "search",
-            "--index",
-            tmp_path / "index",
-            "--duplicates",
-            "--min-similarity",
-            "0.9999",
-            "--output",
-            tmp_path / "dups",
-        ],
-    ):
-        result = spark_submit(dist, args)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    graph = spark.read.parquet(str(tmp_path / "graph")).toPandas()
-    truth, _ = exact_topk(vectors, vectors, 4)
-    found = graph.groupby("query_id")["neighbor_id"].apply(set)
-    recall = np.mean([len(found[ids[q]] & {ids[i] for i in truth[q] if i != q}) / 3 for q in range(400)])
-    assert len(graph) == 1200 and recall > 0.9
-    pairs = spark.read.parquet(str(tmp_path / "dups")).toPandas()
-    assert list(zip(pairs["image_a"], pairs["image_b"])) == [(ids[0], ids[1])]
