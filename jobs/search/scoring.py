@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from jobs.knn import BucketIndex, squared_distances, squared_norms
+from jobs.knn import BucketIndex, squared_norms
 from jobs.vectors import gather_matrix
 
 if TYPE_CHECKING:
@@ -98,10 +98,11 @@ class ShardRows:
     ) -> None:
         """Fold into keep every query's distances to the rows of the cells it probes here (probes: CSR cells, nearest
         first; None: every row), rows numbered base + sorted position. own_row: each query's own row here, or -1."""
+        query_sq = squared_norms(vectors)
         if probes is None:
             for first in range(0, len(vectors), QUERY_SLICE):
                 asking = np.arange(first, min(first + QUERY_SLICE, len(vectors)))
-                self.score_rows(keep, vectors, asking, 0, len(self.order), own_row, base)
+                self.score_rows(keep, vectors, query_sq, asking, 0, len(self.order), own_row, base)
             return
         cells, offsets = probes
         owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -114,13 +115,14 @@ class ShardRows:
             phase_owner, phase_slot = owner[phase][by_cell], slot[phase][by_cell]
             for start, end in np.column_stack(run_bounds(phase_slot)) if len(phase_slot) else []:
                 lo, hi = self.bounds[phase_slot[start]], self.bounds[phase_slot[start] + 1]
-                self.score_rows(keep, vectors, phase_owner[start:end], lo, hi, own_row, base)
+                self.score_rows(keep, vectors, query_sq, phase_owner[start:end], lo, hi, own_row, base)
             keep.flush()  # the nearest cells' candidates merged: the k-th distances they set filter the rest
 
     def score_rows(
         self,
         keep: TopK | Similar,
         vectors: np.ndarray,
+        query_sq: np.ndarray,
         asking: np.ndarray,
         lo: int,
         hi: int,
@@ -128,15 +130,17 @@ class ShardRows:
         base: int,
     ) -> None:
         """Score the asking queries against sorted rows lo..hi, a slice of them at a time (at most SCORED_ENTRIES
-        distances)."""
+        scores): a row's nearness 2 q.r - |r|^2 is |q|^2 less its squared distance, one product and two passes."""
         step = max(1, SCORED_ENTRIES // max(len(asking), 1))
         for first in range(lo, hi, step):
             end = min(first + step, hi)
-            d2 = squared_distances(vectors[asking], self.vectors[first:end], self.squares[first:end])
+            near = vectors[asking] @ self.vectors[first:end].T
+            near *= 2
+            near -= self.squares[first:end]
             if own_row is not None:
                 mine = np.flatnonzero((own_row[asking] >= first) & (own_row[asking] < end))
-                d2[mine, own_row[asking[mine]] - first] = np.inf
-            keep.add(asking, d2, np.arange(base + first, base + end), self.keys[first:end])
+                near[mine, own_row[asking[mine]] - first] = -np.inf
+            keep.add(asking, near, query_sq[asking], np.arange(base + first, base + end), self.keys[first:end])
 
     def score_lsh(
         self,
@@ -147,9 +151,9 @@ class ShardRows:
         base: int,
         candidates: np.ndarray,
     ) -> None:
-        """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys: queries
-        x
-        tables x probes), a few similar queries at a time; count each query's candidates."""
+        """Fold into keep each query's distances to the rows sharing one of its probed LSH buckets (probe_keys:
+        queries x tables x probes), a few similar queries at a time; count each query's candidates."""
+        query_sq = squared_norms(vectors)
         buckets = BucketIndex(
             self.rows.column("buckets").take(pa.array(self.order)).flatten().to_numpy().reshape(len(self.order), -1)
         )
@@ -162,9 +166,11 @@ class ShardRows:
             candidates[asking] += mask.sum(axis=1)
             union = np.flatnonzero(mask.any(axis=0))
             if len(union):
-                d2 = squared_distances(vectors[asking], self.vectors[union], self.squares[union])
-                d2[~mask[:, union]] = np.inf
-                keep.add(asking, d2, base + union, self.keys[union])
+                near = vectors[asking] @ self.vectors[union].T
+                near *= 2
+                near -= self.squares[union]
+                near[~mask[:, union]] = -np.inf
+                keep.add(asking, near, query_sq[asking], base + union, self.keys[union])
 
     def own_rows(self, ids: list[str], own_cells: np.ndarray | None) -> np.ndarray:
         """The sorted position of each query's own id in this shard, or -1; looked up in the query's own cell alone
