@@ -113,17 +113,11 @@ def check(args: argparse.Namespace) -> LshParams | None:
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     lsh_params = check(args)
     summary = RunSummary("index", vars(args))
-    with summary.stage("read"):
-        table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True)
-        if table.distinct_ids != table.count:
-            raise UsageError(
-                f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite"
-            )
     if args.mode != "overwrite" and (
         ivf.versions(spark, args.output) or storage.exists(spark, f"{args.output}/index.json")
     ):
         index = ivf.load(spark, args.output)
-        done = update.update(spark, index, table, args.embeddings, summary, auto=args.mode == "auto")
+        done = update.update(spark, index, args.embeddings, summary, auto=args.mode == "auto")
         if done is not None:
             after = ivf.load(spark, args.output) if not done.nothing else index
             summary.count(added=done.added, dropped=done.dropped, changed=done.changed, indexed=after.count)
@@ -134,4 +128,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             print_summary("index summary", updated_rows(args, after, done, summary))
             return 0
         log.info("the catalog has drifted from its cells: rebuilding (--mode auto)")
+    with summary.stage("read"):
+        table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True)
+        if table.distinct_ids != table.count:
+            raise UsageError(
+                f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite"
+            )
     return build(spark, args, table, lsh_params, summary)

@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
-from jobs.vectors import binary_from_matrix, fingerprints, matrix_from_list
+from jobs.vectors import binary_from_matrix, fingerprints, matrix_from_binary, matrix_from_list
 
 FILE_BYTES = 64 << 20
 ROW_STRING_BYTES = 160  # an id, a path and a label, about
@@ -29,7 +29,8 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            matrix = matrix_from_list(batch.column("embedding"))
+            matrix = matrix_from_list(batch.column("embedding")) if "embedding" in batch.schema.names else None
+            matrix = matrix if matrix is not None else matrix_from_binary(batch.column("vector"), len(centroids[0]))
             cells = np.concatenate(
                 [
                     np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
@@ -54,7 +55,8 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
                 )
             yield pa.RecordBatch.from_arrays(columns, names=[f.split()[0] for f in schema.split(", ")])
 
-    return vectors.select("image_id", "path", "label", "embedding").mapInArrow(assign, schema)
+    vector = "embedding" if "embedding" in vectors.columns else "vector"  # a list of numbers, or float32 bytes
+    return vectors.select("image_id", "path", "label", vector).mapInArrow(assign, schema)
 
 
 def cell_sizes(assigned: DataFrame, cells: int) -> np.ndarray:

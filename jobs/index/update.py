@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark import StorageLevel
+from pyspark import Accumulator, StorageLevel, TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -30,8 +30,9 @@ from jobs.ivf import CellPlan, Index, rand_unit_vectors
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.search.catalog import deletions, live_rows
-from jobs.tables import Embeddings
-from jobs.vectors import fingerprints, matrix_from_list
+from jobs.search.tiles import Seen, SeenParam
+from jobs.tables import check_vectors, open_embeddings
+from jobs.vectors import binary_from_matrix, fingerprints
 
 log = get_logger("jobs.index")
 COMPACT_FILES = 8  # added files past which they are rewritten as one set
@@ -57,17 +58,6 @@ class Update:
         return not (self.added or self.dropped or self.changed)
 
 
-def check_compatible(index: Index, table: Embeddings, uri: str) -> None:
-    """UsageError unless the table's vectors come from the index's model, dimension and weights."""
-    weights = index.meta.get("weights_sha256")
-    if (table.model, table.dim) != (index.model, index.dim) or weights and table.weights_sha256 not in (None, weights):
-        raise UsageError(
-            f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "
-            f"has {table.model} {table.dim}-d vectors of weights {str(table.weights_sha256)[:12]}; "
-            "rebuild with --mode overwrite"
-        )
-
-
 def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
     """How far the catalog has moved from the cells it was trained on, and whether a rebuild is advised."""
     trained = meta.get("trained_rows") or meta["count"]
@@ -90,17 +80,42 @@ def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
     }
 
 
-def fingerprinted(rows: DataFrame) -> DataFrame:
-    """image_id and the fingerprint of each embeddings row's vector."""
+def fingerprinted(rows: DataFrame, seen: Accumulator, dim: int) -> DataFrame:
+    """image_id, path, label, vector (float32 bytes) and its fingerprint of each embeddings row, noting in `seen`
+    the vectors' lengths, models and weights (a batch with a vector of another length than dim is left out)."""
 
     def compute(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        saw, count = Seen(), 0
         for batch in batches:
-            vectors = matrix_from_list(batch.column("embedding"))
-            yield pa.RecordBatch.from_arrays(
-                [batch.column("image_id"), pa.array(fingerprints(vectors))], names=["image_id", "fingerprint"]
+            count += len(batch)
+            vectors = saw.vectors(
+                batch.rename_columns(["vector" if c == "embedding" else c for c in batch.schema.names]), dim
             )
+            if vectors is not None:
+                columns = [batch.column(c) for c in ("image_id", "path", "label")]
+                yield pa.RecordBatch.from_arrays(
+                    [*columns, binary_from_matrix(vectors), pa.array(fingerprints(vectors))],
+                    names=["image_id", "path", "label", "vector", "fingerprint"],
+                )
+        saw.rows[TaskContext.get().partitionId()] = count
+        seen.add(saw)
 
-    return rows.select("image_id", "embedding").mapInArrow(compute, "image_id string, fingerprint bigint")
+    schema = "image_id string, path string, label string, vector binary, fingerprint bigint"
+    return rows.select("image_id", "path", "label", "model", "embedding", "weights_sha256").mapInArrow(compute, schema)
+
+
+def check_table(spark: SparkSession, index: Index, uri: str, incoming: DataFrame, seen: Seen) -> None:
+    """UsageError unless the table holds vectors of one model, dimension and weights, the index's, each id once."""
+    check_vectors("embeddings table", uri, seen.queries, seen.dims, seen.models, seen.digests)
+    model, dim, digest = next(iter(seen.models), None), next(iter(seen.dims)), next(iter(seen.digests), None)
+    weights = index.meta.get("weights_sha256")
+    if (model, dim) != (index.model, index.dim) or weights and digest not in (None, weights):
+        raise UsageError(
+            f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "
+            f"has {model} {dim}-d vectors of weights {str(digest)[:12]}; rebuild with --mode overwrite"
+        )
+    if incoming.select("image_id").distinct().count() != seen.queries:
+        raise UsageError(f"embeddings table {uri} has repeated image_id values; re-embed with --mode overwrite")
 
 
 def write_deletions(dropped: DataFrame, index: Index, files: Location, version: int) -> dict[int, tuple[str, int]]:
@@ -149,11 +164,11 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
     return [{**r.asDict(), "added_in": version} for r in write.write_files(frame, files, index.dim).collect()]
 
 
-def update(
-    spark: SparkSession, index: Index, table: Embeddings, uri: str, summary: RunSummary, auto: bool
-) -> Update | None:
-    """Bring the index up to date with the table; None where --mode auto finds a rebuild advised instead."""
-    check_compatible(index, table, uri)
+def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
+    """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
+
+    The table is read once: its vectors are fingerprinted and checked as they are read, and kept on disk for the
+    rows the index has to add."""
     files = location(spark, index.catalog_uri)
     if files is None:
         raise UsageError(
@@ -161,9 +176,12 @@ def update(
         )
     version = index.meta.get("version", 1) + 1
     with summary.stage("diff"):
+        seen = spark.sparkContext.accumulator(Seen(), SeenParam())
+        incoming = fingerprinted(open_embeddings(spark, uri, "embeddings table"), seen, index.dim)
+        incoming = incoming.persist(StorageLevel.DISK_ONLY)
         held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        joined = (
-            fingerprinted(table.rows).withColumnRenamed("fingerprint", "incoming").join(held, "image_id", "full_outer")
+        joined = incoming.select("image_id", F.col("fingerprint").alias("incoming")).join(
+            held, "image_id", "full_outer"
         )
         joined = joined.withColumn(
             "change",
@@ -173,15 +191,17 @@ def update(
             .otherwise("same"),
         ).persist(StorageLevel.MEMORY_AND_DISK)
         counts = {r["change"]: r["count"] for r in joined.groupBy("change").count().collect()}  # at most four rows
+        check_table(spark, index, uri, incoming, seen.value)
     done = Update(counts.get("added", 0), counts.get("dropped", 0), counts.get("changed", 0))
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
         joined.unpersist()
+        incoming.unpersist()
         return done if done.nothing else None
     lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
     with summary.stage("add"):
         new_ids = joined.where(F.col("change").isin("added", "changed")).select("image_id")
-        new_rows = table.rows.join(new_ids, "image_id", "left_semi")
+        new_rows = incoming.join(new_ids, "image_id", "left_semi")
         added, added_sizes = (
             add_rows(spark, new_rows, index, files, lsh, version) if done.added + done.changed else ([], 0)
         )
@@ -192,6 +212,7 @@ def update(
             dropped_sizes[row["cell"]] = row["count"]
         lists = write_deletions(dropped, index, files, version) if done.dropped + done.changed else {}
     joined.unpersist()
+    incoming.unpersist()
     entries = [
         {**e, **({"deleted": lists[n][0], "deleted_rows": int(lists[n][1])} if n in lists else {})}
         for n, e in enumerate(index.meta["files"])
