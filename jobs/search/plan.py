@@ -32,7 +32,10 @@ ROUTE_SECONDS = 7e-6  # a routed query row leaving its map task
 VISIT_SECONDS = 16e-6  # a routed query row read by its tile, and its candidates packed and written
 MERGE_SECONDS = 50e-6  # a query's packed candidates from one range, merged and its neighbours written
 STAGE_SECONDS = 0.3  # each stage that routing adds
-STRAGGLER = 0.5  # the share of one task's time the slowest task runs past the mean (GloVe's halves: 18.6 and 28.3 s)
+# the share of one task's time the slowest of a wave runs past the mean, where tasks' shares of work follow the cells:
+# blocks of the catalog's own rows (GloVe's halves as queries: 18.6 and 28.3 s) and ranges of cells; a query
+# file's blocks are equal shares of its rows (GloVe 300k x 100k: 2 blocks 11.2-12.8 s, 4 blocks 11.7-16.1 s)
+STRAGGLER = 0.5
 TASK_BYTES = 256 << 20  # the query rows one task holds at once: more are answered in further passes over its cells
 QUERY_STRING_BYTES = 200  # a query row's id, path and label, about
 
@@ -107,8 +110,9 @@ def estimate(
     score = queries * share * index.count * index.dim * 2 * (BLAS_FLOP_SECONDS if nprobe is None else FLOP_SECONDS)
     read_seconds = REMOTE_READ_SECONDS if remote else LOCAL_READ_SECONDS
     tiles = blocks * ranges
-    # equal tasks run in waves of `cores`; the slowest of a wave lags the rest
-    waves = math.ceil(tiles / cores) + (STRAGGLER if tiles > 1 else 0.0)
+    # tasks run in waves of `cores`; where their work follows the cells, the slowest of a wave lags the rest
+    uneven = tiles > 1 and (ranges > 1 or from_catalog)
+    waves = math.ceil(tiles / cores) + (STRAGGLER if uneven else 0.0)
     if ranges == 1:
         seconds = waves * (max(tile_read * read_seconds, (probe + score) / blocks) + TASK_SECONDS)
     else:
