@@ -91,6 +91,7 @@ def scenario(dist, data: Catalog, folder: Path, name: str, rows: np.ndarray, que
                 "mode": mode,
                 "rows": len(rows),
                 "index_wall_s": job["wall_s"],
+                "index_stages_s": job["stages"],
                 "holds": job["count"],
                 "exact_rows": job["count"] == len(rows),
                 **checked,

@@ -14,6 +14,10 @@ def test_photos_to_report_in_one_session(spark, demo_dir, tmp_path, mobilenet_we
     assert run_job(spark, "embed", "--input", demo_dir / "catalog", "--output", out / "emb", *model) == 0
     assert run_job(spark, "embed", "--input", demo_dir / "queries", "--output", out / "q", *model) == 0
     assert run_job(spark, "index", "--embeddings", out / "emb", "--output", out / "index") == 0
+    # the index says how its vectors were made, as the embed run recorded it; --images embeds queries the same way
+    embedded = json.loads((out / "emb" / "_summary.json").read_text())
+    made = json.loads((out / "index" / "index.json").read_text())["embedded_with"]
+    assert made == {"precision": embedded["precision"], "backend": embedded["backend"]}
     # the query photos embedded in the search job, and the same photos embedded by embed: the same answers
     search(
         spark, out / "index", out / "photos", "--images", demo_dir / "queries", "-k", "5", "--report", out / "report"

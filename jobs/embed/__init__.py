@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 from pyspark.sql import SparkSession
 
 from jobs import storage
-from jobs.embed.backends import AUTO_ORDER, BACKENDS, choose_backend, resolve_precision
+from jobs.embed.backends import AUTO_ORDER, BACKENDS, choose_backend, probe_crops, resolve_precision
 from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, photo_location, plan_files, read_files
 from jobs.embed.write import Outcome, commit, write_chunks
@@ -59,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16"],
-        help="auto = fp32; bf16 autocast is opt-in (see bench/README.md: it changes neighbours)",
+        help="auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX) and it gives fp32's vectors on the "
+        "first photos (cosine >= 0.99), else fp32; bf16: autocast with BatchNorm folded into the convolutions",
     )
     parser.add_argument(
         "--backend",
@@ -116,10 +118,12 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box
         )
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(plan.listing), len(plan.todo), plan.skipped)
-    precision = resolve_precision(args.precision)
     with summary.stage("weights"):
         weights = load_weights(args.model, args.weights)
         plan.check_weights(args.output, weights.sha256)
+        precision = resolve_precision(
+            args.precision, args.model, weights.data, lambda: np.stack([*plan.first_crops(spark), *probe_crops()])
+        )
         backend = choose_backend(args.backend, args.model, weights, precision, len(plan.todo))
     log.info("model %s (%s) on backend %s", args.model, precision, backend.name)
 
@@ -127,7 +131,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.reader == "direct" and photos is None and not plan.readable().empty:
         raise UsageError(f"--reader direct: pyarrow cannot open the photos under {args.input} here; use --reader spark")
     log.info("photos read by %s", "the tasks (pyarrow)" if photos else "Spark")
-    config = EmbedConfig(args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name, photos)
+    config = EmbedConfig(
+        args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name, photos, args.precision
+    )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
     # executors read a broadcast's value only when they use it: the weights only on a fallback to eager

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.embed.backends import Backend, Runner, eager_runner, load_runner
+from jobs.embed.backends import Backend, Runner, eager_runner, load_runner, supports_bf16
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA
 from jobs.filesystems import Location, path_on_filesystem
 from jobs.imaging import CROP, ImageError, preprocess
@@ -40,6 +40,14 @@ class EmbedConfig:
     log_every: int
     backend: str = "eager"
     photos: Location | None = None  # where the tasks read the photos themselves; None: the rows carry their bytes
+    requested: str = "fp32"  # the precision asked for: with auto, an executor without native bf16 runs fp32
+
+    def precision_here(self) -> str:
+        """The precision this process runs: bf16 that auto chose only where this CPU computes it natively."""
+        if self.precision == "bf16" and self.requested == "auto" and not supports_bf16():
+            log.warning("precision auto: bf16 chosen on the driver, but this executor has no native bf16: fp32 here")
+            return "fp32"
+        return self.precision
 
 
 def runner_for(config: EmbedConfig, backend: Backend, weights: Callable[[], bytes], threads: int) -> Runner:
@@ -53,7 +61,7 @@ def runner_for(config: EmbedConfig, backend: Backend, weights: Callable[[], byte
                 config.backend,
                 f"{type(e).__name__}: {e}"[:200],
             )
-    return eager_runner(config.model, weights(), config.precision)
+    return eager_runner(config.model, weights(), config.precision_here())
 
 
 class Embedder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -13,7 +14,7 @@ from jobs import storage
 from jobs.cli import session_setting
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location, opens
-from jobs.imaging import extension_glob
+from jobs.imaging import extension_glob, preprocess
 from jobs.labels import label_files, read_labels
 from jobs.runlog import get_logger
 from jobs.tables import read_parquet_or_explain
@@ -74,6 +75,19 @@ class Plan:
 
     def rejected(self) -> pd.DataFrame:
         return self.todo[~self.todo.index.isin(self.readable().index)]
+
+    def first_crops(self, spark: SparkSession, count: int = 8) -> list[np.ndarray]:
+        """Crops of the first photos to embed that decode, read on the driver (for its bf16 check)."""
+        crops: list[np.ndarray] = []
+        for row in self.readable().head(4 * count).itertuples():
+            box = None if pd.isna(row.x1) else (float(row.x1), float(row.y1), float(row.x2), float(row.y2))
+            try:
+                crops.append(preprocess(storage.read_bytes(spark, row.path), box)[0])
+            except Exception:  # an unreadable photo becomes an error row later; the check uses the others
+                continue
+            if len(crops) == count:
+                break
+        return crops
 
 
 def make_plan(

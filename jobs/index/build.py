@@ -27,19 +27,23 @@ log = get_logger("jobs.index")
 CALIBRATION_K = 10  # the recall@k the default nprobe is calibrated for
 
 
-def weights_provenance(spark: SparkSession, embeddings: str, table_sha256: str | None) -> tuple[str | None, str | None]:
-    """(sha256, source) of the weights the vectors came from: the table's own digest, and where its embed run got them.
+def provenance(spark: SparkSession, embeddings: str, table_sha256: str | None) -> dict:
+    """How the vectors were made: the weights' sha256 (the table's own digest) and where its embed run got them, and
+    the precision and runtime that run used.
 
-    The source comes from the embed run's summary, trusted only when its digest is the table's (or the
-    table predates the digest column); search --images loads the same weights from it.
+    The embed run's summary is trusted only when its digest is the table's (or the table predates the digest
+    column); search --images loads the same weights from it and embeds the way it says.
     """
+    found = {"weights_sha256": table_sha256, "weights_source": None, "embedded_with": None}
     summary = f"{embeddings}/_summary.json"
     if not storage.exists(spark, summary):  # a table written by other tools: provenance is the digest alone
-        return table_sha256, None
-    recorded = json.loads(storage.read_text(spark, summary)).get("weights") or {}
-    if table_sha256 and recorded.get("sha256") != table_sha256:
-        return table_sha256, None
-    return recorded.get("sha256"), recorded.get("source")
+        return found
+    recorded = json.loads(storage.read_text(spark, summary))
+    weights = recorded.get("weights") or {}
+    if table_sha256 and weights.get("sha256") != table_sha256:
+        return found
+    made = {k: recorded[k] for k in ("precision", "backend") if recorded.get(k)}
+    return {"weights_sha256": weights.get("sha256"), "weights_source": weights.get("source"), "embedded_with": made}
 
 
 def build(
@@ -78,15 +82,13 @@ def build(
     assigned.unpersist()
     nprobe = args.nprobe or (measured.nprobe if measured else train.default_nprobe(len(centroids)))
     params = IvfParams(len(centroids), nprobe, sample, args.kmeans_iterations, args.max_group_rows, args.seed)
-    sha256, weights_source = weights_provenance(spark, args.embeddings, table.weights_sha256)
     meta = {
         "model": model_name,
         "dim": dim,
         "count": count,
         "default_method": "ivf",
         "source": args.embeddings,
-        "weights_sha256": sha256,
-        "weights_source": weights_source,
+        **provenance(spark, args.embeddings, table.weights_sha256),
         "ivf": asdict(params),
         "calibration": measured.report() if measured else None,
         "groups": plan.groups,

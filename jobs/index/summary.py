@@ -23,6 +23,14 @@ def calibration_line(measured: calibrate.Calibration | None, nprobe: int, given:
     )
 
 
+def model_line(meta: dict) -> str:
+    """The model, and how its vectors were made where the embed run said."""
+    made = meta.get("embedded_with") or {}
+    digest = meta.get("weights_sha256")
+    parts = [meta["model"], f"{meta['dim']}-d", *(made[k] for k in ("precision", "backend") if made.get(k))]
+    return ", ".join(parts + ([f"weights {digest[:12]}"] if digest else []))
+
+
 def built_rows(
     args: argparse.Namespace,
     meta: dict,
@@ -36,7 +44,7 @@ def built_rows(
     return [
         ("embeddings", args.embeddings),
         ("index", args.output),
-        ("model", f"{meta['model']}, {meta['dim']}-d"),
+        ("model", model_line(meta)),
         ("vectors indexed", meta["count"]),
         (
             "IVF",

@@ -8,7 +8,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.embed.backends import choose_backend
+from jobs.embed.backends import choose_backend, supports_bf16
 from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import PLAN_COLUMNS, list_images, photo_location, read_files
 from jobs.errors import UsageError
@@ -66,6 +66,15 @@ def index_weights(index: Index, override: str | None) -> Weights:
     return weights
 
 
+def catalog_precision(index: Index) -> str:
+    """The precision the catalog was embedded at, where this CPU runs it natively; else fp32, saying so."""
+    precision = (index.meta.get("embedded_with") or {}).get("precision", "fp32")
+    if precision == "bf16" and not supports_bf16():
+        log.warning("the catalog was embedded in bf16; this CPU has no native bf16: query photos embedded in fp32")
+        return "fp32"
+    return precision
+
+
 def embed_photos(
     spark: SparkSession, index: Index, uri: str, weights_override: str | None, batch_size: int = 32
 ) -> Photos:
@@ -74,16 +83,18 @@ def embed_photos(
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
-    backend = choose_backend("auto", index.model, weights, "fp32", len(todo))
+    precision = catalog_precision(index)
+    backend = choose_backend("auto", index.model, weights, precision, len(todo))
     log.info(
-        "embedding %d query photo(s) with %s (%s, weights sha256 %s)",
+        "embedding %d query photo(s) with %s (%s, %s, weights sha256 %s)",
         len(todo),
         index.model,
+        precision,
         backend.name,
         weights.sha256[:12],
     )
     photos = photo_location(spark, todo["path"])
-    config = EmbedConfig(index.model, "fp32", batch_size, DEFAULT_MAX_PIXELS, 10, backend.name, photos)
+    config = EmbedConfig(index.model, precision, batch_size, DEFAULT_MAX_PIXELS, 10, backend.name, photos, "auto")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     context = spark.sparkContext
     embedded = embed_images(
