@@ -1,4 +1,5 @@
-"""Does bf16 autocast change what users get? Cosine to fp32 and top-10 neighbours on real photos.
+"""Does bf16 (autocast, BatchNorm folded: what --precision auto runs where bf16 is native) change what users get?
+Cosine to fp32, top-10 neighbours and the nearest neighbour on real photos.
 
   python bench/bf16_fidelity.py [--images 100]   (needs `make demo` sample data in data/demo)
 
@@ -17,6 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import _vector_flags as cpu_flags  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 from jobs.embed.backends import eager_runner  # noqa: E402
@@ -54,10 +56,11 @@ def main() -> None:
     a, b = top10(vectors["fp32"]), top10(vectors["bf16"])
     same_sets = float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
     overlap = float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]))
+    nearest = float(np.mean(a[:, 0] == b[:, 0]))
     print_table(
-        f"bf16 autocast vs fp32, MobileNetV2, {len(crops)} real photos, 1 thread",
-        ["cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "fp32 img/s", "bf16 img/s"],
-        [[float(cosine.min()), float(cosine.mean()), same_sets, overlap, rates["fp32"], rates["bf16"]]],
+        f"bf16 (BatchNorm folded) vs fp32, MobileNetV2, {len(crops)} real photos, 1 thread; CPU flags {cpu_flags()}",
+        ["cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "nearest same", "fp32 img/s", "bf16 img/s"],
+        [[float(cosine.min()), float(cosine.mean()), same_sets, overlap, nearest, rates["fp32"], rates["bf16"]]],
     )
     write_json(
         "bf16_fidelity",
@@ -67,6 +70,7 @@ def main() -> None:
             "cosine_mean": float(cosine.mean()),
             "same_top10_sets": same_sets,
             "top10_overlap": overlap,
+            "nearest_unchanged": nearest,
             "images_per_s": rates,
         },
     )

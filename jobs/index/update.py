@@ -104,7 +104,7 @@ def fingerprinted(rows: DataFrame, seen: Accumulator, dim: int) -> DataFrame:
     return rows.select("image_id", "path", "label", "model", "embedding", "weights_sha256").mapInArrow(compute, schema)
 
 
-def check_table(spark: SparkSession, index: Index, uri: str, incoming: DataFrame, seen: Seen) -> None:
+def check_table(index: Index, uri: str, incoming: DataFrame, seen: Seen) -> None:
     """UsageError unless the table holds vectors of one model, dimension and weights, the index's, each id once."""
     check_vectors("embeddings table", uri, seen.queries, seen.dims, seen.models, seen.digests)
     model, dim, digest = next(iter(seen.models), None), next(iter(seen.dims)), next(iter(seen.digests), None)
@@ -167,8 +167,8 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
-    The table is read once: its vectors are fingerprinted and checked as they are read, and kept on disk for the
-    rows the index has to add."""
+    The table is read once: its vectors are fingerprinted and checked as they are read, and cross one shuffle (the
+    join with the index's ids), past which only the rows the index has to add keep them."""
     files = location(spark, index.catalog_uri)
     if files is None:
         raise UsageError(
@@ -178,30 +178,28 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     with summary.stage("diff"):
         seen = spark.sparkContext.accumulator(Seen(), SeenParam())
         incoming = fingerprinted(open_embeddings(spark, uri, "embeddings table"), seen, index.dim)
-        incoming = incoming.persist(StorageLevel.DISK_ONLY)
         held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        joined = incoming.select("image_id", F.col("fingerprint").alias("incoming")).join(
-            held, "image_id", "full_outer"
-        )
+        joined = incoming.withColumnRenamed("fingerprint", "incoming").join(held, "image_id", "full_outer")
         joined = joined.withColumn(
             "change",
             F.when(F.col("file").isNull(), "added")
             .when(F.col("incoming").isNull(), "dropped")
             .when(F.col("incoming") != F.col("fingerprint"), "changed")
             .otherwise("same"),
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        # the table's rows cross one shuffle; only those the index has to add keep their vectors past it
+        joined = joined.withColumn("vector", F.when(F.col("change").isin("added", "changed"), F.col("vector")))
+        joined = joined.persist(StorageLevel.DISK_ONLY)
         counts = {r["change"]: r["count"] for r in joined.groupBy("change").count().collect()}  # at most four rows
-        check_table(spark, index, uri, incoming, seen.value)
+        check_table(index, uri, joined.where(F.col("incoming").isNotNull()), seen.value)
     done = Update(counts.get("added", 0), counts.get("dropped", 0), counts.get("changed", 0))
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
         joined.unpersist()
-        incoming.unpersist()
         return done if done.nothing else None
     lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
     with summary.stage("add"):
-        new_ids = joined.where(F.col("change").isin("added", "changed")).select("image_id")
-        new_rows = incoming.join(new_ids, "image_id", "left_semi")
+        new_rows = joined.where(F.col("change").isin("added", "changed")).select("image_id", "path", "label", "vector")
         added, added_sizes = (
             add_rows(spark, new_rows, index, files, lsh, version) if done.added + done.changed else ([], 0)
         )
@@ -212,7 +210,6 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
             dropped_sizes[row["cell"]] = row["count"]
         lists = write_deletions(dropped, index, files, version) if done.dropped + done.changed else {}
     joined.unpersist()
-    incoming.unpersist()
     entries = [
         {**e, **({"deleted": lists[n][0], "deleted_rows": int(lists[n][1])} if n in lists else {})}
         for n, e in enumerate(index.meta["files"])
