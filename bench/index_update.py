@@ -1,7 +1,7 @@
 """Index updates (--mode incremental) next to full rebuilds of the same tables, in one run.
 
   python bench/index_update.py                     # GloVe 250k: +10%, +50%, -10%, +50k -10k, ten 1% updates
-  python bench/index_update.py --clustered 1000000 # and 1M x 512 clustered + 10%
+  python bench/index_update.py --glove 0 --clustered 1000000 --name index_update_clustered  # 1M x 512 + 10%
 
 Each row is one spark-submit (Spark's default 1g driver; the index job's 4g where it builds from scratch, as
 bench/search.py builds). The catalog is GloVe 6B 50-d split into a 250k base, up to 149k rows to add and 1,000
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument(
         "--clustered", type=int, default=0, help="also a clustered 512-d base of this size, updated by +10%%"
     )
+    parser.add_argument("--name", default="index_update", help="the JSON's name under bench/results/")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     dist = build_dist(DATA / "dist")
@@ -192,7 +193,7 @@ def main() -> None:
         table = [[r.get(h, "-") if not isinstance(r.get(h), float) else round(r[h], 3) for h in HEADERS] for r in found]
         print_table(f"clustered {args.clustered:,} x 512: +10% against a rebuild", HEADERS, table)
         rows += found
-    write_json("index_update", {"parameters": vars(args), "results": rows})
+    write_json(args.name, {"parameters": vars(args), "results": rows})
 
 
 if __name__ == "__main__":

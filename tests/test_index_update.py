@@ -140,7 +140,7 @@ def test_compaction_rewrites_piled_up_files_and_keeps_the_answers(
 ):
     folder, vectors, _ = base
     index_dir = copy_tree(folder / "index", tmp_path / "index")
-    monkeypatch.setattr(update, "COMPACT_FILES", 1)
+    monkeypatch.setattr(update, "COMPACT_UPDATES", 0)
     table, ids = changed_table(spark, tmp_path, vectors)
     write_embeddings(spark, tmp_path / "more", vectors[2400:2450], prefix="more")
     spark.read.parquet(str(tmp_path / "more")).write.mode("append").parquet(str(tmp_path / "a"))
@@ -157,6 +157,25 @@ def test_compaction_rewrites_piled_up_files_and_keeps_the_answers(
     np.fill_diagonal(d2, np.inf)
     for q in range(0, len(names), 97):
         assert graph[names[q]] == [names[i] for i in np.argsort(d2[q])[:4]]
+
+
+def test_one_updates_files_wait_for_the_files_of_more_updates(spark, base, tmp_path, copy_tree, monkeypatch):
+    """However many files one update writes (they span the cells side by side), compaction waits until the files of
+    more than COMPACT_UPDATES updates lie over the same cells."""
+    folder, vectors, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    monkeypatch.setattr(update, "COMPACT_UPDATES", 1)
+    added_in = []
+    for step, end in enumerate((2100, 2200)):
+        write_embeddings(spark, tmp_path / f"t{step}", vectors[:2000])
+        write_embeddings(spark, tmp_path / f"n{step}", vectors[2000:end], prefix="new")
+        spark.read.parquet(str(tmp_path / f"n{step}")).write.mode("append").parquet(str(tmp_path / f"t{step}"))
+        job = ["index", "--embeddings", tmp_path / f"t{step}", "--output", index_dir, "--mode", "incremental"]
+        assert run_job(spark, *job) == 0
+        meta = json.loads((index_dir / "index.json").read_text())
+        added_in.append(sorted({e["added_in"] for e in meta["files"] if e.get("added_in")}))
+        assert meta["count"] == end
+    assert added_in == [[2], [3]]  # the second update's files and the first's rewritten as one set of version 3
 
 
 def test_an_update_of_other_weights_or_an_old_index_is_refused_with_one_line(spark, base, tmp_path, copy_tree, capsys):

@@ -3,8 +3,8 @@
 Rows new to the table go to their nearest cells, in new files laid out as a build lays them out. Rows gone from the
 table, or whose vector changed (its fingerprint), are marked deleted: beside each file that holds some, a list of
 their row numbers, so nothing is rewritten. A new manifest version then makes the whole change visible at once,
-and the files that neither it nor the version before refer to are removed. When added files pile up past
-COMPACT_FILES, or a file has lost most of its rows, those files are rewritten as one set.
+and the files that neither it nor the version before refer to are removed. When the files added by more than
+COMPACT_UPDATES updates pile up, or a file has lost most of its rows, those files are rewritten as one set.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from jobs.tables import check_vectors, open_embeddings
 from jobs.vectors import binary_from_matrix, fingerprints
 
 log = get_logger("jobs.index")
-COMPACT_FILES = 8  # added files past which they are rewritten as one set
+# updates whose added files lie side by side over the cells (each update's span them all), past which those files are
+# rewritten as one set: a probed cell is then read from at most this many files more than after a build
+COMPACT_UPDATES = 8
 DELETED_SHARE = 0.5  # a file that has lost more than this share of its rows is rewritten at the next compaction
 DRIFT_ADDED = 0.5  # rows added since training, as a share of the rows trained on, past which a rebuild is advised
 LISTED = pa.schema([("file", pa.int32()), ("name", pa.string()), ("rows", pa.int64())])
@@ -218,9 +220,10 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     meta = {**index.meta, "files": entries, "count": int(sizes.sum()), "version": version}
     compactable = [n for n, e in enumerate(entries) if e.get("deleted_rows", 0) > DELETED_SHARE * e["rows"]]
     grown = [n for n, e in enumerate(entries) if e.get("added_in")]
-    if len(grown) > COMPACT_FILES or compactable:
+    piled = len({entries[n]["added_in"] for n in grown}) > COMPACT_UPDATES
+    if piled or compactable:
         with summary.stage("compact"):
-            which = sorted(set(compactable) | (set(grown) if len(grown) > COMPACT_FILES else set()))
+            which = sorted(set(compactable) | (set(grown) if piled else set()))
             staged = Index(
                 index.uri,
                 index.model,
