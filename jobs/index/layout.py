@@ -23,14 +23,18 @@ ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the dist
 
 def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:
     """image_id, path, label, cell (nearest centroid), vector (float32 bytes), its fingerprint, with lsh buckets."""
+    vector = "embedding" if "embedding" in vectors.columns else "vector"  # a list of numbers, or float32 bytes
     schema = "image_id string, path string, label string, cell int, vector binary, fingerprint bigint" + (
         ", buckets array<bigint>" if lsh else ""
     )
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            matrix = matrix_from_list(batch.column("embedding")) if "embedding" in batch.schema.names else None
-            matrix = matrix if matrix is not None else matrix_from_binary(batch.column("vector"), len(centroids[0]))
+            matrix = (
+                matrix_from_list(batch.column(vector))
+                if vector == "embedding"
+                else matrix_from_binary(batch.column(vector), len(centroids[0]))
+            )
             cells = np.concatenate(
                 [
                     np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
@@ -55,7 +59,6 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
                 )
             yield pa.RecordBatch.from_arrays(columns, names=[f.split()[0] for f in schema.split(", ")])
 
-    vector = "embedding" if "embedding" in vectors.columns else "vector"  # a list of numbers, or float32 bytes
     return vectors.select("image_id", "path", "label", vector).mapInArrow(assign, schema)
 
 
