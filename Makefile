@@ -15,7 +15,7 @@ CONF ?= conf/local.conf
 # $(call submit,JOB): the driver JVM maps the class archive `make setup` wrote (scripts/local_start.py), where there
 # is one, and takes jobs.localstart's other options for JOB
 submit = $(SPARK_SUBMIT) --master '$(MASTER)' --properties-file $(CONF) \
-	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) 2>/dev/null)' \
+	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) $(ARGS) 2>/dev/null)' \
 	--py-files dist/jobs.zip $(SUBMIT_OPTS) dist/main.py $(1)
 
 MODEL ?= mobilenet_v2

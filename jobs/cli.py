@@ -54,8 +54,11 @@ def build_parser(job: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    """The session spark-submit configured (or a local one), quiet and with Arrow on; `settings` on top (tests)."""
+def spark_session(  # type: ignore[no-untyped-def]
+    job: str, settings: dict[str, str] | None = None, argv: Sequence[str] = ()
+):
+    """The session spark-submit configured (or a local one) for `job` run with `argv`, quiet and with Arrow on;
+    `settings` on top (tests)."""
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
@@ -71,7 +74,7 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     for key, value in EXECUTOR_ENV.items():
         if not given.contains(f"spark.executorEnv.{key}"):
             builder = builder.config(f"spark.executorEnv.{key}", value)
-    options = local_java_options(given, job)
+    options = local_java_options(given, job, argv)
     if options:
         builder = builder.config("spark.driver.extraJavaOptions", options)
     for key, value in (settings or {}).items():
@@ -81,9 +84,10 @@ def spark_session(job: str, settings: dict[str, str] | None = None):  # type: ig
     return spark
 
 
-def local_java_options(given, job: str | None = None) -> str | None:  # type: ignore[no-untyped-def]
-    """The driver JVM's options with jobs.localstart's for `job` added, where this process is about to start that JVM
-    (vehicle-search, tests) and they change anything; None otherwise (spark-submit started it already)."""
+def local_java_options(given, job: str | None = None, argv: Sequence[str] = ()) -> str | None:  # type: ignore[no-untyped-def]
+    """The driver JVM's options with jobs.localstart's for `job` (run with `argv`) added, where this process is about to
+    start that JVM (vehicle-search, tests) and they change anything; None otherwise (spark-submit started it).
+    """
     from pyspark import SparkContext
 
     from jobs import localstart
@@ -94,7 +98,7 @@ def local_java_options(given, job: str | None = None) -> str | None:  # type: ig
         or "driver-java-options" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
     ):
         return None
-    options = localstart.java_options(job)
+    options = localstart.java_options(job, argv)
     return (
         " ".join(filter(None, [given.get("spark.driver.extraJavaOptions"), options]))
         if options != localstart.NO_ARCHIVE
@@ -126,7 +130,7 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
     own_session = spark is None
     try:
         if own_session:
-            spark = spark_session(args.job)
+            spark = spark_session(args.job, argv=argv)
         module = importlib.import_module(f"jobs.{args.job}")
         return int(module.run(spark, args) or 0)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyspark
@@ -13,8 +14,9 @@ NO_ARCHIVE = "-Xshare:auto"  # the JVM's default: a command line that names this
 # The JIT's optimising compiler (C2) took about one of 2 cores for the first seconds of every job (a 1M-vector search
 # of 1,000 queries: 3.5 -> 3.0 s, exact 16 -> 13 s; embed's steady rate +10%; bench/README.md). The jobs here do their
 # work in Python tasks and the JVM only plans and moves batches, so its quick compiler alone (C1) serves them better.
-# Not the index job (Spark ML's KMeans runs in the JVM: over 4x slower on C1 alone) nor report (its PCA is fitted in
-# the JVM on every embedding). More cores give C2 cores of its own.
+# Not the index job where it trains (Spark ML's KMeans runs in the JVM: over 4x slower on C1 alone; an update,
+# --mode incremental, trains nothing: its diff 13 -> 10 s on GloVe +50k -10k) nor report (its PCA is fitted in the JVM
+# on every embedding). More cores give C2 cores of its own.
 QUICK_JOBS = frozenset({"search", "embed", "evaluate"})
 QUICK_COMPILER = "-XX:TieredStopAtLevel=1"
 FEW_CORES = 4
@@ -25,17 +27,24 @@ def class_archive() -> Path:
     return Path(sys.prefix) / "share" / "vehicle-search" / f"spark-{pyspark.__version__}-classes.jsa"
 
 
-def java_options(job: str | None = None) -> str:
-    """The driver JVM's options for a local run of `job`: the option that maps the archive (NO_ARCHIVE where none was
-    written; a JVM or class path other than the archive's prints one warning and loads every class from the jars, as
-    without it) and, for QUICK_JOBS on at most FEW_CORES cores, QUICK_COMPILER. Without a job: the archive's, one
-    word."""
+def trains_nothing(job: str | None, args: Sequence[str]) -> bool:
+    """Whether the job runs no Spark ML in the JVM: QUICK_JOBS, and index --mode incremental."""
+    words = [word for arg in args for word in arg.split("=", 1)]  # --mode=incremental as --mode incremental
+    mode = words[words.index("--mode") + 1] if "--mode" in words[:-1] else None
+    return job in QUICK_JOBS or job == "index" and mode == "incremental"
+
+
+def java_options(job: str | None = None, args: Sequence[str] = ()) -> str:
+    """The driver JVM's options for a local run of `job` with `args`: the option that maps the archive (NO_ARCHIVE
+    where none was written; a JVM or class path other than the archive's prints one warning and loads every class
+    from the jars, as without it) and, where it trains nothing on at most FEW_CORES cores, QUICK_COMPILER. Without a
+    job: the archive's, one word."""
     archive = class_archive()
     options = [f"-XX:SharedArchiveFile={archive}" if archive.is_file() else NO_ARCHIVE]
-    if job in QUICK_JOBS and (os.cpu_count() or 1) <= FEW_CORES:
+    if trains_nothing(job, args) and (os.cpu_count() or 1) <= FEW_CORES:
         options.append(QUICK_COMPILER)
     return " ".join(options)
 
 
-if __name__ == "__main__":  # `python -m jobs.localstart [JOB]`: the options, for a spark-submit command line
-    print(java_options(sys.argv[1] if len(sys.argv) > 1 else None))
+if __name__ == "__main__":  # `python -m jobs.localstart [JOB [ARGS]]`: the options, for a spark-submit command line
+    print(java_options(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

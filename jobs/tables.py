@@ -6,7 +6,7 @@ import json
 from typing import NamedTuple
 
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -86,7 +86,6 @@ class Embeddings(NamedTuple):
     dim: int
     weights_sha256: str | None  # None for tables written before embed recorded it
     count: int
-    distinct_ids: int | None  # counted only when asked (read_embeddings)
 
 
 def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
@@ -129,26 +128,24 @@ def check_vectors(what: str, uri: str, rows: int, dims: set[int], models: set[st
         )
 
 
-def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool = False) -> Embeddings:
-    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one
-    pass.
-
-    distinct_ids: also count distinct image ids (a second shuffle; the index needs it, a search does not).
-    Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, or no vectors.
-    """
-    valid = open_embeddings(spark, uri, what)
-    dims = F.size("embedding")
-    # min and max tell "one value" from "mixed" in one pass, without collecting sets
-    stats = valid.agg(
-        F.count("*").alias("rows"),
+def table_stats(rows: Column, dims: Column, ids: Column | None = None) -> list[Column]:
+    """Aggregates an embeddings table is checked by (check_stats): its rows (non-null values of `rows`), the least and
+    greatest vector length, model and weights (min and max tell "one value" from "mixed" in one pass, without
+    collecting sets) and, given `ids`, its distinct image ids (a shuffle of the ids: the index needs it)."""
+    return [
+        F.count(rows).alias("rows"),
         F.min(dims).alias("min_dim"),
         F.max(dims).alias("max_dim"),
         F.min("model").alias("model"),
         F.max("model").alias("other_model"),
         F.min("weights_sha256").alias("weights"),
         F.max("weights_sha256").alias("other_weights"),
-        *([F.countDistinct("image_id").alias("ids")] if distinct_ids else []),
-    ).first()
+        *([F.countDistinct(ids).alias("ids")] if ids is not None else []),
+    ]
+
+
+def check_stats(what: str, uri: str, stats: Row) -> None:
+    """UsageError unless table_stats found vectors of one length, model and weights (and each image id once)."""
 
     def seen(*names: str) -> set:
         return {stats[n] for n in names if stats[n] is not None}
@@ -161,11 +158,25 @@ def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool
         seen("model", "other_model"),
         seen("weights", "other_weights"),
     )
+    if stats.asDict().get("ids", stats["rows"]) != stats["rows"]:
+        raise UsageError(f"{what} {uri} has repeated image_id values; re-embed with --mode overwrite")
+
+
+def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool = False) -> Embeddings:
+    """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one
+    pass.
+
+    distinct_ids: also check that each image id comes once (a second shuffle; the index needs it, a search does not).
+    Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, repeated ids (where
+    checked), or no vectors.
+    """
+    valid = open_embeddings(spark, uri, what)
+    stats = valid.agg(*table_stats(F.lit(1), F.size("embedding"), F.col("image_id") if distinct_ids else None)).first()
+    check_stats(what, uri, stats)
     return Embeddings(
         valid.select(*VECTOR_COLUMNS),
         stats["model"],
         int(stats["min_dim"]),
         stats["weights"],
         int(stats["rows"]),
-        int(stats["ids"]) if distinct_ids else None,
     )

@@ -101,19 +101,3 @@ def packed_vectors(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     offsets = column.offsets.to_numpy()
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return binary_from_values(values, offsets - offsets[0]), np.diff(offsets)
-
-
-_FINGERPRINT_MIX = np.random.default_rng(20261205).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
-
-
-def fingerprints(matrix: np.ndarray) -> np.ndarray:
-    """An int64 per row that changes when any of its float32 values does: how an index update tells a changed
-    vector from the one it holds, without comparing vectors."""
-    words = np.ascontiguousarray(matrix, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    mix = np.resize(_FINGERPRINT_MIX, words.shape[1]) if len(words) else _FINGERPRINT_MIX[:0]
-    with np.errstate(over="ignore"):
-        value = (words * mix).sum(axis=1, dtype=np.uint64) if len(words) else np.empty(0, np.uint64)
-        value ^= value >> np.uint64(31)
-        value *= np.uint64(0x9E3779B97F4A7C15)
-        value ^= value >> np.uint64(29)
-    return value.view(np.int64)

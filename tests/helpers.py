@@ -46,7 +46,8 @@ def submit_command(
     for key, value in {"spark.sql.shuffle.partitions": "4", **(conf or {})}.items():
         command += ["--conf", f"{key}={value}"]
     # as the Makefile's submit: the job's local driver JVM options (the class archive of make setup, the quick compiler)
-    command += ["--driver-java-options", localstart.java_options(jvm_as or (str(job_args[0]) if job_args else None))]
+    words = [str(a) for a in job_args]
+    command += ["--driver-java-options", localstart.java_options(jvm_as or (words[0] if words else None), words[1:])]
     return [*command, "--py-files", str(zip_path), str(main_py), *[str(a) for a in job_args]]
 
 

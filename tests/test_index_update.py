@@ -199,6 +199,16 @@ def test_an_update_of_other_weights_or_an_old_index_is_refused_with_one_line(spa
     (old / "index.json").write_text(json.dumps({**meta, "format_version": 2}))
     assert run_job(spark, "index", "--embeddings", tmp_path / "other", "--output", old, "--mode", "incremental") == 2
     assert "rebuild" in capsys.readouterr().err
+    # an index whose rows' fingerprints were made another way would see every row as changed
+    unfingerprinted = copy_tree(index_dir, tmp_path / "unfingerprinted")
+    manifest = unfingerprinted / ivf.MANIFESTS / f"v{meta['version']:08d}.json"
+    manifest.write_text(json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}))
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "emb", "--output", unfingerprinted, "--mode", "incremental")
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rebuild with --mode overwrite" in err[0] and "fingerprints" in err[0]
 
 
 def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp_path, copy_tree, capsys):
@@ -222,3 +232,42 @@ def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp
     assert run_job(spark, "index", "--embeddings", tmp_path / "grown", "--output", index_dir, "--mode", "auto") == 0
     index = ivf.load(spark, str(index_dir))
     assert index.meta["version"] == 1 and index.meta["trained_rows"] == index.count == 3300  # rebuilt
+
+
+def test_the_diff_tells_each_row_apart_and_keeps_only_the_vectors_to_add(spark):
+    from pyspark.sql import functions as F
+
+    from jobs.index import layout
+
+    held_vectors = {"same": [0.5, 0.25], "moved": [1.0, 0.0], "gone": [0.0, 1.0]}
+    table = spark.createDataFrame(
+        [
+            ("same", "p", "l", "m", None, [0.5, 0.25]),
+            ("moved", "p", "l", "m", None, [1.0, float(np.nextafter(np.float32(0), np.float32(1)))]),  # one ulp
+            ("new", "p", "l", "m", None, [0.6, 0.8]),
+        ],
+        "image_id string, path string, label string, model string, weights_sha256 string, embedding array<float>",
+    )
+    fingerprints = spark.createDataFrame(
+        [(k, v) for k, v in held_vectors.items()], "image_id string, embedding array<float>"
+    ).select("image_id", layout.fingerprint().alias("fingerprint"))
+    held = fingerprints.select(
+        "image_id", F.lit(3).alias("cell"), "fingerprint", F.lit(0).alias("file"), F.lit(7).cast("long").alias("row")
+    )
+    rows = {r["image_id"]: r for r in update.diff(table, held).collect()}
+    assert {k: r["change"] for k, r in rows.items()} == {
+        "same": "same",
+        "moved": "changed",
+        "gone": "dropped",
+        "new": "added",
+    }
+    assert [k for k, r in sorted(rows.items()) if r["embedding"] is not None] == ["moved", "new"]
+    stats = update.diff(table, held).agg(*update.diff_stats()).first()
+    assert (stats["added"], stats["dropped"], stats["changed"], stats["same"], stats["rows"], stats["ids"]) == (
+        1,
+        1,
+        1,
+        1,
+        3,
+        3,
+    )

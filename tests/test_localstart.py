@@ -60,6 +60,15 @@ def test_only_the_jobs_that_work_in_python_get_the_quick_compiler_on_a_small_mac
     # Spark ML's KMeans (index) and PCA (report) run in the JVM: those jobs keep the optimising compiler
     for job in ("index", "report"):
         assert localstart.QUICK_COMPILER not in (local_java_options(given, job) or ""), job
+    # an index update trains nothing; --mode auto may rebuild
+    for argv, quick in (
+        (["--mode", "incremental"], True),
+        (["--embeddings", "t", "--mode=incremental"], True),
+        (["--mode", "auto"], False),
+        (["--mode", "overwrite"], False),
+        (["--output", "incremental"], False),
+    ):
+        assert (localstart.QUICK_COMPILER in (local_java_options(given, "index", argv) or "")) == quick, argv
     assert localstart.java_options() in (
         localstart.NO_ARCHIVE,
         f"-XX:SharedArchiveFile={localstart.class_archive()}",
@@ -75,7 +84,7 @@ def test_local_runs_map_the_class_archive_setup_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(
         localstart,
         "java_options",
-        lambda job=None: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}",
+        lambda job=None, args=(): f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}",
     )
     from helpers import build_dist
 

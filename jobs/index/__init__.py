@@ -130,8 +130,4 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         log.info("the catalog has drifted from its cells: rebuilding (--mode auto)")
     with summary.stage("read"):
         table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True)
-        if table.distinct_ids != table.count:
-            raise UsageError(
-                f"embeddings table {args.embeddings} has repeated image_id values; re-embed with --mode overwrite"
-            )
     return build(spark, args, table, lsh_params, summary)

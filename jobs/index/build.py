@@ -95,6 +95,7 @@ def build(
         "largest_cell": int(sizes.max()),
         "empty_cells": int((sizes == 0).sum()),
         "lsh": asdict(lsh_params) if lsh_params else None,
+        "fingerprint": layout.FINGERPRINT,
         "trained_rows": count,
         "added_since_training": 0,
         "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),

@@ -7,34 +7,38 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
-from jobs.vectors import binary_from_matrix, fingerprints, matrix_from_binary, matrix_from_list
+from jobs.vectors import binary_from_matrix, matrix_from_list
 
 FILE_BYTES = 64 << 20
 ROW_STRING_BYTES = 160  # an id, a path and a label, about
+FINGERPRINT = "xxhash64(embedding)"  # how the catalog's fingerprint column is made (layout.fingerprint)
 CATALOG_COLUMNS = ["group", "cell", "image_id", "path", "label", "vector", "fingerprint"]
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 
 
+def fingerprint(embedding: str = "embedding") -> Column:
+    """An int64 per row that changes when any value of its vector (a list of numbers) does, made in the JVM: how an
+    update tells a changed vector from the one the index holds, without comparing vectors. index.json names it
+    (FINGERPRINT)."""
+    return F.xxhash64(embedding)
+
+
 def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:
-    """image_id, path, label, cell (nearest centroid), vector (float32 bytes), its fingerprint, with lsh buckets."""
-    vector = "embedding" if "embedding" in vectors.columns else "vector"  # a list of numbers, or float32 bytes
+    """image_id, path, label, cell (nearest centroid), vector (float32 bytes), its fingerprint, with lsh buckets, of
+    rows whose vector is `embedding`, a list of numbers."""
     schema = "image_id string, path string, label string, cell int, vector binary, fingerprint bigint" + (
         ", buckets array<bigint>" if lsh else ""
     )
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            matrix = (
-                matrix_from_list(batch.column(vector))
-                if vector == "embedding"
-                else matrix_from_binary(batch.column(vector), len(centroids[0]))
-            )
+            matrix = matrix_from_list(batch.column("embedding"))
             cells = np.concatenate(
                 [
                     np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
@@ -48,7 +52,7 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
                 batch.column("label"),
                 pa.array(cells.astype(np.int32)),
                 binary_from_matrix(matrix),
-                pa.array(fingerprints(matrix)),
+                batch.column("fingerprint"),
             ]
             if lsh:
                 keys = bucket_keys(matrix, *lsh)
@@ -59,7 +63,9 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
                 )
             yield pa.RecordBatch.from_arrays(columns, names=[f.split()[0] for f in schema.split(", ")])
 
-    return vectors.select("image_id", "path", "label", vector).mapInArrow(assign, schema)
+    return vectors.select("image_id", "path", "label", "embedding", fingerprint().alias("fingerprint")).mapInArrow(
+        assign, schema
+    )
 
 
 def cell_sizes(assigned: DataFrame, cells: int) -> np.ndarray:

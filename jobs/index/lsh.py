@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from pyspark.ml.feature import BucketedRandomProjectionLSH
-from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame
 
 from jobs.ivf import rand_unit_vectors
@@ -13,6 +11,9 @@ from jobs.knn import LshParams
 
 def fit_and_save(vectors: DataFrame, params: LshParams, seed: int, uri: str) -> np.ndarray:
     """Fit the model (its random projections need one row only), save it at uri, return its unit vectors."""
+    from pyspark.ml.feature import BucketedRandomProjectionLSH  # here, as train.py imports KMeans
+    from pyspark.ml.functions import array_to_vector
+
     lsh = BucketedRandomProjectionLSH(
         inputCol="features",
         outputCol="hashes",

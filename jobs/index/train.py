@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from pyspark.ml.clustering import KMeans
-from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -21,6 +19,10 @@ def default_nprobe(cells: int) -> int:
 
 def train_centroids(vectors: DataFrame, count: int, cells: int, sample: int, iterations: int, seed: int) -> np.ndarray:
     """(cells, dim) float32 unit centroids from Spark ML KMeans (cosine, block solver) on a sample of `embedding`."""
+    # here: Spark ML imports pandas and scipy (about a second), which an update and the Python workers never need
+    from pyspark.ml.clustering import KMeans
+    from pyspark.ml.functions import array_to_vector
+
     fraction = min(1.0, 1.1 * sample / max(count, 1))
     rows = vectors.sample(fraction=fraction, seed=seed) if fraction < 1.0 else vectors
     rows = rows.where(F.exists("embedding", lambda x: x != 0))  # cosine is undefined for a zero vector

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark import Accumulator, StorageLevel, TaskContext
-from pyspark.sql import DataFrame, SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import ivf, storage
@@ -30,9 +30,7 @@ from jobs.ivf import CellPlan, Index, rand_unit_vectors
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.search.catalog import deletions, live_rows
-from jobs.search.tiles import Seen, SeenParam
-from jobs.tables import check_vectors, open_embeddings
-from jobs.vectors import binary_from_matrix, fingerprints
+from jobs.tables import check_stats, open_embeddings, table_stats
 
 log = get_logger("jobs.index")
 # updates whose added files lie side by side over the cells (each update's span them all), past which those files are
@@ -40,6 +38,7 @@ log = get_logger("jobs.index")
 COMPACT_UPDATES = 8
 DELETED_SHARE = 0.5  # a file that has lost more than this share of its rows is rewritten at the next compaction
 DRIFT_ADDED = 0.5  # rows added since training, as a share of the rows trained on, past which a rebuild is advised
+CHANGES = ("added", "dropped", "changed", "same")
 LISTED = pa.schema([("file", pa.int32()), ("name", pa.string()), ("rows", pa.int64())])
 DRIFT_LARGEST = 2.0  # the largest cell against the mean, as a multiple of that at training, past which too
 
@@ -82,42 +81,50 @@ def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
     }
 
 
-def fingerprinted(rows: DataFrame, seen: Accumulator, dim: int) -> DataFrame:
-    """image_id, path, label, vector (float32 bytes) and its fingerprint of each embeddings row, noting in `seen`
-    the vectors' lengths, models and weights (a batch with a vector of another length than dim is left out)."""
+def diff(table: DataFrame, held: DataFrame) -> DataFrame:
+    """The embeddings table's rows joined with the index's live rows (held: image_id, cell, fingerprint, file, row) by
+    image_id, each with its change: added, dropped, changed (another fingerprint) or same. The table's rows cross
+    this one shuffle; past it only those the index has to add keep their vectors."""
+    incoming = table.select(
+        "image_id",
+        "path",
+        "label",
+        "model",
+        "weights_sha256",
+        F.size("embedding").alias("dim"),
+        "embedding",
+        layout.fingerprint().alias("incoming"),
+    )
+    joined = incoming.join(held, "image_id", "full_outer")
+    change = (
+        F.when(F.col("file").isNull(), "added")
+        .when(F.col("incoming").isNull(), "dropped")
+        .when(F.col("incoming") != F.col("fingerprint"), "changed")
+        .otherwise("same")
+    )
+    joined = joined.withColumn("change", change)
+    return joined.withColumn("embedding", F.when(F.col("change").isin("added", "changed"), F.col("embedding")))
 
-    def compute(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        saw, count = Seen(), 0
-        for batch in batches:
-            count += len(batch)
-            vectors = saw.vectors(
-                batch.rename_columns(["vector" if c == "embedding" else c for c in batch.schema.names]), dim
-            )
-            if vectors is not None:
-                columns = [batch.column(c) for c in ("image_id", "path", "label")]
-                yield pa.RecordBatch.from_arrays(
-                    [*columns, binary_from_matrix(vectors), pa.array(fingerprints(vectors))],
-                    names=["image_id", "path", "label", "vector", "fingerprint"],
-                )
-        saw.rows[TaskContext.get().partitionId()] = count
-        seen.add(saw)
 
-    schema = "image_id string, path string, label string, vector binary, fingerprint bigint"
-    return rows.select("image_id", "path", "label", "model", "embedding", "weights_sha256").mapInArrow(compute, schema)
+def diff_stats() -> list[Column]:
+    """Rows per change, and the table's own stats (tables.table_stats: its rows are those with a fingerprint)."""
+    table_rows = F.col("incoming")
+    return [
+        *[F.count(F.when(F.col("change") == change, 1)).alias(change) for change in CHANGES],
+        *table_stats(table_rows, F.col("dim"), F.when(table_rows.isNotNull(), F.col("image_id"))),
+    ]
 
 
-def check_table(index: Index, uri: str, incoming: DataFrame, seen: Seen) -> None:
+def check_table(index: Index, uri: str, stats: Row) -> None:
     """UsageError unless the table holds vectors of one model, dimension and weights, the index's, each id once."""
-    check_vectors("embeddings table", uri, seen.queries, seen.dims, seen.models, seen.digests)
-    model, dim, digest = next(iter(seen.models), None), next(iter(seen.dims)), next(iter(seen.digests), None)
+    check_stats("embeddings table", uri, stats)
+    model, dim, digest = stats["model"], stats["min_dim"], stats["weights"]
     weights = index.meta.get("weights_sha256")
     if (model, dim) != (index.model, index.dim) or weights and digest not in (None, weights):
         raise UsageError(
             f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "
             f"has {model} {dim}-d vectors of weights {str(digest)[:12]}; rebuild with --mode overwrite"
         )
-    if incoming.select("image_id").distinct().count() != seen.queries:
-        raise UsageError(f"embeddings table {uri} has repeated image_id values; re-embed with --mode overwrite")
 
 
 def write_deletions(dropped: DataFrame, index: Index, files: Location, version: int) -> dict[int, tuple[str, int]]:
@@ -169,39 +176,33 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
-    The table is read once: its vectors are fingerprinted and checked as they are read, and cross one shuffle (the
-    join with the index's ids), past which only the rows the index has to add keep them."""
+    The table is read once, in the JVM: its vectors are fingerprinted as they are read and cross one shuffle (the
+    join with the index's ids), past which only the rows the index has to add keep them; one aggregation of the
+    joined rows counts the changes and checks the table."""
     files = location(spark, index.catalog_uri)
     if files is None:
         raise UsageError(
             f"an update writes {index.catalog_uri} with pyarrow (local, s3a://, gs://); rebuild with --mode overwrite"
         )
     version = index.meta.get("version", 1) + 1
-    with summary.stage("diff"):
-        seen = spark.sparkContext.accumulator(Seen(), SeenParam())
-        incoming = fingerprinted(open_embeddings(spark, uri, "embeddings table"), seen, index.dim)
-        held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        joined = incoming.withColumnRenamed("fingerprint", "incoming").join(held, "image_id", "full_outer")
-        joined = joined.withColumn(
-            "change",
-            F.when(F.col("file").isNull(), "added")
-            .when(F.col("incoming").isNull(), "dropped")
-            .when(F.col("incoming") != F.col("fingerprint"), "changed")
-            .otherwise("same"),
+    if index.meta.get("fingerprint") != layout.FINGERPRINT:
+        raise UsageError(
+            f"index {index.uri} was built by an older version, without the fingerprints an update compares; rebuild "
+            "with --mode overwrite"
         )
-        # the table's rows cross one shuffle; only those the index has to add keep their vectors past it
-        joined = joined.withColumn("vector", F.when(F.col("change").isin("added", "changed"), F.col("vector")))
-        joined = joined.persist(StorageLevel.DISK_ONLY)
-        counts = {r["change"]: r["count"] for r in joined.groupBy("change").count().collect()}  # at most four rows
-        check_table(index, uri, joined.where(F.col("incoming").isNotNull()), seen.value)
-    done = Update(counts.get("added", 0), counts.get("dropped", 0), counts.get("changed", 0))
+    with summary.stage("diff"):
+        held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
+        joined = diff(open_embeddings(spark, uri, "embeddings table"), held).persist(StorageLevel.DISK_ONLY)
+        stats = joined.agg(*diff_stats()).first()
+        check_table(index, uri, stats)
+    done = Update(stats["added"], stats["dropped"], stats["changed"])
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
         joined.unpersist()
         return done if done.nothing else None
     lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
     with summary.stage("add"):
-        new_rows = joined.where(F.col("change").isin("added", "changed")).select("image_id", "path", "label", "vector")
+        new_rows = joined.where(F.col("change").isin("added", "changed"))
         added, added_sizes = (
             add_rows(spark, new_rows, index, files, lsh, version) if done.added + done.changed else ([], 0)
         )
