@@ -145,7 +145,8 @@ def table_stats(rows: Column, dims: Column, ids: Column | None = None) -> list[C
 
 
 def check_stats(what: str, uri: str, stats: Row) -> None:
-    """UsageError unless table_stats found vectors of one length, model and weights (and each image id once)."""
+    """UsageError unless table_stats found vectors of one length, model and weights (and each image id once, where
+    counted)."""
 
     def seen(*names: str) -> set:
         return {stats[n] for n in names if stats[n] is not None}
@@ -158,7 +159,8 @@ def check_stats(what: str, uri: str, stats: Row) -> None:
         seen("model", "other_model"),
         seen("weights", "other_weights"),
     )
-    if stats.asDict().get("ids", stats["rows"]) != stats["rows"]:
+    found = stats.asDict()  # distinct ids (table_stats), or the most rows of one id (an index update's diff)
+    if found.get("ids", found["rows"]) != found["rows"] or (found.get("copies") or 1) > 1:
         raise UsageError(f"{what} {uri} has repeated image_id values; re-embed with --mode overwrite")
 
 

@@ -263,11 +263,27 @@ def test_the_diff_tells_each_row_apart_and_keeps_only_the_vectors_to_add(spark):
     }
     assert [k for k, r in sorted(rows.items()) if r["embedding"] is not None] == ["moved", "new"]
     stats = update.diff(table, held).agg(*update.diff_stats()).first()
-    assert (stats["added"], stats["dropped"], stats["changed"], stats["same"], stats["rows"], stats["ids"]) == (
+    assert (stats["added"], stats["dropped"], stats["changed"], stats["same"], stats["rows"], stats["copies"]) == (
         1,
         1,
         1,
         1,
         3,
-        3,
+        1,
     )
+
+
+def test_a_table_with_repeated_ids_is_refused_by_an_update_and_a_build(spark, base, tmp_path, copy_tree, capsys):
+    folder, vectors, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    version = json.loads((index_dir / "index.json").read_text())["version"]
+    table = tmp_path / "repeated"
+    for numbers in ([0, 1, 1, 2], [0, 1, 2, 2500, 2500]):  # an id the index holds, twice; a new id, twice
+        write_embeddings(spark, table, vectors[: len(numbers)], numbers=numbers)
+        capsys.readouterr()
+        assert run_job(spark, "index", "--embeddings", table, "--output", index_dir, "--mode", "incremental") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "repeated image_id" in err[0], err
+    assert ivf.load(spark, str(index_dir)).meta["version"] == version  # untouched
+    assert run_job(spark, "index", "--embeddings", table, "--output", tmp_path / "new", "--num-hash-tables", "0") == 2
+    assert "repeated image_id" in capsys.readouterr().err

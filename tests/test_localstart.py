@@ -84,7 +84,7 @@ def test_local_runs_map_the_class_archive_setup_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(
         localstart,
         "java_options",
-        lambda job=None, args=(): f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}",
+        lambda *_: f"-XX:SharedArchiveFile={localstart.class_archive()} -Xshare:on {localstart.QUICK_COMPILER}",
     )
     from helpers import build_dist
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Row, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import ivf, storage
@@ -38,9 +38,12 @@ log = get_logger("jobs.index")
 COMPACT_UPDATES = 8
 DELETED_SHARE = 0.5  # a file that has lost more than this share of its rows is rewritten at the next compaction
 DRIFT_ADDED = 0.5  # rows added since training, as a share of the rows trained on, past which a rebuild is advised
-CHANGES = ("added", "dropped", "changed", "same")
-LISTED = pa.schema([("file", pa.int32()), ("name", pa.string()), ("rows", pa.int64())])
 DRIFT_LARGEST = 2.0  # the largest cell against the mean, as a multiple of that at training, past which too
+CHANGES = ("added", "dropped", "changed", "same")
+DROPPED = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("cell", pa.int32())])
+LISTED = pa.schema(
+    [("file", pa.int32()), ("name", pa.string()), ("rows", pa.int64()), ("cell_rows", pa.list_(pa.int64()))]
+)
 
 
 @dataclass
@@ -94,6 +97,8 @@ def diff(table: DataFrame, held: DataFrame) -> DataFrame:
         F.size("embedding").alias("dim"),
         "embedding",
         layout.fingerprint().alias("incoming"),
+        # the join reuses this window's shuffle and sort by image_id: repeated ids are found without another
+        F.count(F.lit(1)).over(Window.partitionBy("image_id")).alias("copies"),
     )
     joined = incoming.join(held, "image_id", "full_outer")
     change = (
@@ -108,10 +113,10 @@ def diff(table: DataFrame, held: DataFrame) -> DataFrame:
 
 def diff_stats() -> list[Column]:
     """Rows per change, and the table's own stats (tables.table_stats: its rows are those with a fingerprint)."""
-    table_rows = F.col("incoming")
     return [
         *[F.count(F.when(F.col("change") == change, 1)).alias(change) for change in CHANGES],
-        *table_stats(table_rows, F.col("dim"), F.when(table_rows.isNotNull(), F.col("image_id"))),
+        *table_stats(F.col("incoming"), F.col("dim")),
+        F.max("copies").alias("copies"),
     ]
 
 
@@ -127,41 +132,53 @@ def check_table(index: Index, uri: str, stats: Row) -> None:
         )
 
 
-def write_deletions(dropped: DataFrame, index: Index, files: Location, version: int) -> dict[int, tuple[str, int]]:
+def write_deletions(
+    dropped: DataFrame, index: Index, files: Location, version: int
+) -> tuple[dict[int, tuple[str, int]], np.ndarray]:
     """Each touched file's new list of deleted rows (its old list and the new ones), written by the executors:
-    {file: (the list's name under catalog/, how many rows it lists)} (one small row per file reaches the driver)."""
+    {file: (the list's name under catalog/, how many rows it lists)}, and the rows dropped from each cell (one small
+    row per file reaches the driver)."""
     entries, count = index.meta["files"], len(index.meta["files"])
 
     def write_lists(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs = files.filesystem()
         fs.create_dir(f"{files.root}/_deleted", recursive=True)
-        table = pa.Table.from_batches(list(batches), pa.schema([("file", pa.int32()), ("row", pa.int64())]))
+        table = pa.Table.from_batches(list(batches), DROPPED)
         for number in np.unique(table.column("file").to_numpy()).tolist():
-            rows = table.filter(pc.equal(table.column("file"), number)).column("row").to_numpy()
-            merged = np.union1d(deletions(fs, files.root, entries[number]), rows).astype(np.int64)
+            rows = table.filter(pc.equal(table.column("file"), number))
+            merged = np.union1d(deletions(fs, files.root, entries[number]), rows.column("row")).astype(np.int64)
             name = f"_deleted/{entries[number]['name']}.v{version}.npy"
             buffer = io.BytesIO()
             np.save(buffer, merged, allow_pickle=False)
             with fs.open_output_stream(f"{files.root}/{name}") as stream:
                 stream.write(buffer.getvalue())
-            yield pa.RecordBatch.from_pylist([{"file": number, "name": name, "rows": len(merged)}], schema=LISTED)
+            first, last = entries[number]["first_cell"], entries[number]["last_cell"]
+            cell_rows = np.bincount(rows.column("cell").to_numpy() - first, minlength=last - first + 1)
+            listed = {"file": number, "name": name, "rows": len(merged), "cell_rows": cell_rows.tolist()}
+            yield pa.RecordBatch.from_pylist([listed], schema=LISTED)
 
-    spread = dropped.select("file", "row").repartition(count, partition_key(F.col("file"), count))
-    found = spread.mapInArrow(write_lists, "file int, name string, rows bigint").collect()
-    return {r["file"]: (r["name"], r["rows"]) for r in found}
+    spread = dropped.select(*DROPPED.names).repartition(count, partition_key(F.col("file"), count))
+    lists, sizes = {}, np.zeros(index.cells, np.int64)
+    for row in spread.mapInArrow(write_lists, "file int, name string, rows bigint, cell_rows array<bigint>").collect():
+        lists[row["file"]] = (row["name"], row["rows"])
+        first = entries[row["file"]]["first_cell"]
+        sizes[first : first + len(row["cell_rows"])] += row["cell_rows"]
+    return lists, sizes
 
 
 def add_rows(
     spark: SparkSession, rows: DataFrame, index: Index, files: Location, lsh: tuple | None, version: int
 ) -> tuple[list[dict], np.ndarray]:
-    """The new rows laid out as a build lays them out, in new files: their manifest entries and rows per cell."""
-    assigned = layout.assign_cells(rows, index.centroids, lsh).persist(StorageLevel.DISK_ONLY)
-    try:
-        sizes = layout.cell_sizes(assigned, index.cells)
-        frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
-        entries = [{**r.asDict(), "added_in": version} for r in write.write_files(frame, files, index.dim).collect()]
-    finally:
-        assigned.unpersist()
+    """The new rows laid out as a build lays them out (on the index's plan), in new files: their manifest entries
+    and rows per cell (counted by the tasks that write them, in the same pass)."""
+    assigned = layout.assign_cells(rows, index.centroids, lsh)
+    frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
+    entries, sizes = [], np.zeros(index.cells, np.int64)
+    for row in write.write_files(frame, files, index.dim, cell_rows=True).collect():
+        entry = row.asDict()
+        counts = entry.pop("cell_rows")
+        sizes[entry["first_cell"] : entry["first_cell"] + len(counts)] += counts
+        entries.append({**entry, "added_in": version})
     return entries, sizes
 
 
@@ -208,10 +225,9 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         )
     with summary.stage("delete"):
         dropped = joined.where(F.col("change").isin("dropped", "changed"))
-        dropped_sizes = np.zeros(index.cells, np.int64)
-        for row in dropped.groupBy("cell").count().collect():  # at most one row a cell
-            dropped_sizes[row["cell"]] = row["count"]
-        lists = write_deletions(dropped, index, files, version) if done.dropped + done.changed else {}
+        lists, dropped_sizes = (
+            write_deletions(dropped, index, files, version) if done.dropped + done.changed else ({}, 0)
+        )
     joined.unpersist()
     entries = [
         {**e, **({"deleted": lists[n][0], "deleted_rows": int(lists[n][1])} if n in lists else {})}

@@ -113,6 +113,7 @@ class CatalogFileWriter:
         self.held: list[pa.RecordBatch] = []
         self.rows, self.first_group, self.last_group, self.last_cell = 0, None, None, None
         self.cells = (np.iinfo(np.int32).max, -1)
+        self.cell_rows: dict[int, int] = {}
 
     def add(self, batch: pa.RecordBatch) -> None:
         batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
@@ -128,6 +129,8 @@ class CatalogFileWriter:
         self.first_group = int(groups[0]) if self.first_group is None else self.first_group
         self.last_group, self.last_cell, self.rows = int(groups[-1]), int(cells[-1]), self.rows + len(batch)
         self.cells = (min(self.cells[0], int(cells.min())), max(self.cells[1], int(cells.max())))
+        for cell, rows in zip(*np.unique(cells, return_counts=True)):
+            self.cell_rows[int(cell)] = self.cell_rows.get(int(cell), 0) + int(rows)
 
     def flush(self, last: pa.RecordBatch | None = None) -> None:
         """Write the held rows (and last) as one row group."""
@@ -150,6 +153,10 @@ class CatalogFileWriter:
             "bytes": self.fs.get_file_info(self.path).size,
         }
 
+    def rows_per_cell(self) -> list[int]:
+        """The file's rows in each cell of its range, first_cell to last_cell."""
+        return [self.cell_rows.get(cell, 0) for cell in range(self.cells[0], self.cells[1] + 1)]
+
     def abandon(self) -> None:
         """Close and delete the part written (the task's own error is the one to report)."""
         for step in (self.writer.close, self.stream.close, lambda: self.fs.delete_file(self.path)):
@@ -157,13 +164,15 @@ class CatalogFileWriter:
                 step()
 
 
-def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
-    """The manifest rows of the files the tasks write: one per non-empty partition of frame (sorted by group and cell).
+def write_files(frame: DataFrame, files: Location, dim: int, cell_rows: bool = False) -> DataFrame:
+    """The manifest rows of the files the tasks write: one per non-empty partition of frame (sorted by group and cell);
+    with cell_rows, each also has its file's rows in each cell of its range (CatalogFileWriter.rows_per_cell).
 
     A task writes a hidden file, then moves it to its name: a retried or speculative attempt never leaves half a file
     there.
     """
     schema, sizes, token = catalog_schema("buckets" in frame.columns), RowGroupSizes.for_dim(dim), uuid.uuid4().hex[:12]
+    manifest = pa.schema([*MANIFEST_ARROW, *([("cell_rows", pa.list_(pa.int64()))] if cell_rows else [])])
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         context = TaskContext.get()
@@ -176,15 +185,15 @@ def write_files(frame: DataFrame, files: Location, dim: int) -> DataFrame:
                 writer.add(batch)
             if writer is None:
                 return
-            entry = writer.close()
+            entry = writer.close() | ({"cell_rows": writer.rows_per_cell()} if cell_rows else {})
         except BaseException:
             if writer is not None:
                 writer.abandon()
             raise
         fs.move(hidden, f"{files.root}/{name}")
-        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], MANIFEST_ARROW)
+        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], manifest)
 
-    return frame.mapInArrow(write, MANIFEST_SCHEMA)
+    return frame.mapInArrow(write, MANIFEST_SCHEMA + (", cell_rows array<bigint>" if cell_rows else ""))
 
 
 def writable(spark: SparkSession, uri: str) -> Location | None:
