@@ -26,6 +26,7 @@ STORAGE_FAILURE = re.compile(
 STORAGE_DENIED = re.compile(
     r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)"
 )
+TASK_USAGE_ERROR = re.compile(r"jobs\.errors\.UsageError: (?P<message>[^\n]+)")  # raised in a task, on an executor
 JAVA_CLASS_PREFIX = re.compile(r"\b(?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error): ")
 SDK_DETAILS = re.compile(r" \(Service: [^)]*\)|, S3 Extended Request ID: [^:]*")
 
@@ -45,6 +46,8 @@ def known_error_from_spark(error: Exception) -> UsageError | StorageError | None
         "PATH_NOT_FOUND" in text or "Path does not exist" in text or "UNABLE_TO_INFER_SCHEMA" in text
     ):
         return UsageError(text.strip().splitlines()[0][:400])
+    if raised := TASK_USAGE_ERROR.search(text):
+        return UsageError(raised["message"])
     return storage_error(text)
 
 

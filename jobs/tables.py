@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import NamedTuple
+from urllib.parse import unquote
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs import storage
 from jobs.errors import UsageError, is_storage_failure
-from jobs.filesystems import location
+from jobs.filesystems import Location, location, path_on_filesystem
 
 NEIGHBOURS_SCHEMA = T.StructType(
     [
@@ -27,6 +32,9 @@ NEIGHBOURS_SCHEMA = T.StructType(
     ]
 )
 VECTOR_COLUMNS = ("image_id", "path", "label", "model", "embedding")
+PLACE = ("source_file", "source_row")  # where a row of an embeddings table lies: its file's URI, its row number there
+PLACES = pa.schema([("image_id", pa.string()), (PLACE[0], pa.string()), (PLACE[1], pa.int64())])
+EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
 SPARK_SCHEMA_KEY = (
     b"org.apache.spark.sql.parquet.row.metadata"  # where Spark keeps a table's schema in each file's footer
 )
@@ -88,8 +96,9 @@ class Embeddings(NamedTuple):
     count: int
 
 
-def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
-    """The rows of an embeddings table that have an embedding (its columns checked, its values not: no Spark job).
+def open_embeddings(spark: SparkSession, uri: str, what: str, located: bool = False) -> DataFrame:
+    """The rows of an embeddings table that have an embedding (its columns checked, its values not: no Spark job);
+    located: with each row's place, its file's URI and row number in it (PLACE: rows_at reads a row again there).
 
     Raises UsageError for a missing table or missing columns.
     """
@@ -107,7 +116,41 @@ def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
         if "weights_sha256" in table.columns
         else F.lit(None).cast("string").alias("weights_sha256")
     )
-    return valid.select(*VECTOR_COLUMNS, weights)
+    places = [F.col("_metadata.file_path").alias(PLACE[0]), F.col("_metadata.row_index").alias(PLACE[1])]
+    return valid.select(*VECTOR_COLUMNS, weights, *(places if located else []))
+
+
+def rows_at(places: DataFrame, rows: int, files: Location, partitions: int) -> DataFrame:
+    """image_id, path, label, embedding of the embeddings table's rows at these places (image_id and PLACE; `rows` of
+    them), read with pyarrow by `partitions` tasks, each runs of places (only the row groups that hold them).
+    UsageError where a place holds another id: the table changed since its places were taken."""
+    schema = "image_id string, path string, label string, embedding array<float>"
+    wanted = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), EMBEDDING])
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs, asked = files.filesystem(), pa.Table.from_batches(list(batches), PLACES)
+        for uri in pc.unique(asked.column(PLACE[0])).to_pylist():
+            here = asked.filter(pc.equal(asked.column(PLACE[0]), uri)).sort_by(PLACE[1])
+            with fs.open_input_file(path_on_filesystem(unquote(uri))) as handle:
+                found = read_rows(pq.ParquetFile(handle), here.column(PLACE[1]).to_numpy(), wanted.names)
+            if not found.column("image_id").equals(here.column("image_id")):
+                raise UsageError(f"the embeddings table changed while it was read ({uri}); run the job again")
+            yield from found.cast(wanted).to_batches()
+
+    # runs of about rows / partitions rows of a file go to one task (no sampling job, as a range partitioning runs)
+    run = F.floor(F.col(PLACE[1]) / F.lit(max(1, rows // partitions)))
+    return places.select(*PLACES.names).repartition(partitions, PLACE[0], run).mapInArrow(read, schema)
+
+
+def read_rows(parquet: pq.ParquetFile, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """These rows (sorted row numbers) of a Parquet file, reading only the row groups that hold them."""
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
+    read_from = np.concatenate([[0], np.cumsum(np.diff(starts)[groups])])  # where each read group begins
+    at = rows - starts[group_of] + read_from[np.searchsorted(groups, group_of)]
+    return parquet.read_row_groups(groups.tolist(), columns=columns).take(pa.array(at))
 
 
 def check_vectors(what: str, uri: str, rows: int, dims: set[int], models: set[str], digests: set[str]) -> None:

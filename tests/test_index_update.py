@@ -234,43 +234,66 @@ def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp
     assert index.meta["version"] == 1 and index.meta["trained_rows"] == index.count == 3300  # rebuilt
 
 
-def test_the_diff_tells_each_row_apart_and_keeps_only_the_vectors_to_add(spark):
+def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_their_places(spark, tmp_path):
     from pyspark.sql import functions as F
 
+    from jobs.filesystems import location
     from jobs.index import layout
+    from jobs.tables import open_embeddings, rows_at
 
-    held_vectors = {"same": [0.5, 0.25], "moved": [1.0, 0.0], "gone": [0.0, 1.0]}
-    table = spark.createDataFrame(
-        [
-            ("same", "p", "l", "m", None, [0.5, 0.25]),
-            ("moved", "p", "l", "m", None, [1.0, float(np.nextafter(np.float32(0), np.float32(1)))]),  # one ulp
-            ("new", "p", "l", "m", None, [0.6, 0.8]),
-        ],
-        "image_id string, path string, label string, model string, weights_sha256 string, embedding array<float>",
+    one_ulp = float(np.nextafter(np.float32(0), np.float32(1)))
+    vectors = np.array([[0.5, 0.25], [1.0, one_ulp], [0.6, 0.8], [0.0, 1.0]], np.float32)
+    write_embeddings(spark, tmp_path / "table", vectors[:3], numbers=[0, 1, 2])  # img00000, img00001, img00002
+    held_vectors = {"img00000": [0.5, 0.25], "img00001": [1.0, 0.0], "img00009": [0.0, 1.0]}
+    held = (
+        spark.createDataFrame(list(held_vectors.items()), "image_id string, embedding array<float>")
+        .select("image_id", layout.fingerprint().alias("fingerprint"))
+        .select(
+            "image_id",
+            F.lit(3).alias("cell"),
+            "fingerprint",
+            F.lit(0).alias("file"),
+            F.lit(7).cast("long").alias("row"),
+        )
     )
-    fingerprints = spark.createDataFrame(
-        [(k, v) for k, v in held_vectors.items()], "image_id string, embedding array<float>"
-    ).select("image_id", layout.fingerprint().alias("fingerprint"))
-    held = fingerprints.select(
-        "image_id", F.lit(3).alias("cell"), "fingerprint", F.lit(0).alias("file"), F.lit(7).cast("long").alias("row")
-    )
-    rows = {r["image_id"]: r for r in update.diff(table, held).collect()}
-    assert {k: r["change"] for k, r in rows.items()} == {
-        "same": "same",
-        "moved": "changed",
-        "gone": "dropped",
-        "new": "added",
+    table = open_embeddings(spark, str(tmp_path / "table"), "embeddings table", located=True)
+    joined = update.diff(table, held)
+    assert {r["image_id"]: r["change"] for r in joined.collect()} == {
+        "img00000": "same",
+        "img00001": "changed",  # one ulp apart
+        "img00009": "dropped",
+        "img00002": "added",
     }
-    assert [k for k, r in sorted(rows.items()) if r["embedding"] is not None] == ["moved", "new"]
-    stats = update.diff(table, held).agg(*update.diff_stats()).first()
-    assert (stats["added"], stats["dropped"], stats["changed"], stats["same"], stats["rows"], stats["copies"]) == (
-        1,
-        1,
-        1,
-        1,
-        3,
-        1,
+    stats = joined.agg(*update.diff_stats()).first()
+    assert [stats[c] for c in ("added", "dropped", "changed", "same", "rows", "copies")] == [1, 1, 1, 1, 3, 1]
+    places = joined.where(F.col("change").isin("added", "changed"))
+    read = {
+        r["image_id"]: r["embedding"] for r in rows_at(places, 2, location(spark, str(tmp_path / "table")), 2).collect()
+    }
+    assert read == {"img00001": [1.0, one_ulp], "img00002": [0.6000000238418579, 0.800000011920929]}
+
+
+def test_read_rows_reads_the_row_groups_that_hold_the_rows_and_a_moved_row_is_an_error(spark, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.errors import UsageError, known_error_from_spark
+    from jobs.filesystems import location
+    from jobs.tables import read_rows, rows_at
+
+    ids = [f"id{i}" for i in range(100)]
+    table = pa.table({"image_id": ids, "path": ids, "label": ids, "embedding": [[float(i)] for i in range(100)]})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=7)
+    rows = np.array([0, 6, 7, 8, 50, 98, 99])
+    read = read_rows(pq.ParquetFile(tmp_path / "f.parquet"), rows, ["image_id"])
+    assert read.column("image_id").to_pylist() == [ids[r] for r in rows]
+    # a place that holds another id than the one found there before: the table changed meanwhile
+    places = spark.createDataFrame(
+        [("id5", (tmp_path / "f.parquet").as_uri(), 6)], "image_id string, source_file string, source_row long"
     )
+    with pytest.raises(Exception, match="changed while it was read") as caught:
+        rows_at(places, 1, location(spark, str(tmp_path)), 1).collect()
+    assert isinstance(known_error_from_spark(caught.value), UsageError)
 
 
 def test_a_table_with_repeated_ids_is_refused_by_an_update_and_a_build(spark, base, tmp_path, copy_tree, capsys):

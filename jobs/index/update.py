@@ -30,7 +30,7 @@ from jobs.ivf import CellPlan, Index, rand_unit_vectors
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.search.catalog import deletions, live_rows
-from jobs.tables import check_stats, open_embeddings, table_stats
+from jobs.tables import PLACE, check_stats, open_embeddings, rows_at, table_stats
 
 log = get_logger("jobs.index")
 # updates whose added files lie side by side over the cells (each update's span them all), past which those files are
@@ -85,30 +85,26 @@ def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
 
 
 def diff(table: DataFrame, held: DataFrame) -> DataFrame:
-    """The embeddings table's rows joined with the index's live rows (held: image_id, cell, fingerprint, file, row) by
-    image_id, each with its change: added, dropped, changed (another fingerprint) or same. The table's rows cross
-    this one shuffle; past it only those the index has to add keep their vectors."""
+    """The embeddings table's rows (open_embeddings located) joined with the index's live rows (held: image_id, cell,
+    fingerprint, file, row) by image_id, each with its change: added, dropped, changed (another fingerprint) or same.
+    Only ids, fingerprints and places cross this shuffle: the rows to add are read again at their places."""
     incoming = table.select(
         "image_id",
-        "path",
-        "label",
         "model",
         "weights_sha256",
         F.size("embedding").alias("dim"),
-        "embedding",
         layout.fingerprint().alias("incoming"),
         # the join reuses this window's shuffle and sort by image_id: repeated ids are found without another
         F.count(F.lit(1)).over(Window.partitionBy("image_id")).alias("copies"),
+        *PLACE,
     )
-    joined = incoming.join(held, "image_id", "full_outer")
     change = (
         F.when(F.col("file").isNull(), "added")
         .when(F.col("incoming").isNull(), "dropped")
         .when(F.col("incoming") != F.col("fingerprint"), "changed")
         .otherwise("same")
     )
-    joined = joined.withColumn("change", change)
-    return joined.withColumn("embedding", F.when(F.col("change").isin("added", "changed"), F.col("embedding")))
+    return incoming.join(held, "image_id", "full_outer").withColumn("change", change)
 
 
 def diff_stats() -> list[Column]:
@@ -167,11 +163,20 @@ def write_deletions(
 
 
 def add_rows(
-    spark: SparkSession, rows: DataFrame, index: Index, files: Location, lsh: tuple | None, version: int
+    spark: SparkSession,
+    places: DataFrame,
+    count: int,
+    table: Location,
+    index: Index,
+    files: Location,
+    lsh: tuple | None,
+    version: int,
 ) -> tuple[list[dict], np.ndarray]:
-    """The new rows laid out as a build lays them out (on the index's plan), in new files: their manifest entries
-    and rows per cell (counted by the tasks that write them, in the same pass)."""
-    assigned = layout.assign_cells(rows, index.centroids, lsh)
+    """The `count` table rows at these places, read again there and laid out as a build lays them out (on the
+    index's plan), in new files: their manifest entries and rows per cell (counted by the tasks that write them)."""
+    # a task reads about a catalog file's worth of rows, and every core reads
+    tasks = max(spark.sparkContext.defaultParallelism, -(-count * layout.row_bytes(index.dim) // layout.FILE_BYTES))
+    assigned = layout.assign_cells(rows_at(places, count, table, tasks), index.centroids, lsh)
     frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
     entries, sizes = [], np.zeros(index.cells, np.int64)
     for row in write.write_files(frame, files, index.dim, cell_rows=True).collect():
@@ -193,13 +198,14 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
-    The table is read once, in the JVM: its vectors are fingerprinted as they are read and cross one shuffle (the
-    join with the index's ids), past which only the rows the index has to add keep them; one aggregation of the
-    joined rows counts the changes and checks the table."""
-    files = location(spark, index.catalog_uri)
-    if files is None:
+    The table is read in the JVM: its vectors are fingerprinted as they are read and only ids, fingerprints and
+    places cross the one shuffle (the join with the index's ids); one aggregation of the joined rows counts the
+    changes and checks the table. The rows to add are then read again at their places, and nothing else."""
+    files, table_files = location(spark, index.catalog_uri), location(spark, uri)
+    if files is None or table_files is None:
         raise UsageError(
-            f"an update writes {index.catalog_uri} with pyarrow (local, s3a://, gs://); rebuild with --mode overwrite"
+            f"an update writes {index.catalog_uri} and reads {uri} with pyarrow (local, s3a://, gs://); rebuild with "
+            "--mode overwrite"
         )
     version = index.meta.get("version", 1) + 1
     if index.meta.get("fingerprint") != layout.FINGERPRINT:
@@ -209,7 +215,8 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         )
     with summary.stage("diff"):
         held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        joined = diff(open_embeddings(spark, uri, "embeddings table"), held).persist(StorageLevel.DISK_ONLY)
+        table = open_embeddings(spark, uri, "embeddings table", located=True)
+        joined = diff(table, held).persist(StorageLevel.DISK_ONLY)
         stats = joined.agg(*diff_stats()).first()
         check_table(index, uri, stats)
     done = Update(stats["added"], stats["dropped"], stats["changed"])
@@ -219,9 +226,9 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         return done if done.nothing else None
     lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
     with summary.stage("add"):
-        new_rows = joined.where(F.col("change").isin("added", "changed"))
+        places, count = joined.where(F.col("change").isin("added", "changed")), done.added + done.changed
         added, added_sizes = (
-            add_rows(spark, new_rows, index, files, lsh, version) if done.added + done.changed else ([], 0)
+            add_rows(spark, places, count, table_files, index, files, lsh, version) if count else ([], 0)
         )
     with summary.stage("delete"):
         dropped = joined.where(F.col("change").isin("dropped", "changed"))
