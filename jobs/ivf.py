@@ -80,6 +80,7 @@ class Index:
     plan: CellPlan
     lsh: LshParams | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    lsh_vectors: np.ndarray | None = field(default=None, repr=False, compare=False)  # kept beside the cells
     _unit: bool | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -144,7 +145,14 @@ class Index:
         return sum(f["bytes"] for f in self.meta["files"])
 
 
-def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndarray, plan: CellPlan) -> None:
+def save(
+    spark: SparkSession,
+    uri: str,
+    meta: dict[str, Any],
+    centroids: np.ndarray,
+    plan: CellPlan,
+    lsh_vectors: np.ndarray | None = None,
+) -> None:
     """A new version of the index at uri: its cells (centroids and the cell plan, cells-vN.npz), then its manifest
     (_manifests/vN.json), which makes it the index's current version, then index.json, a readable copy.
 
@@ -153,7 +161,12 @@ def save(spark: SparkSession, uri: str, meta: dict[str, Any], centroids: np.ndar
     version = meta.get("version", 1)
     buffer = io.BytesIO()
     np.savez(
-        buffer, centroids=centroids.astype(np.float32), sizes=plan.sizes, first_group=plan.first_group, parts=plan.parts
+        buffer,
+        centroids=centroids.astype(np.float32),
+        sizes=plan.sizes,
+        first_group=plan.first_group,
+        parts=plan.parts,
+        **({} if lsh_vectors is None else {"lsh_vectors": lsh_vectors.astype(np.float32)}),
     )
     cells = f"cells-v{version}.npz"
     storage.write_bytes(spark, f"{uri}/{cells}", buffer.getvalue())
@@ -181,8 +194,15 @@ def load(spark: SparkSession, uri: str) -> Index:
     with np.load(io.BytesIO(storage.read_bytes(spark, f"{uri}/{meta['cells']}")), allow_pickle=False) as cells:
         plan = CellPlan(cells["sizes"], cells["first_group"], cells["parts"])
         centroids = cells["centroids"]
+        vectors = cells["lsh_vectors"] if "lsh_vectors" in cells.files else None
     lsh = LshParams(**meta["lsh"]) if meta.get("lsh") else None
-    return Index(uri, meta["model"], meta["dim"], meta["count"], IvfParams(**meta["ivf"]), centroids, plan, lsh, meta)
+    params = IvfParams(**meta["ivf"])
+    return Index(uri, meta["model"], meta["dim"], meta["count"], params, centroids, plan, lsh, meta, vectors)
+
+
+def lsh_vectors(spark: SparkSession, index: Index) -> np.ndarray:
+    """The index's LSH random unit vectors: kept beside its cells, or (an index built before) read from its model."""
+    return index.lsh_vectors if index.lsh_vectors is not None else rand_unit_vectors(spark, f"{index.uri}/model")
 
 
 def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:

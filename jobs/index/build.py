@@ -102,7 +102,7 @@ def build(
         "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    ivf.save(spark, staged, meta, centroids, plan)
+    ivf.save(spark, staged, meta, centroids, plan, projections)
     with summary.stage("commit"):
         storage.swap_in(spark, staged, args.output)
     summary.count(indexed=count)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -26,7 +26,7 @@ from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location
 from jobs.index import layout, write
-from jobs.ivf import CellPlan, Index, rand_unit_vectors
+from jobs.ivf import CellPlan, Index
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.search.catalog import deletions, live_rows
@@ -224,7 +224,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     if done.nothing or auto and done.drift["rebuild_advised"]:
         joined.unpersist()
         return done if done.nothing else None
-    lsh = (rand_unit_vectors(spark, f"{index.uri}/model"), index.lsh) if index.lsh else None
+    lsh = (ivf.lsh_vectors(spark, index), index.lsh) if index.lsh else None
     with summary.stage("add"):
         places, count = joined.where(F.col("change").isin("added", "changed")), done.added + done.changed
         added, added_sizes = (
@@ -248,17 +248,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     if piled or compactable:
         with summary.stage("compact"):
             which = sorted(set(compactable) | (set(grown) if piled else set()))
-            staged = Index(
-                index.uri,
-                index.model,
-                index.dim,
-                int(sizes.sum()),
-                index.params,
-                index.centroids,
-                index.plan,
-                index.lsh,
-                meta,
-            )
+            staged = replace(index, count=int(sizes.sum()), meta=meta)
             rewritten = compact(spark, staged, files, which, version)
             meta["files"] = [e for n, e in enumerate(entries) if n not in which] + rewritten
             done.files_compacted = len(which)
@@ -270,7 +260,8 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     meta["files"] = sorted(meta["files"], key=lambda e: (e["first_cell"], e["name"]))
-    ivf.save(spark, index.uri, meta, index.centroids, CellPlan(sizes, index.plan.first_group, index.plan.parts))
+    plan = CellPlan(sizes, index.plan.first_group, index.plan.parts)
+    ivf.save(spark, index.uri, meta, index.centroids, plan, lsh[0] if lsh else None)
     remove_unused(spark, index.uri, version)
     return done
 

@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.filesystems import Location
-from jobs.ivf import Index, rand_unit_vectors
+from jobs.ivf import Index, lsh_vectors
 from jobs.partitions import partition_key
 from jobs.runlog import Stopwatch, get_logger
 from jobs.search import results
@@ -156,7 +156,7 @@ def search(
 ) -> Found:
     """The search of every query of source as planned: nprobe cells each (None: every cell), LSH candidates only with
     lsh."""
-    shipped = spark.sparkContext.broadcast((index, rand_unit_vectors(spark, f"{index.uri}/model") if lsh else None))
+    shipped = spark.sparkContext.broadcast((index, lsh_vectors(spark, index) if lsh else None))
     seen, counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
     chunk_rows = max(1, TASK_BYTES // (4 * index.dim + QUERY_STRING_BYTES))
     columns = ROW_COLUMNS + (["buckets"] if lsh else [])
