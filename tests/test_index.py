@@ -56,6 +56,8 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
         ]
     )
     projections = rand_unit_vectors(spark, str(folder / "index" / "model"))
+    # kept beside the cells too: an update or an LSH search reads them with the index, not with a Spark job
+    np.testing.assert_array_equal(index.lsh_vectors, projections)
     np.testing.assert_array_equal(np.floor(vectors[:20] @ projections.T / index.lsh.bucket_length), spark_hashes)
     np.testing.assert_array_equal(
         np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh)
