@@ -36,8 +36,8 @@ def trains_nothing(job: str | None, args: Sequence[str]) -> bool:
 
 def java_options(job: str | None = None, args: Sequence[str] = ()) -> str:
     """The driver JVM's options for a local run of `job` with `args`: the option that maps the archive (NO_ARCHIVE
-    where none was written; a JVM or class path other than the archive's prints one warning and loads every class
-    from the jars, as without it) and, where it trains nothing on at most FEW_CORES cores, QUICK_COMPILER. Without a
+    where none was written; a JVM or class path other than the archive's prints one warning and loads each class out
+    of the jars, as without it) and, where it trains nothing on at most FEW_CORES cores, QUICK_COMPILER. Without a
     job: the archive's, one word."""
     archive = class_archive()
     options = [f"-XX:SharedArchiveFile={archive}" if archive.is_file() else NO_ARCHIVE]
