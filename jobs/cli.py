@@ -149,14 +149,16 @@ def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[
 
 
 @contextmanager
-def session_setting(spark, key: str, value: str) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """The session's SQL setting key is value while the block runs, then as it was."""
-    saved = spark.conf.get(key, None)
-    spark.conf.set(key, value)
+def session_settings(spark, settings: dict[str, str]) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """The session's SQL settings are these while the block runs, then as they were."""
+    saved = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
     try:
         yield
     finally:
-        if saved is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, saved)
+        for key, value in saved.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

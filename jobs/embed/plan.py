@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs import storage
-from jobs.cli import session_setting
+from jobs.cli import session_settings
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location, opens
 from jobs.imaging import extension_glob, preprocess
@@ -241,11 +241,8 @@ def read_files(spark: SparkSession, chunk: pd.DataFrame, place: Location | None)
         return plan_df.repartition(partitions)
     # Spark looks up every listed path before reading, in one task per path past 32 paths: 20 ms a photo on a
     # 2-core machine, more than decoding it. A few tasks per core look them all up as well.
-    with session_setting(
-        spark,
-        "spark.sql.sources.parallelPartitionDiscovery.parallelism",
-        str(2 * spark.sparkContext.defaultParallelism),
-    ):
+    lookups = str(2 * spark.sparkContext.defaultParallelism)
+    with session_settings(spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": lookups}):
         contents = (
             spark.read.format("binaryFile").load([escape_glob(p) for p in chunk["path"]]).select("path", "content")
         )

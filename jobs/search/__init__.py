@@ -13,7 +13,7 @@ import time
 from pyspark.sql import SparkSession
 
 from jobs import ivf, storage
-from jobs.cli import session_setting
+from jobs.cli import session_settings
 from jobs.errors import UsageError
 from jobs.filesystems import Location
 from jobs.runlog import RunSummary, get_logger, print_summary
@@ -22,6 +22,9 @@ from jobs.search.queries import Source
 from jobs.search.scoring import Wanted
 
 log = get_logger("jobs.search")
+# a job whose work is all in Python: compiling its JVM operators and row projections (Janino, ~0.3 s of a task's start
+# on 2 cores, before its Python worker is sent anything) costs more than interpreting the rows they pass on
+PYTHON_JOB = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,8 +191,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             if source.checked:
                 queries.check_seen(source.checked, index, seen.queries, seen.dims, seen.models, seen.digests)
 
-        # one job whose work is all in Python: compiling its few JVM operators costs more than it saves
-        with session_setting(spark, "spark.sql.codegen.wholeStage", "false"):
+        with session_settings(spark, PYTHON_JOB):
             written = results.write(spark, table, args.output, checked)
         touched = {
             **found.touched(index),
