@@ -95,7 +95,7 @@ def answers(
 ) -> pd.DataFrame:
     """The ranked answers of a bounded sample of queries, on the driver (at most --sample x k rows)."""
     found = answer(spark, index, Source(count, frame=sample), method, Wanted(k, exclude_self), nprobe, files)
-    frame = found.table.toPandas()
+    frame = found.answers.table.toPandas()
     frame.attrs["lsh_fallback_queries"] = found.touched(index)["lsh_fallback_queries"]
     return frame
 

@@ -1,14 +1,17 @@
 """Files the executors open themselves with pyarrow (local, S3 through the s3a settings, GCS): where a Spark URI
-lives."""
+lives, and folders the tasks write a file each into."""
 
 from __future__ import annotations
 
 import contextlib
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from pyspark import TaskContext
 from pyspark.sql import SparkSession
 
 from jobs import storage
@@ -88,3 +91,47 @@ def opens(place: Location, path: str) -> bool:
     except (OSError, ValueError, pa.ArrowException) as error:
         log.info("pyarrow cannot open %s (%s): Spark reads it", path, error)
         return False
+
+
+def writable(spark: SparkSession, uri: str) -> Location | None:
+    """Where the tasks can write the folder at uri with pyarrow (the folder made here), or None: Spark writes it."""
+    files = location(spark, uri)
+    if files is None:
+        return None
+    try:
+        files.filesystem().create_dir(files.root)
+    except (OSError, ValueError, pa.ArrowException) as error:
+        log.info("pyarrow cannot write %s (%s): Spark writes it", uri, error)
+        return None
+    return files
+
+
+FileWrite = Callable[[pafs.FileSystem, str, Iterator[pa.RecordBatch]], "dict[str, Any] | None"]
+
+
+def file_per_task(
+    files: Location, write: FileWrite, entry: pa.Schema
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A function for mapInArrow whose task writes one file into files: write(filesystem, path, the task's batches)
+    writes it (deleting what it wrote if it fails) and returns its entry (None: no rows, no file); the task yields the
+    file's name and that entry. The file is written under a hidden name, then moved to its own: a retried or
+    speculative attempt never leaves half a file there."""
+    token = uuid.uuid4().hex[:12]
+
+    def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        context = TaskContext.get()
+        name = f"part-{context.partitionId():05d}-{token}.parquet"
+        hidden = f"{files.root}/.{name}.attempt-{context.attemptNumber()}"
+        fs = files.filesystem()
+        found = write(fs, hidden, batches)
+        if found is not None:
+            fs.move(hidden, f"{files.root}/{name}")
+            yield pa.RecordBatch.from_pylist([{"name": name, **found}], entry)
+
+    return task
+
+
+def mark_written(files: Location) -> None:
+    """_SUCCESS in the folder, as Spark's writer marks a finished one."""
+    with files.filesystem().open_output_stream(f"{files.root}/_SUCCESS"):
+        pass

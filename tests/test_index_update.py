@@ -131,7 +131,7 @@ def test_a_search_that_loaded_the_version_before_an_update_reads_it_whole(spark,
     assert run_job(spark, "index", "--embeddings", tmp_path / "a", "--output", index_dir, "--mode", "incremental") == 0
     files = catalog.locate(spark, old)
     found = answer(spark, old, queries.catalog_source(spark, old, files), "exact", Wanted(3, True), None, files)
-    rows = found.table.toPandas()
+    rows = found.answers.table.toPandas()
     assert set(rows["query_id"]) == set(ids) and set(rows["neighbor_id"]) <= set(ids)
 
 

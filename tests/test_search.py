@@ -7,14 +7,17 @@ import warnings
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import force_plan, read_neighbours, row_groups_holding, run_job, search, write_embeddings
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from jobs import ivf
 from jobs.knn import exact_topk
-from jobs.search import plan, tiles
+from jobs.search import plan, results, tiles
 from jobs.search.scoring import ShardRows
 from jobs.search.topk import TopK
+from jobs.tables import NEIGHBOURS_SCHEMA
 from jobs.vectors import binary_from_matrix
 from scripts.vectors import clustered_unit_vectors
 
@@ -106,6 +109,38 @@ def test_every_tiling_gives_the_same_answers_for_one_query_or_many(spark, catalo
     if method == "exact":
         truth, _ = exact_topk(asked, vectors, 7)
         assert list(answers["one", "q"]["neighbor_id"]) == [ids[i] for q in range(300) for i in truth[q]]
+
+
+@pytest.mark.parametrize("blocks, ranges", [(2, 1), (1, 3)])
+def test_the_tasks_that_answer_write_the_table_as_sparks_writer_would(
+    spark, catalog, tmp_path, monkeypatch, blocks, ranges
+):
+    folder, *_ = catalog
+    asked, _ = clustered_unit_vectors(60, dim=64, cluster_size=30, noise=0.5, seed=23)
+    write_embeddings(spark, tmp_path / "q", asked, prefix="q")
+    force_plan(monkeypatch, blocks, ranges)
+    direct = search(spark, folder / "index", tmp_path / "direct", "--queries", tmp_path / "q", "-k", "5")
+    monkeypatch.setattr(results, "writable", lambda spark, uri: None)  # as for hdfs://, which pyarrow does not open
+    by_spark = search(spark, folder / "index", tmp_path / "spark", "--queries", tmp_path / "q", "-k", "5")
+    pd.testing.assert_frame_equal(
+        read_neighbours(spark, tmp_path / "direct").reset_index(drop=True),
+        read_neighbours(spark, tmp_path / "spark").reset_index(drop=True),
+    )
+    assert direct["counts"]["rows"] == by_spark["counts"]["rows"] == 300
+    parts = sorted((tmp_path / "direct").glob("part-*.parquet"))  # one a task that answered (the merge's, if routed)
+    assert 1 <= len(parts) <= (blocks if ranges == 1 else 8) and (tmp_path / "direct" / "_SUCCESS").exists()
+    assert pq.read_schema(parts[0]).remove_metadata() == to_arrow_schema(NEIGHBOURS_SCHEMA)
+    assert not list(tmp_path.glob(".direct*")) and not list((tmp_path / "direct").glob(".part-*"))  # no hidden part
+
+
+def test_answers_of_no_rows_are_written_as_an_empty_table_with_its_schema(spark, tmp_path):
+    def nothing(batches):
+        yield from ()
+
+    answers = results.Answers(spark.range(3, numPartitions=3), nothing, NEIGHBOURS_SCHEMA)
+    assert results.write(spark, answers, str(tmp_path / "nb")) == 0
+    table = spark.read.parquet(str(tmp_path / "nb"))
+    assert table.count() == 0 and table.columns == NEIGHBOURS_SCHEMA.names
 
 
 def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_reads_it_once(

@@ -103,7 +103,7 @@ def test_malformed_inputs_exit_2(spark, catalog, tmp_path, capsys, monkeypatch, 
     assert run_job(spark, *args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0], err
-    assert not (tmp_path / "nb").exists()
+    assert not (tmp_path / "nb").exists() and not list(tmp_path.glob(".nb.*"))  # nothing staged is left
     if "another length" in case:
         assert "32-d" in err[0] and f"{vectors.shape[1]}-d" in err[0], err
     if "weights" in case:

@@ -9,7 +9,6 @@ read 28.5% of the catalog for 21.75% of its rows). Elsewhere Spark writes it, in
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark import TaskContext
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
-from jobs.filesystems import Location, location
+from jobs.filesystems import Location, file_per_task, mark_written, writable
 from jobs.index.layout import row_bytes
 from jobs.runlog import get_logger
 
@@ -166,47 +164,26 @@ class CatalogFileWriter:
 
 def write_files(frame: DataFrame, files: Location, dim: int, cell_rows: bool = False) -> DataFrame:
     """The manifest rows of the files the tasks write: one per non-empty partition of frame (sorted by group and cell);
-    with cell_rows, each also has its file's rows in each cell of its range (CatalogFileWriter.rows_per_cell).
-
-    A task writes a hidden file, then moves it to its name: a retried or speculative attempt never leaves half a file
-    there.
-    """
-    schema, sizes, token = catalog_schema("buckets" in frame.columns), RowGroupSizes.for_dim(dim), uuid.uuid4().hex[:12]
+    with cell_rows, each also has its file's rows in each cell of its range (CatalogFileWriter.rows_per_cell)."""
+    schema, sizes = catalog_schema("buckets" in frame.columns), RowGroupSizes.for_dim(dim)
     manifest = pa.schema([*MANIFEST_ARROW, *([("cell_rows", pa.list_(pa.int64()))] if cell_rows else [])])
 
-    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        context = TaskContext.get()
-        name = f"part-{context.partitionId():05d}-{token}.parquet"
-        hidden = f"{files.root}/.{name}.attempt-{context.attemptNumber()}"
-        fs, writer = files.filesystem(), None
+    def write(fs: pafs.FileSystem, path: str, batches: Iterator[pa.RecordBatch]) -> dict[str, Any] | None:
+        writer = None
         try:
             for batch in batches:
-                writer = writer or CatalogFileWriter(fs, hidden, schema, sizes)
+                writer = writer or CatalogFileWriter(fs, path, schema, sizes)
                 writer.add(batch)
             if writer is None:
-                return
-            entry = writer.close() | ({"cell_rows": writer.rows_per_cell()} if cell_rows else {})
+                return None
+            return writer.close() | ({"cell_rows": writer.rows_per_cell()} if cell_rows else {})
         except BaseException:
             if writer is not None:
                 writer.abandon()
             raise
-        fs.move(hidden, f"{files.root}/{name}")
-        yield pa.RecordBatch.from_pylist([{"name": name, **entry}], manifest)
 
-    return frame.mapInArrow(write, MANIFEST_SCHEMA + (", cell_rows array<bigint>" if cell_rows else ""))
-
-
-def writable(spark: SparkSession, uri: str) -> Location | None:
-    """Where the tasks can write the folder at uri with pyarrow (the folder made here), or None: Spark writes it."""
-    files = location(spark, uri)
-    if files is None:
-        return None
-    try:
-        files.filesystem().create_dir(files.root)
-    except (OSError, ValueError, pa.ArrowException) as error:
-        log.info("pyarrow cannot write %s (%s): Spark writes the catalog", uri, error)
-        return None
-    return files
+    task = file_per_task(files, write, manifest)
+    return frame.mapInArrow(task, MANIFEST_SCHEMA + (", cell_rows array<bigint>" if cell_rows else ""))
 
 
 def write_catalog(spark: SparkSession, frame: DataFrame, uri: str, dim: int) -> list[dict[str, Any]]:
@@ -215,10 +192,7 @@ def write_catalog(spark: SparkSession, frame: DataFrame, uri: str, dim: int) -> 
     files = writable(spark, uri)
     if files is not None:
         found = [row.asDict() for row in write_files(frame, files, dim).collect()]
-        with files.filesystem().open_output_stream(
-            f"{files.root}/_SUCCESS"
-        ):  # as Spark's writer marks a finished folder
-            pass
+        mark_written(files)
     else:
         frame.write.option("parquet.block.size", SPARK_ROW_GROUP_BYTES).parquet(uri)
         found = spark_manifest(spark, uri)

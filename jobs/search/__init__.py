@@ -184,7 +184,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         files = catalog.locate(spark, index, args.reader)
         source = query_source(spark, args, index, files)
         found = answer(spark, index, source, args.method, asked, args.nprobe, files)
-        table = results.duplicate_pairs(found.table) if args.duplicates else found.table
+        answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
 
         def checked() -> None:
             seen = found.seen.value
@@ -192,7 +192,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
                 queries.check_seen(source.checked, index, seen.queries, seen.dims, seen.models, seen.digests)
 
         with session_settings(spark, PYTHON_JOB):
-            written = results.write(spark, table, args.output, checked)
+            written = results.write(spark, answers, args.output, checked)
         touched = {
             **found.touched(index),
             "reader": "copies shipped by Spark" if files.kind == catalog.SHIPPED else "executors",

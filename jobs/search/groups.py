@@ -11,7 +11,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.runlog import get_logger
-from jobs.search.results import write
+from jobs.search.results import Answers, write
 
 log = get_logger("jobs.search")
 MAX_ROUNDS = 64
@@ -86,7 +86,7 @@ def duplicate_stats(spark: SparkSession, pairs_uri: str, groups_uri: str | None)
     pairs = spark.read.parquet(pairs_uri)
     if not groups_uri:
         return {"images_with_pairs": edges(pairs).select("node").distinct().count()}
-    write(spark, group_table(pairs), groups_uri)
+    write(spark, Answers(group_table(pairs)), groups_uri)
     shape = (
         spark.read.parquet(groups_uri)
         .agg(

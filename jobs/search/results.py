@@ -1,18 +1,25 @@
 """Candidates to answers: each query's k nearest ranked (ties by id), per-range candidates packed and merged, the
-table written by the executors, and the first answers shown on the console."""
+table written by the executors (by the tasks that answer, where pyarrow opens the output), and the first answers
+shown on the console."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
 from jobs import storage
+from jobs.filesystems import Location, file_per_task, mark_written, writable
 from jobs.knn import ranks_in_runs
 from jobs.search.scoring import id_keys
 from jobs.tables import NEIGHBOURS_SCHEMA
@@ -37,16 +44,25 @@ PARTIAL_ARROW = pa.schema(QUERY_FIELDS + NEIGHBOUR_FIELDS)  # one candidate a ro
 PACKED_ARROW = pa.schema(
     QUERY_FIELDS + [(name, pa.list_(kind)) for name, kind in NEIGHBOUR_FIELDS]
 )  # a query's candidates in one row
-PARTIAL_SCHEMA = (
-    "qidx bigint, query_id string, query_path string, query_label string, neighbor_id string, neighbor_path string, "
-    "neighbor_label string, distance float, similarity float"
-)
-PACKED_SCHEMA = (
-    "qidx bigint, query_id string, query_path string, query_label string, neighbor_id array<string>, neighbor_path "
-    "array<string>, "
-    "neighbor_label array<string>, distance array<float>, similarity array<float>"
-)
+PARTIAL_SCHEMA, PACKED_SCHEMA = from_arrow_schema(PARTIAL_ARROW), from_arrow_schema(PACKED_ARROW)
 NEIGHBOUR_COLUMNS = [f.name for f in NEIGHBOURS_SCHEMA.fields]
+Batches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A result table: frame, or (last set) frame's batches through last, a function over Arrow batches whose tasks
+    also write the table where pyarrow opens the output: its rows then never pass through the JVM."""
+
+    frame: DataFrame
+    last: Batches | None = None
+    schema: T.StructType | None = None  # last's rows
+
+    @property
+    def table(self) -> DataFrame:
+        return self.frame if self.last is None else self.frame.mapInArrow(self.last, self.schema)
+
+
 MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 BATCH_ROWS = 1 << 15  # rows a task hands Spark at a time: the JVM holds each batch whole (a 1g driver runs local tasks)
 
@@ -93,7 +109,7 @@ def unpacked(rows: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=PARTIAL_ARROW)
 
 
-def merged(partials: DataFrame, k: int, tasks: int) -> DataFrame:
+def merged(partials: DataFrame, k: int, tasks: int) -> Answers:
     """Each query's k nearest over the packed candidates of every range it probes, ranked: the neighbours table."""
 
     def merge(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -101,7 +117,7 @@ def merged(partials: DataFrame, k: int, tasks: int) -> DataFrame:
         if rows.num_rows:
             yield from sliced(ranked(unpacked(rows), k))
 
-    return partials.repartition(tasks, "qidx").mapInArrow(merge, NEIGHBOURS_SCHEMA)
+    return Answers(partials.repartition(tasks, "qidx"), merge, NEIGHBOURS_SCHEMA)
 
 
 def merge_tasks(queries: int, k: int, visits: float, most: int) -> int:
@@ -129,20 +145,63 @@ def duplicate_pairs(partials: DataFrame) -> DataFrame:
     ).dropDuplicates(["image_a", "image_b"])
 
 
-def write(spark: SparkSession, table: DataFrame, output: str, check: Callable[[], None] | None = None) -> int:
-    """Write a result table from the executors, staged beside output and swapped in; its row count (observed as
-    it is written: no second read). check: run once the table is written; if it raises, nothing is swapped in."""
+def write(spark: SparkSession, answers: Answers, output: str, check: Callable[[], None] | None = None) -> int:
+    """Write a result table, staged beside output and swapped in; its row count (counted as it is written: no second
+    read). check: run once the table is written; if it raises, nothing is swapped in."""
     staged = storage.sibling(output, "staging")
-    written = Observation("written")
-    table.observe(written, F.count(F.lit(1)).alias("rows")).write.parquet(staged)
-    if check:
-        try:
+    files = writable(spark, staged) if answers.last is not None else None
+    try:
+        if files is not None:
+            written = write_files(answers, files)
+        else:
+            observed = Observation("written")
+            answers.table.observe(observed, F.count(F.lit(1)).alias("rows")).write.parquet(staged)
+            written = int(observed.get["rows"])
+        if check:
             check()
-        except Exception:
-            storage.delete(spark, staged)
-            raise
+    except BaseException:
+        storage.delete(spark, staged)
+        raise
     storage.swap_in(spark, staged, output)
-    return int(written.get["rows"])
+    return written
+
+
+def write_files(answers: Answers, files: Location) -> int:
+    """The table's rows written by the tasks of its last step, a Parquet file each (an empty one where none has rows,
+    as Spark's writer leaves its schema); the rows written."""
+    schema, last = to_arrow_schema(answers.schema), answers.last  # not answers: its frame stays on the driver
+
+    def write(fs: pafs.FileSystem, path: str, batches: Iterator[pa.RecordBatch]) -> dict[str, Any] | None:
+        return parquet_file(fs, path, schema, last(batches))  # type: ignore[misc]
+
+    task = file_per_task(files, write, pa.schema([("name", pa.string()), ("rows", pa.int64())]))
+    found = answers.frame.mapInArrow(task, "name string, rows bigint").collect()  # a row per task
+    if not found:
+        pq.write_table(schema.empty_table(), f"{files.root}/part-00000-empty.parquet", filesystem=files.filesystem())
+    mark_written(files)
+    return sum(row["rows"] for row in found)
+
+
+def parquet_file(
+    fs: pafs.FileSystem, path: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+) -> dict[str, Any] | None:
+    """The batches written to one Parquet file at path (none written: no rows); its rows. A file that fails part way
+    is deleted."""
+    writer, rows = None, 0
+    try:
+        for batch in batches:
+            if len(batch):
+                writer = writer or pq.ParquetWriter(path, schema, filesystem=fs, compression="snappy")
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+                rows += len(batch)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            fs.delete_file(path)
+        raise
+    return {"rows": rows} if rows else None
 
 
 def first_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import Accumulator, AccumulatorParam, TaskContext
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from jobs.filesystems import Location
@@ -87,10 +87,10 @@ class SeenParam(AccumulatorParam):
 
 @dataclass
 class Found:
-    """A planned search: its table (neighbours rows, or candidate pairs of a range search) and, once that is written,
-    what the tasks saw and read."""
+    """A planned search: its answers (neighbours rows, or candidate pairs of a range search) and, once they are
+    written, what the tasks saw and read."""
 
-    table: DataFrame
+    answers: results.Answers
     seen: Accumulator
     counters: ReadCounters
     plan: Plan
@@ -204,7 +204,7 @@ def search(
 
     if not plan.routed:
         return Found(
-            frame.mapInArrow(local, NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA), seen, counters, plan
+            results.Answers(frame, local, NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA), seen, counters, plan
         )
 
     def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -249,7 +249,7 @@ def search(
     routed = frame.mapInArrow(route, ROUTED_SCHEMA).repartition(plan.tiles, partition_key(F.col("tile"), plan.tiles))
     candidates = routed.mapInArrow(tile, results.PACKED_SCHEMA if topk else results.PARTIAL_SCHEMA)
     if not topk:
-        return Found(candidates, seen, counters, plan)
+        return Found(results.Answers(candidates), seen, counters, plan)
     merge = results.merge_tasks(source.count, wanted.k, ranges, 4 * spark.sparkContext.defaultParallelism)
     return Found(results.merged(candidates, wanted.k, merge), seen, counters, plan)
 
