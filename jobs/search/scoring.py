@@ -60,16 +60,18 @@ class ShardRows:
     @classmethod
     def of(cls, table: pa.Table, dim: int, keep: np.ndarray) -> ShardRows:
         """The rows of `table` (cell, image_id, path, label, vector as float32 bytes, ...) where keep is set; the kept
-        vectors are copied once (none moved: a catalog file is already sorted by cell), the strings not at all when
-        every row is kept."""
+        vectors are copied once, or not at all where every row is kept and the column is one chunk (a catalog file is
+        already sorted by cell), the strings not at all when every row is kept."""
         picked = None if keep.all() else np.flatnonzero(keep)
         cell = table.column("cell").to_numpy()
         cell = cell if picked is None else cell[picked]
-        order = np.argsort(cell, kind="stable") if (np.diff(cell) < 0).any() else np.arange(len(cell))
+        in_order = not (np.diff(cell) < 0).any()  # a catalog file's rows are sorted by cell
+        order = np.arange(len(cell)) if in_order else np.argsort(cell, kind="stable")
         strings = [c for c in table.column_names if c not in ("cell", "vector", "group")]
         rows = pa.RecordBatch.from_arrays([table.column(c).combine_chunks() for c in strings], names=strings)
         rows = rows if picked is None else rows.take(pa.array(picked))
-        vectors = gather_matrix(table.column("vector"), dim, order if picked is None else picked[order])
+        every_row = None if in_order else order  # every row, in order: a view of the column read, no copy
+        vectors = gather_matrix(table.column("vector"), dim, every_row if picked is None else picked[order])
         cells, starts = np.unique(cell[order], return_index=True)
         return cls(
             rows,
