@@ -204,7 +204,15 @@ def search(
 
     if not plan.routed:
         return Found(
-            results.Answers(frame, local, NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA), seen, counters, plan
+            results.Answers(
+                frame,
+                local,
+                NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA,
+                tasks if source.files is not None else None,
+            ),
+            seen,
+            counters,
+            plan,
         )
 
     def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
