@@ -125,13 +125,13 @@ def read_probed(
         parquet = pq.ParquetFile(handle, pre_buffer=True, metadata=footer.metadata if footer else None)
         footer = footer or Footer.read(parquet, len(probed))
         chosen = np.flatnonzero(probed_before[footer.highest + 1] > probed_before[footer.lowest])
+        empty = parquet.schema_arrow.empty_table().select(columns)
         if not len(chosen):
-            empty = parquet.schema_arrow.empty_table().select(columns)
             return empty, np.zeros(0, bool), footer.metadata.serialized_size, 0, footer
         # one batch across the row groups: its vector column is one buffer, which the scoring views without a copy
         rows = sum(footer.metadata.row_group(int(g)).num_rows for g in chosen)
         batches = list(parquet.iter_batches(batch_size=max(rows, 1), row_groups=chosen.tolist(), columns=columns))
-        table = pa.Table.from_batches(batches) if batches else parquet.schema_arrow.empty_table().select(columns)
+        table = pa.Table.from_batches(batches, empty.schema)
     keep = probed[table.column("cell").to_numpy()]
     if len(deleted):
         keep &= ~np.isin(footer.row_numbers(chosen), deleted, assume_unique=True)

@@ -196,6 +196,7 @@ def numbered_batch(ids: Iterator[int]) -> Iterator[pa.RecordBatch]:
 
 
 def rows_of(batches: Iterator[pa.RecordBatch]) -> Iterator[dict[str, Any]]:
+    """The batches' rows as dictionaries (what an RDD task returns)."""
     for batch in batches:
         yield from batch.to_pylist()
 
