@@ -9,13 +9,17 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 # local runs stay on the loopback interface
 export SPARK_LOCAL_IP ?= 127.0.0.1
 
-# Where and how jobs run: MASTER=spark://host:7077 CONF=conf/standalone.conf make embed ...
+# Where and how jobs run: MASTER=spark://host:7077 CONF=conf/standalone.conf make embed ARGS="..." (README: Run on a
+# cluster). DEPLOY_MODE=cluster (YARN) runs the driver in the cluster, on the packed environment the conf file ships.
 MASTER ?= local[*]
 CONF ?= conf/local.conf
-# $(call submit,JOB): the driver JVM maps the class archive `make setup` wrote (scripts/local_start.py), where there
-# is one, and takes jobs.localstart's other options for JOB
-submit = $(SPARK_SUBMIT) --master '$(MASTER)' --properties-file $(CONF) \
-	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) $(ARGS) 2>/dev/null)' \
+DEPLOY_MODE ?= client
+# In client mode the driver runs here: on this venv's python, with jobs.localstart's JVM options for JOB (the class
+# archive `make setup` wrote, the quick compiler) and our log4j2 settings. In cluster mode none of these exist there.
+driver_opts = $(if $(filter client,$(DEPLOY_MODE)),--conf spark.pyspark.driver.python=$(PY) \
+	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) $(ARGS) 2>/dev/null)')
+# $(call submit,JOB): spark-submit of JOB with MASTER, DEPLOY_MODE, CONF and SUBMIT_OPTS (any spark-submit options)
+submit = $(SPARK_SUBMIT) --master '$(MASTER)' --deploy-mode $(DEPLOY_MODE) --properties-file $(CONF) $(call driver_opts,$(1)) \
 	--py-files dist/jobs.zip $(SUBMIT_OPTS) dist/main.py $(1)
 
 MODEL ?= mobilenet_v2
@@ -28,7 +32,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35
+.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35 weights
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -128,9 +132,15 @@ dist/env.tar.gz: pyproject.toml | setup
 emr-submit: build ## upload to S3_PREFIX and add an EMR step on CLUSTER_ID: ARGS="JOB ..."
 	$(PY) scripts/emr_submit.py --cluster-id $(CLUSTER_ID) --s3-prefix $(S3_PREFIX) -- $(ARGS)
 
-# Dataproc: CLUSTER=c REGION=r GS_PREFIX=gs://bucket/vs make dataproc-submit ARGS="embed ..." (prints the gcloud command)
-dataproc-submit: build ## print the gcloud command for a Dataproc job on CLUSTER/REGION (artefacts under GS_PREFIX)
-	$(PY) -m scripts.dataproc_submit --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) -- $(ARGS)
+# Dataproc: CLUSTER=c REGION=r GS_PREFIX=gs://bucket/vs make dataproc-submit ARGS="embed ..." uploads dist/jobs.zip,
+# dist/main.py and dist/env.tar.gz with gcloud storage cp and prints the job's gcloud command; RUN=1 also submits it
+dataproc-submit: build ## upload the three files to GS_PREFIX and print the Dataproc job's command (RUN=1: submit it)
+	$(PY) -m scripts.dataproc_submit --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) \
+		$(if $(RUN),--run,--upload) -- $(ARGS)
+
+# Nodes without internet: fetch the weights once here, then copy the file where the cluster reads and pass --weights
+weights: | setup ## fetch MODEL's weights once (torchvision's cache) and print where they are and their sha256
+	$(PY) -m scripts.weights --model $(MODEL) $(WEIGHTS_ARG)
 
 clean: ## remove build outputs (dist/, .venv-exec/); out/, where results live, stays
 	rm -rf dist .venv-exec .pytest_cache

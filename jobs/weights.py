@@ -1,4 +1,5 @@
-"""Find, fetch, verify and load pretrained weights: local path, s3:// URI, https URL or torchvision's cache."""
+"""Find, fetch, verify and load pretrained weights: a local path, s3:// (boto3), https (into torchvision's cache), or
+any URI Spark's Hadoop filesystems read (s3a://, gs://, hdfs://, abfs://), with the job's own settings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -44,8 +46,9 @@ def torchvision_cache_dir() -> str:
 def how_to_pass(model: str) -> str:
     name = os.path.basename(TORCHVISION_URLS[model])
     return (
-        f"download {TORCHVISION_URLS[model]} where you have internet and pass --weights /path/to/{name} "
-        f"(or an s3:// URI), or copy it to {torchvision_cache_dir()}/"
+        f"run `make weights MODEL={model}` where you have internet (or download {TORCHVISION_URLS[model]}) and pass "
+        f"--weights /path/to/{name} (or its s3://, s3a://, gs:// or hdfs:// copy), or copy it to "
+        f"{torchvision_cache_dir()}/"
     )
 
 
@@ -69,13 +72,32 @@ def _read_s3(uri: str) -> bytes:
     return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
 
 
-def fetch_bytes(model: str, weights: str | None) -> tuple[str, bytes]:
-    """The checkpoint's bytes and a printable source, fetching into torchvision's cache when needed."""
+def _read_hadoop(spark: Any, uri: str) -> bytes:
+    """One file through Spark's Hadoop filesystems (gs://, hdfs://, s3a:// with the job's fs.* settings): a binaryFile
+    read, whose one row reaches the driver faster than the bytes would through py4j."""
+    if spark is None:
+        raise UsageError(f"weights at {uri} are read through Spark: run a job, not this helper, on them")
+    from jobs.errors import known_error_from_spark
+
+    try:
+        rows = spark.read.format("binaryFile").load(uri).select("content").head(2)
+    except Exception as e:
+        raise known_error_from_spark(e) or e from e
+    if len(rows) != 1:
+        raise UsageError(f"{uri} is {'a folder' if rows else 'empty'}, not one weights file")
+    return bytes(rows[0][0])
+
+
+def fetch_bytes(model: str, weights: str | None, spark: Any = None) -> tuple[str, bytes]:
+    """The checkpoint's bytes and a printable source, fetching into torchvision's cache when needed; URIs other than
+    local, s3:// and http(s) are read with `spark`'s Hadoop filesystems."""
     source = weights or TORCHVISION_URLS[model]
     scheme = urlparse(source).scheme
     try:
-        if scheme in ("s3", "s3a", "s3n"):
+        if scheme in ("s3", "s3n"):
             return source, _read_s3(source)
+        if scheme not in ("", "file", "http", "https"):
+            return source, _read_hadoop(spark, source)
         if scheme in ("http", "https"):
             cached = os.path.join(torchvision_cache_dir(), os.path.basename(urlparse(source).path))
             if not os.path.exists(cached):
@@ -84,6 +106,8 @@ def fetch_bytes(model: str, weights: str | None) -> tuple[str, bytes]:
         with open(source.removeprefix("file://"), "rb") as f:
             return source, f.read()
     except (OSError, urllib.error.URLError) as e:
+        raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
+    except UsageError as e:
         raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
     except Exception as e:  # boto3's errors: no credentials, no such bucket or key, endpoint down
         if type(e).__module__.startswith(("botocore", "boto3")):
@@ -131,9 +155,9 @@ def build_model(model: str, data: bytes) -> torch.nn.Module:
     return net
 
 
-def load_weights(model: str, weights: str | None) -> Weights:
+def load_weights(model: str, weights: str | None, spark: Any = None) -> Weights:
     """Fetch, verify and test-load the checkpoint on the driver, so a bad file fails before any task runs."""
-    source, data = fetch_bytes(model, weights)
+    source, data = fetch_bytes(model, weights, spark)
     digest = verify_hash(source, data)
     try:
         build_model(model, data)

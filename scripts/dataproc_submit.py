@@ -1,11 +1,11 @@
-"""The `gcloud dataproc jobs submit pyspark` command for a job (printed; run it with --run).
+"""Ship the jobs to Dataproc and submit one: `gcloud storage cp` of the three files, then
+`gcloud dataproc jobs submit pyspark` (both printed; --upload runs the first, --run both).
 
   python -m scripts.dataproc_submit --cluster C --region R --gs-prefix gs://bucket/vehicle-search [--no-env] \
-      -- embed --input gs://bucket/photos --output gs://bucket/out/embeddings
+      [--upload | --run] -- embed --input gs://bucket/photos --output gs://bucket/out/embeddings
 
-Upload dist/jobs.zip, dist/main.py and dist/env.tar.gz (make pack-env PYTHON_PREFIX=/opt/conda/default) to the
-prefix first: `gcloud storage cp dist/jobs.zip dist/main.py dist/env.tar.gz gs://bucket/vehicle-search/`.
-The job ships the packed environment and runs in cluster mode (conf/dataproc.conf), so the driver and the
+The files are dist/jobs.zip, dist/main.py (make build) and dist/env.tar.gz (make -B pack-env
+PYTHON_PREFIX=/opt/conda/default: Dataproc's Python 3.11 lives there). The job ships the packed environment and runs in cluster mode (conf/dataproc.conf), so the driver and the
 executors both run ./environment/bin/python. --no-env is for images whose own Python already has the
 dependencies: it drops the archive and points driver and executors at Dataproc's /opt/conda/default/bin/python.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,11 @@ def command(cluster: str, region: str, prefix: str, job_args: list[str], env: bo
     return [*cmd, "--", *job_args]
 
 
+def upload_command(prefix: str, files: list[Path]) -> list[str]:
+    """gcloud storage cp of the files into the prefix (a folder: the trailing slash keeps their names)."""
+    return ["gcloud", "storage", "cp", *[str(f) for f in files], f"{prefix}/"]
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     argv = sys.argv[1:] if argv is None else argv
     ours, job_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -63,16 +69,28 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--gs-prefix", required=True)
     parser.add_argument("--no-env", action="store_true", help=f"do not ship env.tar.gz: use the nodes' {NODE_PYTHON}")
     parser.add_argument("--conf", type=Path, default=ROOT / "conf" / "dataproc.conf")
-    parser.add_argument("--run", action="store_true", help="run the command instead of printing it")
+    parser.add_argument("--dist", type=Path, default=ROOT / "dist", help="where jobs.zip, main.py and env.tar.gz are")
+    parser.add_argument("--upload", action="store_true", help="upload the files (and print the job's command)")
+    parser.add_argument("--run", action="store_true", help="upload the files and submit the job")
     args = parser.parse_args(ours)
     if not job_args:
         parser.error("give the job and its arguments after --")
     if not args.gs_prefix.startswith("gs://"):
         parser.error("--gs-prefix must be a gs:// URI")
-    cmd = command(args.cluster, args.region, args.gs_prefix.rstrip("/"), job_args, not args.no_env, args.conf)
-    print(shlex.join(cmd))
-    if args.run:
-        subprocess.run(cmd, check=True)
+    prefix = args.gs_prefix.rstrip("/")
+    files = [args.dist / "jobs.zip", args.dist / "main.py"] + ([] if args.no_env else [args.dist / "env.tar.gz"])
+    missing = [str(f) for f in files if not f.exists()]
+    if missing and (args.upload or args.run):  # before any upload: one line, nothing half-shipped
+        parser.exit(2, f"dataproc_submit: {', '.join(missing)} missing: run make build (and make -B pack-env "
+                    "PYTHON_PREFIX=/opt/conda/default), or pass --no-env\n")
+    upload = upload_command(prefix, files)
+    cmd = command(args.cluster, args.region, prefix, job_args, not args.no_env, args.conf)
+    for step, runs in ((upload, args.upload or args.run), (cmd, args.run)):
+        print(("running: " if runs else "") + shlex.join(step), flush=True)
+        if runs and shutil.which(step[0]) is None:
+            parser.exit(2, f"dataproc_submit: {step[0]} not found: install the Google Cloud CLI\n")
+        if runs and subprocess.run(step).returncode != 0:
+            parser.exit(1, f"dataproc_submit: {step[0]} {step[1]} {step[2]} failed (see above)\n")
     return cmd
 
 

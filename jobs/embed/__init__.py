@@ -119,7 +119,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         )
     log.info("%d images listed, %d to embed, %d unchanged and skipped", len(plan.listing), len(plan.todo), plan.skipped)
     with summary.stage("weights"):
-        weights = load_weights(args.model, args.weights)
+        weights = load_weights(args.model, args.weights, spark)
         plan.check_weights(args.output, weights.sha256)
         precision = resolve_precision(
             args.precision, args.model, weights.data, lambda: np.stack([*plan.first_crops(spark), *probe_crops()])

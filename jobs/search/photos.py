@@ -48,7 +48,7 @@ class Photos:
         return self.embedded.where(F.col("embedding").isNull()).count()
 
 
-def index_weights(index: Index, override: str | None) -> Weights:
+def index_weights(spark: SparkSession, index: Index, override: str | None) -> Weights:
     """The weights the index's vectors came from (index.json's source, or --weights), checked against its sha256."""
     source = override or index.meta.get("weights_source")
     expected = index.meta.get("weights_sha256")
@@ -56,7 +56,7 @@ def index_weights(index: Index, override: str | None) -> Weights:
         raise UsageError(
             f"index {index.uri} does not say where its weights came from (sha256 {expected[:12]}); give --weights"
         )
-    weights = load_weights(index.model, source)
+    weights = load_weights(index.model, source, spark)
     if expected and weights.sha256 != expected:
         raise UsageError(
             f"weights {weights.source} have sha256 {weights.sha256[:12]} but index {index.uri} was built from "
@@ -79,7 +79,7 @@ def embed_photos(
     spark: SparkSession, index: Index, uri: str, weights_override: str | None, batch_size: int = 32
 ) -> Photos:
     """Embed the photos at uri (a file, a folder or a glob; any Hadoop URI) on the executors, as the embed job would."""
-    weights = index_weights(index, weights_override)
+    weights = index_weights(spark, index, weights_override)
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
