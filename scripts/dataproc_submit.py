@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     files = [args.dist / "jobs.zip", args.dist / "main.py"] + ([] if args.no_env else [args.dist / "env.tar.gz"])
     missing = [str(f) for f in files if not f.exists()]
     if missing and (args.upload or args.run):  # before any upload: one line, nothing half-shipped
-        parser.exit(2, f"dataproc_submit: {', '.join(missing)} missing: run make build (and make -B pack-env "
-                    "PYTHON_PREFIX=/opt/conda/default), or pass --no-env\n")
+        parser.exit(
+            2,
+            f"dataproc_submit: {', '.join(missing)} missing: run make build (and make -B pack-env "
+            "PYTHON_PREFIX=/opt/conda/default), or pass --no-env\n",
+        )
     upload = upload_command(prefix, files)
     cmd = command(args.cluster, args.region, prefix, job_args, not args.no_env, args.conf)
     for step, runs in ((upload, args.upload or args.run), (cmd, args.run)):

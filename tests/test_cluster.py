@@ -1,7 +1,6 @@
-"""A real Spark standalone cluster on 127.0.0.1: master + worker from the pyspark installation,
-the built jobs.zip and the packed environment submitted with spark-submit, embed -> index -> search,
-a Python worker killed mid-run; the cluster is stopped even when a test fails.
-"""
+"""A real Spark standalone cluster on 127.0.0.1 (a master and two one-core workers from the pyspark installation,
+sharing no local folder) running the README's standalone block against an S3-compatible server, equal to local[2];
+a Python worker killed mid-run; the cluster is stopped even when a test fails."""
 
 from __future__ import annotations
 
@@ -11,16 +10,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
-from conftest import ROOT
-from helpers import build_dist, spark_submit, submit_command, submit_env
-from test_conf import worker_budget_mb
+from conftest import ROOT, run_job
+from helpers import build_dist, submit_command, submit_env
+from test_s3 import KEYS, read_remote
 
-from scripts.emr_submit import read_properties
+S3_KEYS = {"aws_access_key_id": KEYS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": KEYS["AWS_SECRET_ACCESS_KEY"]}
 
 pytestmark = pytest.mark.slow
 SPARK_CLASS = str(Path(sys.executable).parent / "spark-class")
@@ -49,56 +50,32 @@ def alive_workers(ui_port: int) -> int:
         return 0
 
 
+def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """A master and two workers of one core each on 127.0.0.1; each worker (and so its executor) has its own work and
+    local directories, in memory where there is room (an executor unpacks the 1.6 GB environment for every job)."""
     folder = tmp_path_factory.mktemp("cluster")
-    port, ui, worker_ui = free_port(), free_port(), free_port()
+    shm = Path("/dev/shm")
+    scratch = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() and shutil.disk_usage(shm).free > 8 << 30 else folder
+    port, ui = free_port(), free_port()
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(folder)}
-    logs = [open(folder / name, "w") for name in ("master.log", "worker.log")]  # noqa: SIM115 - closed in finally
     processes = []
     try:
-        processes.append(
-            subprocess.Popen(
-                [
-                    SPARK_CLASS,
-                    "org.apache.spark.deploy.master.Master",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--webui-port",
-                    str(ui),
-                ],
-                stdout=logs[0],
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        )
+        master = [SPARK_CLASS, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port)]
+        processes.append(start([*master, "--webui-port", str(ui)], folder / "master.log", env))
         wait_until(lambda: alive_workers(ui) == 0 and _listening(port), 90, "the master")
-        processes.append(
-            subprocess.Popen(
-                [
-                    SPARK_CLASS,
-                    "org.apache.spark.deploy.worker.Worker",
-                    f"spark://127.0.0.1:{port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--cores",
-                    "2",
-                    "--memory",
-                    "3g",
-                    "--webui-port",
-                    str(worker_ui),
-                    "--work-dir",
-                    str(folder / "work"),
-                ],
-                stdout=logs[1],
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        )
-        wait_until(lambda: alive_workers(ui) == 1, 90, "the worker to register")
-        yield f"spark://127.0.0.1:{port}", folder
+        for n in (1, 2):
+            own = {"SPARK_WORKER_DIR": str(scratch / f"work{n}"), "SPARK_LOCAL_DIRS": str(scratch / f"local{n}")}
+            worker = [SPARK_CLASS, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}"]
+            options = ["--host", "127.0.0.1", "--cores", "1", "--memory", "2g", "--webui-port", str(free_port())]
+            processes.append(start([*worker, *options], folder / f"worker{n}.log", {**env, **own}))
+        wait_until(lambda: alive_workers(ui) == 2, 90, "both workers to register")
+        yield f"spark://127.0.0.1:{port}", scratch
     finally:
         for process in reversed(processes):
             process.terminate()
@@ -107,8 +84,8 @@ def cluster(tmp_path_factory):
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for log in logs:
-            log.close()
+        if scratch != folder:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _listening(port: int) -> bool:
@@ -116,64 +93,135 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_embed_index_search_on_a_standalone_cluster(cluster, spark, tmp_path, demo_dir, mobilenet_weights):
-    master, folder = cluster
-    dist = build_dist(tmp_path / "dist")
-    archive = ROOT / "dist" / "env.tar.gz"
-    assert archive.exists(), "make test builds the executors' environment with `make pack-env`"
-    # executors run Python from the venv-pack archive, as on a cluster without torch on its nodes
-    # EMR's Python memory per worker, scaled to this worker's 2 cores, with its allocator settings: the embed and
-    # the search's own photo embedding run under the address-space limit that emr.conf gives each Python worker
-    emr = read_properties(ROOT / "conf" / "emr.conf")
-    conf = {
-        "spark.archives": f"{archive}#environment",
-        "spark.pyspark.python": "./environment/bin/python",
-        "spark.pyspark.driver.python": sys.executable,
-        "spark.executor.memory": "2g",
-        "spark.task.cpus": "1",
-        "spark.executor.cores": "2",
-        "spark.executor.pyspark.memory": f"{2 * worker_budget_mb(emr):.0f}m",
-        **{k: v for k, v in emr.items() if k.startswith("spark.executorEnv.")},
-    }
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
-        # the driver unpacks its own copy of the archive and deletes it at exit: 37,000 files, ~85 s on a disk
-        # mounted with discard, a second in memory
-        conf["spark.local.dir"] = str(shm)
-    out = tmp_path / "out"
-    steps = [
+def readme_block(heading: str) -> str:
+    """The first bash block after a heading of the README."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index(heading) :].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def run_block(commands: str, env: dict[str, str]) -> str:
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", commands], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+def short(path: str) -> str:
+    """label/file.jpg: the same for a photo on S3 and its local copy."""
+    return "/".join(path.rsplit("/", 2)[-2:])
+
+
+def named(frame, *columns: str) -> list[tuple]:
+    return sorted(
+        tuple(short(v) if c.endswith("path") else v for c, v in zip(columns, row))
+        for row in frame[list(columns)].itertuples(index=False)
+    )
+
+
+def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_local(
+    cluster, moto, spark, tmp_path, demo_dir, mobilenet_weights
+):
+    """The README's standalone block, as written but for the master, the bucket, the keys and the model (the only
+    real weights offline are MobileNetV2's), with the endpoint in SUBMIT_OPTS: photos from s3a, every output to s3a,
+    on two executors that share no disk; its answers equal the same pipeline's on local[2] with local paths."""
+    master, scratch = cluster
+    s3 = boto3.client("s3", endpoint_url=moto, **S3_KEYS)
+    s3.create_bucket(Bucket="vehicles")
+    block = readme_block("### Standalone")
+    for old, new in {
+        "spark://master-host:7077": master,
+        "my-bucket": "vehicles",
+        "your-key-id": KEYS["AWS_ACCESS_KEY_ID"],
+        "your-secret": KEYS["AWS_SECRET_ACCESS_KEY"],
+        "--model resnet18": "--model mobilenet_v2",
+        "resnet18-f37072fd.pth": "mobilenet_v2-b0353104.pth",
+    }.items():
+        assert old in block, old
+        block = block.replace(old, new)
+    first, later = block.split("\n# later, ")
+    setup = first.split("\nmake embed")[0]  # the exports, for the later lines
+    endpoint = f"--conf spark.hadoop.fs.s3a.endpoint={moto} --conf spark.hadoop.fs.s3a.path.style.access=true"
+    # the driver's own local directory (it unpacks the environment too) beside the workers', never shared with them
+    env = {**submit_env(), "SUBMIT_OPTS": endpoint, "SPARK_LOCAL_DIRS": str(scratch / "driver")}
+    photos, queries = tmp_path / "photos", tmp_path / "queries"
+    for label in ("cat", "coffee", "motorcycle", "rocket"):
+        shutil.copytree(demo_dir / "catalog" / label, photos / label)
+        shutil.copytree(demo_dir / "queries" / label, queries / label)
+    s3.upload_file(mobilenet_weights, "vehicles", "vehicle-search/models/mobilenet_v2-b0353104.pth")
+    for folder in (photos, queries):
+        for path in folder.rglob("*.jpg"):
+            s3.upload_file(str(path), "vehicles", f"vehicle-search/{folder.name}/{path.relative_to(folder)}")
+
+    output = run_block(first, env)
+    assert KEYS["AWS_SECRET_ACCESS_KEY"] not in output
+    remote = {name: read_remote(s3, f"vehicle-search/{name}/") for name in ("embeddings", "similar", "duplicates")}
+    remote["knn_graph"] = read_remote(s3, "vehicle-search/knn_graph/")
+    evaluation = json.loads(s3.get_object(Bucket="vehicles", Key="vehicle-search/evaluation.json")["Body"].read())
+    report = {o["Key"] for o in s3.list_objects_v2(Bucket="vehicles", Prefix="vehicle-search/report/")["Contents"]}
+    for n in (1, 2):  # both executors worked, each in its own folders
+        logs = "".join(p.read_text(errors="replace") for p in (scratch / f"work{n}").glob("app-*/*/stderr"))
+        assert "Running task" in logs, f"the executor of worker {n} ran no task"
+
+    out = tmp_path / "local"
+    embed = ["embed", "--input", photos, "--output", out / "embeddings", "--model", "mobilenet_v2"]
+    local_runs = [
+        [*embed, "--weights", mobilenet_weights],
+        ["index", "--embeddings", out / "embeddings", "--output", out / "index"],
+        ["search", "--index", out / "index", "--images", queries, "--output", out / "similar", "-k", "10"],
+        ["search", "--index", out / "index", "--all", "-k", "10", "--output", out / "knn_graph"],
         [
-            "embed",
-            "--input",
-            demo_dir / "catalog",
+            "search",
+            "--index",
+            out / "index",
+            "--duplicates",
+            "--min-similarity",
+            "0.95",
             "--output",
-            out / "emb",
-            "--model",
-            "mobilenet_v2",
-            "--weights",
-            mobilenet_weights,
+            out / "duplicates",
         ],
-        ["index", "--embeddings", out / "emb", "--output", out / "index"],
-        # the query photos are embedded inside the search job, with the weights index.json names
-        ["search", "--index", out / "index", "--images", demo_dir / "queries", "--output", out / "nb", "-k", "3"],
     ]
-    for step in steps:
-        result = spark_submit(dist, step, master=master, conf=conf)
-        assert result.returncode == 0, f"{step[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        if "spark.archives" in conf:
-            # shipped once: unpacking 0.5 GB (driver and executor) and deleting it (driver, at exit) takes minutes;
-            # index and search run on the Python that embed's executor unpacked from the archive
-            shipped = sorted(folder.glob("work/app-*/*/environment/bin/python"))[-1]
-            conf = {**{k: v for k, v in conf.items() if k != "spark.archives"}, "spark.pyspark.python": str(shipped)}
-    assert "query file:" in result.stdout and "rank  similarity" in result.stdout  # the console's top-k table
-    catalog = spark.read.parquet(str(out / "emb")).toPandas()
-    assert len(catalog) == 15 * 6 and catalog["error"].isna().all()
-    neighbours = spark.read.parquet(str(out / "nb")).toPandas()
-    assert neighbours.groupby("query_id").size().tolist() == [3] * 15
-    top1 = neighbours[neighbours["rank"] == 1]
-    assert (
-        top1["neighbor_label"].to_numpy() == top1["query_path"].str.rsplit("/", n=2).str[-2].to_numpy()
-    ).mean() >= 0.9
+    for args in local_runs:
+        assert run_job(spark, *args) == 0, args
+    local = {name: spark.read.parquet(str(out / name)).toPandas() for name in ("embeddings", "similar", "duplicates")}
+    local["knn_graph"] = spark.read.parquet(str(out / "knn_graph")).toPandas()
+    assert named(remote["embeddings"], "path") == named(local["embeddings"], "path") and len(local["embeddings"]) == 24
+    assert remote["embeddings"]["path"].str.startswith("s3a://vehicles/vehicle-search/photos/").all()
+    for name in ("similar", "knn_graph"):
+        assert named(remote[name], "query_path", "rank", "neighbor_path") == named(
+            local[name], "query_path", "rank", "neighbor_path"
+        ), name
+    pairs = ("query_path", "neighbor_path")  # duplicate pairs, as (path, path)
+    assert named(remote["duplicates"], *pairs) == named(local["duplicates"], *pairs) and len(local["duplicates"])
+    assert evaluation["metrics"]["recall@10"] >= 0.9 and evaluation["metrics"]["queries"] == 24, evaluation
+    assert {"vehicle-search/report/index.html", "vehicle-search/report/report_summary.json"} <= report
+
+    # photos added and removed, then the README's later lines (embed the new ones, update the index) and a search
+    for path in sorted((demo_dir / "catalog" / "grace_hopper").glob("*.jpg")):
+        s3.upload_file(str(path), "vehicles", f"vehicle-search/photos/grace_hopper/{path.name}")
+    shutil.copytree(demo_dir / "catalog" / "grace_hopper", photos / "grace_hopper")
+    for path in sorted((photos / "cat").glob("*.jpg"))[:3]:
+        path.unlink()
+        s3.delete_object(Bucket="vehicles", Key=f"vehicle-search/photos/cat/{path.name}")
+    graph = 'make search ARGS="--index $B/index --all -k 10 --output $B/knn_graph"'
+    assert graph in first
+    run_block(f"{setup}\n{later}\n{graph}", env)
+    for args in (
+        local_runs[0],
+        ["index", "--embeddings", out / "embeddings", "--output", out / "index", "--mode", "incremental"],
+        local_runs[3],
+    ):
+        assert run_job(spark, *args) == 0, args
+    updated = read_remote(s3, "vehicle-search/knn_graph/")
+    index_summary = json.loads(
+        s3.get_object(Bucket="vehicles", Key="vehicle-search/index/_summary.json")["Body"].read()
+    )
+    assert index_summary["counts"] == {**index_summary["counts"], "added": 6, "dropped": 3, "indexed": 27}
+    local_graph = spark.read.parquet(str(out / "knn_graph")).toPandas()
+    assert len(local_graph) == 27 * 10
+    assert named(updated, "query_path", "rank", "neighbor_path") == named(
+        local_graph, "query_path", "rank", "neighbor_path"
+    )
 
 
 def processes() -> dict[int, tuple[int, str]]:
@@ -219,7 +267,7 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(
 
     from scripts.sample_data import synthetic_photos
 
-    master, folder = cluster
+    master, scratch = cluster
     synthetic_photos(tmp_path / "images" / "batch", 48, seed=9)
     command = submit_command(
         build_dist(tmp_path / "dist"),
@@ -246,17 +294,15 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(
     try:
 
         def embedding_started() -> bool:
-            return any(
-                "jobs.embed.task" in p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr")
-            )
+            return any("jobs.embed.task" in p.read_text(errors="replace") for p in scratch.glob("work*/app-*/*/stderr"))
 
         wait_until(
-            lambda: process.poll() is not None or (embedding_started() and executor_python_workers(folder / "work")),
+            lambda: process.poll() is not None or (embedding_started() and executor_python_workers(scratch)),
             240,
             "embedding to start on the executor",
         )
         assert process.poll() is None, "the job ended before a worker could be killed"
-        killed = executor_python_workers(folder / "work")
+        killed = executor_python_workers(scratch)
         for pid in killed:
             os.kill(pid, SIGKILL)
         assert process.wait(timeout=400) == 0, (tmp_path / "submit.log").read_text()[-3000:]
@@ -264,7 +310,7 @@ def test_killed_python_workers_are_retried_and_every_image_is_embedded_once(
         if process.poll() is None:
             process.kill()
         log.close()
-    executor_logs = "".join(p.read_text(errors="replace") for p in (folder / "work").glob("app-*/*/stderr"))
+    executor_logs = "".join(p.read_text(errors="replace") for p in scratch.glob("work*/app-*/*/stderr"))
     assert (
         killed and "Python worker exited unexpectedly" in executor_logs
     )  # the kill really failed a task; Spark retried it
