@@ -26,6 +26,43 @@ STORAGE_FAILURE = re.compile(
 STORAGE_DENIED = re.compile(
     r"(?:java\.nio\.file\.AccessDeniedException|java\.io\.FileNotFoundException): (?P<message>(?:Bucket |s3a://)[^\n]+)"
 )
+# What a cluster user meets first, as one line each: the pattern in Spark's error text, and what it means
+CLUSTER_MISTAKES = (
+    (
+        r"ClassNotFoundException: Class org\.apache\.hadoop\.fs\.s3a\.S3AFileSystem not found"
+        r"|No FileSystem for scheme \"s3a\"",
+        "no s3a connector: run `make s3a-jars` and keep the conf file's spark.jars line (or pass --packages "
+        "org.apache.hadoop:hadoop-aws:VERSION for your Spark's Hadoop: README, Run on a cluster)",
+    ),
+    (
+        r"NumberFormatException: For input string: \"\d+[a-z]+\"|ClassNotFoundException: Class software\.amazon\.awssdk"
+        r"|NoSuchMethodError: '[^']*org\.apache\.hadoop\.fs\.s3a",
+        "the s3a connector does not match this Spark's Hadoop: use the hadoop-aws of README's table, or keep the conf "
+        "file's fs.s3a.* lines and credentials provider with `make s3a-jars`'s 3.3.1",
+    ),
+    (
+        r"NoAuthWithAWSException|No AWS Credentials provided|Unable to load AWS credentials|No AWS credentials in",
+        "no S3 credentials: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY where you submit, or give the nodes an "
+        "instance profile",
+    ),
+    (
+        r"PYTHON_VERSION_MISMATCH|Python in worker has different (?:minor )?version",
+        "the executors run another Python than the driver: ship dist/env.tar.gz (spark.archives, in the conf files) "
+        "and make pack-env with the driver's Python version, or point spark.pyspark.python at a matching one",
+    ),
+    (
+        r"MemoryError|Cannot allocate memory|exceeding memory limits|Container killed .* memory"
+        r"|Python worker exited unexpectedly \(crashed\)",
+        "an executor's Python worker crashed, most often for want of memory: keep spark.executor.pyspark.memory >= 2304m x "
+        "spark.executor.cores (the conf files show the arithmetic) and the container or worker large enough for it",
+    ),
+    (
+        r"All masters are unresponsive|InvalidClassException|local class incompatible"
+        r"|Application has been killed\. Reason: Master removed",
+        "the cluster did not accept this driver: is the master's address right, and does it run this pyspark's "
+        "Spark version (README: Run on a cluster)?",
+    ),
+)
 TASK_USAGE_ERROR = re.compile(r"jobs\.errors\.UsageError: (?P<message>[^\n]+)")  # raised in a task, on an executor
 JAVA_CLASS_PREFIX = re.compile(r"\b(?:[a-z]\w*\.)+[A-Z]\w*(?:Exception|Error): ")
 SDK_DETAILS = re.compile(r" \(Service: [^)]*\)|, S3 Extended Request ID: [^:]*")
@@ -48,7 +85,15 @@ def known_error_from_spark(error: Exception) -> UsageError | StorageError | None
         return UsageError(text.strip().splitlines()[0][:400])
     if raised := TASK_USAGE_ERROR.search(text):
         return UsageError(raised["message"])
-    return storage_error(text)
+    return cluster_mistake(f"{name}: {text}") or storage_error(text)  # pyspark names some Java errors by type alone
+
+
+def cluster_mistake(text: str) -> UsageError | None:
+    """A setup mistake of a cluster run (connector, credentials, Python, memory, Spark version) as one line."""
+    for pattern, meaning in CLUSTER_MISTAKES:
+        if found := re.search(pattern, text):
+            return UsageError(f"{meaning} [{one_line(found.group(0), 120)}]")
+    return None
 
 
 def storage_error(text: str) -> UsageError | StorageError | None:

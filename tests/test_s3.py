@@ -302,3 +302,39 @@ def test_weights_endpoint_down_is_a_storage_failure(spark, tmp_path, demo_dir, m
         code == 3 and "cannot get mobilenet_v2 weights from s3://vehicles/models/" in err and "after retries" in err
     ), err
     assert "Traceback" not in err and not (tmp_path / "emb").exists()
+
+
+def test_s3a_without_the_connector_is_one_line_that_says_how_to_add_it(spark, tmp_path, capsys):
+    """This session has no hadoop-aws on its class path, as a cluster without --jars or --packages."""
+    code = run_job(spark, "index", "--embeddings", "s3a://vehicles/out/emb", "--output", "s3a://vehicles/out/index")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "main.py index: error: no s3a connector: run `make s3a-jars`" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("mistake", ["connector", "credentials"])
+def test_s3a_setup_mistakes_are_one_line_each(moto, tmp_path, demo_dir, mobilenet_weights, mistake):
+    """The offline connector without the conf file's fs.s3a lines (Hadoop 3.5's defaults it cannot read), and the
+    conf file's settings with no keys anywhere: each fails with its own one line, exit 2."""
+    from scripts.emr_submit import read_properties
+
+    conf = {k: v for k, v in read_properties(ROOT / "conf" / "standalone.conf").items() if "fs.s3a" in k}
+    conf |= {
+        "spark.jars": ",".join(str(j) for j in JARS),
+        "spark.hadoop.fs.s3a.endpoint": moto,
+        "spark.hadoop.fs.s3a.path.style.access": "true",
+    }
+    if mistake == "connector":
+        conf = {k: v for k, v in conf.items() if "timeout" not in k and "keepalive" not in k and "purge" not in k}
+        conf.pop("spark.hadoop.fs.s3a.aws.credentials.provider")
+        env = KEYS
+    else:  # keys only from the settings or the environment: no instance profile outside 127.0.0.1 to ask
+        conf["spark.hadoop.fs.s3a.aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
+        env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    args = ["index", "--embeddings", "s3a://vehicles/out/emb", "--output", "s3a://vehicles/out/index"]
+    result = spark_submit(build_dist(tmp_path / "dist"), args, conf=conf, env=env)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("main.py index: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    expected = "does not match this Spark's Hadoop" if mistake == "connector" else "no S3 credentials: export"
+    assert expected in errors[0], errors[0]
