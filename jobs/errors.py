@@ -53,8 +53,8 @@ CLUSTER_MISTAKES = (
     (
         r"MemoryError|Cannot allocate memory|exceeding memory limits|Container killed .* memory"
         r"|Python worker exited unexpectedly \(crashed\)",
-        "an executor's Python worker crashed, most often for want of memory: keep spark.executor.pyspark.memory >= 2304m x "
-        "spark.executor.cores (the conf files show the arithmetic) and the container or worker large enough for it",
+        "an executor's Python worker crashed, most often for want of memory: keep spark.executor.pyspark.memory >= "
+        "2304m x spark.executor.cores (the conf files show the arithmetic) and the container or worker large enough for it",
     ),
     (
         r"All masters are unresponsive|InvalidClassException|local class incompatible"

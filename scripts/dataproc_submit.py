@@ -5,9 +5,10 @@
       [--upload | --run] -- embed --input gs://bucket/photos --output gs://bucket/out/embeddings
 
 The files are dist/jobs.zip, dist/main.py (make build) and dist/env.tar.gz (make -B pack-env
-PYTHON_PREFIX=/opt/conda/default: Dataproc's Python 3.11 lives there). The job ships the packed environment and runs in cluster mode (conf/dataproc.conf), so the driver and the
-executors both run ./environment/bin/python. --no-env is for images whose own Python already has the
-dependencies: it drops the archive and points driver and executors at Dataproc's /opt/conda/default/bin/python.
+PYTHON_PREFIX=/opt/conda/default: Dataproc's Python 3.11 lives there). The job ships the packed environment and
+runs in cluster mode (conf/dataproc.conf), so the driver and the executors both run ./environment/bin/python.
+--no-env is for images whose own Python already has the dependencies: it drops the archive and points driver and
+executors at Dataproc's /opt/conda/default/bin/python.
 """
 
 from __future__ import annotations
