@@ -54,7 +54,7 @@ CLUSTER_MISTAKES = (
         r"MemoryError|Cannot allocate memory|exceeding memory limits|Container killed .* memory"
         r"|Python worker exited unexpectedly \(crashed\)",
         "an executor's Python worker crashed, most often for want of memory: keep spark.executor.pyspark.memory >= "
-        "2304m x spark.executor.cores (the conf files show the arithmetic) and the container or worker large enough for it",
+        "2304m x spark.executor.cores (the conf files show the arithmetic), and the containers large enough",
     ),
     (
         r"All masters are unresponsive|InvalidClassException|local class incompatible"
