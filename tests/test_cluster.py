@@ -114,7 +114,7 @@ def short(path: str) -> str:
 
 def named(frame, *columns: str) -> list[tuple]:
     return sorted(
-        tuple(short(v) if c.endswith("path") else v for c, v in zip(columns, row))
+        tuple(short(v) if "path" in c else v for c, v in zip(columns, row))
         for row in frame[list(columns)].itertuples(index=False)
     )
 
@@ -191,10 +191,17 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
         assert named(remote[name], "query_path", "rank", "neighbor_path") == named(
             local[name], "query_path", "rank", "neighbor_path"
         ), name
-    pairs = ("query_path", "neighbor_path")  # duplicate pairs, as (path, path)
+    pairs = ("path_a", "path_b")
     assert named(remote["duplicates"], *pairs) == named(local["duplicates"], *pairs) and len(local["duplicates"])
     assert evaluation["metrics"]["recall@10"] >= 0.9 and evaluation["metrics"]["queries"] == 24, evaluation
     assert {"vehicle-search/report/index.html", "vehicle-search/report/report_summary.json"} <= report
+    embedded = json.loads(
+        s3.get_object(Bucket="vehicles", Key="vehicle-search/embeddings/_summary.json")["Body"].read()
+    )
+    assert embedded["weights"]["source"] == "s3a://vehicles/vehicle-search/models/mobilenet_v2-b0353104.pth"
+    searched = json.loads(s3.get_object(Bucket="vehicles", Key="vehicle-search/similar/_summary.json")["Body"].read())
+    assert searched["touched"]["reader"] == "executors"  # pyarrow on the executors read the catalog from S3
+    assert KEYS["AWS_SECRET_ACCESS_KEY"] not in json.dumps([embedded, searched])
 
     # photos added and removed, then the README's later lines (embed the new ones, update the index) and a search
     for path in sorted((demo_dir / "catalog" / "grace_hopper").glob("*.jpg")):
