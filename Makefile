@@ -117,12 +117,9 @@ demo: build ## the whole pipeline on real photos, offline: embed -> index -> sea
 # (EMR 7.1+: /usr; Dataproc 2.2: make -B pack-env PYTHON_PREFIX=/opt/conda/default), so pack with Python 3.11.
 PACK_PYTHON ?= python3.11
 PYTHON_PREFIX ?= /usr
-# Two forms of one environment: dist/env.tar.gz (393 MB) for the clouds' stores (EMR, Dataproc, YARN's staging), and
-# dist/env.tar (1.2 GB) for a standalone cluster, whose client-mode driver serves it to every executor of every job over
-# the cluster's network: it unpacks in 2 s where the gzip takes 8 s of a core to inflate, on the driver and on each
-# executor, every job (the 9 jobs of the two-worker test: 2 min less).
-pack-env: dist/env.tar.gz ## the driver's and executors' Python environment (venv-pack): dist/env.tar.gz and dist/env.tar
-dist/env.tar: dist/env.tar.gz
+# Packed as .tar.gz, which Spark unpacks with the system's tar: its Java unpacker for a plain .tar refuses the link
+# bin/python -> the nodes' interpreter (and drops the files' modes).
+pack-env: dist/env.tar.gz ## the driver's and executors' Python environment (venv-pack): --archives dist/env.tar.gz#environment
 dist/env.tar.gz: pyproject.toml | setup
 	@mkdir -p dist
 	rm -rf .venv-exec
@@ -135,8 +132,7 @@ dist/env.tar.gz: pyproject.toml | setup
 	# venv-pack 0.2 rewrites a link only when it reads <base prefix>/bin/python (python3.11 would become python3.113.11)
 	base=$$(.venv-exec/bin/python -c 'import sys; print(sys.base_prefix)') && cd .venv-exec/bin && \
 		rm -f python python3 python3.11 && ln -s "$$base/bin/python" python3.11 && ln -s python3.11 python3 && ln -s python3.11 python
-	$(VENV)/bin/venv-pack -p .venv-exec -o dist/env.tar --force -q --python-prefix $(PYTHON_PREFIX)
-	gzip -c dist/env.tar > $@.partial && mv $@.partial $@
+	$(VENV)/bin/venv-pack -p .venv-exec -o $@ --force -q --python-prefix $(PYTHON_PREFIX)
 
 # EMR: CLUSTER_ID=j-XXX S3_PREFIX=s3://bucket/vs make emr-submit ARGS="embed --input s3://... --output s3://..."
 emr-submit: build ## upload to S3_PREFIX and add an EMR step on CLUSTER_ID: ARGS="JOB ..."
