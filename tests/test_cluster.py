@@ -4,12 +4,14 @@ a Python worker killed mid-run; the cluster is stopped even when a test fails.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -107,6 +109,34 @@ def run_block(commands: str, env: dict[str, str]) -> str:
     return result.stdout + result.stderr
 
 
+class TaskWatch:
+    """Which workers' executors ran a task, read from their logs while the jobs run (the workers delete a finished
+    job's folders within seconds)."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch, self.seen, self.done = scratch, set(), threading.Event()
+
+    def scan(self) -> None:
+        for n in (1, 2):
+            for log in (self.scratch / f"work{n}").glob("app-*/*/stderr"):
+                with contextlib.suppress(OSError):
+                    if "Running task" in log.read_text(errors="replace"):
+                        self.seen.add(n)
+
+    def watch(self) -> None:
+        while not self.done.wait(1.0):
+            self.scan()
+
+    def __enter__(self) -> TaskWatch:
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def short(path: str) -> str:
     """label/file.jpg: the same for a photo on S3 and its local copy."""
     return "/".join(path.rsplit("/", 2)[-2:])
@@ -153,15 +183,14 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
         for path in folder.rglob("*.jpg"):
             s3.upload_file(str(path), "vehicles", f"vehicle-search/{folder.name}/{path.relative_to(folder)}")
 
-    output = run_block(first, env)
+    with TaskWatch(scratch) as tasks:
+        output = run_block(first, env)
+    assert tasks.seen == {1, 2}, f"only the executors of workers {tasks.seen} ran tasks"
     assert KEYS["AWS_SECRET_ACCESS_KEY"] not in output
     remote = {name: read_remote(s3, f"vehicle-search/{name}/") for name in ("embeddings", "similar", "duplicates")}
     remote["knn_graph"] = read_remote(s3, "vehicle-search/knn_graph/")
     evaluation = json.loads(s3.get_object(Bucket="vehicles", Key="vehicle-search/evaluation.json")["Body"].read())
     report = {o["Key"] for o in s3.list_objects_v2(Bucket="vehicles", Prefix="vehicle-search/report/")["Contents"]}
-    for n in (1, 2):  # both executors worked, each in its own folders
-        logs = "".join(p.read_text(errors="replace") for p in (scratch / f"work{n}").glob("app-*/*/stderr"))
-        assert "Running task" in logs, f"the executor of worker {n} ran no task"
 
     out = tmp_path / "local"
     embed = ["embed", "--input", photos, "--output", out / "embeddings", "--model", "mobilenet_v2"]
