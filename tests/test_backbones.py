@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import logging
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import serve_files
 
 from jobs.embed.backends import AUTO_ORDER, FIDELITY, choose_backend, eager_runner, pick_backend
 from jobs.embed.model import EmbedConfig, runner_for
@@ -131,28 +130,15 @@ def test_https_weights_are_downloaded_once_into_the_torch_cache(resnet18_checkpo
     served = tmp_path / "served"
     served.mkdir()
     (served / resnet18_checkpoint.name).write_bytes(resnet18_checkpoint.read_bytes())
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served), **kwargs)
-
-        def log_message(self, *args):
-            requests.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/{resnet18_checkpoint.name}"
+    with serve_files(served) as (base, requests):
+        url = f"{base}/{resnet18_checkpoint.name}"
         first = load_weights("resnet18", url)
         second = load_weights("resnet18", url)
         assert first.sha256 == second.sha256
         assert Path(first.source) == tmp_path / "torch_home" / "hub" / "checkpoints" / resnet18_checkpoint.name
         assert len([r for r in requests if "GET" in r or r]) == 1  # the second load came from the cache
         with pytest.raises(UsageError, match="cannot get resnet18 weights.*--weights"):
-            load_weights("resnet18", f"http://127.0.0.1:{server.server_port}/resnet18-f37072fd.pth")
-    finally:
-        server.shutdown()
+            load_weights("resnet18", f"{base}/resnet18-f37072fd.pth")
 
 
 @pytest.fixture(scope="module")

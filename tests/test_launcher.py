@@ -4,6 +4,7 @@ application, as it does before contacting the resource manager), the Dataproc on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import stat
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from helpers import serve_files
 
 from scripts import dataproc_submit, emr_submit
 
@@ -69,16 +71,21 @@ def prepared(jvm, argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
     return str(child._4()), args, conf
 
 
-def make_submit(target: str, **variables: str) -> list[str]:
-    """The spark-submit command `make TARGET VAR=...` runs, without running it."""
+def make_dry_run(target: str, **variables: str) -> list[str]:
+    """The commands `make TARGET VAR=...` would run, one a line as the shell reads them (continued lines joined)."""
     printed = subprocess.run(
         ["make", "-s", "-n", "-C", str(ROOT), target, *[f"{k}={v}" for k, v in variables.items()]],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    lines = [line for line in printed.splitlines() if "/spark-submit " in line]
-    assert len(lines) == 1, printed
+    return [" ".join(line.split()) for line in printed.replace("\\\n", " ").splitlines()]
+
+
+def make_submit(target: str, **variables: str) -> list[str]:
+    """The spark-submit command `make TARGET VAR=...` runs, without running it."""
+    lines = [line for line in make_dry_run(target, **variables) if "/spark-submit " in line]
+    assert len(lines) == 1, lines
     return shlex.split(lines[0])
 
 
@@ -202,56 +209,30 @@ def test_dataproc_submit_without_the_files_says_what_to_build_and_uploads_nothin
 
 
 def test_make_dataproc_submit_passes_run_and_the_jobs_arguments_apart():
-    plain = make_submit_line("dataproc-submit", CLUSTER="c", REGION="r", GS_PREFIX="gs://b/vs", ARGS="embed --x y")
-    run = make_submit_line("dataproc-submit", CLUSTER="c", REGION="r", GS_PREFIX="gs://b/vs", ARGS="embed", RUN="1")
+    where = {"CLUSTER": "c", "REGION": "r", "GS_PREFIX": "gs://b/vs"}
+    plain = next(line for line in make_dry_run("dataproc-submit", **where, ARGS="embed --x y") if "dataproc_s" in line)
+    run = next(line for line in make_dry_run("dataproc-submit", **where, ARGS="embed", RUN="1") if "dataproc_s" in line)
     assert plain.endswith("--upload -- embed --x y") and run.endswith("--run -- embed")
-
-
-def make_submit_line(target: str, **variables: str) -> str:
-    printed = subprocess.run(
-        ["make", "-s", "-n", "-C", str(ROOT), target, *[f"{k}={v}" for k, v in variables.items()]],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    lines = printed.replace("\\\n", " ").splitlines()  # a recipe's continued lines, as the shell reads them
-    return " ".join(next(line for line in lines if "scripts.dataproc_submit" in line).split())
 
 
 def test_weights_are_fetched_once_and_their_place_and_sha256_printed(tmp_path, mobilenet_weights):
     """make weights: the first run downloads into torchvision's cache, the second reads it; both print the file and
     its sha256 (a server on 127.0.0.1 stands in for torchvision's)."""
-    import hashlib
-    import http.server
-    import threading
-
-    served, requests = tmp_path / "served", []
+    served = tmp_path / "served"
     served.mkdir()
     (served / "mobilenet_v2-b0353104.pth").write_bytes(Path(mobilenet_weights).read_bytes())
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served), **kwargs)
-
-        def log_message(self, *args):
-            requests.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/mobilenet_v2-b0353104.pth"
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
-    try:
-        runs = [
-            subprocess.run(
-                ["make", "-s", "-C", str(ROOT), "weights", "MODEL=mobilenet_v2", f"WEIGHTS={url}"],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            for _ in range(2)
+    with serve_files(served) as (base, requests):
+        command = [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "weights",
+            "MODEL=mobilenet_v2",
+            f"WEIGHTS={base}/mobilenet_v2-b0353104.pth",
         ]
-    finally:
-        server.shutdown()
+        runs = [subprocess.run(command, capture_output=True, text=True, env=env) for _ in range(2)]
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
     digest = hashlib.sha256(Path(mobilenet_weights).read_bytes()).hexdigest()
     for run in runs:
