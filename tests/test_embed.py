@@ -59,6 +59,8 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
             "4",
             "--backend",
             "onnxruntime",
+            "--precision",  # ONNX Runtime runs fp32: on a CPU with native bf16, auto would run eager bf16
+            "fp32",
             "--reader",
             reader,
         )
