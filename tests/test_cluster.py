@@ -170,6 +170,7 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
         assert old in block, old
         block = block.replace(old, new)
     first, later = block.split("\n# later, ")
+    later = f"# later, {later}"
     setup = first.split("\nmake embed")[0]  # the exports, for the later lines
     endpoint = f"--conf spark.hadoop.fs.s3a.endpoint={moto} --conf spark.hadoop.fs.s3a.path.style.access=true"
     # the driver's own local directory (it unpacks the environment too) beside the workers', never shared with them
