@@ -128,9 +128,19 @@ def test_incremental_skips_unchanged_and_replaces_changed_files(spark, tmp_path,
     assert np.dot(third.loc[b, "embedding"], first.loc[b, "embedding"]) < 0.9  # recomputed for the new content
     summary = json.loads((out / "_summary.json").read_text())
     assert (summary["counts"]["skipped"], summary["counts"]["embedded"]) == (1, 2)
+    # a file removed from the input: its row goes; rows of another input's files in the same table stay
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(photos["cat"][0], other / "d.jpg")
+    assert run_job(spark, "embed", "--input", other, *args[3:]) == 0
+    (images / "a.png").unlink()
+    assert run_job(spark, *args) == 0
+    counts = json.loads((out / "_summary.json").read_text())["counts"]
+    assert (counts["removed"], counts["embedded"], counts["table_rows"]) == (1, 0, 3)
+    assert sorted(check_contract(spark, out, 1280)["path"]) == [b, f"file:{images}/c.png", f"file:{other}/d.jpg"]
     # overwrite recomputes everything
     assert run_job(spark, *args, "--mode", "overwrite") == 0
-    assert json.loads((out / "_summary.json").read_text())["counts"]["embedded"] == 3
+    assert json.loads((out / "_summary.json").read_text())["counts"]["embedded"] == 2
 
 
 def test_labels_csv_and_crop_to_box(spark, tmp_path, photos, mobilenet_weights):

@@ -117,7 +117,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         plan = make_plan(
             spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box
         )
-    log.info("%d images listed, %d to embed, %d unchanged and skipped", len(plan.listing), len(plan.todo), plan.skipped)
+    log.info(
+        "%d images listed, %d to embed, %d unchanged and skipped, %d removed from the input (their rows are dropped)",
+        len(plan.listing),
+        len(plan.todo),
+        plan.skipped,
+        len(plan.removed),
+    )
     with summary.stage("weights"):
         weights = load_weights(args.model, args.weights, spark)
         plan.check_weights(args.output, weights.sha256)
@@ -161,6 +167,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         embedded=outcome.embedded,
         failed=outcome.failed,
         skipped=plan.skipped,
+        removed=len(plan.removed),
         vanished=vanished,
         table_rows=table.count(),
     )
@@ -185,6 +192,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         ("embedded", outcome.embedded),
         ("failed", outcome.failed),
         ("skipped (unchanged)", plan.skipped),
+        ("removed from the input", len(plan.removed)),
         ("vanished before read", vanished),
         ("table rows", summary.data["counts"]["table_rows"]),
         ("seconds", f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} embedding"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,7 @@ class Plan:
     changed: list[str]  # paths in `done` whose file has changed since
     target: str  # where chunks are appended: the output, or its staging sibling on a first run
     weights_done: list[str]  # the weights digests the existing rows were embedded with
+    removed: list[str] = field(default_factory=list)  # paths in `done` under --input whose file is gone
 
     def check_weights(self, output: str, sha256: str) -> None:
         """An incremental run adds to a table only vectors from the same checkpoint."""
@@ -131,19 +132,19 @@ def make_plan(
         else []
     )
     todo, changed = plan_files(listing, done)
+    removed = removed_files(listing, done, None if is_glob(input_uri) else storage.qualify(spark, input_uri))
     todo = todo.merge(label_files(todo["path"], labels), on="path", how="left")
     if not crop_to_box:
         todo[["x1", "y1", "x2", "y2"]] = None
     todo = todo[PLAN_COLUMNS].astype(object).where(todo[PLAN_COLUMNS].notna(), None)
-    return Plan(listing, todo, done, changed, target, weights_done)
+    return Plan(listing, todo, done, changed, target, weights_done, removed)
 
 
 def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
     """path, length, modification_us of every image file under input_uri (file contents are not read)."""
     if not storage.matches(spark, input_uri):
         raise UsageError(
-            f"input {input_uri} does not exist"
-            + (" (the pattern matches nothing)" if any(c in input_uri for c in "*?[{") else "")
+            f"input {input_uri} does not exist" + (" (the pattern matches nothing)" if is_glob(input_uri) else "")
         )
     files = (
         spark.read.format("binaryFile")
@@ -205,6 +206,19 @@ def plan_files(listing: pd.DataFrame, done: pd.DataFrame | None) -> tuple[pd.Dat
     todo = merged[merged["_merge"] == "left_only"].drop(columns="_merge")
     changed = sorted(set(todo["path"]) & set(done["path"]))
     return todo.reset_index(drop=True), changed
+
+
+def is_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[{")
+
+
+def removed_files(listing: pd.DataFrame, done: pd.DataFrame | None, folder: str | None) -> list[str]:
+    """Paths the table holds under the input folder whose file is no longer there (rows of other inputs, and of a
+    glob's, stay: their files were never listed)."""
+    if done is None or done.empty or folder is None:
+        return []
+    prefix = folder.rstrip("/") + "/"
+    return sorted(p for p in set(done["path"]) - set(listing["path"]) if p.startswith(prefix) or p == folder)
 
 
 def escape_glob(path: str) -> str:

@@ -50,9 +50,9 @@ def write_chunks(
 
 
 def commit(spark: SparkSession, plan: Plan, output: str) -> None:
-    """Drop rows of changed files, then swap a first run's staging table in under the output's name."""
-    if plan.changed and plan.done is not None:
-        stale = plan.done[plan.done["path"].isin(plan.changed)]
+    """Drop rows of changed and removed files, then swap a first run's staging table in under the output's name."""
+    if (plan.changed or plan.removed) and plan.done is not None:
+        stale = plan.done[plan.done["path"].isin(plan.changed + plan.removed)]
         rewritten = storage.sibling(output, "compact")
         drop_stale(spark.read.parquet(plan.target), stale, spark).write.parquet(rewritten)
         storage.swap_in(spark, rewritten, plan.target)
@@ -61,7 +61,7 @@ def commit(spark: SparkSession, plan: Plan, output: str) -> None:
 
 
 def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> DataFrame:
-    """The table without rows for files that have changed since they were embedded."""
+    """The table without rows for files that have changed since they were embedded, or are gone."""
     keys = spark.createDataFrame(stale[["path", "length", "modification_us"]])
     if "weights_sha256" not in table.columns:  # a table from before the digest column
         table = table.withColumn("weights_sha256", F.lit(None).cast("string"))
