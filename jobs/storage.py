@@ -28,10 +28,15 @@ def exists(spark: SparkSession, uri: str) -> bool:
     return bool(fs.exists(path))
 
 
+def is_glob(uri: str) -> bool:
+    """Whether Hadoop reads uri as a pattern (photos/*.jpg, s3a://b/{a,b}/*)."""
+    return any(c in uri for c in "*?[{")
+
+
 def matches(spark: SparkSession, uri: str) -> bool:
     """True if uri exists, or is a Hadoop glob (photos/*.jpg, s3a://b/{a,b}/*) that matches something."""
     fs, path = _fs_and_path(spark, uri)
-    if not any(c in uri for c in "*?[{"):
+    if not is_glob(uri):
         return bool(fs.exists(path))
     found = fs.globStatus(path)
     return found is not None and len(found) > 0

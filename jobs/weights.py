@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 
 from jobs.backbones import build_backbone
-from jobs.errors import StorageError, UsageError
+from jobs.errors import StorageError, UsageError, known_error_from_spark
 
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -77,12 +77,13 @@ def _read_hadoop(spark: Any, uri: str) -> bytes:
     read, whose one row reaches the driver faster than the bytes would through py4j."""
     if spark is None:
         raise UsageError(f"weights at {uri} are read through Spark: run a job, not this helper, on them")
-    from jobs.errors import known_error_from_spark
-
     try:
         rows = spark.read.format("binaryFile").load(uri).select("content").head(2)
     except Exception as e:
-        raise known_error_from_spark(e) or e from e
+        known = known_error_from_spark(e)
+        if known is None:
+            raise
+        raise known from e
     if len(rows) != 1:
         raise UsageError(f"{uri} is {'a folder' if rows else 'empty'}, not one weights file")
     return bytes(rows[0][0])
@@ -105,9 +106,7 @@ def fetch_bytes(model: str, weights: str | None, spark: Any = None) -> tuple[str
             source = cached
         with open(source.removeprefix("file://"), "rb") as f:
             return source, f.read()
-    except (OSError, urllib.error.URLError) as e:
-        raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
-    except UsageError as e:
+    except (OSError, urllib.error.URLError, UsageError) as e:
         raise UsageError(f"cannot get {model} weights from {source}: {e}. {how_to_pass(model)}") from e
     except Exception as e:  # boto3's errors: no credentials, no such bucket or key, endpoint down
         if type(e).__module__.startswith(("botocore", "boto3")):

@@ -132,7 +132,7 @@ def make_plan(
         else []
     )
     todo, changed = plan_files(listing, done)
-    removed = removed_files(listing, done, None if is_glob(input_uri) else storage.qualify(spark, input_uri))
+    removed = removed_files(listing, done, None if storage.is_glob(input_uri) else storage.qualify(spark, input_uri))
     todo = todo.merge(label_files(todo["path"], labels), on="path", how="left")
     if not crop_to_box:
         todo[["x1", "y1", "x2", "y2"]] = None
@@ -144,7 +144,8 @@ def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> p
     """path, length, modification_us of every image file under input_uri (file contents are not read)."""
     if not storage.matches(spark, input_uri):
         raise UsageError(
-            f"input {input_uri} does not exist" + (" (the pattern matches nothing)" if is_glob(input_uri) else "")
+            f"input {input_uri} does not exist"
+            + (" (the pattern matches nothing)" if storage.is_glob(input_uri) else "")
         )
     files = (
         spark.read.format("binaryFile")
@@ -206,10 +207,6 @@ def plan_files(listing: pd.DataFrame, done: pd.DataFrame | None) -> tuple[pd.Dat
     todo = merged[merged["_merge"] == "left_only"].drop(columns="_merge")
     changed = sorted(set(todo["path"]) & set(done["path"]))
     return todo.reset_index(drop=True), changed
-
-
-def is_glob(uri: str) -> bool:
-    return any(c in uri for c in "*?[{")
 
 
 def removed_files(listing: pd.DataFrame, done: pd.DataFrame | None, folder: str | None) -> list[str]:
