@@ -8,8 +8,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import torch
+except ImportError:  # executors that run an exported model: Pillow gives the same pixels, in twice the time
+    torch = None
 
 RESIZE = 256
 CROP = 224
@@ -133,7 +137,7 @@ def resize_center_crop(img: Image.Image) -> np.ndarray:
     against Pillow's 1.6 (bench/embed.py), within one grey level of Pillow's (tests/test_imaging.py).
     """
     pixels = _rgbx_pixels(img)
-    if pixels is None:
+    if pixels is None or torch is None:
         return _pillow_resize_center_crop(img)
     new_w, new_h, top, left = _crop_geometry(*img.size)
     with warnings.catch_warnings():
@@ -158,21 +162,6 @@ def _pillow_resize_center_crop(img: Image.Image) -> np.ndarray:
 def preprocess(
     content: bytes, box: Box | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, int, int]:
-    """Bytes to a 224x224x3 uint8 array ready for `to_batch`, with the original size."""
+    """Bytes to a 224x224x3 uint8 array (what every backend takes), with the original size."""
     img, width, height = decode(content, box, max_pixels)
     return resize_center_crop(img), width, height
-
-
-_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-
-
-def normalize(nhwc: torch.Tensor) -> torch.Tensor:
-    """NHWC uint8 images to the ImageNet-normalised NCHW float batch, in channels_last memory layout."""
-    # NHWC storage viewed as NCHW is exactly channels_last: no copy, and the conv kernels prefer it
-    return (nhwc.permute(0, 3, 1, 2).float() - _MEAN.to(nhwc.device)) / _STD.to(nhwc.device)
-
-
-def to_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
-    """Stack HWC uint8 crops into a normalised NCHW float batch in channels_last memory layout."""
-    return normalize(torch.from_numpy(np.stack(crops)))

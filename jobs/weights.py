@@ -12,13 +12,13 @@ import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import torch
-
-from jobs.backbones import build_backbone
 from jobs.errors import StorageError, UsageError, known_error_from_spark
+
+if TYPE_CHECKING:
+    import torch
 
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -40,6 +40,8 @@ class Weights:
 
 def torchvision_cache_dir() -> str:
     """Where torchvision caches checkpoints: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch)."""
+    import torch
+
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
@@ -139,6 +141,8 @@ def verify_hash(source: str, data: bytes) -> str:
 
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """Tensors only: weights_only=True refuses any pickled code."""
+    import torch
+
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -149,6 +153,8 @@ def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 def build_model(model: str, data: bytes) -> torch.nn.Module:
     """The backbone with these weights loaded strictly, in eval mode."""
+    from jobs.backbones import build_backbone  # torch: on the driver only
+
     net = build_backbone(model)
     net.load_state_dict(state_dict_from_bytes(data), strict=True)
     return net

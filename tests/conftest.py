@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # tests touch only the loopback network
+# the embed job's exports and timings: kept per test session, never read from the user's ~/.cache
+os.environ["VEHICLE_SEARCH_CACHE"] = tempfile.mkdtemp(prefix="vehicle-search-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,9 @@ import pytest
 import torch
 from helpers import serve_files
 
-from jobs.embed.backends import AUTO_ORDER, FIDELITY, choose_backend, eager_runner, pick_backend
-from jobs.embed.model import EmbedConfig, runner_for
+from jobs.embed.backends import normalize
 from jobs.errors import UsageError
-from jobs.imaging import preprocess, to_batch
+from jobs.imaging import preprocess
 from jobs.weights import build_model, load_weights
 
 # ImageNet classes a motorcycle photo may fairly be given
@@ -72,7 +69,7 @@ def test_mobilenet_v2_real_weights_classify_the_motorcycle(mobilenet_weights, ph
     crop, width, height = preprocess(photos["motorcycle"][0].read_bytes())
     assert (width, height) == (741, 500)
     with torch.inference_mode():
-        probabilities = net(to_batch([crop])).softmax(1)[0]
+        probabilities = net(normalize(torch.from_numpy(crop[None]))).softmax(1)[0]
     top = int(probabilities.argmax())
     assert top in MOTORCYCLE_CLASSES, f"top class {top} is not motorcycle-like"
     assert float(probabilities[[665, 670]].sum()) > 0.5
@@ -83,7 +80,7 @@ def test_resnet18_torchvision_keys_load_strictly_and_embed_unit_vectors(resnet18
     net = build_model("resnet18", weights.data)
     crops = [preprocess(paths[0].read_bytes())[0] for paths in list(photos.values())[:3]]
     with torch.inference_mode():
-        vectors = torch.nn.functional.normalize(net.embed(to_batch(crops)), dim=1).numpy()
+        vectors = torch.nn.functional.normalize(net.embed(normalize(torch.from_numpy(np.stack(crops)))), dim=1).numpy()
     assert vectors.shape == (3, 512)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
@@ -141,35 +138,3 @@ def test_https_weights_are_downloaded_once_into_the_torch_cache(resnet18_checkpo
             load_weights("resnet18", f"{base}/resnet18-f37072fd.pth")
 
 
-@pytest.fixture(scope="module")
-def real_crops(photos) -> np.ndarray:
-    return np.stack([preprocess(photos[name][0].read_bytes())[0] for name in ("motorcycle", "grace_hopper", "rocket")])
-
-
-def test_onnxruntime_backend_gives_eager_vectors_on_real_photos(mobilenet_weights, real_crops):
-    weights = load_weights("mobilenet_v2", mobilenet_weights)
-    backend = choose_backend("auto", "mobilenet_v2", weights, "fp32")
-    assert backend.name == AUTO_ORDER[0] == "onnxruntime"  # installed here: auto must pick it
-    config = EmbedConfig("mobilenet_v2", "fp32", 4, 10**8, 0, backend.name)
-    vectors = runner_for(config, backend, lambda: weights.data, 1)(real_crops)
-    reference = eager_runner("mobilenet_v2", weights.data)(real_crops)
-    assert vectors.shape == (3, 1280)
-    assert (vectors * reference).sum(axis=1).min() >= FIDELITY
-
-
-def test_unavailable_backend_falls_back_to_eager_with_the_same_vectors(
-    mobilenet_weights, real_crops, monkeypatch, caplog
-):
-    weights = load_weights("mobilenet_v2", mobilenet_weights)
-    onnx_backend = choose_backend("onnxruntime", "mobilenet_v2", weights, "fp32")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on a Python without it: import fails
-    # the driver skips it ...
-    assert pick_backend("onnxruntime", "mobilenet_v2", weights.data, "fp32").name == "eager"
-    # ... and an executor without it runs eager from the weights, logging one line
-    config = EmbedConfig("mobilenet_v2", "fp32", 4, 10**8, 0, "onnxruntime")
-    with caplog.at_level(logging.WARNING, logger="jobs.embed"):
-        vectors = runner_for(config, onnx_backend, lambda: weights.data, 1)(real_crops)
-    assert [r.message for r in caplog.records if "unavailable" in r.message][0].startswith(
-        "backend onnxruntime unavailable"
-    )
-    np.testing.assert_allclose(vectors, eager_runner("mobilenet_v2", weights.data)(real_crops), atol=1e-6)

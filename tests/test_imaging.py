@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from jobs.embed.backends import normalize
 from jobs.imaging import (
     ImageError,
     _pillow_resize_center_crop,
@@ -18,9 +19,12 @@ from jobs.imaging import (
     extension_glob,
     preprocess,
     resize_center_crop,
-    to_batch,
 )
 from jobs.weights import build_model
+
+
+def to_batch(crops) -> torch.Tensor:
+    return normalize(torch.from_numpy(np.stack(crops)))
 
 
 def jpeg(img: Image.Image, **kwargs) -> bytes:

@@ -1,8 +1,8 @@
 """embed: image files (local dir or any Hadoop URI) -> L2-normalised CNN embeddings as Parquet.
 
 plan.py lists the images and plans what to compute (incremental re-runs skip unchanged files),
-model.py decodes and embeds them in batches on the executors, on the backend backends.py chose (the fastest faithful
-one),
+backends.py (driver, torch) exports the model and times the runtimes on the first photos: the fastest faithful one runs,
+model.py decodes and embeds the photos in batches on the executors, with runtimes.py's runners (no torch needed there),
 write.py appends each chunk to the table, so that an interrupted run resumes where it stopped.
 """
 
@@ -14,14 +14,13 @@ import numpy as np
 from pyspark.sql import SparkSession
 
 from jobs import storage
-from jobs.embed.backends import AUTO_ORDER, BACKENDS, choose_backend, probe_crops, resolve_precision
 from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, photo_location, plan_files, read_files
+from jobs.embed.runtimes import RUNTIMES
 from jobs.embed.write import Outcome, commit, write_chunks
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.weights import load_weights
 
 __all__ = [
     "EMBEDDINGS_COLUMNS",
@@ -60,16 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX) and it gives fp32's vectors on the "
-        "first photos (cosine >= 0.99), else fp32; bf16: autocast with BatchNorm folded into the convolutions",
+        help="auto: the faster of fp32 and bf16 (bf16 only where the CPU computes it natively: AVX512-BF16, AMX), "
+        "timed on the first photos; bf16 must give fp32's vectors there (cosine >= 0.99)",
     )
     parser.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", *BACKENDS],
-        help=f"how the model runs; auto = the first of {', '.join(AUTO_ORDER)} that is installed and gives eager's "
-        f"vectors "
-        "(cosine >= 0.9999); one that is unavailable falls back with one log line",
+        choices=["auto", *RUNTIMES],
+        help="the runtime on the executors; auto: the fastest of OpenVINO, ONNX Runtime (both run the driver's ONNX "
+        "export, no torch needed on executors) and eager PyTorch, timed on the first photos (jobs of 500+ photos; "
+        "remembered per machine) among those that give fp32's vectors (cosine >= 0.9999)",
     )
     parser.add_argument(
         "--mode",
@@ -125,21 +124,29 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         len(plan.removed),
     )
     with summary.stage("weights"):
+        from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's, never the executors'
+        from jobs.weights import load_weights
+
         weights = load_weights(args.model, args.weights, spark)
         plan.check_weights(args.output, weights.sha256)
-        precision = resolve_precision(
-            args.precision, args.model, weights.data, lambda: np.stack([*plan.first_crops(spark), *probe_crops()])
+        threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
+        choice = choose_backend(
+            args.backend,
+            args.precision,
+            args.model,
+            weights,
+            lambda: np.stack([*plan.first_crops(spark), *probe_crops()]),
+            len(plan.todo),
+            threads,
         )
-        backend = choose_backend(args.backend, args.model, weights, precision, len(plan.todo))
-    log.info("model %s (%s) on backend %s", args.model, precision, backend.name)
+    backend = choice.backend
+    log.info("model %s on backend %s", args.model, choice.line())
 
     photos = None if args.reader == "spark" else photo_location(spark, plan.readable()["path"])
     if args.reader == "direct" and photos is None and not plan.readable().empty:
         raise UsageError(f"--reader direct: pyarrow cannot open the photos under {args.input} here; use --reader spark")
     log.info("photos read by %s", "the tasks (pyarrow)" if photos else "Spark")
-    config = EmbedConfig(
-        args.model, precision, args.batch_size, args.max_pixels, args.log_every, backend.name, photos, args.precision
-    )
+    config = EmbedConfig(args.model, args.batch_size, args.max_pixels, args.log_every, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
     # executors read a broadcast's value only when they use it: the weights only on a fallback to eager
@@ -175,8 +182,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         input=args.input,
         output=args.output,
         model=args.model,
-        precision=precision,
-        backend=backend.name,
+        precision=backend.precision,
+        backend=backend.runtime,
+        backend_choice={"how": choice.how, "seen": choice.seen},
         photos_read_by="tasks" if photos else "spark",
         weights={"source": weights.source, "sha256": weights.sha256},
         images_per_second=round((outcome.embedded + outcome.failed) / seconds, 2) if seconds else None,
@@ -187,7 +195,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     rows = [
         ("input", args.input),
         ("output", args.output),
-        ("model", f"{args.model} ({precision}, {backend.name}), weights sha256 {weights.sha256[:12]}"),
+        ("model", f"{args.model}, weights sha256 {weights.sha256[:12]}"),
+        ("backend", choice.line()),
         ("images listed", len(plan.listing)),
         ("embedded", outcome.embedded),
         ("failed", outcome.failed),

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from jobs.embed.backends import Backend, Runner, eager_runner, load_runner, supports_bf16
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA
+from jobs.embed.runtimes import Backend, Runner, load_on_executor
 from jobs.filesystems import Location, path_on_filesystem
 from jobs.imaging import CROP, ImageError, preprocess
 from jobs.runlog import get_logger
@@ -34,66 +34,44 @@ class EmbedConfig:
     """What every executor needs to embed: serialisable, small; weights and backend travel in broadcasts."""
 
     model: str
-    precision: str
     batch_size: int
     max_pixels: int
     log_every: int
-    backend: str = "eager"
     photos: Location | None = None  # where the tasks read the photos themselves; None: the rows carry their bytes
-    requested: str = "fp32"  # the precision asked for: with auto, an executor without native bf16 runs fp32
-
-    def precision_here(self) -> str:
-        """The precision this process runs: bf16 that auto chose only where this CPU computes it natively."""
-        if self.precision == "bf16" and self.requested == "auto" and not supports_bf16():
-            log.warning("precision auto: bf16 chosen on the driver, but this executor has no native bf16: fp32 here")
-            return "fp32"
-        return self.precision
-
-
-def runner_for(config: EmbedConfig, backend: Backend, weights: Callable[[], bytes], threads: int) -> Runner:
-    """The driver's chosen backend, or eager (one log line) where it cannot load in this Python."""
-    if config.backend != "eager":
-        try:
-            return load_runner(backend, threads)
-        except Exception as e:  # e.g. onnxruntime missing from this executor's Python
-            log.warning(
-                "backend %s unavailable on this executor (%s); using eager",
-                config.backend,
-                f"{type(e).__name__}: {e}"[:200],
-            )
-    return eager_runner(config.model, weights(), config.precision_here())
 
 
 class Embedder:
     """One runner per Python worker process, reused by every task and batch that process runs."""
 
-    _cache: dict[tuple[str, str, str, str, int], Runner] = {}
+    _cache: dict[tuple[str, str, str, int], tuple[Runner, str]] = {}
 
     @classmethod
-    def get(cls, config: EmbedConfig, sha256: str, weights: Any, backend: Any) -> Runner:
-        threads = torch.get_num_threads()
-        key = (config.model, sha256, config.precision, config.backend, threads)
+    def get(cls, config: EmbedConfig, sha256: str, weights: Any, backend: Any, threads: int) -> tuple[Runner, str]:
+        chosen: Backend = backend.value
+        key = (config.model, sha256, chosen.name, threads)
         if key not in cls._cache:
-            # broadcasts load on first .value: the weights only when eager runs
-            cls._cache[key] = runner_for(config, backend.value, lambda: weights.value, threads)
+            # broadcasts load on first .value: the weights only where eager runs
+            cls._cache[key] = load_on_executor(chosen, threads, lambda: weights.value, config.model)
         return cls._cache[key]
 
 
-def _set_torch_threads() -> None:
+def _task_threads() -> int:
+    """The task's cores (spark.task.cpus): two tasks never fight over a core."""
     from pyspark import TaskContext
 
     context = TaskContext.get()
     threads = max(1, context.cpus() if context is not None else 1)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)  # one thread per task core: two tasks never fight over a core
+    torch = sys.modules.get("torch")  # eager runs here: torch's pool is per process, set it for this task
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def embed_partition(
     batches: Iterator[pd.DataFrame], config: EmbedConfig, sha256: str, weights: Any, backend: Any
 ) -> Iterator[pd.DataFrame]:
     """Executor side: decode, preprocess and embed each Arrow batch; a bad file becomes an error row."""
-    _set_torch_threads()
-    embed = Embedder.get(config, sha256, weights, backend)
+    embed, running = Embedder.get(config, sha256, weights, backend, _task_threads())
     task_log = get_logger("jobs.embed.task")
     started, images, n_batches = time.perf_counter(), 0, 0
     spent = {"arrow": 0.0, "read": 0.0, "decode": 0.0, "model": 0.0}  # where the task's time goes, in its last log line
@@ -145,7 +123,7 @@ def embed_partition(
             _task_id(),
             images,
             rate,
-            config.backend,
+            running,
             ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
             _peak_rss_mb(),
         )

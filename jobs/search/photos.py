@@ -8,9 +8,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.embed.backends import choose_backend, supports_bf16
 from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import PLAN_COLUMNS, list_images, photo_location, read_files
+from jobs.embed.runtimes import RUNTIMES, native_bf16
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from jobs.ivf import Index
@@ -69,7 +69,7 @@ def index_weights(spark: SparkSession, index: Index, override: str | None) -> We
 def catalog_precision(index: Index) -> str:
     """The precision the catalog was embedded at, where this CPU runs it natively; else fp32, saying so."""
     precision = (index.meta.get("embedded_with") or {}).get("precision", "fp32")
-    if precision == "bf16" and not supports_bf16():
+    if precision == "bf16" and not native_bf16():
         log.warning("the catalog was embedded in bf16; this CPU has no native bf16: query photos embedded in fp32")
         return "fp32"
     return precision
@@ -83,18 +83,22 @@ def embed_photos(
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
-    precision = catalog_precision(index)
-    backend = choose_backend("auto", index.model, weights, precision, len(todo))
+    from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's only
+
+    threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
+    # the catalog's own runtime where it can run here: a photo in the catalog and among the queries gets one vector
+    runtime = (index.meta.get("embedded_with") or {}).get("backend")
+    runtime = runtime if runtime in RUNTIMES else "auto"
+    choice = choose_backend(runtime, catalog_precision(index), index.model, weights, probe_crops, len(todo), threads)
     log.info(
-        "embedding %d query photo(s) with %s (%s, %s, weights sha256 %s)",
+        "embedding %d query photo(s) with %s on %s, weights sha256 %s",
         len(todo),
         index.model,
-        precision,
-        backend.name,
+        choice.line(),
         weights.sha256[:12],
     )
     photos = photo_location(spark, todo["path"])
-    config = EmbedConfig(index.model, precision, batch_size, DEFAULT_MAX_PIXELS, 10, backend.name, photos, "auto")
+    config = EmbedConfig(index.model, batch_size, DEFAULT_MAX_PIXELS, 10, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     context = spark.sparkContext
     embedded = embed_images(
@@ -102,7 +106,7 @@ def embed_photos(
         config,
         weights.sha256,
         context.broadcast(weights.data),
-        context.broadcast(backend),
+        context.broadcast(choice.backend),
     )
     # the search reads the queries more than once: embed each photo once
     return Photos(embedded.persist(StorageLevel.MEMORY_AND_DISK), len(todo), weights)
