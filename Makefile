@@ -10,14 +10,16 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export SPARK_LOCAL_IP ?= 127.0.0.1
 
 # Where and how jobs run: MASTER=spark://host:7077 CONF=conf/standalone.conf make embed ARGS="..." (README: Run on a
-# cluster). DEPLOY_MODE=cluster (YARN) runs the driver in the cluster, on the packed environment the conf file ships.
+# cluster). DEPLOY_MODE=cluster (YARN) runs the driver in the cluster, on the packed environment with torch
+# (make pack-env-full), in place of the executors' one the conf file ships.
 MASTER ?= local[*]
 CONF ?= conf/local.conf
 DEPLOY_MODE ?= client
 # In client mode the driver runs here: on this venv's python, with jobs.localstart's JVM options for JOB (the class
 # archive `make setup` wrote, the quick compiler) and our log4j2 settings. In cluster mode none of these exist there.
 driver_opts = $(if $(filter client,$(DEPLOY_MODE)),--conf spark.pyspark.driver.python=$(PY) \
-	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) $(ARGS) 2>/dev/null)')
+	--driver-java-options '-Dlog4j2.configurationFile=file:$(abspath conf/log4j2.properties) $(shell $(PY) -m jobs.localstart $(1) $(ARGS) 2>/dev/null)',\
+	--conf spark.archives=dist/env-full.tar.gz\#environment)
 # $(call submit,JOB): spark-submit of JOB with MASTER, DEPLOY_MODE, CONF and SUBMIT_OPTS (any spark-submit options)
 submit = $(SPARK_SUBMIT) --master '$(MASTER)' --deploy-mode $(DEPLOY_MODE) --properties-file $(CONF) $(call driver_opts,$(1)) \
 	--py-files dist/jobs.zip $(SUBMIT_OPTS) dist/main.py $(1)
@@ -32,7 +34,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env emr-submit dataproc-submit s3a-jars test-spark35 weights
+.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -112,34 +114,46 @@ demo: build ## the whole pipeline on real photos, offline: embed -> index -> sea
 		--evaluation $(OUT)/evaluation.json --output $(OUT)/report
 	@$(PY) scripts/demo_summary.py $(OUT)
 
-# The packed environment runs the executors and, in cluster mode, the driver: it holds everything jobs/ imports.
-# A venv holds no interpreter: the archive's bin/python points at $(PYTHON_PREFIX)/bin/python3.11 on the nodes
-# (EMR 7.1+: /usr; Dataproc 2.2: make -B pack-env PYTHON_PREFIX=/opt/conda/default), so pack with Python 3.11.
+# The packed environments. The executors' (make pack-env) holds what their tasks import: the runtimes that run the
+# driver's ONNX export, no torch (the driver exports the model with its own). The full one (make pack-env-full) adds
+# torch and the driver's packages, for cluster deploy mode (YARN cluster, EMR, Dataproc), where the driver runs on a
+# node. A venv holds no interpreter: the archive's bin/python points at $(PYTHON_PREFIX)/bin/python3.11 on the nodes
+# (EMR 7.1+: /usr; Dataproc 2.2: make -B pack-env-full PYTHON_PREFIX=/opt/conda/default), so pack with Python 3.11.
 PACK_PYTHON ?= python3.11
 PYTHON_PREFIX ?= /usr
-# Packed as .tar.gz, which Spark unpacks with the system's tar: its Java unpacker for a plain .tar refuses the link
-# bin/python -> the nodes' interpreter (and drops the files' modes).
-pack-env: dist/env.tar.gz ## the driver's and executors' Python environment (venv-pack): --archives dist/env.tar.gz#environment
-dist/env.tar.gz: pyproject.toml | setup
+EXECUTOR_PACKAGES = 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnxruntime>=1.20' 'openvino>=2025.0'
+DRIVER_PACKAGES = torch==2.13.0 'boto3>=1.28' 'matplotlib>=3.7' scipy 'onnx>=1.17'
+# $(call pack,VENV,PACKAGES,ARCHIVE). Left out: what no job runs (test suites, C headers, pip, torch's test binaries,
+# OpenVINO's GPU and NPU plugins and the frontends of formats other than ONNX), which every executor would unpack for
+# every job. Packed as .tar.gz, which Spark unpacks with the system's tar: its Java unpacker for a plain .tar refuses
+# the link bin/python -> the nodes' interpreter (and drops the files' modes).
+define pack
 	@mkdir -p dist
-	rm -rf .venv-exec
-	$(PACK_PYTHON) -m venv .venv-exec
-	.venv-exec/bin/python -m pip install -q torch==2.13.0 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'boto3>=1.28' 'matplotlib>=3.7' scipy 'onnx>=1.17' 'onnxruntime>=1.20'
-	# what no job runs (test suites, C headers, torch's test binaries, pip): 0.4 of 1.6 GB that every executor would
-	# unpack for every job
-	cd .venv-exec/lib/python3.11/site-packages && find . -depth -type d \( -name tests -o -name test -o -name include \) \
-		-exec rm -rf {} + && rm -rf pip setuptools torch/bin/test_* torch/bin/*Test torch/bin/protoc*
+	rm -rf $(1)
+	$(PACK_PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2)
+	cd $(1)/lib/python3.11/site-packages && find . -depth -type d \( -name tests -o -name test -o -name include \) \
+		-exec rm -rf {} + && rm -rf pip setuptools torch/bin/test_* torch/bin/*Test torch/bin/protoc* \
+		openvino/libs/libopenvino_intel_[gn]pu_plugin.so openvino/libs/cache.json \
+		openvino/libs/libopenvino_{tensorflow,tensorflow_lite,paddle,pytorch,jax,gguf}_frontend.so*
 	# venv-pack 0.2 rewrites a link only when it reads <base prefix>/bin/python (python3.11 would become python3.113.11)
-	base=$$(.venv-exec/bin/python -c 'import sys; print(sys.base_prefix)') && cd .venv-exec/bin && \
+	base=$$($(1)/bin/python -c 'import sys; print(sys.base_prefix)') && cd $(1)/bin && \
 		rm -f python python3 python3.11 && ln -s "$$base/bin/python" python3.11 && ln -s python3.11 python3 && ln -s python3.11 python
-	$(VENV)/bin/venv-pack -p .venv-exec -o $@ --force -q --python-prefix $(PYTHON_PREFIX)
+	$(VENV)/bin/venv-pack -p $(1) -o $(3) --force -q --python-prefix $(PYTHON_PREFIX)
+endef
+pack-env: dist/env.tar.gz ## the executors' Python environment, no torch: --archives dist/env.tar.gz#environment
+dist/env.tar.gz: pyproject.toml | setup
+	$(call pack,.venv-exec,$(EXECUTOR_PACKAGES),$@)
+pack-env-full: dist/env-full.tar.gz ## the same with torch, for the driver too in cluster deploy mode (YARN cluster, EMR, Dataproc)
+dist/env-full.tar.gz: pyproject.toml | setup
+	$(call pack,.venv-exec-full,$(EXECUTOR_PACKAGES) $(DRIVER_PACKAGES),$@)
 
 # EMR: CLUSTER_ID=j-XXX S3_PREFIX=s3://bucket/vs make emr-submit ARGS="embed --input s3://... --output s3://..."
 emr-submit: build ## upload to S3_PREFIX and add an EMR step on CLUSTER_ID: ARGS="JOB ..."
 	$(PY) scripts/emr_submit.py --cluster-id $(CLUSTER_ID) --s3-prefix $(S3_PREFIX) -- $(ARGS)
 
 # Dataproc: CLUSTER=c REGION=r GS_PREFIX=gs://bucket/vs make dataproc-submit ARGS="embed ..." uploads dist/jobs.zip,
-# dist/main.py and dist/env.tar.gz with gcloud storage cp and prints the job's gcloud command; RUN=1 also submits it
+# dist/main.py and dist/env-full.tar.gz with gcloud storage cp and prints the job's gcloud command; RUN=1 also submits it
 dataproc-submit: build ## upload the three files to GS_PREFIX and print the Dataproc job's command (RUN=1: submit it)
 	$(PY) -m scripts.dataproc_submit --cluster $(CLUSTER) --region $(REGION) --gs-prefix $(GS_PREFIX) \
 		$(if $(RUN),--run,--upload) -- $(ARGS)
@@ -149,4 +163,4 @@ weights: | setup ## fetch MODEL's weights once (torchvision's cache) and print w
 	$(PY) -m scripts.weights --model $(MODEL) $(WEIGHTS_ARG)
 
 clean: ## remove build outputs (dist/, .venv-exec/); out/, where results live, stays
-	rm -rf dist .venv-exec .pytest_cache
+	rm -rf dist .venv-exec .venv-exec-full .pytest_cache

@@ -4,7 +4,7 @@
   python -m scripts.dataproc_submit --cluster C --region R --gs-prefix gs://bucket/vehicle-search [--no-env] \
       [--upload | --run] -- embed --input gs://bucket/photos --output gs://bucket/out/embeddings
 
-The files are dist/jobs.zip, dist/main.py (make build) and dist/env.tar.gz (make -B pack-env
+The files are dist/jobs.zip, dist/main.py (make build) and dist/env-full.tar.gz (make -B pack-env
 PYTHON_PREFIX=/opt/conda/default: Dataproc's Python 3.11 lives there). The job ships the packed environment and
 runs in cluster mode (conf/dataproc.conf), so the driver and the executors both run ./environment/bin/python.
 --no-env is for images whose own Python already has the dependencies: it drops the archive and points driver and
@@ -52,7 +52,7 @@ def command(cluster: str, region: str, prefix: str, job_args: list[str], env: bo
         properties_flag(props),
     ]
     if env:
-        cmd.append(f"--archives={prefix}/env.tar.gz#environment")
+        cmd.append(f"--archives={prefix}/env-full.tar.gz#environment")
     return [*cmd, "--", *job_args]
 
 
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument("--gs-prefix", required=True)
-    parser.add_argument("--no-env", action="store_true", help=f"do not ship env.tar.gz: use the nodes' {NODE_PYTHON}")
+    parser.add_argument("--no-env", action="store_true", help=f"ship no environment: use the nodes' {NODE_PYTHON}")
     parser.add_argument("--conf", type=Path, default=ROOT / "conf" / "dataproc.conf")
-    parser.add_argument("--dist", type=Path, default=ROOT / "dist", help="where jobs.zip, main.py and env.tar.gz are")
+    parser.add_argument("--dist", type=Path, default=ROOT / "dist", help="holds jobs.zip, main.py, env-full.tar.gz")
     parser.add_argument("--upload", action="store_true", help="upload the files (and print the job's command)")
     parser.add_argument("--run", action="store_true", help="upload the files and submit the job")
     args = parser.parse_args(ours)
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     if not args.gs_prefix.startswith("gs://"):
         parser.error("--gs-prefix must be a gs:// URI")
     prefix = args.gs_prefix.rstrip("/")
-    files = [args.dist / "jobs.zip", args.dist / "main.py"] + ([] if args.no_env else [args.dist / "env.tar.gz"])
+    files = [args.dist / "jobs.zip", args.dist / "main.py"] + ([] if args.no_env else [args.dist / "env-full.tar.gz"])
     missing = [str(f) for f in files if not f.exists()]
     if missing and (args.upload or args.run):  # before any upload: one line, nothing half-shipped
         parser.exit(
             2,
-            f"dataproc_submit: {', '.join(missing)} missing: run make build (and make -B pack-env "
+            f"dataproc_submit: {', '.join(missing)} missing: run make build (and make -B pack-env-full "
             "PYTHON_PREFIX=/opt/conda/default), or pass --no-env\n",
         )
     upload = upload_command(prefix, files)

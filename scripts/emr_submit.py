@@ -1,11 +1,11 @@
 """Submit a job to a running EMR cluster: upload the artefacts to S3, add a spark-submit step.
 
-  python scripts/emr_submit.py --cluster-id j-XXXX --s3-prefix s3://bucket/vehicle-search [--env dist/env.tar.gz | --no-
-  env] \
+  python scripts/emr_submit.py --cluster-id j-XXXX --s3-prefix s3://bucket/vehicle-search \
+    [--env dist/env-full.tar.gz | --no-env] \
       -- embed --input s3://bucket/photos --output s3://bucket/out/embeddings
 
 The step runs `spark-submit --deploy-mode cluster` through command-runner.jar with conf/emr.conf's
-properties, jobs.zip as --py-files and the packed environment (make pack-env; the supported way) as
+properties, jobs.zip as --py-files and the packed environment (make pack-env-full; the supported way) as
 --archives ...#environment, which runs the driver and the executors. --no-env uses the nodes' own
 /usr/bin/python3.11 instead (EMR 7.1+; scripts/emr_bootstrap.sh installs the dependencies into it).
 """
@@ -38,7 +38,7 @@ def spark_submit_args(prefix: str, job_args: list[str], props: dict[str, str], e
     """The step's spark-submit command: with the packed environment, or with the nodes' python3.11."""
     args = ["spark-submit", "--deploy-mode", "cluster", "--py-files", f"{prefix}/jobs.zip"]
     if env_archive:
-        args += ["--archives", f"{prefix}/env.tar.gz#environment"]
+        args += ["--archives", f"{prefix}/env-full.tar.gz#environment"]
     else:
         props = {k: v for k, v in props.items() if not k.startswith("spark.pyspark.")} | {
             "spark.pyspark.python": NODE_PYTHON
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> str:
     ours, job_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cluster-id", required=True)
-    parser.add_argument("--s3-prefix", required=True, help="s3://bucket/prefix for jobs.zip, main.py and env.tar.gz")
+    parser.add_argument("--s3-prefix", required=True, help="s3://bucket/prefix for the three files")
     parser.add_argument(
         "--env",
         type=Path,
-        default=ROOT / "dist" / "env.tar.gz",
-        help="packed environment (make pack-env) shipped with --archives",
+        default=ROOT / "dist" / "env-full.tar.gz",
+        help="packed environment (make pack-env-full) shipped with --archives",
     )
     parser.add_argument(
         "--no-env",
@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--s3-prefix must be an s3:// URI")
     files = {"jobs.zip": args.dist / "jobs.zip", "main.py": args.dist / "main.py"}
     if not args.no_env:
-        files["env.tar.gz"] = args.env
+        files["env-full.tar.gz"] = args.env
     for name, path in files.items():  # before any upload: one line, nothing half-shipped
         if not path.exists():
             how = (
-                "make pack-env, or pass --no-env for nodes set up by scripts/emr_bootstrap.sh"
-                if name == "env.tar.gz"
+                "make pack-env-full, or pass --no-env for nodes set up by scripts/emr_bootstrap.sh"
+                if name == "env-full.tar.gz"
                 else "make build"
             )
             raise SystemExit(f"emr_submit: {path} does not exist: run {how}")

@@ -76,13 +76,14 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import numpy as np
 import pyarrow as pa
 import pyspark.worker  # noqa: F401 - what Spark's forked worker already holds
-from jobs.embed.backends import Backend, load_runner
-table = pa.table({"content": [open(p, "rb").read() for p in sys.argv[3:]]})
+from jobs.embed.runtimes import Backend, load_exported
+table = pa.table({"content": [open(p, "rb").read() for p in sys.argv[4:]]})
 sink = pa.BufferOutputStream()
 with pa.ipc.new_stream(sink, table.schema) as writer:
     for _ in range(3):
         writer.write_table(table)
-runner = load_runner(Backend("onnxruntime", open(sys.argv[2], "rb").read()), 1)
+runtime, precision = sys.argv[3].split()
+runner = load_exported(Backend(runtime, precision, open(sys.argv[2], "rb").read()), 1)
 for batch in pa.ipc.open_stream(sink.getvalue()):
     contents = batch.to_pandas()["content"]
     vectors = runner(np.random.default_rng(0).integers(0, 255, (len(contents), 224, 224, 3), dtype=np.uint8))
@@ -93,14 +94,14 @@ print("embedded 96")
 
 @pytest.fixture(scope="module")
 def onnx_model(mobilenet_weights, tmp_path_factory) -> str:
-    from jobs.embed.backends import export
+    from jobs.embed.backends import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "mobilenet_v2.onnx"
-    path.write_bytes(export("onnxruntime", "mobilenet_v2", Path(mobilenet_weights).read_bytes()))
+    path.write_bytes(export_onnx("mobilenet_v2", Path(mobilenet_weights).read_bytes()))
     return str(path)
 
 
-def run_probe(limit_mb: float, artifact: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_probe(limit_mb: float, artifact: str, env: dict[str, str], backend: str) -> subprocess.CompletedProcess:
     photos = [str(p) for paths in sample_data.photo_paths().values() for p in paths]
     # Spark sets OMP_NUM_THREADS = spark.task.cpus for its workers
     env = {
@@ -110,7 +111,7 @@ def run_probe(limit_mb: float, artifact: str, env: dict[str, str]) -> subprocess
         **env,
     }
     return subprocess.run(
-        [sys.executable, "-c", PROBE, str(int(limit_mb)), artifact, *(photos * 3)[:32]],
+        [sys.executable, "-c", PROBE, str(int(limit_mb)), artifact, backend, *(photos * 3)[:32]],
         capture_output=True,
         text=True,
         env=env,
@@ -119,7 +120,8 @@ def run_probe(limit_mb: float, artifact: str, env: dict[str, str]) -> subprocess
 
 
 @pytest.mark.slow
-def test_a_worker_embeds_within_the_smallest_budget_only_with_the_confs_allocator_settings(onnx_model):
+@pytest.mark.parametrize("backend", ["openvino bf16", "openvino fp32", "onnxruntime fp32"])
+def test_a_worker_embeds_within_the_smallest_budget_only_with_the_confs_allocator_settings(onnx_model, backend):
     budgets = {c.name: worker_budget_mb(read_properties(c)) for c in CONFS}
     name, budget = min(((n, b) for n, b in budgets.items() if b is not None), key=lambda item: item[1])
     executor_env = {
@@ -127,27 +129,32 @@ def test_a_worker_embeds_within_the_smallest_budget_only_with_the_confs_allocato
         for k, v in read_properties(ROOT / "conf" / name).items()
         if k.startswith("spark.executorEnv.")
     }
-    ok = run_probe(budget, onnx_model, executor_env)
+    ok = run_probe(budget, onnx_model, executor_env, backend)
     assert ok.returncode == 0 and "embedded 96" in ok.stdout, ok.stderr[-2000:]
     # Arrow's jemalloc pool and glibc's arenas reserve address space: without the settings the same budget is not enough
-    starved = run_probe(budget, onnx_model, {})
+    if backend != "onnxruntime fp32":
+        return
+    starved = run_probe(budget, onnx_model, {}, backend)
     assert starved.returncode != 0 and "embedded 96" not in starved.stdout, starved.stdout
     assert re.search(r"[Mm]emory|[Aa]llocat|ImportError|failed to map|bad_alloc", starved.stderr), starved.stderr[
         -2000:
     ]
 
 
-def test_packed_environment_holds_what_the_jobs_import():
-    """Cluster mode runs the driver in the packed environment too: every third-party import of jobs/ is packed."""
+def test_packed_environments_hold_what_the_jobs_import():
+    """The full environment (cluster deploy mode runs the driver on it) packs every third-party import of jobs/; the
+    executors' one packs no torch (tests/test_runtimes.py and the cluster test run the tasks without it)."""
     makefile = (ROOT / "Makefile").read_text()
-    packed = " ".join(line for line in makefile.splitlines() if "pip install" in line and ".venv-exec" in line).lower()
+    executor = re.search(r"^EXECUTOR_PACKAGES = (.*)$", makefile, re.M).group(1).lower()
+    full = executor + " " + re.search(r"^DRIVER_PACKAGES = (.*)$", makefile, re.M).group(1).lower()
     imports = set()
     for source in Path(ROOT / "jobs").rglob("*.py"):
         imports |= set(re.findall(r"^\s*(?:from|import) ([a-zA-Z_]\w*)", source.read_text(), re.M))
     distributions = {"PIL": "pillow", "botocore": "boto3", "yaml": "pyyaml", "sklearn": "scikit-learn"}
     third_party = imports - set(sys.stdlib_module_names) - {"jobs", "pyspark", "__future__"}
-    missing = [m for m in sorted(third_party) if distributions.get(m, m).lower() not in packed]
-    assert third_party >= {"torch", "numpy", "boto3", "matplotlib"} and not missing, missing
+    missing = [m for m in sorted(third_party) if distributions.get(m, m).lower() not in full]
+    assert third_party >= {"torch", "numpy", "boto3", "matplotlib", "openvino"} and not missing, missing
+    assert "torch" not in executor and {"openvino", "onnxruntime", "pyarrow"} <= set(re.findall(r"([a-z]+)", executor))
     assert "--python-prefix" in makefile  # relocatable: the archive's python points at the nodes' interpreter
 
 

@@ -43,7 +43,7 @@ def emr_cluster(aws_env) -> tuple[str, str]:
 def test_emr_step_and_artefacts(emr_cluster, tmp_path, capsys):
     endpoint, cluster = emr_cluster
     dist = build_dist(tmp_path / "dist")[0].parent
-    env_archive = tmp_path / "env.tar.gz"
+    env_archive = tmp_path / "env-full.tar.gz"
     env_archive.write_bytes(b"packed environment stand-in")
     s3 = boto3.client("s3", endpoint_url=endpoint)
     emr = boto3.client("emr", endpoint_url=endpoint)
@@ -68,13 +68,13 @@ def test_emr_step_and_artefacts(emr_cluster, tmp_path, capsys):
         ]
     )
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="artefacts")["Contents"]}
-    assert keys == {"vs/jobs.zip", "vs/main.py", "vs/env.tar.gz"}
+    assert keys == {"vs/jobs.zip", "vs/main.py", "vs/env-full.tar.gz"}
     assert s3.get_object(Bucket="artefacts", Key="vs/jobs.zip")["Body"].read() == (dist / "jobs.zip").read_bytes()
     step = emr.describe_step(ClusterId=cluster, StepId=step_id)["Step"]
     assert step["Config"]["Jar"] == "command-runner.jar"
     args = step["Config"]["Args"]
     assert args[:5] == ["spark-submit", "--deploy-mode", "cluster", "--py-files", "s3://artefacts/vs/jobs.zip"]
-    assert args[5:7] == ["--archives", "s3://artefacts/vs/env.tar.gz#environment"]
+    assert args[5:7] == ["--archives", "s3://artefacts/vs/env-full.tar.gz#environment"]
     assert "spark.pyspark.python=./environment/bin/python" in args
     assert args[args.index("s3://artefacts/vs/main.py") + 1 :] == [
         "embed",
@@ -131,7 +131,7 @@ def test_emr_with_a_missing_environment_says_how_to_build_it_and_uploads_nothing
                 "--s3-prefix",
                 "s3://artefacts/missing",
                 "--env",
-                str(tmp_path / "env.tar.gz"),
+                str(tmp_path / "env-full.tar.gz"),
                 "--dist",
                 str(dist),
                 "--endpoint-url",
@@ -147,8 +147,8 @@ def test_emr_with_a_missing_environment_says_how_to_build_it_and_uploads_nothing
     message = str(exit_info.value.code)
     assert (
         "\n" not in message
-        and "env.tar.gz does not exist" in message
-        and "make pack-env" in message
+        and "env-full.tar.gz does not exist" in message
+        and "make pack-env-full" in message
         and "--no-env" in message
     )
     assert "Contents" not in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
@@ -174,7 +174,7 @@ def test_dataproc_ships_the_environment_and_runs_the_driver_in_it():
         ]
     )
     assert cmd[:6] == ["gcloud", "dataproc", "jobs", "submit", "pyspark", "gs://b/vs/main.py"]
-    assert "--py-files=gs://b/vs/jobs.zip" in cmd and "--archives=gs://b/vs/env.tar.gz#environment" in cmd
+    assert "--py-files=gs://b/vs/jobs.zip" in cmd and "--archives=gs://b/vs/env-full.tar.gz#environment" in cmd
     assert cmd[cmd.index("--") + 1 :] == ["index", "--embeddings", "gs://b/emb", "--output", "gs://b/idx"]
     props = dict(
         p.split("=", 1)
@@ -198,7 +198,7 @@ def test_dataproc_properties_with_commas_use_gclouds_delimiter_escape():
     assert flag == "--properties=^|^a=1|spark.hadoop.x=p,q"
 
 
-def test_bootstrap_installs_the_packed_environments_packages_into_python311():
+def test_bootstrap_installs_the_full_packed_environments_packages_into_python311():
     def packages(text: str) -> set[str]:
         return {
             re.split(r"[<>=]", p)[0]
@@ -209,10 +209,9 @@ def test_bootstrap_installs_the_packed_environments_packages_into_python311():
         }
 
     bootstrap = (ROOT / "scripts" / "emr_bootstrap.sh").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     packed = packages(
-        "\n".join(
-            line for line in (ROOT / "Makefile").read_text().splitlines() if ".venv-exec/bin/python -m pip" in line
-        )
+        "pip install " + " ".join(re.findall(r"^(?:EXECUTOR|DRIVER)_PACKAGES = (.*)$", makefile, re.M))
     )
     assert "PY=/usr/bin/python3.11" in bootstrap and "python3 -m pip" not in bootstrap
     assert packages(bootstrap) == packed and {"torch", "boto3", "matplotlib"} <= packed

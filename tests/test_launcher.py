@@ -96,9 +96,9 @@ def test_yarn_cluster_mode_runs_the_driver_on_the_packed_environment(jvm):
     assert args[args.index("--primary-py-file") + 1] == f"file:{ROOT}/dist/main.py"
     assert [a for i, a in enumerate(args) if i and args[i - 1] == "--arg"] == JOB.split()
     assert conf["spark.submit.deployMode"] == "cluster"
-    # the driver is the application master: it runs the archive's python, which YARN unpacks in its container too
+    # the driver is the application master: it runs the full archive's python (torch), which YARN unpacks there too
     assert conf["spark.pyspark.python"] == "./environment/bin/python" and "spark.pyspark.driver.python" not in conf
-    assert local(conf["spark.archives"]) == f"{ROOT}/dist/env.tar.gz#environment"
+    assert local(conf["spark.archives"]) == f"{ROOT}/dist/env-full.tar.gz#environment"
     assert f"{ROOT}/dist/jobs.zip" in conf["spark.submit.pyFiles"]
     assert {f"{ROOT}/jars/hadoop-aws-3.3.1.jar", f"{ROOT}/jars/aws-java-sdk-bundle-1.11.901.jar"} <= {
         local(jar) for jar in conf["spark.jars"].split(",")
@@ -136,7 +136,7 @@ def test_emr_step_is_a_cluster_mode_application_with_the_environment(jvm):
         "s3://my-bucket/vs/main.py",
     )
     assert (
-        args.archives() == "s3://my-bucket/vs/env.tar.gz#environment" and args.pyFiles() == "s3://my-bucket/vs/jobs.zip"
+        args.archives() == "s3://my-bucket/vs/env-full.tar.gz#environment" and args.pyFiles() == "s3://my-bucket/vs/jobs.zip"
     )
     assert list(jvm.scala.jdk.javaapi.CollectionConverters.asJava(args.childArgs())) == JOB.split()
     assert args.sparkProperties().get("spark.pyspark.python").get() == "./environment/bin/python"
@@ -159,7 +159,7 @@ def test_dataproc_properties_are_a_cluster_mode_application(jvm):
         "gs://b/vs/main.py",
     ]
     args = parsed(jvm, argv)
-    assert (args.deployMode(), args.archives()) == ("cluster", "gs://b/vs/env.tar.gz#environment")
+    assert (args.deployMode(), args.archives()) == ("cluster", "gs://b/vs/env-full.tar.gz#environment")
     properties = args.sparkProperties()
     assert properties.get("spark.pyspark.python").get() == properties.get("spark.pyspark.driver.python").get()
     assert properties.get("spark.pyspark.python").get() == "./environment/bin/python"
@@ -171,7 +171,7 @@ def test_dataproc_submit_uploads_the_three_files_then_submits_in_gclouds_documen
     recording stand-in (no cloud here) that checks each call against those forms."""
     dist = tmp_path / "dist"
     dist.mkdir()
-    for name in ("jobs.zip", "main.py", "env.tar.gz"):
+    for name in ("jobs.zip", "main.py", "env-full.tar.gz"):
         (dist / name).write_text(name)
     calls = tmp_path / "calls"
     gcloud = tmp_path / "bin" / "gcloud"
@@ -188,12 +188,13 @@ def test_dataproc_submit_uploads_the_three_files_then_submits_in_gclouds_documen
     )
     assert result.returncode == 0, result.stderr
     upload, submit = [line.strip("\0").split("\0") for line in calls.read_text().splitlines()]
-    assert upload == ["storage", "cp", *[str(dist / n) for n in ("jobs.zip", "main.py", "env.tar.gz")], "gs://b/vs/"]
+    assert upload == ["storage", "cp", *[str(dist / n) for n in ("jobs.zip", "main.py", "env-full.tar.gz")], "gs://b/vs/"]
     assert submit[:5] == ["dataproc", "jobs", "submit", "pyspark", "gs://b/vs/main.py"]
     flags = submit[5 : submit.index("--")]
     assert all(f.startswith("--") and "=" in f for f in flags)
     assert {f.split("=", 1)[0] for f in flags} == {"--cluster", "--region", "--py-files", "--properties", "--archives"}
-    assert "--archives=gs://b/vs/env.tar.gz#environment" in flags and submit[submit.index("--") + 1 :] == JOB.split()
+    assert "--archives=gs://b/vs/env-full.tar.gz#environment" in flags
+    assert submit[submit.index("--") + 1 :] == JOB.split()
 
 
 def test_dataproc_submit_without_the_files_says_what_to_build_and_uploads_nothing(tmp_path):
