@@ -136,5 +136,3 @@ def test_https_weights_are_downloaded_once_into_the_torch_cache(resnet18_checkpo
         assert len([r for r in requests if "GET" in r or r]) == 1  # the second load came from the cache
         with pytest.raises(UsageError, match="cannot get resnet18 weights.*--weights"):
             load_weights("resnet18", f"{base}/resnet18-f37072fd.pth")
-
-

@@ -210,8 +210,6 @@ def test_bootstrap_installs_the_full_packed_environments_packages_into_python311
 
     bootstrap = (ROOT / "scripts" / "emr_bootstrap.sh").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    packed = packages(
-        "pip install " + " ".join(re.findall(r"^(?:EXECUTOR|DRIVER)_PACKAGES = (.*)$", makefile, re.M))
-    )
+    packed = packages("pip install " + " ".join(re.findall(r"^(?:EXECUTOR|DRIVER)_PACKAGES = (.*)$", makefile, re.M)))
     assert "PY=/usr/bin/python3.11" in bootstrap and "python3 -m pip" not in bootstrap
     assert packages(bootstrap) == packed and {"torch", "boto3", "matplotlib"} <= packed

@@ -136,7 +136,8 @@ def test_emr_step_is_a_cluster_mode_application_with_the_environment(jvm):
         "s3://my-bucket/vs/main.py",
     )
     assert (
-        args.archives() == "s3://my-bucket/vs/env-full.tar.gz#environment" and args.pyFiles() == "s3://my-bucket/vs/jobs.zip"
+        args.archives() == "s3://my-bucket/vs/env-full.tar.gz#environment"
+        and args.pyFiles() == "s3://my-bucket/vs/jobs.zip"
     )
     assert list(jvm.scala.jdk.javaapi.CollectionConverters.asJava(args.childArgs())) == JOB.split()
     assert args.sparkProperties().get("spark.pyspark.python").get() == "./environment/bin/python"
@@ -188,7 +189,12 @@ def test_dataproc_submit_uploads_the_three_files_then_submits_in_gclouds_documen
     )
     assert result.returncode == 0, result.stderr
     upload, submit = [line.strip("\0").split("\0") for line in calls.read_text().splitlines()]
-    assert upload == ["storage", "cp", *[str(dist / n) for n in ("jobs.zip", "main.py", "env-full.tar.gz")], "gs://b/vs/"]
+    assert upload == [
+        "storage",
+        "cp",
+        *[str(dist / n) for n in ("jobs.zip", "main.py", "env-full.tar.gz")],
+        "gs://b/vs/",
+    ]
     assert submit[:5] == ["dataproc", "jobs", "submit", "pyspark", "gs://b/vs/main.py"]
     flags = submit[5 : submit.index("--")]
     assert all(f.startswith("--") and "=" in f for f in flags)
