@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 from conftest import ROOT, run_job
 from helpers import build_dist, submit_command, submit_env
@@ -149,6 +150,27 @@ def named(frame, *columns: str) -> list[tuple]:
     )
 
 
+# The executors here have no torch and resize with Pillow, the local run's with torch: the same pixels to one grey level,
+# so the vectors agree to ~1e-4 and two neighbours closer than that may trade ranks.
+TIE = 2e-3
+
+
+def same_neighbours(remote, local) -> None:
+    """The same similarities at every rank, and the same neighbours but where two of them tie to within TIE."""
+    for table in (remote, local):
+        table["query"], table["neighbour"] = table["query_path"].map(short), table["neighbor_path"].map(short)
+    ours, theirs = (t.sort_values(["query", "rank"]).groupby("query") for t in (remote, local))
+    assert sorted(dict(list(ours)).keys()) == sorted(dict(list(theirs)).keys())
+    theirs = dict(list(theirs))
+    for query, mine in ours:
+        other = theirs[query]
+        assert list(mine["rank"]) == list(other["rank"]), query
+        np.testing.assert_allclose(mine["similarity"], other["similarity"], atol=TIE, err_msg=query)
+        kth = min(mine["similarity"].min(), other["similarity"].min())
+        clear = [set(t.loc[t["similarity"] > kth + TIE, "neighbour"]) for t in (mine, other)]
+        assert clear[0] == clear[1], query
+
+
 def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_local(
     cluster, moto, spark, tmp_path, demo_dir, mobilenet_weights
 ):
@@ -217,15 +239,18 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     local["knn_graph"] = spark.read.parquet(str(out / "knn_graph")).toPandas()
     assert named(remote["embeddings"], "path") == named(local["embeddings"], "path") and len(local["embeddings"]) == 24
     assert remote["embeddings"]["path"].str.startswith("s3a://vehicles/vehicle-search/photos/").all()
+    vectors = [dict(zip(t["path"].map(short), t["embedding"])) for t in (remote["embeddings"], local["embeddings"])]
+    assert min(float(np.dot(v, vectors[1][path])) for path, v in vectors[0].items()) >= 0.999
     for name in ("similar", "knn_graph"):
-        assert named(remote[name], "query_path", "rank", "neighbor_path") == named(
-            local[name], "query_path", "rank", "neighbor_path"
-        ), name
+        same_neighbours(remote[name], local[name])
     # a pair is written once, in the order of its ids, which hash the paths: compare pairs of names, unordered
     pairs = [
-        sorted(map(sorted, named(table, "path_a", "path_b"))) for table in (remote["duplicates"], local["duplicates"])
+        {tuple(sorted((short(a), short(b)))): s for a, b, s in zip(t["path_a"], t["path_b"], t["similarity"])}
+        for t in (remote["duplicates"], local["duplicates"])
     ]
-    assert pairs[0] == pairs[1] and pairs[0]
+    assert pairs[0] and all(
+        {p for p, s in found.items() if s > 0.95 + TIE} <= set(other) for found, other in (pairs, pairs[::-1])
+    )
     assert evaluation["metrics"]["recall@10"] >= 0.9 and evaluation["metrics"]["queries"] == 24, evaluation
     assert {"vehicle-search/report/index.html", "vehicle-search/report/report_summary.json"} <= report
     embedded = json.loads(
@@ -259,9 +284,7 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     assert index_summary["counts"] == {**index_summary["counts"], "added": 6, "dropped": 3, "indexed": 27}
     local_graph = spark.read.parquet(str(out / "knn_graph")).toPandas()
     assert len(local_graph) == 27 * 10
-    assert named(updated, "query_path", "rank", "neighbor_path") == named(
-        local_graph, "query_path", "rank", "neighbor_path"
-    )
+    same_neighbours(updated, local_graph)
 
 
 def processes() -> dict[int, tuple[int, str]]:
