@@ -150,8 +150,8 @@ def named(frame, *columns: str) -> list[tuple]:
     )
 
 
-# The executors here have no torch and resize with Pillow, the local run's with torch: the same pixels to one grey level,
-# so the vectors agree to ~1e-4 and two neighbours closer than that may trade ranks.
+# The executors here have no torch and resize with Pillow, the local run's with torch: the same pixels to one grey
+# level, so the vectors agree to ~1e-4 and two neighbours closer than that may trade ranks.
 TIE = 2e-3
 
 
