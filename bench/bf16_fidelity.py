@@ -1,5 +1,5 @@
-"""Does bf16 (autocast, BatchNorm folded: what --precision auto runs where bf16 is native) change what users get?
-Cosine to fp32, top-10 neighbours and the nearest neighbour on real photos.
+"""Does bf16 (OpenVINO bf16; eager autocast with BatchNorm folded: what --precision auto may run where bf16 is native)
+change what users get? Cosine to eager fp32, top-10 neighbours and the nearest neighbour on real photos, per backend.
 
   python bench/bf16_fidelity.py [--images 100]   (needs `make demo` sample data in data/demo)
 
@@ -21,7 +21,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from common import _vector_flags as cpu_flags  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
-from jobs.embed.backends import eager_runner  # noqa: E402
+from jobs.embed.backends import eager_runner, export_onnx  # noqa: E402
+from jobs.embed.runtimes import Backend, load_exported  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from jobs.weights import load_weights  # noqa: E402
 
@@ -46,34 +47,38 @@ def main() -> None:
         raise SystemExit(f"no photos under {args.data}: run `make demo` (or scripts/sample_data.py demo) first")
     weights = load_weights("mobilenet_v2", str(Path(package.__file__).parent / "mobilenet_v2-b0353104.pth"))
     crops = [preprocess(p.read_bytes())[0] for p in paths]
+    onnx = export_onnx("mobilenet_v2", weights.data)
+    runners = {
+        "eager fp32": eager_runner("mobilenet_v2", weights.data, "fp32"),
+        "eager bf16": eager_runner("mobilenet_v2", weights.data, "bf16"),
+        "openvino bf16": load_exported(Backend("openvino", "bf16", onnx), 1),
+    }
     vectors, rates = {}, {}
-    for precision in ("fp32", "bf16"):
-        embed = eager_runner("mobilenet_v2", weights.data, precision)
+    for name, embed in runners.items():
         start = time.perf_counter()
-        vectors[precision] = np.vstack([embed(np.stack(crops[i : i + 20])) for i in range(0, len(crops), 20)])
-        rates[precision] = len(crops) / (time.perf_counter() - start)
-    cosine = (vectors["fp32"] * vectors["bf16"]).sum(axis=1)
-    a, b = top10(vectors["fp32"]), top10(vectors["bf16"])
-    same_sets = float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
-    overlap = float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)]))
-    nearest = float(np.mean(a[:, 0] == b[:, 0]))
-    print_table(
-        f"bf16 (BatchNorm folded) vs fp32, MobileNetV2, {len(crops)} real photos, 1 thread; CPU flags {cpu_flags()}",
-        ["cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "nearest same", "fp32 img/s", "bf16 img/s"],
-        [[float(cosine.min()), float(cosine.mean()), same_sets, overlap, nearest, rates["fp32"], rates["bf16"]]],
-    )
-    write_json(
-        "bf16_fidelity",
-        {
-            "images": len(crops),
+        vectors[name] = np.vstack([embed(np.stack(crops[i : i + 20])) for i in range(0, len(crops), 20)])
+        rates[name] = len(crops) / (time.perf_counter() - start)
+    rows, found = [], {}
+    reference = top10(vectors["eager fp32"])
+    for name in ("eager bf16", "openvino bf16"):
+        cosine = (vectors["eager fp32"] * vectors[name]).sum(axis=1)
+        b = top10(vectors[name])
+        found[name] = {
             "cosine_min": float(cosine.min()),
             "cosine_mean": float(cosine.mean()),
-            "same_top10_sets": same_sets,
-            "top10_overlap": overlap,
-            "nearest_unchanged": nearest,
-            "images_per_s": rates,
-        },
+            "same_top10_sets": float(np.mean([set(x) == set(y) for x, y in zip(reference, b)])),
+            "top10_overlap": float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(reference, b)])),
+            "nearest_unchanged": float(np.mean(reference[:, 0] == b[:, 0])),
+            "images_per_s": rates[name],
+        }
+        rows.append([name, *found[name].values()])
+    print_table(
+        f"bf16 vs eager fp32 (cosine, neighbours: higher is better), MobileNetV2, {len(crops)} real photos, 1 thread; "
+        f"eager fp32 {rates['eager fp32']:.1f} img/s; CPU flags {cpu_flags()}",
+        ["backend", "cosine min", "cosine mean", "same top-10 set", "top-10 overlap", "nearest same", "img/s"],
+        rows,
     )
+    write_json("bf16_fidelity", {"images": len(crops), "fp32_images_per_s": rates["eager fp32"], "backends": found})
 
 
 if __name__ == "__main__":

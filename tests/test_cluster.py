@@ -166,9 +166,10 @@ def same_neighbours(remote, local) -> None:
         other = theirs[query]
         assert list(mine["rank"]) == list(other["rank"]), query
         np.testing.assert_allclose(mine["similarity"], other["similarity"], atol=TIE, err_msg=query)
+        # a neighbour clear of the last rank by more than TIE in one answer is among the other's
         kth = min(mine["similarity"].min(), other["similarity"].min())
-        clear = [set(t.loc[t["similarity"] > kth + TIE, "neighbour"]) for t in (mine, other)]
-        assert clear[0] == clear[1], query
+        for one, another in ((mine, other), (other, mine)):
+            assert set(one.loc[one["similarity"] > kth + TIE, "neighbour"]) <= set(another["neighbour"]), query
 
 
 def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_local(
