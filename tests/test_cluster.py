@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -104,13 +105,13 @@ def readme_block(heading: str) -> str:
 
 def run_block(commands: str, env: dict[str, str]) -> str:
     """Run the commands in bash, printing each `make` line's seconds (bash -x stamps each command's start)."""
-    env = {**env, "PS4": "+ ${EPOCHREALTIME} "}
     started = time.time()
+    script = f"PS4='+ ${{EPOCHREALTIME}} '\nset -x\n{commands}"  # bash run as root takes no PS4 from the environment
     result = subprocess.run(
-        ["bash", "-xeuo", "pipefail", "-c", commands], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    stamps = [line.split(" ", 2)[1:] for line in result.stderr.splitlines() if line.startswith("+ ")]
+    stamps = re.findall(r"^\+ (\d+\.\d+) (.*)$", result.stderr, re.M)
     ends = [float(t) for t, _ in stamps[1:]] + [time.time()]
     for (start, command), end in zip(stamps, ends):
         if command.startswith("make "):
