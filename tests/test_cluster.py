@@ -117,7 +117,8 @@ def run_block(commands: str, env: dict[str, str]) -> str:
         if command.startswith("make "):
             print(f"{end - float(start):6.1f} s  {command[:100]}")
     print(f"{time.time() - started:6.1f} s  in all")
-    return result.stdout + result.stderr
+    output = result.stdout + re.sub(r"^\+ \d+\.\d+ .*\n", "", result.stderr, flags=re.M)  # the trace shows the keys
+    return output
 
 
 class TaskWatch:
