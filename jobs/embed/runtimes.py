@@ -65,6 +65,8 @@ def load_exported(backend: Backend, threads: int) -> Runner:
                 "INFERENCE_NUM_THREADS": threads,
                 "NUM_STREAMS": 1,
                 "PERFORMANCE_HINT": "LATENCY",
+                # pinned, every task's thread would sit on the first core: two tasks ran at half speed (bench/embed.py)
+                "ENABLE_CPU_PINNING": False,
             },
         )
         request = compiled.create_infer_request()
