@@ -250,10 +250,11 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     vectors = [dict(zip(t["path"].map(short), t["embedding"])) for t in (remote["embeddings"], ours)]
     assert min(float(np.dot(v, vectors[1][path])) for path, v in vectors[0].items()) >= 0.999
     table = mirror(s3, "vehicle-search/embeddings/", out / "cluster_embeddings")
-    graph_run = ["search", "--index", out / "index", "--all", "-k", "10", "--output", out / "knn_graph"]
+    search = ["search", "--index", out / "index"]
+    graph_run = [*search, "--all", "-k", "10", "--output", out / "knn_graph"]
     for args in (
         ["index", "--embeddings", table, "--output", out / "index"],
-        ["search", "--index", out / "index", "--images", queries, "--output", out / "similar", "-k", "10"],
+        [*search, "--images", queries, "--weights", mobilenet_weights, "--output", out / "similar", "-k", "10"],
         graph_run,
         [
             "search",
