@@ -203,8 +203,9 @@ def main() -> None:
     for model, found in results["models"].items():
         default = next(j for name, j in found["job"].items() if name.startswith("default"))
         note(
-            f"{model}: the default chose {default['ran']} ({default['choice']}); choosing took "
-            f"{default['choose_s'][0]:.1f} s on its first run (measured), {default['choose_s'][1]:.1f} s after"
+            f"{model}: the default chose {default['ran']} ({default['choice']}); loading the weights and choosing "
+            f"took {default['choose_s'][0]:.1f} s in its first run ({default['choice']['how']}), "
+            f"{default['choose_s'][1]:.1f} s in the next ({default['choice_again']})"
         )
     write_json("embed", {"parameters": vars(args), "results": results})
 

@@ -22,9 +22,9 @@ the machines here are shared, noisy and unlike each other, so compare a section'
 |---|---|---|
 | search | `make bench-search` | catalog sizes x query counts beside FAISS IVF-Flat at equal recall, bytes read |
 | index_update | `make bench-update` | index --mode incremental after adds, drops and ten 1% updates, beside rebuilds |
-| embed | `make bench-embed` | images/s of each backend model-only, decode, the job's steady rate against them |
+| embed | `make bench-embed` | images/s per model and runtime x precision: model-only, and the whole job |
 | photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
-| bf16_fidelity | `python bench/bf16_fidelity.py` | bf16 against fp32 vectors on real photos |
+| bf16_fidelity | `python bench/bf16_fidelity.py` | each bf16 backend against fp32 vectors on real photos |
 """
 
 

@@ -268,13 +268,13 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
         ],
     ):
         assert run_job(spark, *args) == 0, args
-    local = {name: spark.read.parquet(str(out / name)).toPandas() for name in ("similar", "knn_graph", "dups")}
+    local = {name: spark.read.parquet(str(out / name)).toPandas() for name in ("similar", "knn_graph", "duplicates")}
     same_neighbours(remote["similar"], local["similar"])
     assert named(remote["knn_graph"], "query_path", "rank", "neighbor_path") == named(
         local["knn_graph"], "query_path", "rank", "neighbor_path"
     )
     # a pair is written once, in the order of its ids, which hash the paths: compare pairs of names, unordered
-    pairs = [sorted(map(sorted, named(t, "path_a", "path_b"))) for t in (remote["duplicates"], local["dups"])]
+    pairs = [sorted(map(sorted, named(t, "path_a", "path_b"))) for t in (remote["duplicates"], local["duplicates"])]
     assert pairs[0] == pairs[1] and pairs[0]
     assert evaluation["metrics"]["recall@10"] >= 0.9 and evaluation["metrics"]["queries"] == 24, evaluation
     assert {"vehicle-search/report/index.html", "vehicle-search/report/report_summary.json"} <= report
