@@ -113,7 +113,7 @@ def submit(dist, args: list, driver_memory: str = "1g") -> dict:
         dist,
         args,
         conf={"spark.driver.memory": driver_memory, "spark.sql.shuffle.partitions": "8"},
-        jvm_as=None if str(args[0]) in JOBS else "search",
+        jvm_as=None if args and str(args[0]) in JOBS else "search",
     )
     command[1:1] = ["--properties-file", str(ROOT / "conf" / "local.conf")]
     probe = (
