@@ -25,6 +25,7 @@ the machines here are shared, noisy and unlike each other, so compare a section'
 | embed | `make bench-embed` | images/s per model and runtime x precision: model-only, and the whole job |
 | photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
 | bf16_fidelity | `python bench/bf16_fidelity.py` | each bf16 backend against fp32 vectors on real photos |
+| spark_join | `python bench/spark_join.py` | our index + search beside Spark's own nearestByJoin, 100 and 1,000 queries |
 """
 
 
@@ -45,6 +46,12 @@ def section(path: Path) -> list[str]:
         f"fresh memory {machine.get('fresh_memory_gb_s', '?')} GB/s",
         "",
     ]
+    if described := data.get("data"):  # what the vectors are, where the benchmark says
+        lines += [
+            f"data: {described['what']}; {described['rows']:,} rows x {described['dimension']}, "
+            f"{described['row_bytes']} bytes a vector; from {described['from']}",
+            "",
+        ]
     printed = data.get("printed") or []
     if not printed:
         return [*lines, "(written before results kept their tables: rerun the benchmark)", ""]
