@@ -25,7 +25,7 @@ the machines here are shared, noisy and unlike each other, so compare a section'
 | embed | `make bench-embed` | images/s per model and runtime x precision: model-only, and the whole job |
 | photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
 | bf16_fidelity | `python bench/bf16_fidelity.py` | each bf16 backend against fp32 vectors on real photos |
-| spark_join | `python bench/spark_join.py` | our index + search beside Spark's own nearestByJoin, 100 and 1,000 queries |
+| spark_join | `python bench/spark_join.py` | our index + search beside Spark's nearestByJoin, 100 and 1,000 queries |
 """
 
 
