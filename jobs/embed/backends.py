@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from jobs.embed import cache as measured
-from jobs.embed.runtimes import PRECISIONS, Backend, Runner, load_exported, native_bf16
+from jobs.embed.runtimes import PRECISIONS, Backend, Runner, load, native_bf16
 from jobs.errors import UsageError
 from jobs.imaging import CROP, IMAGENET_MEAN, IMAGENET_STD
 from jobs.runlog import get_logger
@@ -134,12 +134,6 @@ class Choice:
         return f"{self.backend.name} ({self.how}: {', '.join(f'{k} {v}' for k, v in self.seen.items())})"
 
 
-def _try(backend: Backend, model: str, weights: bytes, threads: int) -> Runner:
-    if backend.runtime == "eager":
-        return eager_runner(model, weights, backend.precision, threads)
-    return load_exported(backend, threads)
-
-
 def _rate(run: Runner, crops: np.ndarray) -> float:
     batch = np.ascontiguousarray(crops[:TIMED_BATCH])
     best = float("inf")
@@ -172,7 +166,7 @@ def choose_backend(
     checked = crops()
     torch_threads = torch.get_num_threads()
     reference = eager_runner(model, weights.data)(checked)
-    onnx = measured.onnx(model, weights.sha256, torch.__version__, lambda: export_onnx(model, weights.data))
+    onnx = measured.onnx(model, weights.sha256, lambda: export_onnx(model, weights.data))
     order = sorted(options, key=lambda b: -remembered.get(b.name, 0.0)) if remembered else options
     seen: dict[str, str] = {}
     rates: dict[str, float] = {}
@@ -181,7 +175,7 @@ def choose_backend(
             # eager carries the export too: an executor without torch runs it on OpenVINO, in one line
             backend = Backend(option.runtime, option.precision, onnx)
             try:
-                run = _try(backend, model, weights.data, threads)
+                run = load(backend, threads, lambda: weights.data, model)
                 cosine = float((run(checked) * reference).sum(axis=1).min())
             except Exception as e:  # not installed, or cannot run here: the next one will do
                 seen[backend.name] = f"unavailable ({type(e).__name__})"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from jobs.embed.runtimes import cpu
 from jobs.runlog import get_logger
 
 log = get_logger("jobs.embed")
@@ -25,17 +25,6 @@ def folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vehicle-search"
 
 
-def _cpu() -> str:
-    """The CPU's model name and the flags that decide a runtime's speed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = {k.strip(): v for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    flags = {f for f in lines.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))}
-    return f"{lines.get('model name', '').strip()} {os.cpu_count()} {' '.join(sorted(flags))}"
-
-
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -46,7 +35,9 @@ def _version(package: str) -> str:
 def key(model: str, sha256: str, candidates: list[str], threads: int) -> str:
     """What a measurement depends on: model, weights, candidates, threads, CPU and runtime versions."""
     versions = [f"{p} {_version(p)}" for p in RUNTIME_PACKAGES]
-    text = json.dumps([model, sha256, candidates, threads, _cpu(), versions])
+    name, flags = cpu()
+    speed = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))  # what decides a runtime's speed
+    text = json.dumps([model, sha256, candidates, threads, f"{name} {os.cpu_count()} {' '.join(speed)}", versions])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -80,9 +71,9 @@ def remember(measurement: str, rates: dict[str, float]) -> None:
     _write(path, json.dumps(known, indent=1).encode())
 
 
-def onnx(model: str, sha256: str, torch_version: str, build: Callable[[], bytes]) -> bytes:
+def onnx(model: str, sha256: str, build: Callable[[], bytes]) -> bytes:
     """The model's ONNX export, built once per model, weights and torch version."""
-    path = folder() / "onnx" / f"{model}-{sha256[:16]}-torch{torch_version}.onnx"
+    path = folder() / "onnx" / f"{model}-{sha256[:16]}-torch{_version('torch')}.onnx"
     try:
         return path.read_bytes()
     except OSError:

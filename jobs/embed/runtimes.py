@@ -3,6 +3,7 @@ eager PyTorch where torch is installed; one line and the next runtime where the 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,7 +16,6 @@ from jobs.runlog import get_logger
 log = get_logger("jobs.embed")
 
 RUNTIMES = ("openvino", "onnxruntime", "eager")
-EXPORTED = ("openvino", "onnxruntime")  # run the driver's ONNX export: what torch-free executors can run
 PRECISIONS = {"openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",), "eager": ("fp32", "bf16")}
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC uint8 crops -> L2-normalised float32 vectors
 
@@ -36,17 +36,25 @@ class Backend:
         return f"Backend({self.name})"
 
 
+@functools.cache
+def cpu() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and flags, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = dict(
+                (key.strip(), value.strip()) for key, value in (line.split(":", 1) for line in f if ":" in line)
+            )
+    except OSError:
+        return "", frozenset()
+    return lines.get("model name", ""), frozenset(lines.get("flags", "").split())
+
+
 def native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX, and on CUDA GPUs with bf16 where torch is already loaded."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool(cpu()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def load_exported(backend: Backend, threads: int) -> Runner:
@@ -81,6 +89,15 @@ def load_exported(backend: Backend, threads: int) -> Runner:
     raise ValueError(f"{backend.runtime} does not run an exported model")
 
 
+def load(backend: Backend, threads: int, weights: Callable[[], bytes], model: str) -> Runner:
+    """A runner for this backend with this many threads: eager builds the model from the weights (torch needed)."""
+    if backend.runtime == "eager":
+        from jobs.embed.backends import eager_runner  # needs torch: only where it is installed
+
+        return eager_runner(model, weights(), backend.precision, threads)
+    return load_exported(backend, threads)
+
+
 def fallbacks(backend: Backend) -> list[Backend]:
     """What an executor tries, in order: the chosen backend at a precision this CPU runs natively, then the other
     exported runtime, then eager (which needs torch and the weights)."""
@@ -99,12 +116,7 @@ def load_on_executor(backend: Backend, threads: int, weights: Callable[[], bytes
     tried: list[str] = []
     for candidate in fallbacks(backend):
         try:
-            if candidate.runtime == "eager":
-                from jobs.embed.backends import eager_runner  # needs torch: only where it is installed
-
-                runner = eager_runner(model, weights(), candidate.precision, threads)
-            else:
-                runner = load_exported(candidate, threads)
+            runner = load(candidate, threads, weights, model)
         except Exception as e:  # a runtime missing from this Python, or a CPU it cannot run on
             tried.append(f"{candidate.name}: {type(e).__name__}: {e}"[:160])
             continue
