@@ -27,9 +27,13 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     return best, result
 
 
-def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, header: list[str], rows: list[list[Any]], columns: dict[str, str]) -> None:
+    """A table on stdout and in the run's JSON; columns defines each header: its unit, which way is better, what it
+    measures (the report prints the definitions under the table)."""
+    if missing := [h for h in header if h not in columns]:
+        raise ValueError(f"columns not defined: {missing}")
     cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    PRINTED.append({"title": title, "header": header, "rows": cells})
+    PRINTED.append({"title": title, "header": header, "rows": cells, "columns": {h: columns[h] for h in header}})
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     print(f"\n{title}\nmachine: {machine_line()}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -44,7 +48,21 @@ def note(text: str) -> None:
     PRINTED.append({"note": text})
 
 
+DATA_FIELDS = ("what", "rows", "dimension", "row_bytes", "from")
+
+
+def described(what: str, rows: int, dimension: int | str, row_bytes: int, source: str) -> dict[str, Any]:
+    """What a benchmark's data is: the description every results JSON carries and the report prints."""
+    return dict(zip(DATA_FIELDS, (what, rows, dimension, row_bytes, source)))
+
+
 def write_json(name: str, data: dict[str, Any]) -> Path:
+    """The run's results under bench/results/, with the machine; data["data"] describes the data (one described()
+    or a list of them)."""
+    descriptions = data.get("data")
+    descriptions = descriptions if isinstance(descriptions, list) else [descriptions]
+    if not all(isinstance(d, dict) and set(DATA_FIELDS) <= set(d) for d in descriptions):
+        raise ValueError("a results JSON needs data: described(...) for each data set it measured")
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {
         "machine": {

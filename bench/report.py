@@ -34,45 +34,55 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
 
 
-def section(path: Path) -> list[str]:
-    """One results file as markdown: its name, when and where it ran, then what it printed."""
-    data = json.loads(path.read_text())
-    machine = data.get("machine", {})
+def machine_line(machine: dict) -> str:
     flags = "+".join(machine.get("vector_flags", [])) or "no AVX2"
-    lines = [
-        f"## {path.stem}",
-        "",
-        f"{data.get('at', '?')} on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {flags}; "
-        f"fresh memory {machine.get('fresh_memory_gb_s', '?')} GB/s",
-        "",
+    return (
+        f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {flags}; "
+        f"fresh memory {machine.get('fresh_memory_gb_s', '?')} GB/s"
+    )
+
+
+def data_lines(data: dict | list[dict]) -> list[str]:
+    """One line per data set a benchmark measured: what it is, its size and where it came from."""
+    return [
+        f"data: {d['what']}; {d['rows']:,} rows x {d['dimension']}, {d['row_bytes']:,} bytes a row; from {d['from']}"
+        for d in (data if isinstance(data, list) else [data])
     ]
-    if described := data.get("data"):  # what the vectors are, where the benchmark says
-        lines += [
-            f"data: {described['what']}; {described['rows']:,} rows x {described['dimension']}, "
-            f"{described['row_bytes']} bytes a vector; from {described['from']}",
-            "",
-        ]
-    printed = data.get("printed") or []
-    if not printed:
-        return [*lines, "(written before results kept their tables: rerun the benchmark)", ""]
-    for item in printed:
+
+
+def section(path: Path) -> list[str]:
+    """One results file as markdown: its name, the machine and data, then what it printed, each table followed by
+    its columns' definitions (where they differ from the table before)."""
+    data = json.loads(path.read_text())
+    lines = [f"## {path.stem}", "", f"{data.get('at', '?')} on {machine_line(data.get('machine', {}))}", ""]
+    for line in data_lines(data["data"]):
+        lines += [line, ""]
+    defined: dict[str, str] = {}
+    for item in data.get("printed") or []:
         if "note" in item:
             lines += [item["note"], ""]
-        else:
-            lines += [f"**{item['title']}**", "", *markdown_table(item["header"], item["rows"]), ""]
+            continue
+        lines += [f"**{item['title']}**", "", *markdown_table(item["header"], item["rows"]), ""]
+        if item["columns"] != defined:
+            lines += [f"- `{name}`: {meaning}" for name, meaning in item["columns"].items()] + [""]
+            defined = item["columns"]
     return lines
 
 
-def main() -> None:
-    results = sorted((BENCH / "results").glob("*.json"))
+def render() -> str:
+    """bench/README.md as it should read from the results on disk."""
     lines = HEAD.splitlines() + [""]
-    for path in results:
+    for path in sorted((BENCH / "results").glob("*.json")):
         lines += section(path)
     tried = BENCH / "tried.md"
     if tried.exists():
         lines += tried.read_text().splitlines()
-    (BENCH / "README.md").write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {BENCH / 'README.md'} from {len(results)} result file(s)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    (BENCH / "README.md").write_text(render())
+    print(f"wrote {BENCH / 'README.md'} from {len(list((BENCH / 'results').glob('*.json')))} result file(s)")
 
 
 if __name__ == "__main__":
