@@ -191,7 +191,7 @@ def test_the_default_nprobe_is_the_smallest_that_reaches_the_target_recall_measu
     assert min(recall_at.values()) < 0.95
     assert all(a <= b for a, b in zip(recall_at.values(), list(recall_at.values())[1:]))  # more cells, more recall
     # the kNN graph at that nprobe reaches it on every row, as measured on the sample
-    search(spark, folder / "index", tmp_path / "graph", "--all", "-k", "10")
+    search(spark, folder / "index", tmp_path / "graph", "--all", "-k", "10", "--nprobe", str(index.params.nprobe))
     graph = read_neighbours(spark, tmp_path / "graph")
     truth = np.argsort(squared_distances(vectors, vectors), axis=1)[:, 1:11]
     found = graph.groupby("query_id")["neighbor_id"].apply(set)

@@ -7,13 +7,12 @@ one exact search of the sample gives the recall at every nprobe at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame, Window
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 
 from jobs.knn import nearest, squared_distances
 from jobs.vectors import matrix_from_binary
@@ -48,48 +47,93 @@ class Calibration:
         }
 
 
-def exact_neighbour_cells(assigned: DataFrame, sample: np.ndarray, sample_ids: list[str], k: int) -> np.ndarray:
-    """(len(sample), k) cells of each sampled row's k nearest catalog rows, itself excluded (one pass over the catalog;
-    at most partitions x sample x k small rows are shuffled, sample x k reach the driver)."""
-    shipped = assigned.sparkSession.sparkContext.broadcast((sample, sample_ids))
-    dim = sample.shape[1]
+Batches = Iterator[pa.RecordBatch]
 
-    def nearest_here(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        queries, ids = shipped.value
-        own = {image_id: i for i, image_id in enumerate(ids)}
-        best_d2, best_cell = np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), -1, np.int32)
+
+class Nearest:
+    """The k nearest catalog rows seen so far of a few query vectors (a row of a query's own image_id left out):
+    their squared distances and cells, -1 and inf while fewer were seen."""
+
+    def __init__(self, queries: np.ndarray, ids: list[str], k: int) -> None:
+        self.queries, self.k = queries, k
+        self.own = {image_id: i for i, image_id in enumerate(ids)}
+        self.d2 = np.full((len(queries), k), np.inf, np.float32)
+        self.cells = np.full((len(queries), k), -1, np.int32)
+
+    def add_all(self, batches: Batches) -> Nearest:
+        """Catalog rows in batches of any size, scored SCORED_ROWS at a time (a cell's row group can be a few rows)."""
+        held: list[pa.RecordBatch] = []
         for batch in batches:
-            for first in range(0, len(batch), SCORED_ROWS):
-                rows = batch.slice(first, SCORED_ROWS)
-                d2 = squared_distances(queries, matrix_from_binary(rows.column("vector"), dim))
-                for col, image_id in enumerate(rows.column("image_id").to_pylist()):
-                    if image_id in own:
-                        d2[own[image_id], col] = np.inf
-                cols, values = nearest(np.concatenate([best_d2, d2], axis=1), np.arange(k + d2.shape[1]), k)
-                cells = np.concatenate(
-                    [best_cell, np.broadcast_to(rows.column("cell").to_numpy().astype(np.int32), d2.shape)], axis=1
-                )
-                best_d2, best_cell = values, np.take_along_axis(cells, np.maximum(cols, 0), axis=1)
-        found = np.isfinite(best_d2)
-        query, _ = np.nonzero(found)
+            held.append(batch)
+            if sum(len(b) for b in held) >= SCORED_ROWS:
+                self.add(pa.Table.from_batches(held).combine_chunks().to_batches()[0])
+                held = []
+        if held and sum(len(b) for b in held):
+            self.add(pa.Table.from_batches(held).combine_chunks().to_batches()[0])
+        return self
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Catalog rows: image_id, cell, vector (float32 bytes)."""
+        for first in range(0, len(batch), SCORED_ROWS):
+            part = batch.slice(first, SCORED_ROWS)
+            d2 = squared_distances(self.queries, matrix_from_binary(part.column("vector"), self.queries.shape[1]))
+            for col, image_id in enumerate(part.column("image_id").to_pylist()):
+                if image_id in self.own:
+                    d2[self.own[image_id], col] = np.inf
+            cells = np.broadcast_to(part.column("cell").to_numpy().astype(np.int32), d2.shape)
+            self.merge(d2, cells)
+
+    def merge(self, d2: np.ndarray, cells: np.ndarray) -> None:
+        """Candidates (squared distances and cells, one row a query) merged into the k nearest; only those nearer than a
+        query's k-th so far are ranked (after the first rows, a handful)."""
+        row, col = np.nonzero(d2 < self.d2.max(axis=1, keepdims=True))
+        if not len(row):
+            return
+        starts = np.searchsorted(row, np.arange(len(d2)))
+        place = np.arange(len(row)) - starts[row]
+        width = int(place.max()) + 1
+        near, near_cells = np.full((len(d2), width), np.inf, np.float32), np.full((len(d2), width), -1, np.int32)
+        near[row, place], near_cells[row, place] = d2[row, col], cells[row, col]
+        picked, values = nearest(np.concatenate([self.d2, near], axis=1), np.arange(self.k + width), self.k)
+        self.cells = np.take_along_axis(np.concatenate([self.cells, near_cells], axis=1), np.maximum(picked, 0), axis=1)
+        self.d2 = values
+
+
+def exact_neighbours(
+    rows: DataFrame,
+    sample: np.ndarray,
+    sample_ids: list[str],
+    k: int,
+    read: Callable[[Batches], Batches] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(len(sample), k) cells and squared distances of each sampled vector's k nearest catalog rows (Nearest), in one
+    pass over the catalog. rows (or, given read, what read turns rows' batches into) carries image_id, cell and vector;
+    each task sends the driver its own sample x k best, merged there as they come."""
+    shipped = rows.sparkSession.sparkContext.broadcast((sample, sample_ids))
+
+    def nearest_here(batches: Batches) -> Batches:
+        found = Nearest(*shipped.value, k).add_all(read(batches) if read else batches)
         yield pa.RecordBatch.from_arrays(
-            [pa.array(query.astype(np.int32)), pa.array(best_d2[found]), pa.array(best_cell[found])],
-            names=["q", "d2", "cell"],
+            [pa.array([found.d2.tobytes()], pa.binary()), pa.array([found.cells.tobytes()], pa.binary())],
+            names=["d2", "cell"],
         )
 
-    partial = assigned.select("image_id", "cell", "vector").mapInArrow(nearest_here, "q int, d2 float, cell int")
-    top = partial.withColumn("rank", F.row_number().over(Window.partitionBy("q").orderBy("d2"))).where(
-        F.col("rank") <= k
-    )
-    cells = np.full((len(sample), k), -1, np.int32)
-    for row in top.collect():  # sample x k rows
-        cells[row["q"], row["rank"] - 1] = row["cell"]
+    merged = Nearest(sample, sample_ids, k)
+    for part in rows.mapInArrow(nearest_here, "d2 binary, cell binary").collect():  # one row a task, sample x k each
+        shape = (len(sample), k)
+        merged.merge(
+            np.frombuffer(part["d2"], np.float32).reshape(shape), np.frombuffer(part["cell"], np.int32).reshape(shape)
+        )
     shipped.destroy()
-    return cells
+    return merged.cells, merged.d2
 
 
 def recall_curve(
-    sample: np.ndarray, centroids: np.ndarray, neighbour_cells: np.ndarray
+    sample: np.ndarray,
+    centroids: np.ndarray,
+    neighbour_cells: np.ndarray,
+    sizes: np.ndarray | None = None,
+    min_rows: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Recall@k of the sample at every nprobe 1 .. cells, and its standard error: the share of each row's neighbours
     whose cell is among its nprobe nearest cells (ranked as the search ranks them: by dot product for unit centroids),
@@ -106,6 +150,11 @@ def recall_curve(
     row, col = np.nonzero(known)
     np.add.at(found, (row, place[row, neighbour_cells[row, col]]), 1)
     per_row = np.cumsum(found[rows], axis=1) / known[rows].sum(axis=1, keepdims=True)
+    if sizes is not None and min_rows:  # the search probes on past nprobe until its cells hold min_rows rows
+        order = np.argsort(scores[rows], axis=1, kind="stable")
+        needed = (np.cumsum(sizes[order], axis=1) < min(min_rows, int(sizes.sum()))).sum(axis=1)  # cells short of it
+        probed = np.maximum(np.arange(len(centroids))[None, :], np.minimum(needed, len(centroids) - 1)[:, None])
+        per_row = np.take_along_axis(per_row, probed, axis=1)
     return per_row.mean(axis=0), per_row.std(axis=0) / np.sqrt(len(rows))
 
 
@@ -123,8 +172,12 @@ def calibrate(
         if rows
         else np.empty((0, centroids.shape[1]), np.float32)
     )
-    curve, error = recall_curve(
-        sample, centroids, exact_neighbour_cells(assigned, sample, [r["image_id"] for r in rows], k)
-    )
+    cells, _ = exact_neighbours(assigned.select("image_id", "cell", "vector"), sample, [r["image_id"] for r in rows], k)
+    curve, error = recall_curve(sample, centroids, cells)
+    return Calibration(target, k, len(rows), curve, error, smallest_nprobe(curve, error, target))
+
+
+def smallest_nprobe(curve: np.ndarray, error: np.ndarray, target: float) -> int:
+    """The smallest nprobe whose recall, less twice its standard error, reaches target (all cells where none does)."""
     reached = np.flatnonzero(curve - 2 * error >= target - 1e-9)
-    return Calibration(target, k, len(rows), curve, error, int(reached[0]) + 1 if len(reached) else len(centroids))
+    return int(reached[0]) + 1 if len(reached) else len(curve)

@@ -17,13 +17,14 @@ from jobs.cli import session_settings
 from jobs.errors import UsageError
 from jobs.filesystems import Location
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.search import catalog, groups, plan, queries, results, tiles
+from jobs.search import catalog, groups, plan, queries, recall, results, tiles
 from jobs.search.queries import Source
 from jobs.search.scoring import Wanted
 
 log = get_logger("jobs.search")
 # a job whose work is all in Python: compiling its JVM operators and row projections (Janino, ~0.3 s of a task's start
 # on 2 cores, before its Python worker is sent anything) costs more than interpreting the rows they pass on
+DEFAULT_TARGET = 0.95  # for indexes built without calibration
 PYTHON_JOB = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 
 
@@ -57,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nprobe", type=int, help="ivf: cells each query probes (default: the index's, calibrated when it was built)"
+    )
+    parser.add_argument(
+        "--target-recall",
+        type=float,
+        help="ivf: the recall@k the default nprobe must reach on these queries, measured on a sample of them "
+        "(default: the index's target, 0.95)",
+    )
+    parser.add_argument(
+        "--recall-sample",
+        type=int,
+        help=f"ivf: queries whose exact answers measure this search's recall (default {recall.SAMPLE_QUERIES}, "
+        f"where there are at least {recall.MIN_QUERIES}: one extra pass over the catalog; 0: no estimate, and the "
+        "index's nprobe unless --nprobe)",
     )
     parser.add_argument(
         "--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)"
@@ -97,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace, index: ivf.Index) -> None:
     if args.k < 1 or args.nprobe is not None and args.nprobe < 1:
         raise UsageError("-k and --nprobe must be at least 1")
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise UsageError("--target-recall is a recall in (0, 1], e.g. 0.95")
+    if args.recall_sample is not None and args.recall_sample < 0:
+        raise UsageError("--recall-sample is a number of queries, at least 0")
+    if args.target_recall is not None and args.nprobe is not None:
+        raise UsageError("give --target-recall or --nprobe, not both (--nprobe fixes the cells each query probes)")
     if not (args.queries or args.query_ids or args.images or args.all or args.duplicates):
         raise UsageError("give --images, --queries, --query-ids, --all or --duplicates")
     if args.report and args.duplicates:
@@ -146,6 +166,27 @@ def query_source(spark: SparkSession, args: argparse.Namespace, index: ivf.Index
     return queries.ids_source(spark, index, files, [i.strip() for i in args.query_ids.split(",") if i.strip()])
 
 
+def measure(
+    spark: SparkSession, args: argparse.Namespace, index: ivf.Index, source: Source, files: Location, asked: Wanted
+) -> recall.Estimate | None:
+    """This search's recall on a sample of its queries, and (unless --nprobe) the nprobe that meets the target; None
+    where every cell is probed anyway, for the exact and LSH methods, and for fewer than MIN_QUERIES queries unless
+    --recall-sample asks (the sample's pass reads the whole catalog: a few queries read a few cells)."""
+    few = args.recall_sample is None and source.count < recall.MIN_QUERIES
+    if args.method != "ivf" or (args.nprobe or 0) >= index.cells or args.recall_sample == 0 or few:
+        return None
+    target = args.target_recall or (index.meta.get("calibration") or {}).get("target_recall") or DEFAULT_TARGET
+    with session_settings(spark, PYTHON_JOB):
+        measured = recall.estimate(
+            spark, index, source, files, asked, args.nprobe, target, args.recall_sample or recall.SAMPLE_QUERIES
+        )
+    if measured:
+        log.info("recall@%d %s", args.k, measured.line())
+        if measured.warning():
+            log.warning(measured.warning())
+    return measured
+
+
 def answer(
     spark: SparkSession,
     index: ivf.Index,
@@ -183,7 +224,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         started = time.perf_counter()
         files = catalog.locate(spark, index, args.reader)
         source = query_source(spark, args, index, files)
-        found = answer(spark, index, source, args.method, asked, args.nprobe, files)
+        measured = measure(spark, args, index, source, files, asked)
+        nprobe = measured.nprobe if measured else args.nprobe
+        found = answer(spark, index, source, args.method, asked, nprobe, files)
         answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
 
         def checked() -> None:
@@ -211,18 +254,25 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             if k in ("lsh_fallback_queries", "images_with_pairs", "groups", "largest_group")
         },
     )
-    nprobe = args.nprobe or index.params.nprobe
+    nprobe = nprobe or index.params.nprobe
     summary.set(
         index=args.index,
         method=args.method,
         k=args.k,
         nprobe=nprobe if args.method == "ivf" else None,
         touched=touched,
+        recall_estimate=measured.report() if measured else None,
         queries_per_second=round(count / seconds, 2) if seconds else None,
     )
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
-    print_summary("search summary", summary_rows(args, index, count, written, touched, summary, seconds))
+    rows = summary_rows(args, index, nprobe, count, written, touched, summary, seconds)
+    if measured:
+        rows.insert(3, (f"recall@{args.k}", measured.line()))
+    elif args.method == "ivf" and nprobe < index.cells:
+        calibrated = (index.meta.get("calibration") or {}).get("recall")
+        rows.insert(3, (f"recall@{args.k}", f"not measured (--recall-sample); the index's own rows: {calibrated}"))
+    print_summary("search summary", rows, [measured.warning()] if measured and measured.warning() else None)
     show = args.show if args.show is not None else 5 if args.images or args.query_ids else 0
     if show and not (args.all or args.duplicates):
         print(results.console_table(spark.read.parquet(args.output), show), flush=True)
@@ -234,15 +284,14 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
 def summary_rows(
     args: argparse.Namespace,
     index: ivf.Index,
+    nprobe: int,
     count: int,
     written: int,
     touched: dict,
     summary: RunSummary,
     seconds: float,
 ) -> list:
-    method = args.method + (
-        f", nprobe {args.nprobe or index.params.nprobe} of {index.cells} cells" if args.method == "ivf" else ""
-    )
+    method = args.method + (f", nprobe {nprobe} of {index.cells} cells" if args.method == "ivf" else "")
     rows = [
         ("index", f"{args.index} ({index.count} images, {index.model})"),
         ("queries", count),

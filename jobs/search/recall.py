@@ -1,0 +1,231 @@
+"""Recall on this search's own queries: a seeded sample's exact answers give its recall@k at every nprobe (a probed
+neighbour is always found: jobs/index/calibrate.py), hence the nprobe that reaches the target and the estimate.
+
+Queries unlike the catalog need more cells than the index's calibration on its own rows says; this is how the search
+knows, and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import SparkSession
+
+from jobs.filesystems import Location
+from jobs.index.calibrate import Nearest, exact_neighbours, recall_curve, smallest_nprobe
+from jobs.ivf import Index
+from jobs.search.catalog import SHIPPED
+from jobs.search.queries import QueryFiles, Source, catalog_queries
+from jobs.search.scoring import Wanted
+from jobs.vectors import matrix_from_binary, packed_vectors
+
+SAMPLE_QUERIES = 400  # standard error of recall ~0.005 where a query's recall varies by ~0.1
+MIN_QUERIES = 100  # fewer are not measured unless asked: their search reads a few cells, the measure every one
+SAMPLE_READ_BYTES = 64 << 20  # of query vectors the driver reads to draw the sample from
+DRIVER_PASS_BYTES = 256 << 20  # catalog vectors the driver scores the sample against itself (~1 s on 2 cores)
+SEED = 104729
+PAIR_DEPTH = 32  # --duplicates: a sampled row's partners are looked for among its PAIR_DEPTH nearest
+Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """recall@k of the search's sampled queries at the nprobe it runs, its standard error (a finite population: 0
+    where every query was sampled), the target and the smallest nprobe reaching it (None: none does), whether the
+    nprobe was chosen here, the index's own calibrated figure, and the seconds it took."""
+
+    sample: int
+    queries: int
+    nprobe: int
+    recall: float
+    error: float
+    target: float
+    reaching: int | None
+    chosen: bool
+    calibrated: float | None
+    seconds: float
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return max(0.0, self.recall - Z95 * self.error), min(1.0, self.recall + Z95 * self.error)
+
+    def line(self) -> str:
+        low, high = self.interval
+        shown = f"{self.recall:.3f}" + (f" (95% {low:.3f}-{high:.3f})" if self.error else " (every query)")
+        how = "chosen for" if self.chosen else "against"
+        calibrated = f"; the index's own rows: {self.calibrated:.3f}" if self.calibrated is not None else ""
+        return (
+            f"{shown} at nprobe {self.nprobe}, {how} target {self.target:.2f}, on {self.sample} of "
+            f"{self.queries} queries in {self.seconds:.1f} s{calibrated}"
+        )
+
+    def warning(self) -> str | None:
+        if self.recall >= self.target:
+            return None
+        reach = f"--nprobe {self.reaching} would reach it" if self.reaching else "use --method exact"
+        return f"estimated recall@k {self.recall:.3f} is under the target {self.target:.2f}: {reach}"
+
+    def report(self) -> dict:
+        low, high = self.interval
+        return {
+            "recall": round(self.recall, 4),
+            "standard_error": round(self.error, 4),
+            "interval_95": [round(low, 4), round(high, 4)],
+            "sample": self.sample,
+            "nprobe": self.nprobe,
+            "target": self.target,
+            "nprobe_reaching_target": self.reaching,
+            "nprobe_chosen_by_estimate": self.chosen,
+            "index_calibrated_recall": self.calibrated,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def sample_queries(spark: SparkSession, source: Source, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
+    """Up to `size` of the source's queries, the same ones every run: their vectors, ids, and how many queries there
+    were. Files the tasks would read are sampled here, on the driver (a Spark job would cost more than the reading);
+    a DataFrame's rows by a job whose tasks keep the rows of smallest seeded hash."""
+    if source.files is not None:
+        return sample_files(source.files, dim, size)
+    return sample_frame(spark, source, dim, size)
+
+
+def sample_files(files: QueryFiles, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
+    """`size` rows drawn at random from the table's row groups: all of them where their vectors fit SAMPLE_READ_BYTES,
+    else from row groups drawn at random until they do (a row group is the least the driver can read)."""
+    rng = np.random.default_rng(SEED)
+    starts = np.concatenate([[0], np.cumsum([g[2] for g in files.groups])])
+    budget, chosen = SAMPLE_READ_BYTES // (4 * dim), []
+    for g in rng.permutation(len(files.groups)):
+        if chosen and sum(files.groups[c][2] for c in chosen) + files.groups[g][2] > budget:
+            break
+        chosen.append(int(g))
+    run = [(*files.groups[g][:2], 0, files.groups[g][2], int(starts[g]), files.groups[g][3]) for g in sorted(chosen)]
+    ids, vectors = [], []
+    for batch in files.read(run):
+        packed, lengths = packed_vectors(batch.column("vector"))
+        keep = np.flatnonzero(lengths == dim)
+        ids += batch.column("query_id").take(pa.array(keep)).to_pylist()
+        vectors.append(matrix_from_binary(packed.take(pa.array(keep)), dim))
+    matrix = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
+    picked = np.sort(rng.permutation(len(matrix))[:size])
+    return matrix[picked], [ids[i] for i in picked], files.rows
+
+
+def sample_frame(spark: SparkSession, source: Source, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
+    """sample_queries of a DataFrame: each task keeps its `size` rows of smallest seeded hash of their qidx, so at
+    most tasks x size rows reach the driver."""
+    frame, read = source.tasks(spark, spark.sparkContext.defaultParallelism)
+
+    def smallest(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        kept, seen = None, 0
+        for batch in read(batches):
+            vectors, lengths = packed_vectors(batch.column("vector"))
+            seen += len(batch)
+            rows = pa.table({"qidx": batch.column("qidx"), "query_id": batch.column("query_id"), "vector": vectors})
+            rows = rows.filter(pa.array(lengths == dim))  # the search itself says what is wrong with the others
+            rows = rows.append_column("h", pa.array(mixed(rows.column("qidx").to_numpy())))
+            kept = rows if kept is None else pa.concat_tables([kept, rows])
+            kept = kept.take(np.argsort(kept.column("h").to_numpy(), kind="stable")[:size])
+        if kept is not None:
+            yield from kept.append_column("seen", pa.array(np.full(len(kept), 0, np.int64))).to_batches()
+        yield pa.RecordBatch.from_pydict(
+            {"qidx": [-1], "query_id": [None], "vector": [None], "h": [0], "seen": [seen]},
+            schema=pa.schema(
+                [
+                    ("qidx", pa.int64()),
+                    ("query_id", pa.string()),
+                    ("vector", pa.binary()),
+                    ("h", pa.int64()),
+                    ("seen", pa.int64()),
+                ]
+            ),
+        )
+
+    rows = frame.mapInArrow(
+        smallest, "qidx long, query_id string, vector binary, h long, seen long"
+    ).collect()  # tasks x size rows
+    counted = sum(r["seen"] for r in rows if r["qidx"] < 0)
+    picked = sorted((r for r in rows if r["qidx"] >= 0), key=lambda r: r["h"])[:size]
+    vectors = (
+        matrix_from_binary(pa.array([r["vector"] for r in picked], pa.binary()), dim)
+        if picked
+        else np.empty((0, dim), np.float32)
+    )
+    return vectors, [r["query_id"] for r in picked], counted
+
+
+def mixed(qidx: np.ndarray) -> np.ndarray:
+    """A seeded mix of each qidx (splitmix64, 63 bits): a uniform, reproducible order of the queries."""
+    with np.errstate(over="ignore"):
+        z = qidx.astype(np.uint64) + np.uint64(SEED) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((z ^ (z >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
+
+
+def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.ndarray, ids: list[str], depth: int):
+    """The sample's exact `depth` nearest catalog rows (cells, squared distances) in one pass over the catalog: here on
+    the driver where the catalog's vectors are few enough that a Spark job's own start (1-2 s) would cost more, else
+    by the tasks (reading the files themselves where they can, as the search does)."""
+    if files.kind == SHIPPED:
+        frame = catalog_queries(spark, index, files).selectExpr("query_id AS image_id", "own_cell AS cell", "vector")
+        return exact_neighbours(frame, sample, ids, depth)
+    whole = QueryFiles.of_catalog(index, files)
+
+    def renamed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            columns = [batch.column(c) for c in ("query_id", "own_cell", "vector")]
+            yield pa.RecordBatch.from_arrays(columns, names=["image_id", "cell", "vector"])
+
+    if index.count * index.dim * 4 <= DRIVER_PASS_BYTES:
+        found = Nearest(sample, ids, depth).add_all(renamed(whole.read(whole.runs(1)[0])))
+        return found.cells, found.d2
+    frame, read = Source(index.count, files=whole).tasks(spark, spark.sparkContext.defaultParallelism)
+    return exact_neighbours(frame, sample, ids, depth, lambda batches: renamed(read(batches)))
+
+
+def estimate(
+    spark: SparkSession,
+    index: Index,
+    source: Source,
+    files: Location,
+    wanted: Wanted,
+    nprobe: int | None,
+    target: float,
+    size: int = SAMPLE_QUERIES,
+) -> Estimate | None:
+    """The recall of this search on a sample of its queries: at nprobe where given, else at the smallest nprobe that
+    reaches target (which the search then runs). None where no sampled query has a neighbour."""
+    started = time.perf_counter()
+    sample, ids, queries = sample_queries(spark, source, index.dim, size)
+    if not len(sample):
+        return None
+    depth = wanted.k if wanted.min_similarity is None else PAIR_DEPTH
+    cells, d2 = catalog_pass(spark, index, files, sample, ids, depth)
+    if wanted.min_similarity is not None:  # the partners a pair search must find: those similar enough
+        similarity = 1 - d2 / 2  # unit vectors
+        cells = np.where(similarity >= wanted.min_similarity, cells, -1)
+    if not (cells >= 0).any():
+        return None
+    curve, error = recall_curve(sample, index.centroids, cells, index.plan.sizes, wanted.enough)
+    error = error * np.sqrt(max(0.0, (queries - len(sample)) / max(queries - 1, 1)))  # a finite population
+    reaching = smallest_nprobe(curve, error, target)
+    at = min(nprobe or reaching, index.cells)
+    calibrated = (index.meta.get("calibration") or {}).get("recall")
+    return Estimate(
+        len(sample),
+        queries,
+        at,
+        float(curve[at - 1]),
+        float(error[at - 1]),
+        target,
+        reaching if curve[reaching - 1] - 2 * error[reaching - 1] >= target - 1e-9 else None,
+        nprobe is None,
+        calibrated,
+        time.perf_counter() - started,
+    )
