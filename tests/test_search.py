@@ -157,7 +157,9 @@ def test_a_task_reads_each_probed_row_group_once_a_pass_and_a_routed_search_read
     read = {}
     for name, blocks, ranges in [("one", 1, 1), ("blocks", 3, 1), ("routed", 1, 3)]:
         force_plan(monkeypatch, blocks, ranges)
-        read[name] = search(spark, folder / "index", tmp_path / name, "--queries", tmp_path / "q", "-k", "7")["touched"]
+        read[name] = search(
+            spark, folder / "index", tmp_path / name, "--queries", tmp_path / "q", "-k", "7", "--recall-sample", "0"
+        )["touched"]
     assert read["one"]["row_groups_read"] == holding  # one pass: every probed row group once
     assert (
         holding < read["blocks"]["row_groups_read"] <= 3 * holding

@@ -172,13 +172,20 @@ def measure(
     """This search's recall on a sample of its queries, and (unless --nprobe) the nprobe that meets the target; None
     where every cell is probed anyway, for the exact and LSH methods, and for fewer than MIN_QUERIES queries unless
     --recall-sample asks (the sample's pass reads the whole catalog: a few queries read a few cells)."""
-    few = args.recall_sample is None and source.count < recall.MIN_QUERIES
-    if args.method != "ivf" or (args.nprobe or 0) >= index.cells or args.recall_sample == 0 or few:
+    if args.method != "ivf" or (args.nprobe or 0) >= index.cells or args.recall_sample == 0:
         return None
     target = args.target_recall or (index.meta.get("calibration") or {}).get("target_recall") or DEFAULT_TARGET
     with session_settings(spark, PYTHON_JOB):
         measured = recall.estimate(
-            spark, index, source, files, asked, args.nprobe, target, args.recall_sample or recall.SAMPLE_QUERIES
+            spark,
+            index,
+            source,
+            files,
+            asked,
+            args.nprobe,
+            target,
+            args.recall_sample or recall.SAMPLE_QUERIES,
+            least=0 if args.recall_sample else recall.MIN_QUERIES,
         )
     if measured:
         log.info("recall@%d %s", args.k, measured.line())

@@ -8,6 +8,7 @@ knows, and says so.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,17 +87,17 @@ class Estimate:
 
 
 def sample_queries(spark: SparkSession, source: Source, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
-    """Up to `size` of the source's queries, the same ones every run: their vectors, ids, and how many queries there
-    were. Files the tasks would read are sampled here, on the driver (a Spark job would cost more than the reading);
-    a DataFrame's rows by a job whose tasks keep the rows of smallest seeded hash."""
+    """Up to `size` of the source's queries, those of smallest seeded hash of their id: their vectors, ids, and how
+    many queries there were. Files the tasks would read are sampled here, on the driver (a Spark job would cost more
+    than the reading); a DataFrame's rows by a job."""
     if source.files is not None:
         return sample_files(source.files, dim, size)
     return sample_frame(spark, source, dim, size)
 
 
 def sample_files(files: QueryFiles, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
-    """`size` rows drawn at random from the table's row groups: all of them where their vectors fit SAMPLE_READ_BYTES,
-    else from row groups drawn at random until they do (a row group is the least the driver can read)."""
+    """sample_queries of the table's row groups: all of them where their vectors fit SAMPLE_READ_BYTES, else row groups
+    drawn at random until they do (a row group is the least the driver can read)."""
     rng = np.random.default_rng(SEED)
     starts = np.concatenate([[0], np.cumsum([g[2] for g in files.groups])])
     budget, chosen = SAMPLE_READ_BYTES // (4 * dim), []
@@ -112,13 +113,13 @@ def sample_files(files: QueryFiles, dim: int, size: int) -> tuple[np.ndarray, li
         ids += batch.column("query_id").take(pa.array(keep)).to_pylist()
         vectors.append(matrix_from_binary(packed.take(pa.array(keep)), dim))
     matrix = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
-    picked = np.sort(rng.permutation(len(matrix))[:size])
+    picked = np.sort(np.argsort(mixed(ids), kind="stable")[:size])
     return matrix[picked], [ids[i] for i in picked], files.rows
 
 
 def sample_frame(spark: SparkSession, source: Source, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
-    """sample_queries of a DataFrame: each task keeps its `size` rows of smallest seeded hash of their qidx, so at
-    most tasks x size rows reach the driver."""
+    """sample_queries of a DataFrame: each task keeps its `size` rows of smallest hash, so at most tasks x size rows
+    reach the driver."""
     frame, read = source.tasks(spark, spark.sparkContext.defaultParallelism)
 
     def smallest(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -128,7 +129,7 @@ def sample_frame(spark: SparkSession, source: Source, dim: int, size: int) -> tu
             seen += len(batch)
             rows = pa.table({"qidx": batch.column("qidx"), "query_id": batch.column("query_id"), "vector": vectors})
             rows = rows.filter(pa.array(lengths == dim))  # the search itself says what is wrong with the others
-            rows = rows.append_column("h", pa.array(mixed(rows.column("qidx").to_numpy())))
+            rows = rows.append_column("h", pa.array(mixed(rows.column("query_id").to_pylist())))
             kept = rows if kept is None else pa.concat_tables([kept, rows])
             kept = kept.take(np.argsort(kept.column("h").to_numpy(), kind="stable")[:size])
         if kept is not None:
@@ -159,10 +160,12 @@ def sample_frame(spark: SparkSession, source: Source, dim: int, size: int) -> tu
     return vectors, [r["query_id"] for r in picked], counted
 
 
-def mixed(qidx: np.ndarray) -> np.ndarray:
-    """A seeded mix of each qidx (splitmix64, 63 bits): a uniform, reproducible order of the queries."""
+def mixed(ids: list[str | None]) -> np.ndarray:
+    """A seeded mix of each id (crc32, then splitmix64 to 63 bits): an order of the queries that is the same however
+    their table is read."""
+    z = np.array([zlib.crc32((i or "").encode()) for i in ids], np.uint64)
     with np.errstate(over="ignore"):
-        z = qidx.astype(np.uint64) + np.uint64(SEED) * np.uint64(0x9E3779B97F4A7C15)
+        z = z + np.uint64(SEED) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return ((z ^ (z >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
@@ -198,12 +201,16 @@ def estimate(
     nprobe: int | None,
     target: float,
     size: int = SAMPLE_QUERIES,
+    least: int = 0,
 ) -> Estimate | None:
     """The recall of this search on a sample of its queries: at nprobe where given, else at the smallest nprobe that
-    reaches target (which the search then runs). None where no sampled query has a neighbour."""
+    reaches target (which the search then runs). None where there are fewer than `least` queries or no sampled one has
+    a neighbour."""
     started = time.perf_counter()
+    if source.files is not None and source.files.rows < least:
+        return None
     sample, ids, queries = sample_queries(spark, source, index.dim, size)
-    if not len(sample):
+    if not len(sample) or queries < least:
         return None
     depth = wanted.k if wanted.min_similarity is None else PAIR_DEPTH
     cells, d2 = catalog_pass(spark, index, files, sample, ids, depth)
