@@ -34,7 +34,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search bench-update bench-report clean embed index search evaluate report help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
+.PHONY: setup build test lint demo bench-embed bench-search bench-shifted bench-update bench-report clean embed index search evaluate report help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -91,9 +91,14 @@ embed index search evaluate report: build ## run one job through spark-submit: m
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
 	$(PY) bench/embed.py
 
-bench-search: build ## search: GloVe 50k-300k and 1M x 512 x 1 to 100k queries and --all, next to FAISS (bench/results/search.json)
+bench-search: build ## search: GloVe 50k-300k and 1M x 512 x 1 to 100k queries and --all: build, search, end to end beside FAISS and nearestByJoin
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/search.py
+	$(PY) bench/search.py --catalogs glove:50000,glove:150000,glove:300000 --name search_glove
+	$(PY) bench/search.py --catalogs clustered:1000000 --name search_clustered
+
+bench-shifted: build ## recall on queries unlike the catalog: estimate, truth, cost (bench/results/shifted.json)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/shifted.py
 
 bench-update: build ## index updates next to full rebuilds, GloVe 250k (bench/results/index_update.json)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -20,12 +20,12 @@ the machines here are shared, noisy and unlike each other, so compare a section'
 
 | benchmark | command | what it measures |
 |---|---|---|
-| search | `make bench-search` | catalog sizes x query counts beside FAISS IVF-Flat at equal recall, bytes read |
+| search | `make bench-search` | catalog sizes x query counts: build, search and end to end beside FAISS IVF-Flat at equal recall and Spark's nearestByJoin |
+| shifted | `make bench-shifted` | queries unlike the catalog: the index's recall, the search's estimate, the truth, the cost of measuring |
 | index_update | `make bench-update` | index --mode incremental after adds, drops and ten 1% updates, beside rebuilds |
 | embed | `make bench-embed` | images/s per model and runtime x precision: model-only, and the whole job |
 | photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
 | bf16_fidelity | `python bench/bf16_fidelity.py` | each bf16 backend against fp32 vectors on real photos |
-| spark_join | `python bench/spark_join.py` | our index + search beside Spark's nearestByJoin, 100 and 1,000 queries |
 """
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from jobs.knn import nearest, squared_distances
@@ -56,7 +57,7 @@ class Nearest:
 
     def __init__(self, queries: np.ndarray, ids: list[str], k: int) -> None:
         self.queries, self.k = queries, k
-        self.own = {image_id: i for i, image_id in enumerate(ids)}
+        self.ids = pa.array(ids, pa.string())
         self.d2 = np.full((len(queries), k), np.inf, np.float32)
         self.cells = np.full((len(queries), k), -1, np.int32)
 
@@ -77,15 +78,20 @@ class Nearest:
         for first in range(0, len(batch), SCORED_ROWS):
             part = batch.slice(first, SCORED_ROWS)
             d2 = squared_distances(self.queries, matrix_from_binary(part.column("vector"), self.queries.shape[1]))
-            for col, image_id in enumerate(part.column("image_id").to_pylist()):
-                if image_id in self.own:
-                    d2[self.own[image_id], col] = np.inf
+            own = pc.index_in(part.column("image_id"), value_set=self.ids)  # a query's own row: never its neighbour
+            col = np.flatnonzero(own.is_valid().to_numpy(zero_copy_only=False))
+            d2[own.drop_null().to_numpy().astype(np.int64), col] = np.inf
             cells = np.broadcast_to(part.column("cell").to_numpy().astype(np.int32), d2.shape)
             self.merge(d2, cells)
 
     def merge(self, d2: np.ndarray, cells: np.ndarray) -> None:
         """Candidates (squared distances and cells, one row a query) merged into the k nearest; only those nearer than a
         query's k-th so far are ranked (after the first rows, a handful)."""
+        if np.isinf(self.d2[:, -1]).all():  # nothing kept yet: every candidate counts
+            picked, values = nearest(np.concatenate([self.d2, d2], axis=1), np.arange(self.k + d2.shape[1]), self.k)
+            self.cells = np.take_along_axis(np.concatenate([self.cells, cells], axis=1), np.maximum(picked, 0), axis=1)
+            self.d2 = values
+            return
         row, col = np.nonzero(d2 < self.d2.max(axis=1, keepdims=True))
         if not len(row):
             return

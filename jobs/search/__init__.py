@@ -194,6 +194,17 @@ def measure(
     return measured
 
 
+def find(
+    spark: SparkSession, args: argparse.Namespace, index: ivf.Index, source: Source, files: Location
+) -> tuple[tiles.Found, recall.Estimate | None, int | None]:
+    """Every query of source answered as args ask (nothing runs until its answers are written or read), the recall
+    measured on a sample of them, and the nprobe chosen (None: args' or the index's)."""
+    asked = wanted(args)
+    measured = measure(spark, args, index, source, files, asked)
+    nprobe = measured.nprobe if measured else args.nprobe
+    return answer(spark, index, source, args.method, asked, nprobe, files), measured, nprobe
+
+
 def answer(
     spark: SparkSession,
     index: ivf.Index,
@@ -231,9 +242,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         started = time.perf_counter()
         files = catalog.locate(spark, index, args.reader)
         source = query_source(spark, args, index, files)
-        measured = measure(spark, args, index, source, files, asked)
-        nprobe = measured.nprobe if measured else args.nprobe
-        found = answer(spark, index, source, args.method, asked, nprobe, files)
+        found, measured, nprobe = find(spark, args, index, source, files)
         answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
 
         def checked() -> None:

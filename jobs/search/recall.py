@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
 from jobs.filesystems import Location
 from jobs.index.calibrate import Nearest, exact_neighbours, recall_curve, smallest_nprobe
 from jobs.ivf import Index
-from jobs.search.catalog import SHIPPED
+from jobs.search.catalog import SHIPPED, deletions
 from jobs.search.queries import QueryFiles, Source, catalog_queries
 from jobs.search.scoring import Wanted
 from jobs.vectors import matrix_from_binary, packed_vectors
@@ -174,22 +175,33 @@ def mixed(ids: list[str | None]) -> np.ndarray:
 def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.ndarray, ids: list[str], depth: int):
     """The sample's exact `depth` nearest catalog rows (cells, squared distances) in one pass over the catalog: here on
     the driver where the catalog's vectors are few enough that a Spark job's own start (1-2 s) would cost more, else
-    by the tasks (reading the files themselves where they can, as the search does)."""
+    by the tasks, a share of the files each (read with pyarrow where they can, as the search reads them)."""
     if files.kind == SHIPPED:
         frame = catalog_queries(spark, index, files).selectExpr("query_id AS image_id", "own_cell AS cell", "vector")
         return exact_neighbours(frame, sample, ids, depth)
-    whole = QueryFiles.of_catalog(index, files)
-
-    def renamed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            columns = [batch.column(c) for c in ("query_id", "own_cell", "vector")]
-            yield pa.RecordBatch.from_arrays(columns, names=["image_id", "cell", "vector"])
-
+    entries = index.meta["files"]
     if index.count * index.dim * 4 <= DRIVER_PASS_BYTES:
-        found = Nearest(sample, ids, depth).add_all(renamed(whole.read(whole.runs(1)[0])))
+        found = Nearest(sample, ids, depth).add_all(catalog_rows(files, entries))
         return found.cells, found.d2
-    frame, read = Source(index.count, files=whole).tasks(spark, spark.sparkContext.defaultParallelism)
-    return exact_neighbours(frame, sample, ids, depth, lambda batches: renamed(read(batches)))
+    tasks = min(len(entries), spark.sparkContext.defaultParallelism * 2)
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for task in (t for batch in batches for t in batch.column("id").to_pylist()):
+            yield from catalog_rows(files, entries[task::tasks])
+
+    return exact_neighbours(spark.range(tasks, numPartitions=tasks), sample, ids, depth, read)
+
+
+def catalog_rows(files: Location, entries: list[dict]) -> Iterator[pa.RecordBatch]:
+    """The live rows of these catalog files (image_id, cell, vector), a file at a time."""
+    fs = files.filesystem(memory_map=True)
+    for entry in entries:
+        with fs.open_input_file(f"{files.root}/{entry['name']}") as handle:
+            table = pq.ParquetFile(handle).read(columns=["image_id", "cell", "vector"])
+        gone = deletions(fs, files.root, entry)
+        if len(gone):
+            table = table.filter(pa.array(~np.isin(np.arange(len(table)), gone)))
+        yield from table.to_batches(max_chunksize=1 << 13)
 
 
 def estimate(
