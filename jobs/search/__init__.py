@@ -18,6 +18,7 @@ from jobs.errors import UsageError
 from jobs.filesystems import Location
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.search import catalog, groups, plan, queries, recall, results, tiles
+from jobs.search import summary as summarised
 from jobs.search.queries import Source
 from jobs.search.scoring import Wanted
 
@@ -282,12 +283,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     )
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
-    rows = summary_rows(args, index, nprobe, count, written, touched, summary, seconds)
-    if measured:
-        rows.insert(3, (f"recall@{args.k}", measured.line()))
-    elif args.method == "ivf" and nprobe < index.cells:
-        calibrated = (index.meta.get("calibration") or {}).get("recall")
-        rows.insert(3, (f"recall@{args.k}", f"not measured (--recall-sample); the index's own rows: {calibrated}"))
+    rows = summarised.rows(args, index, nprobe, measured, count, written, touched, summary, seconds)
     print_summary("search summary", rows, [measured.warning()] if measured and measured.warning() else None)
     show = args.show if args.show is not None else 5 if args.images or args.query_ids else 0
     if show and not (args.all or args.duplicates):
@@ -295,54 +291,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     if args.report:
         write_report(spark, args.output, args.report)
     return 0
-
-
-def summary_rows(
-    args: argparse.Namespace,
-    index: ivf.Index,
-    nprobe: int,
-    count: int,
-    written: int,
-    touched: dict,
-    summary: RunSummary,
-    seconds: float,
-) -> list:
-    method = args.method + (f", nprobe {nprobe} of {index.cells} cells" if args.method == "ivf" else "")
-    rows = [
-        ("index", f"{args.index} ({index.count} images, {index.model})"),
-        ("queries", count),
-        ("method", f"{method}, k={args.k}" + (", excluding self" if wanted(args).exclude_self else "")),
-        ("duplicate pairs" if args.duplicates else "neighbour rows", written),
-        ("output", args.output),
-        ("plan", touched["plan"]),
-        (
-            "read",
-            f"{touched['catalog_bytes_read'] / 2**20:.1f} of {touched['catalog_bytes'] / 2**20:.1f} MiB of the catalog "
-            f"({touched['catalog_bytes_read'] / max(touched['catalog_bytes'], 1):.2f}x), "
-            f"{touched['row_groups_read']} row groups, "
-            f"{touched['catalog_rows_scanned']} rows scored; {touched['cells_probed']} of {touched['cells']} cells "
-            f"probed",
-        ),
-        (
-            "seconds",
-            f"{summary.data['seconds']['total']:.1f} total, {seconds:.1f} searching "
-            f"({summary.data['queries_per_second']} queries/s)",
-        ),
-    ]
-    if args.duplicates:
-        rows.append(("images with a pair", touched["images_with_pairs"]))
-    if args.groups:
-        rows.append(
-            (
-                "duplicate groups",
-                f"{touched['groups']} groups, largest {touched['largest_group']} images -> {args.groups}",
-            )
-        )
-    if args.method == "lsh":
-        rows.append(
-            ("lsh fallbacks", f"{touched['lsh_fallback_queries']} queries had < k candidates and were answered exactly")
-        )
-    return rows
 
 
 def write_report(spark: SparkSession, neighbours: str, output: str) -> None:

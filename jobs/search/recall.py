@@ -7,9 +7,11 @@ knows, and says so.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,8 +183,7 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
         return exact_neighbours(frame, sample, ids, depth)
     entries = index.meta["files"]
     if index.count * index.dim * 4 <= DRIVER_PASS_BYTES:
-        found = Nearest(sample, ids, depth).add_all(catalog_rows(files, entries))
-        return found.cells, found.d2
+        return driver_pass(files, entries, sample, ids, depth)
     tasks = min(len(entries), spark.sparkContext.defaultParallelism * 2)
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -190,6 +191,25 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
             yield from catalog_rows(files, entries[task::tasks])
 
     return exact_neighbours(spark.range(tasks, numPartitions=tasks), sample, ids, depth, read)
+
+
+def driver_pass(
+    files: Location, entries: list[dict], sample: np.ndarray, ids: list[str], depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """catalog_pass on the driver: a thread a core, a share of the files each (reading and scoring release the
+    GIL), their bests merged."""
+    threads = max(1, min(len(entries), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(
+            pool.map(
+                lambda share: Nearest(sample, ids, depth).add_all(catalog_rows(files, entries[share::threads])),
+                range(threads),
+            )
+        )
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part.d2, part.cells)
+    return merged.cells, merged.d2
 
 
 def catalog_rows(files: Location, entries: list[dict]) -> Iterator[pa.RecordBatch]:
