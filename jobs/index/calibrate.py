@@ -52,7 +52,8 @@ Batches = Iterator[pa.RecordBatch]
 
 
 class Nearest:
-    """The k nearest catalog rows seen so far of a few query vectors (a row of a query's own image_id left out):
+    """The k nearest catalog rows seen so far of a few query vectors (a row of a query's own image_id left out, where
+    ids are given):
     their squared distances and cells, -1 and inf while fewer were seen."""
 
     def __init__(self, queries: np.ndarray, ids: list[str], k: int) -> None:
@@ -78,9 +79,10 @@ class Nearest:
         for first in range(0, len(batch), SCORED_ROWS):
             part = batch.slice(first, SCORED_ROWS)
             d2 = squared_distances(self.queries, matrix_from_binary(part.column("vector"), self.queries.shape[1]))
-            own = pc.index_in(part.column("image_id"), value_set=self.ids)  # a query's own row: never its neighbour
-            col = np.flatnonzero(own.is_valid().to_numpy(zero_copy_only=False))
-            d2[own.drop_null().to_numpy().astype(np.int64), col] = np.inf
+            if len(self.ids):  # a query's own row is never its neighbour
+                own = pc.index_in(part.column("image_id"), value_set=self.ids)
+                col = np.flatnonzero(own.is_valid().to_numpy(zero_copy_only=False))
+                d2[own.drop_null().to_numpy().astype(np.int64), col] = np.inf
             cells = np.broadcast_to(part.column("cell").to_numpy().astype(np.int32), d2.shape)
             self.merge(d2, cells)
 

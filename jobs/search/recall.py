@@ -188,7 +188,7 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for task in (t for batch in batches for t in batch.column("id").to_pylist()):
-            yield from catalog_rows(files, entries[task::tasks])
+            yield from catalog_rows(files, entries[task::tasks], bool(ids))
 
     return exact_neighbours(spark.range(tasks, numPartitions=tasks), sample, ids, depth, read)
 
@@ -202,7 +202,9 @@ def driver_pass(
     with ThreadPoolExecutor(threads) as pool:
         parts = list(
             pool.map(
-                lambda share: Nearest(sample, ids, depth).add_all(catalog_rows(files, entries[share::threads])),
+                lambda share: Nearest(sample, ids, depth).add_all(
+                    catalog_rows(files, entries[share::threads], bool(ids))
+                ),
                 range(threads),
             )
         )
@@ -212,12 +214,12 @@ def driver_pass(
     return merged.cells, merged.d2
 
 
-def catalog_rows(files: Location, entries: list[dict]) -> Iterator[pa.RecordBatch]:
-    """The live rows of these catalog files (image_id, cell, vector), a file at a time."""
+def catalog_rows(files: Location, entries: list[dict], ids: bool) -> Iterator[pa.RecordBatch]:
+    """The live rows of these catalog files (cell, vector, and image_id where ids), a file at a time."""
     fs = files.filesystem(memory_map=True)
     for entry in entries:
         with fs.open_input_file(f"{files.root}/{entry['name']}") as handle:
-            table = pq.ParquetFile(handle).read(columns=["image_id", "cell", "vector"])
+            table = pq.ParquetFile(handle).read(columns=["image_id", "cell", "vector"] if ids else ["cell", "vector"])
         gone = deletions(fs, files.root, entry)
         if len(gone):
             table = table.filter(pa.array(~np.isin(np.arange(len(table)), gone)))
@@ -245,7 +247,7 @@ def estimate(
     if not len(sample) or queries < least:
         return None
     depth = wanted.k if wanted.min_similarity is None else PAIR_DEPTH
-    cells, d2 = catalog_pass(spark, index, files, sample, ids, depth)
+    cells, d2 = catalog_pass(spark, index, files, sample, ids if wanted.exclude_self else [], depth)
     if wanted.min_similarity is not None:  # the partners a pair search must find: those similar enough
         similarity = 1 - d2 / 2  # unit vectors
         cells = np.where(similarity >= wanted.min_similarity, cells, -1)
