@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ivf: probe the nearest cells (default); lsh: LSH buckets; exact: every row",
     )
     parser.add_argument(
-        "--nprobe", type=int, help="ivf: cells each query probes (default: the index's, calibrated when it was built)"
+        "--nprobe",
+        type=int,
+        help="ivf: cells each query probes (default: the fewest reaching --target-recall on a sample of the queries, "
+        "where there are 100+; else the index's, calibrated when it was built)",
     )
     parser.add_argument(
         "--target-recall",
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--recall-sample",
         type=int,
         help=f"ivf: queries whose exact answers measure this search's recall (default {recall.SAMPLE_QUERIES}, "
+        f"down to {recall.FEWEST_SAMPLED} for the largest catalogs, "
         f"where there are at least {recall.MIN_QUERIES}: one extra pass over the catalog; 0: no estimate, and the "
         "index's nprobe unless --nprobe)",
     )
@@ -185,7 +189,7 @@ def measure(
             asked,
             args.nprobe,
             target,
-            args.recall_sample or recall.SAMPLE_QUERIES,
+            args.recall_sample,
             least=0 if args.recall_sample else recall.MIN_QUERIES,
         )
     if measured:

@@ -28,6 +28,8 @@ from jobs.search.scoring import Wanted
 from jobs.vectors import matrix_from_binary, packed_vectors
 
 SAMPLE_QUERIES = 400  # standard error of recall ~0.005 where a query's recall varies by ~0.1
+FEWEST_SAMPLED = 100  # the default sample shrinks to this where scoring 400 against the catalog costs more than
+PASS_FLOPS = 5e10  # this many multiply-adds (~1 s on 2 cores): 1M x 512 catalogs
 MIN_QUERIES = 100  # fewer are not measured unless asked: their search reads a few cells, the measure every one
 SAMPLE_READ_BYTES = 64 << 20  # of query vectors the driver reads to draw the sample from
 DRIVER_PASS_BYTES = 256 << 20  # catalog vectors the driver scores the sample against itself (~1 s on 2 cores)
@@ -226,6 +228,12 @@ def catalog_rows(files: Location, entries: list[dict], ids: bool) -> Iterator[pa
         yield from table.to_batches(max_chunksize=1 << 13)
 
 
+def default_sample(index: Index) -> int:
+    """SAMPLE_QUERIES, fewer (not under FEWEST_SAMPLED) where scoring them against every catalog row would cost more
+    than PASS_FLOPS: the pass's reading is the same either way, its scoring follows the sample."""
+    return int(np.clip(PASS_FLOPS / max(index.count * index.dim, 1), FEWEST_SAMPLED, SAMPLE_QUERIES))
+
+
 def estimate(
     spark: SparkSession,
     index: Index,
@@ -234,13 +242,15 @@ def estimate(
     wanted: Wanted,
     nprobe: int | None,
     target: float,
-    size: int = SAMPLE_QUERIES,
+    size: int | None = None,
     least: int = 0,
 ) -> Estimate | None:
-    """The recall of this search on a sample of its queries: at nprobe where given, else at the smallest nprobe that
+    """The recall of this search on a sample of `size` of its queries (default_sample where not given): at nprobe where
+    given, else at the smallest nprobe that
     reaches target (which the search then runs). None where there are fewer than `least` queries or no sampled one has
     a neighbour."""
     started = time.perf_counter()
+    size = size or default_sample(index)
     if source.files is not None and source.files.rows < least:
         return None
     sample, ids, queries = sample_queries(spark, source, index.dim, size)
