@@ -20,8 +20,8 @@ the machines here are shared, noisy and unlike each other, so compare a section'
 
 | benchmark | command | what it measures |
 |---|---|---|
-| search | `make bench-search` | catalog sizes x query counts: build, search and end to end beside FAISS IVF-Flat at equal recall and Spark's nearestByJoin |
-| shifted | `make bench-shifted` | queries unlike the catalog: the index's recall, the search's estimate, the truth, the cost of measuring |
+| search | `make bench-search` | sizes x query counts: build, search, end to end beside FAISS and nearestByJoin |
+| shifted | `make bench-shifted` | queries unlike the catalog: estimated and true recall, the cost of measuring |
 | index_update | `make bench-update` | index --mode incremental after adds, drops and ten 1% updates, beside rebuilds |
 | embed | `make bench-embed` | images/s per model and runtime x precision: model-only, and the whole job |
 | photo_query | `python bench/photo_query.py` | one photo against a 100k index, end to end and by part |
