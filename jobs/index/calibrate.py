@@ -87,24 +87,22 @@ class Nearest:
             self.merge(d2, cells)
 
     def merge(self, d2: np.ndarray, cells: np.ndarray) -> None:
-        """Candidates (squared distances and cells, one row a query) merged into the k nearest; only those nearer than a
-        query's k-th so far are ranked (after the first rows, a handful)."""
-        if np.isinf(self.d2[:, -1]).all():  # nothing kept yet: every candidate counts
-            picked, values = nearest(np.concatenate([self.d2, d2], axis=1), np.arange(self.k + d2.shape[1]), self.k)
-            self.cells = np.take_along_axis(np.concatenate([self.cells, cells], axis=1), np.maximum(picked, 0), axis=1)
-            self.d2 = values
-            return
+        """Candidates (squared distances and cells, one row a query) merged into the k nearest; once k are kept, only
+        those nearer than a query's k-th so far are ranked (after the first rows, a handful)."""
+        if not np.isinf(self.d2[:, -1]).all():
+            d2, cells = self.nearer(d2, cells)
+        picked, values = nearest(np.concatenate([self.d2, d2], axis=1), np.arange(self.k + d2.shape[1]), self.k)
+        self.cells = np.take_along_axis(np.concatenate([self.cells, cells], axis=1), np.maximum(picked, 0), axis=1)
+        self.d2 = values
+
+    def nearer(self, d2: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates nearer than each query's k-th so far, packed to the left of as few columns as they need."""
         row, col = np.nonzero(d2 < self.d2.max(axis=1, keepdims=True))
-        if not len(row):
-            return
-        starts = np.searchsorted(row, np.arange(len(d2)))
-        place = np.arange(len(row)) - starts[row]
-        width = int(place.max()) + 1
+        place = np.arange(len(row)) - np.searchsorted(row, np.arange(len(d2)))[row]
+        width = int(place.max()) + 1 if len(row) else 0
         near, near_cells = np.full((len(d2), width), np.inf, np.float32), np.full((len(d2), width), -1, np.int32)
         near[row, place], near_cells[row, place] = d2[row, col], cells[row, col]
-        picked, values = nearest(np.concatenate([self.d2, near], axis=1), np.arange(self.k + width), self.k)
-        self.cells = np.take_along_axis(np.concatenate([self.cells, near_cells], axis=1), np.maximum(picked, 0), axis=1)
-        self.d2 = values
+        return near, near_cells
 
 
 def exact_neighbours(
@@ -148,8 +146,9 @@ def recall_curve(
     averaged over the rows."""
     unit = bool(len(centroids)) and bool(np.abs(np.linalg.norm(centroids, axis=1) - 1).max() < 1e-4)
     scores = -(sample @ centroids.T) if unit else squared_distances(sample, centroids)
+    order = np.argsort(scores, axis=1, kind="stable")  # each row's cells in probe order
     place = np.empty_like(scores, dtype=np.int64)
-    np.put_along_axis(place, np.argsort(scores, axis=1, kind="stable"), np.arange(len(centroids))[None, :], axis=1)
+    np.put_along_axis(place, order, np.arange(len(centroids))[None, :], axis=1)
     known = neighbour_cells >= 0
     rows = np.flatnonzero(known.any(axis=1))
     if not len(rows):
@@ -159,8 +158,9 @@ def recall_curve(
     np.add.at(found, (row, place[row, neighbour_cells[row, col]]), 1)
     per_row = np.cumsum(found[rows], axis=1) / known[rows].sum(axis=1, keepdims=True)
     if sizes is not None and min_rows:  # the search probes on past nprobe until its cells hold min_rows rows
-        order = np.argsort(scores[rows], axis=1, kind="stable")
-        needed = (np.cumsum(sizes[order], axis=1) < min(min_rows, int(sizes.sum()))).sum(axis=1)  # cells short of it
+        needed = (np.cumsum(sizes[order[rows]], axis=1) < min(min_rows, int(sizes.sum()))).sum(
+            axis=1
+        )  # cells short of it
         probed = np.maximum(np.arange(len(centroids))[None, :], np.minimum(needed, len(centroids) - 1)[:, None])
         per_row = np.take_along_axis(per_row, probed, axis=1)
     return per_row.mean(axis=0), per_row.std(axis=0) / np.sqrt(len(rows))
@@ -182,10 +182,10 @@ def calibrate(
     )
     cells, _ = exact_neighbours(assigned.select("image_id", "cell", "vector"), sample, [r["image_id"] for r in rows], k)
     curve, error = recall_curve(sample, centroids, cells)
-    return Calibration(target, k, len(rows), curve, error, smallest_nprobe(curve, error, target))
+    return Calibration(target, k, len(rows), curve, error, smallest_nprobe(curve, error, target) or len(curve))
 
 
-def smallest_nprobe(curve: np.ndarray, error: np.ndarray, target: float) -> int:
-    """The smallest nprobe whose recall, less twice its standard error, reaches target (all cells where none does)."""
+def smallest_nprobe(curve: np.ndarray, error: np.ndarray, target: float) -> int | None:
+    """The smallest nprobe whose recall, less twice its standard error, reaches target; None where none does."""
     reached = np.flatnonzero(curve - 2 * error >= target - 1e-9)
-    return int(reached[0]) + 1 if len(reached) else len(curve)
+    return int(reached[0]) + 1 if len(reached) else None

@@ -266,7 +266,7 @@ def estimate(
     curve, error = recall_curve(sample, index.centroids, cells, index.plan.sizes, wanted.enough)
     error = error * np.sqrt(max(0.0, (queries - len(sample)) / max(queries - 1, 1)))  # a finite population
     reaching = smallest_nprobe(curve, error, target)
-    at = min(nprobe or reaching, index.cells)
+    at = min(nprobe or reaching or index.cells, index.cells)
     calibrated = (index.meta.get("calibration") or {}).get("recall")
     return Estimate(
         len(sample),
@@ -275,7 +275,7 @@ def estimate(
         float(curve[at - 1]),
         float(error[at - 1]),
         target,
-        reaching if curve[reaching - 1] - 2 * error[reaching - 1] >= target - 1e-9 else None,
+        reaching,
         nprobe is None,
         calibrated,
         time.perf_counter() - started,
