@@ -57,11 +57,15 @@ class Index:
 
     def __init__(self, spark: SparkSession, uri: str) -> None:
         self.spark, self.uri = spark, uri
-        self.loaded = ivf.load(spark, uri)
+        self.last_search: dict[str, Any] | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """What the index on disk holds now."""
+        self.loaded = ivf.load(self.spark, self.uri)
         self.count, self.dim, self.model = self.loaded.count, self.loaded.dim, self.loaded.model
         self.cells, self.nprobe = self.loaded.cells, self.loaded.params.nprobe
         self.calibration: dict | None = self.loaded.meta.get("calibration")
-        self.last_search: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         held = f"{self.count} {self.model} {self.dim}-d vectors"
@@ -82,7 +86,7 @@ class Index:
     def update(self, embeddings: str | DataFrame, **options: Any) -> Index:
         """This index brought up to date with its table (rows added, dropped, changed): `index --mode incremental`."""
         run_index(self.spark, embeddings, self.uri, "incremental", options)
-        self.__init__(self.spark, self.uri)  # type: ignore[misc]
+        self.reload()
         return self
 
     def search(self, queries: DataFrame | str | None = None, k: int = 10, **options: Any) -> DataFrame:
