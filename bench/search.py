@@ -43,7 +43,7 @@ from common import described, print_table, timed, write_json  # noqa: E402
 from helpers import build_dist, submit_command, submit_env  # noqa: E402
 
 from jobs.cli import JOBS  # noqa: E402
-from scripts.vectors import clustered_unit_vectors  # noqa: E402
+from scripts.vectors import clustered_unit_vectors, spark_fingerprints  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 COUNT_SCRIPT = (
@@ -79,9 +79,12 @@ def row_path(prefix: str, i: int, image_id: str) -> str:
     return f"s3://vehicle-photos-prod/listings/2026/{1 + i % 12:02d}/{dealer}/{prefix}/{image_id}.jpg"
 
 
-def write_embeddings(path: Path, vectors: np.ndarray, prefix: str, numbers: np.ndarray | None = None) -> list[str]:
+def write_embeddings(
+    path: Path, vectors: np.ndarray, prefix: str, numbers: np.ndarray | None = None, fingerprints: bool = True
+) -> list[str]:
     """An embeddings table of the contract with sha1 ids (of prefix and each row's number: its position unless given)
-    and long paths; returns the ids in row order."""
+    and long paths, with each vector's fingerprint as the embed job writes it (fingerprints=False: without, as other
+    tools write); returns the ids in row order."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     n, dim = vectors.shape
@@ -104,6 +107,8 @@ def write_embeddings(path: Path, vectors: np.ndarray, prefix: str, numbers: np.n
             "modification_time": pa.array([datetime(2024, 1, 1)] * n, pa.timestamp("us")),
         }
     )
+    if fingerprints:
+        table = table.append_column("fingerprint", pa.array(spark_fingerprints(vectors)))
     for part, start in enumerate(range(0, n, 100_000)):
         pq.write_table(table.slice(start, 100_000), path / f"part-{part:05d}.parquet")
     return ids

@@ -35,9 +35,17 @@ VECTOR_COLUMNS = ("image_id", "path", "label", "model", "embedding")
 PLACE = ("source_file", "source_row")  # where a row of an embeddings table lies: its file's URI, its row number there
 PLACES = pa.schema([("image_id", pa.string()), (PLACE[0], pa.string()), (PLACE[1], pa.int64())])
 EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
+FINGERPRINT = "xxhash64(embedding)"  # what a table's and an index's fingerprint column hold (fingerprint())
 SPARK_SCHEMA_KEY = (
     b"org.apache.spark.sql.parquet.row.metadata"  # where Spark keeps a table's schema in each file's footer
 )
+
+
+def fingerprint(embedding: str = "embedding") -> Column:
+    """An int64 per row that changes when any value of its vector does, made in the JVM (FINGERPRINT), null without
+    a vector. The embed job writes it beside each vector and the index keeps it: an update compares fingerprints, not
+    vectors."""
+    return F.when(F.col(embedding).isNotNull(), F.xxhash64(embedding))
 
 
 def nullable(field: dict) -> dict:
@@ -96,34 +104,53 @@ class Embeddings(NamedTuple):
     count: int
 
 
-def open_embeddings(spark: SparkSession, uri: str, what: str, located: bool = False) -> DataFrame:
-    """The rows of an embeddings table that have an embedding (its columns checked, its values not: no Spark job);
-    located: with each row's place, its file's URI and row number in it (PLACE: rows_at reads a row again there).
-
-    Raises UsageError for a missing table or missing columns.
-    """
+def opened(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, Column]:
+    """An embeddings table's rows without an error (its columns checked, its values not: no Spark job) and its
+    weights_sha256 column (null for tables from before it). UsageError for a missing table or missing columns."""
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
     table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table")
     missing = [c for c in VECTOR_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{what} {uri} is not an embeddings table: missing column(s) {', '.join(missing)}")
-    valid = table.where(F.col("embedding").isNotNull())
     if "error" in table.columns:
-        valid = valid.where(F.col("error").isNull())
+        table = table.where(F.col("error").isNull())
     weights = (
         F.col("weights_sha256")
         if "weights_sha256" in table.columns
         else F.lit(None).cast("string").alias("weights_sha256")
     )
+    return table, weights
+
+
+def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
+    """The rows of an embeddings table that have an embedding: VECTOR_COLUMNS and weights_sha256 (opened())."""
+    table, weights = opened(spark, uri, what)
+    return table.where(F.col("embedding").isNotNull()).select(*VECTOR_COLUMNS, weights)
+
+
+def open_fingerprints(spark: SparkSession, uri: str, what: str, stored: bool = True) -> DataFrame:
+    """Each row of an embeddings table as an index update compares it: image_id, model, weights_sha256, dim,
+    fingerprint, and its place (PLACE: its file's URI and row number there, where rows_at reads it again).
+
+    stored, and a table with a fingerprint column (the embed job writes one): the vectors are not read, dim is null
+    and rows of files written before the column have a null fingerprint (the caller tells them by their place).
+    Otherwise every vector is read and fingerprinted here."""
+    table, weights = opened(spark, uri, what)
     places = [F.col("_metadata.file_path").alias(PLACE[0]), F.col("_metadata.row_index").alias(PLACE[1])]
-    return valid.select(*VECTOR_COLUMNS, weights, *(places if located else []))
+    if stored and "fingerprint" in table.columns:
+        vector = [F.lit(None).cast("int").alias("dim"), F.col("fingerprint")]
+    else:
+        table = table.where(F.col("embedding").isNotNull())
+        vector = [F.size("embedding").alias("dim"), fingerprint().alias("fingerprint")]
+    return table.select("image_id", "model", weights, *vector, *places)
 
 
-def rows_at(places: DataFrame, rows: int, files: Location, partitions: int) -> DataFrame:
+def rows_at(places: DataFrame, rows: int, files: Location, partitions: int, dim: int) -> DataFrame:
     """image_id, path, label, embedding of the embeddings table's rows at these places (image_id and PLACE; `rows` of
     them), read with pyarrow by `partitions` tasks, each runs of places (only the row groups that hold them).
-    UsageError where a place holds another id: the table changed since its places were taken."""
+    UsageError where a place holds another id (the table changed since its places were taken) or a vector has other
+    than `dim` values."""
     schema = "image_id string, path string, label string, embedding array<float>"
     wanted = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()), EMBEDDING])
 
@@ -135,6 +162,12 @@ def rows_at(places: DataFrame, rows: int, files: Location, partitions: int) -> D
                 found = read_rows(pq.ParquetFile(handle), here.column(PLACE[1]).to_numpy(), wanted.names)
             if not found.column("image_id").equals(here.column("image_id")):
                 raise UsageError(f"the embeddings table changed while it was read ({uri}); run the job again")
+            lengths = pc.list_value_length(found.column("embedding"))
+            if pc.any(pc.not_equal(lengths, dim)).as_py():
+                raise UsageError(
+                    f"{uri} has vectors of other than {dim} values, the index's dimension; rebuild with "
+                    "--mode overwrite"
+                )
             yield from found.cast(wanted).to_batches()
 
     # runs of about rows / partitions rows of a file go to one task (no sampling job, as a range partitioning runs)

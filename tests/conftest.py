@@ -78,11 +78,22 @@ def run_job(spark, *argv: str) -> int:
 
 
 def write_embeddings(
-    spark, path, vectors: np.ndarray, labels=None, prefix="img", model="resnet18", weights=None, numbers=None
+    spark,
+    path,
+    vectors: np.ndarray,
+    labels=None,
+    prefix="img",
+    model="resnet18",
+    weights=None,
+    numbers=None,
+    fingerprints=True,
 ) -> list[str]:
     """An embed job's output table holding these vectors, ids prefix00000... (or prefix + each of `numbers`);
-    returns the ids."""
+    returns the ids. fingerprints=False: without the fingerprint column, as other tools (and older embeds) write."""
+    from pyspark.sql import types as T
+
     from jobs.embed import EMBEDDINGS_SCHEMA
+    from jobs.tables import fingerprint
 
     ids = [f"{prefix}{i:05d}" for i in (range(len(vectors)) if numbers is None else numbers)]
     rows = [
@@ -101,7 +112,10 @@ def write_embeddings(
         )
         for i in range(len(vectors))
     ]
-    spark.createDataFrame(rows, EMBEDDINGS_SCHEMA).repartition(3).write.mode("overwrite").parquet(str(path))
+    table = spark.createDataFrame(rows, T.StructType(EMBEDDINGS_SCHEMA.fields[:-1]))
+    if fingerprints:
+        table = table.withColumn("fingerprint", fingerprint())
+    table.repartition(3).write.mode("overwrite").parquet(str(path))
     return ids
 
 

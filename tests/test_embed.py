@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_job
 
 from jobs.embed import EMBEDDINGS_SCHEMA, plan_files
+from scripts.vectors import spark_fingerprints
 
 
 def read_table(spark, path: Path) -> pd.DataFrame:
@@ -90,6 +92,11 @@ def test_embeds_real_photos_and_names_every_bad_file(spark, tmp_path, nasty_dir,
     assert set(rows.loc[rows["error"].isna(), "weights_sha256"]) == {
         summary["weights"]["sha256"]
     }  # provenance on every vector
+    # each vector's fingerprint beside it (an index update reads these, not the vectors); none without a vector
+    written = pq.read_table(out, columns=["embedding", "fingerprint"]).to_pandas(integer_object_nulls=True)
+    good_rows = written[written["embedding"].notna()]
+    assert good_rows["fingerprint"].tolist() == spark_fingerprints(np.stack(good_rows["embedding"])).tolist()
+    assert written.loc[written["embedding"].isna(), "fingerprint"].isna().all() and len(good_rows) < len(written)
     printed = capsys.readouterr().out
     assert "embed summary" in printed and f"failed                {failed}".split()[-1] in printed
 
@@ -212,12 +219,12 @@ def test_usage_errors_exit_2_with_one_line(spark, tmp_path, photos, mobilenet_we
     elif case == "other model":
         spark.createDataFrame([], EMBEDDINGS_SCHEMA).write.parquet(str(out))
         spark.createDataFrame(
-            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1), None)],
+            [("i", "file:/x.jpg", None, 1, 1, "resnet18", [0.0], None, 1, datetime(2024, 1, 1), None, None)],
             EMBEDDINGS_SCHEMA,
         ).write.mode("append").parquet(str(out))
     elif case == "other weights":  # adding vectors of another checkpoint would mix two spaces in one table
         spark.createDataFrame(
-            [("i", "file:/x.jpg", None, 1, 1, "mobilenet_v2", [0.0], None, 1, datetime(2024, 1, 1), "f" * 64)],
+            [("i", "file:/x.jpg", None, 1, 1, "mobilenet_v2", [0.0], None, 1, datetime(2024, 1, 1), "f" * 64, None)],
             EMBEDDINGS_SCHEMA,
         ).write.parquet(str(out))
     elif case == "bad batch":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import read_neighbours, run_job, search, write_embeddings
 from jobs import ivf
 from jobs.index import update
 from jobs.knn import squared_distances
+from jobs.tables import fingerprint
 from scripts.vectors import clustered_unit_vectors
 
 DIM = 32
@@ -238,8 +240,7 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
     from pyspark.sql import functions as F
 
     from jobs.filesystems import location
-    from jobs.index import layout
-    from jobs.tables import open_embeddings, rows_at
+    from jobs.tables import open_fingerprints, rows_at
 
     one_ulp = float(np.nextafter(np.float32(0), np.float32(1)))
     vectors = np.array([[0.5, 0.25], [1.0, one_ulp], [0.6, 0.8], [0.0, 1.0]], np.float32)
@@ -247,7 +248,7 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
     held_vectors = {"img00000": [0.5, 0.25], "img00001": [1.0, 0.0], "img00009": [0.0, 1.0]}
     held = (
         spark.createDataFrame(list(held_vectors.items()), "image_id string, embedding array<float>")
-        .select("image_id", layout.fingerprint().alias("fingerprint"))
+        .select("image_id", fingerprint().alias("fingerprint"))
         .select(
             "image_id",
             F.lit(3).alias("cell"),
@@ -256,7 +257,7 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
             F.lit(7).cast("long").alias("row"),
         )
     )
-    table = open_embeddings(spark, str(tmp_path / "table"), "embeddings table", located=True)
+    table = open_fingerprints(spark, str(tmp_path / "table"), "embeddings table", stored=False)
     joined = update.diff(table, held)
     assert {r["image_id"]: r["change"] for r in joined.collect()} == {
         "img00000": "same",
@@ -268,9 +269,69 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
     assert [stats[c] for c in ("added", "dropped", "changed", "same", "rows", "copies")] == [1, 1, 1, 1, 3, 1]
     places = joined.where(F.col("change").isin("added", "changed"))
     read = {
-        r["image_id"]: r["embedding"] for r in rows_at(places, 2, location(spark, str(tmp_path / "table")), 2).collect()
+        r["image_id"]: r["embedding"]
+        for r in rows_at(places, 2, location(spark, str(tmp_path / "table")), 2, dim=2).collect()
     }
     assert read == {"img00001": [1.0, one_ulp], "img00002": [0.6000000238418579, 0.800000011920929]}
+
+
+def read_schemas(frame) -> list[str]:
+    """The columns each Parquet scan of a DataFrame's plan reads."""
+    plan = frame._jdf.queryExecution().executedPlan().toString()
+    return [line.split("ReadSchema: ", 1)[1] for line in plan.splitlines() if "ReadSchema: " in line]
+
+
+def test_an_update_reads_the_tables_fingerprints_not_its_vectors_and_the_vectors_of_files_without_them(
+    spark, base, tmp_path, copy_tree, capsys
+):
+    from jobs.filesystems import location
+    from jobs.search.catalog import live_rows
+    from jobs.tables import open_fingerprints
+
+    folder, vectors, _ = base
+    index = ivf.load(spark, str(folder / "index"))
+    held = live_rows(
+        spark, index, location(spark, index.catalog_uri), ["image_id", "cell", "fingerprint"], positions=True
+    )
+    for stored, fingerprints in ((True, True), (False, True), (True, False)):
+        write_embeddings(spark, tmp_path / "t", vectors[:10], fingerprints=fingerprints)
+        read = read_schemas(update.diff(open_fingerprints(spark, str(tmp_path / "t"), "t", stored), held))
+        assert len(read) == 1 and ("embedding" in read[0]) == (not (stored and fingerprints)), read
+    # a table of files with and without the column (an older table an embed appended to): each row right
+    kept = np.r_[0:1900]  # 100 dropped
+    moved = vectors[:1900].copy()
+    moved[:50] = vectors[2300:2350]
+    write_embeddings(spark, tmp_path / "mixed", moved, numbers=kept, fingerprints=False)
+    write_embeddings(spark, tmp_path / "new", vectors[2000:2100], prefix="new")
+    for n, part in enumerate(sorted((tmp_path / "new").glob("*.parquet"))):  # first by name: the schema read has it
+        shutil.copy(part, tmp_path / "mixed" / f"0-{n}.parquet")
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    capsys.readouterr()
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "mixed", "--output", index_dir, "--mode", "incremental") == 0
+    )
+    assert "100 added, 100 dropped, 50 changed" in capsys.readouterr().out
+    assert ivf.load(spark, str(index_dir)).count == 2000
+    # vectors of another length among the rows to add: one line, nothing written
+    wide, _ = clustered_unit_vectors(20, dim=DIM + 1, seed=3)
+    write_embeddings(spark, tmp_path / "wide", wide, prefix="wide")
+    spark.read.parquet(str(tmp_path / "wide")).write.mode("append").parquet(str(tmp_path / "new"))
+    assert (
+        run_job(spark, "index", "--embeddings", tmp_path / "new", "--output", index_dir, "--mode", "incremental") == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"other than {DIM} values" in err[0], err
+    assert ivf.load(spark, str(index_dir)).count == 2000
+
+
+def test_the_bench_writes_the_fingerprints_spark_makes(spark):
+    from scripts.vectors import spark_fingerprints
+
+    matrix = np.random.default_rng(1).standard_normal((40, 9)).astype(np.float32)
+    matrix[0, 0], matrix[1, 1], matrix[2] = -0.0, np.nan, 0.0
+    rows = [(i, [float(x) for x in row]) for i, row in enumerate(matrix)]
+    made = spark.createDataFrame(rows, "i int, embedding array<float>").orderBy("i").select(fingerprint())
+    assert [r[0] for r in made.collect()] == spark_fingerprints(matrix).tolist()
 
 
 def test_read_rows_reads_the_row_groups_that_hold_the_rows_and_a_moved_row_is_an_error(spark, tmp_path):
@@ -292,7 +353,7 @@ def test_read_rows_reads_the_row_groups_that_hold_the_rows_and_a_moved_row_is_an
         [("id5", (tmp_path / "f.parquet").as_uri(), 6)], "image_id string, source_file string, source_row long"
     )
     with pytest.raises(Exception, match="changed while it was read") as caught:
-        rows_at(places, 1, location(spark, str(tmp_path)), 1).collect()
+        rows_at(places, 1, location(spark, str(tmp_path)), 1, dim=1).collect()
     assert isinstance(known_error_from_spark(caught.value), UsageError)
 
 

@@ -19,12 +19,13 @@ from jobs.embed.runtimes import Backend, Runner, load_on_executor
 from jobs.filesystems import Location, path_on_filesystem
 from jobs.imaging import CROP, ImageError, preprocess
 from jobs.runlog import get_logger
+from jobs.tables import fingerprint
 
 log = get_logger("jobs.embed")
 
 # what the executors return; modification time travels as microseconds so no timezone can shift it
 _EMBEDDED_SCHEMA = T.StructType(
-    [f for f in EMBEDDINGS_SCHEMA.fields if f.name not in ("modification_time", "weights_sha256")]
+    [f for f in EMBEDDINGS_SCHEMA.fields if f.name not in ("modification_time", "weights_sha256", "fingerprint")]
     + [T.StructField("modification_us", T.LongType(), False)]
 )
 
@@ -180,5 +181,6 @@ def embed_images(files: DataFrame, config: EmbedConfig, sha256: str, weights: An
     return (
         embedded.withColumn("modification_time", F.timestamp_micros("modification_us"))
         .withColumn("weights_sha256", F.lit(sha256))
+        .withColumn("fingerprint", fingerprint())
         .select(EMBEDDINGS_COLUMNS)
     )

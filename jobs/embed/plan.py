@@ -35,12 +35,13 @@ EMBEDDINGS_SCHEMA = T.StructType(
         T.StructField("modification_time", T.TimestampType(), False),
         # provenance: search checks that queries and catalog come from the same checkpoint
         T.StructField("weights_sha256", T.StringType(), True),
+        # xxhash64 of the embedding (tables.fingerprint): an index update compares these, never reading a vector
+        T.StructField("fingerprint", T.LongType(), True),
     ]
 )
 EMBEDDINGS_COLUMNS = EMBEDDINGS_SCHEMA.fieldNames()
-REQUIRED_COLUMNS = [
-    c for c in EMBEDDINGS_COLUMNS if c != "weights_sha256"
-]  # tables from before the digest column stay readable
+# tables from before the digest and fingerprint columns stay readable
+REQUIRED_COLUMNS = [c for c in EMBEDDINGS_COLUMNS if c not in ("weights_sha256", "fingerprint")]
 PLAN_COLUMNS = ["path", "length", "modification_us", "label", "x1", "y1", "x2", "y2"]
 PLAN_SCHEMA = "path string, length long, modification_us long, label string, x1 double, y1 double, x2 double, y2 double"
 MAX_BINARY_FILE_BYTES = 2**31 - 1  # Spark's binaryFile cannot read a file larger than this
@@ -282,5 +283,6 @@ def error_rows(spark: SparkSession, rejected: pd.DataFrame, model: str) -> DataF
         frame.withColumn("image_id", F.sha1("path"))
         .withColumn("modification_time", F.timestamp_micros("modification_us"))
         .withColumn("weights_sha256", F.lit(None).cast("string"))
+        .withColumn("fingerprint", F.lit(None).cast("bigint"))
         .select(EMBEDDINGS_COLUMNS)
     )

@@ -13,6 +13,7 @@ from jobs import storage
 from jobs.embed.plan import EMBEDDINGS_COLUMNS, Plan, error_rows
 from jobs.errors import UsageError
 from jobs.runlog import get_logger
+from jobs.tables import fingerprint
 
 log = get_logger("jobs.embed")
 FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the pattern, bounded for a big input
@@ -65,6 +66,9 @@ def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> Da
     keys = spark.createDataFrame(stale[["path", "length", "modification_us"]])
     if "weights_sha256" not in table.columns:  # a table from before the digest column
         table = table.withColumn("weights_sha256", F.lit(None).cast("string"))
+    # every row rewritten gets its fingerprint (files from before the column have none)
+    prints = F.coalesce(F.col("fingerprint"), fingerprint()) if "fingerprint" in table.columns else fingerprint()
+    table = table.withColumn("fingerprint", prints)
     return (
         table.withColumn("modification_us", F.unix_micros("modification_time"))
         .join(F.broadcast(keys), ["path", "length", "modification_us"], "left_anti")

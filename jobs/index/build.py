@@ -21,7 +21,7 @@ from jobs.index.summary import built_rows
 from jobs.ivf import CellPlan, IvfParams
 from jobs.knn import LshParams
 from jobs.runlog import RunSummary, get_logger, print_summary
-from jobs.tables import Embeddings
+from jobs.tables import FINGERPRINT, Embeddings
 
 log = get_logger("jobs.index")
 CALIBRATION_K = 10  # the recall@k the default nprobe is calibrated for
@@ -95,7 +95,7 @@ def build(
         "largest_cell": int(sizes.max()),
         "empty_cells": int((sizes == 0).sum()),
         "lsh": asdict(lsh_params) if lsh_params else None,
-        "fingerprint": layout.FINGERPRINT,
+        "fingerprint": FINGERPRINT,
         "trained_rows": count,
         "added_since_training": 0,
         "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),

@@ -7,26 +7,19 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.ivf import CellPlan
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from jobs.partitions import partition_key
+from jobs.tables import fingerprint
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
 FILE_BYTES = 64 << 20
 ROW_STRING_BYTES = 160  # an id, a path and a label, about
-FINGERPRINT = "xxhash64(embedding)"  # how the catalog's fingerprint column is made (layout.fingerprint)
 CATALOG_COLUMNS = ["group", "cell", "image_id", "path", "label", "vector", "fingerprint"]
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
-
-
-def fingerprint(embedding: str = "embedding") -> Column:
-    """An int64 per row that changes when any value of its vector (a list of numbers) does, made in the JVM: how an
-    update tells a changed vector from the one the index holds, without comparing vectors. index.json names it
-    (FINGERPRINT)."""
-    return F.xxhash64(embedding)
 
 
 def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarray, LshParams] | None) -> DataFrame:

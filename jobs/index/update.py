@@ -30,7 +30,7 @@ from jobs.ivf import CellPlan, Index
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.search.catalog import deletions, live_rows
-from jobs.tables import PLACE, check_stats, open_embeddings, rows_at, table_stats
+from jobs.tables import FINGERPRINT, PLACE, check_stats, open_fingerprints, rows_at, table_stats
 
 log = get_logger("jobs.index")
 # updates whose added files lie side by side over the cells (each update's span them all), past which those files are
@@ -85,15 +85,15 @@ def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
 
 
 def diff(table: DataFrame, held: DataFrame) -> DataFrame:
-    """The embeddings table's rows (open_embeddings located) joined with the index's live rows (held: image_id, cell,
+    """The embeddings table's rows (open_fingerprints) joined with the index's live rows (held: image_id, cell,
     fingerprint, file, row) by image_id, each with its change: added, dropped, changed (another fingerprint) or same.
     Only ids, fingerprints and places cross this shuffle: the rows to add are read again at their places."""
     incoming = table.select(
         "image_id",
         "model",
         "weights_sha256",
-        F.size("embedding").alias("dim"),
-        layout.fingerprint().alias("incoming"),
+        "dim",
+        F.col("fingerprint").alias("incoming"),
         # the join reuses this window's shuffle and sort by image_id: repeated ids are found without another
         F.count(F.lit(1)).over(Window.partitionBy("image_id")).alias("copies"),
         *PLACE,
@@ -108,20 +108,30 @@ def diff(table: DataFrame, held: DataFrame) -> DataFrame:
 
 
 def diff_stats() -> list[Column]:
-    """Rows per change, and the table's own stats (tables.table_stats: its rows are those with a fingerprint)."""
+    """Rows per change, the table's own stats (tables.table_stats: its rows are those with a fingerprint), and its
+    rows without one (from files written before the embed job wrote fingerprints)."""
     return [
         *[F.count(F.when(F.col("change") == change, 1)).alias(change) for change in CHANGES],
         *table_stats(F.col("incoming"), F.col("dim")),
         F.max("copies").alias("copies"),
+        F.count(F.when(F.col(PLACE[0]).isNotNull() & F.col("incoming").isNull(), 1)).alias("unfingerprinted"),
     ]
+
+
+def compare(spark: SparkSession, uri: str, held: DataFrame, stored: bool) -> tuple[DataFrame, Row]:
+    """The diff of the table at uri against the held rows, kept on disk, and its stats; stored: by the table's own
+    fingerprint column where it has one (open_fingerprints)."""
+    table = open_fingerprints(spark, uri, "embeddings table", stored)
+    joined = diff(table, held).persist(StorageLevel.DISK_ONLY)
+    return joined, joined.agg(*diff_stats()).first()
 
 
 def check_table(index: Index, uri: str, stats: Row) -> None:
     """UsageError unless the table holds vectors of one model, dimension and weights, the index's, each id once."""
     check_stats("embeddings table", uri, stats)
     model, dim, digest = stats["model"], stats["min_dim"], stats["weights"]
-    weights = index.meta.get("weights_sha256")
-    if (model, dim) != (index.model, index.dim) or weights and digest not in (None, weights):
+    weights = index.meta.get("weights_sha256")  # dim is None where only fingerprints were read: rows_at checks it
+    if model != index.model or dim not in (None, index.dim) or weights and digest not in (None, weights):
         raise UsageError(
             f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "
             f"has {model} {dim}-d vectors of weights {str(digest)[:12]}; rebuild with --mode overwrite"
@@ -176,7 +186,7 @@ def add_rows(
     index's plan), in new files: their manifest entries and rows per cell (counted by the tasks that write them)."""
     # a task reads about a catalog file's worth of rows, and every core reads
     tasks = max(spark.sparkContext.defaultParallelism, -(-count * layout.row_bytes(index.dim) // layout.FILE_BYTES))
-    assigned = layout.assign_cells(rows_at(places, count, table, tasks), index.centroids, lsh)
+    assigned = layout.assign_cells(rows_at(places, count, table, tasks, index.dim), index.centroids, lsh)
     frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
     entries, sizes = [], np.zeros(index.cells, np.int64)
     for row in write.write_files(frame, files, index.dim, cell_rows=True).collect():
@@ -198,9 +208,10 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
-    The table is read in the JVM: its vectors are fingerprinted as they are read and only ids, fingerprints and
-    places cross the one shuffle (the join with the index's ids); one aggregation of the joined rows counts the
-    changes and checks the table. The rows to add are then read again at their places, and nothing else."""
+    The table's ids and fingerprints are read in the JVM (its fingerprint column, which the embed job writes; the
+    vectors fingerprinted as they are read where a table has none) and only ids, fingerprints and places cross the one
+    shuffle (the join with the index's ids); one aggregation of the joined rows counts the changes and checks the
+    table. The vectors of the rows to add are then read at their places, and nothing else."""
     files, table_files = location(spark, index.catalog_uri), location(spark, uri)
     if files is None or table_files is None:
         raise UsageError(
@@ -208,16 +219,17 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
             "--mode overwrite"
         )
     version = index.meta.get("version", 1) + 1
-    if index.meta.get("fingerprint") != layout.FINGERPRINT:
+    if index.meta.get("fingerprint") != FINGERPRINT:
         raise UsageError(
             f"index {index.uri} was built by an older version, without the fingerprints an update compares; rebuild "
             "with --mode overwrite"
         )
     with summary.stage("diff"):
         held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        table = open_embeddings(spark, uri, "embeddings table", located=True)
-        joined = diff(table, held).persist(StorageLevel.DISK_ONLY)
-        stats = joined.agg(*diff_stats()).first()
+        joined, stats = compare(spark, uri, held, stored=True)
+        if stats["unfingerprinted"]:  # some files are from before the fingerprint column: read every vector
+            joined.unpersist()
+            joined, stats = compare(spark, uri, held, stored=False)
         check_table(index, uri, stats)
     done = Update(stats["added"], stats["dropped"], stats["changed"])
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
