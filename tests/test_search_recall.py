@@ -85,3 +85,32 @@ def test_a_few_queries_are_measured_only_when_asked(spark, catalog, tmp_path):
     quiet = search(spark, folder / "index", tmp_path / "quiet", "--queries", tmp_path / "q")
     asked = search(spark, folder / "index", tmp_path / "asked", "--queries", tmp_path / "q", "--recall-sample", "400")
     assert quiet["recall_estimate"] is None and asked["recall_estimate"]["sample"] == 20
+
+
+def test_the_drivers_sample_of_a_table_is_drawn_batch_by_batch_as_from_the_whole_row_group(
+    spark, tmp_path, monkeypatch
+):
+    import pyarrow.parquet as pq
+
+    from jobs.search import recall
+    from jobs.search.queries import QueryFiles
+
+    vectors = np.random.default_rng(4).standard_normal((500, 8)).astype(np.float32)
+    write_embeddings(spark, tmp_path / "q", vectors, prefix="q")
+    one = tmp_path / "one"  # the table as one file of one row group of 500 rows, a few rows without a vector
+    table = pq.read_table(tmp_path / "q")
+    embedding = table.column("embedding").to_pylist()
+    embedding[3] = embedding[77] = None
+    one.mkdir()
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("embedding"), "embedding", [embedding]), one / "a.parquet"
+    )
+    files = QueryFiles.listed(spark, str(one))
+    assert len(files.groups) == 1 and files.groups[0][2] == 500
+    whole = recall.sample_files(files, 8, 40)
+    monkeypatch.setattr(recall, "SAMPLE_BATCH_ROWS", 7)
+    batched = recall.sample_files(files, 8, 40)
+    assert batched[1] == whole[1] and len(whole[1]) == 40 and whole[2] == 500
+    assert np.array_equal(batched[0], whole[0])
+    ids = table.column("image_id").to_pylist()
+    assert ids[3] not in whole[1] and all(np.allclose(vectors[ids.index(i)], v) for i, v in zip(whole[1], whole[0]))

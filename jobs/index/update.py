@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Observation, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs import ivf, storage
@@ -119,11 +119,14 @@ def diff_stats() -> list[Column]:
 
 
 def compare(spark: SparkSession, uri: str, held: DataFrame, stored: bool) -> tuple[DataFrame, Row]:
-    """The diff of the table at uri against the held rows, kept on disk, and its stats; stored: by the table's own
-    fingerprint column where it has one (open_fingerprints)."""
-    table = open_fingerprints(spark, uri, "embeddings table", stored)
-    joined = diff(table, held).persist(StorageLevel.DISK_ONLY)
-    return joined, joined.agg(*diff_stats()).first()
+    """The rows of the diff of the table at uri against the held rows that are not the same, kept on disk, and the
+    whole diff's stats, gathered in the same pass; stored: by the table's own fingerprint column where it has one
+    (open_fingerprints)."""
+    observed = Observation("diff")
+    joined = diff(open_fingerprints(spark, uri, "embeddings table", stored), held).observe(observed, *diff_stats())
+    changes = joined.where(F.col("change") != "same").persist(StorageLevel.DISK_ONLY)
+    changes.count()
+    return changes, Row(**observed.get)
 
 
 def check_table(index: Index, uri: str, stats: Row) -> None:
@@ -210,8 +213,8 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
 
     The table's ids and fingerprints are read in the JVM (its fingerprint column, which the embed job writes; the
     vectors fingerprinted as they are read where a table has none) and only ids, fingerprints and places cross the one
-    shuffle (the join with the index's ids); one aggregation of the joined rows counts the changes and checks the
-    table. The vectors of the rows to add are then read at their places, and nothing else."""
+    shuffle (the join with the index's ids); the same pass counts the changes, checks the table and keeps only the
+    rows that changed. The vectors of the rows to add are then read at their places, and nothing else."""
     files, table_files = location(spark, index.catalog_uri), location(spark, uri)
     if files is None or table_files is None:
         raise UsageError(
@@ -226,28 +229,28 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         )
     with summary.stage("diff"):
         held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        joined, stats = compare(spark, uri, held, stored=True)
+        changes, stats = compare(spark, uri, held, stored=True)
         if stats["unfingerprinted"]:  # some files are from before the fingerprint column: read every vector
-            joined.unpersist()
-            joined, stats = compare(spark, uri, held, stored=False)
+            changes.unpersist()
+            changes, stats = compare(spark, uri, held, stored=False)
         check_table(index, uri, stats)
     done = Update(stats["added"], stats["dropped"], stats["changed"])
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
-        joined.unpersist()
+        changes.unpersist()
         return done if done.nothing else None
     lsh = (ivf.lsh_vectors(spark, index), index.lsh) if index.lsh else None
     with summary.stage("add"):
-        places, count = joined.where(F.col("change").isin("added", "changed")), done.added + done.changed
+        places, count = changes.where(F.col("change").isin("added", "changed")), done.added + done.changed
         added, added_sizes = (
             add_rows(spark, places, count, table_files, index, files, lsh, version) if count else ([], 0)
         )
     with summary.stage("delete"):
-        dropped = joined.where(F.col("change").isin("dropped", "changed"))
+        dropped = changes.where(F.col("change").isin("dropped", "changed"))
         lists, dropped_sizes = (
             write_deletions(dropped, index, files, version) if done.dropped + done.changed else ({}, 0)
         )
-    joined.unpersist()
+    changes.unpersist()
     entries = [
         {**e, **({"deleted": lists[n][0], "deleted_rows": int(lists[n][1])} if n in lists else {})}
         for n, e in enumerate(index.meta["files"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -94,36 +95,45 @@ class QueryFiles:
             start += rows
         return runs
 
-    def read(self, run: list[tuple[str, int, int, int, int, int]]) -> Iterator[pa.RecordBatch]:
+    def read(
+        self, run: list[tuple[str, int, int, int, int, int]], batch_rows: int | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """One run's queries: qidx, query_id, query_path, query_label, vector and, for an embeddings table, model and
-        weights_sha256 (rows without an embedding or with an error left out), for the catalog own_cell."""
+        weights_sha256 (rows without an embedding or with an error left out), for the catalog own_cell; batch_rows:
+        at most that many rows at a time (a row group is otherwise read whole)."""
         fs, deleted = self.place.filesystem(memory_map=True), {}
         for path, group, first, end, qidx, offset in run:
             with fs.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
                 # older files of a table may lack some columns
                 present = [c for c in self.columns if c in parquet.schema_arrow.names]
-                rows = parquet.read_row_group(group, columns=present).slice(first, end - first)
-            rows = rows.append_column("qidx", pa.array(np.arange(qidx + first, qidx + end, dtype=np.int64)))
-            if self.catalog:
-                if path in self.deleted and path not in deleted:
-                    with fs.open_input_file(self.deleted[path]) as handle:
-                        deleted[path] = np.load(io.BytesIO(handle.read()), allow_pickle=False)
-                if len(deleted.get(path, ())):
-                    rows = rows.filter(pa.array(~np.isin(np.arange(offset + first, offset + end), deleted[path])))
-                yield batch_of(rows, "vector", own_cell=rows.column("cell").combine_chunks())
-                continue
-            valid = pc.is_valid(rows.column("embedding"))
-            if "error" in present:
-                valid = pc.and_(valid, pc.is_null(rows.column("error")))
-            rows = rows.filter(valid)
-            digests = rows.column("weights_sha256") if "weights_sha256" in present else pa.nulls(len(rows), pa.string())
-            yield batch_of(
-                rows,
-                "embedding",
-                model=rows.column("model").combine_chunks(),
-                weights_sha256=pa.array(digests, pa.string()),
-            )
+                for at, rows in row_group_rows(parquet, group, present, first, end, batch_rows):
+                    rows = rows.append_column("qidx", pa.array(np.arange(qidx + at, qidx + at + len(rows))))
+                    yield self.batch(fs, deleted, path, rows, np.arange(offset + at, offset + at + len(rows)))
+
+    def batch(
+        self, fs: pafs.FileSystem, deleted: dict, path: str, rows: pa.Table, numbers: np.ndarray
+    ) -> pa.RecordBatch:
+        """read()'s batch of these rows of a file (their row numbers in it)."""
+        if self.catalog:
+            if path in self.deleted and path not in deleted:
+                with fs.open_input_file(self.deleted[path]) as handle:
+                    deleted[path] = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+            if len(deleted.get(path, ())):
+                rows = rows.filter(pa.array(~np.isin(numbers, deleted[path])))
+            return batch_of(rows, "vector", own_cell=rows.column("cell").combine_chunks())
+        valid = pc.is_valid(rows.column("embedding"))
+        if "error" in rows.column_names:
+            valid = pc.and_(valid, pc.is_null(rows.column("error")))
+        rows = rows.filter(valid)
+        names = rows.column_names
+        digests = rows.column("weights_sha256") if "weights_sha256" in names else pa.nulls(len(rows), pa.string())
+        return batch_of(
+            rows,
+            "embedding",
+            model=rows.column("model").combine_chunks(),
+            weights_sha256=pa.array(digests, pa.string()),
+        )
 
 
 def batch_of(rows: pa.Table, vector: str, **extra: pa.Array) -> pa.RecordBatch:
@@ -156,6 +166,23 @@ class Source:
                 yield from files.read(runs[task])
 
         return spark.range(tasks, numPartitions=tasks), read
+
+
+def row_group_rows(
+    parquet: pq.ParquetFile, group: int, columns: list[str], first: int, end: int, batch_rows: int | None
+) -> Iterator[tuple[int, pa.Table]]:
+    """(number of the first, rows) of rows first..end of a row group: at once, or batch_rows at a time."""
+    if batch_rows is None:
+        yield first, parquet.read_row_group(group, columns=columns).slice(first, end - first)
+        return
+    at = 0
+    for piece in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+        low, high = max(first, at), min(end, at + len(piece))
+        if low < high:
+            yield low, pa.Table.from_batches([piece.slice(low - at, high - low)])
+        at += len(piece)
+        if at >= end:
+            return
 
 
 def numbered(queries: DataFrame, *extra: str) -> DataFrame:

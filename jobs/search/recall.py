@@ -32,6 +32,7 @@ FEWEST_SAMPLED = 100  # the default sample shrinks to this where scoring 400 aga
 PASS_FLOPS = 5e10  # this many multiply-adds (~1 s on 2 cores): 1M x 512 catalogs
 MIN_QUERIES = 100  # fewer are not measured unless asked: their search reads a few cells, the measure every one
 SAMPLE_READ_BYTES = 64 << 20  # of query vectors the driver reads to draw the sample from
+SAMPLE_BATCH_ROWS = 8192  # rows the driver holds at once beside the sample as it draws it
 DRIVER_PASS_BYTES = 256 << 20  # catalog vectors the driver scores the sample against itself (~1 s on 2 cores)
 SEED = 104729
 PAIR_DEPTH = 32  # --duplicates: a sampled row's partners are looked for among its PAIR_DEPTH nearest
@@ -111,15 +112,19 @@ def sample_files(files: QueryFiles, dim: int, size: int) -> tuple[np.ndarray, li
             break
         chosen.append(int(g))
     run = [(*files.groups[g][:2], 0, files.groups[g][2], int(starts[g]), files.groups[g][3]) for g in sorted(chosen)]
-    ids, vectors = [], []
-    for batch in files.read(run):
+    # batch by batch, keeping the `size` rows of smallest hash: a row group of any size never sits whole in memory
+    order, ids, matrix = np.empty(0, np.int64), [], np.empty((0, dim), np.float32)
+    for batch in files.read(run, batch_rows=SAMPLE_BATCH_ROWS):
         packed, lengths = packed_vectors(batch.column("vector"))
         keep = np.flatnonzero(lengths == dim)
-        ids += batch.column("query_id").take(pa.array(keep)).to_pylist()
-        vectors.append(matrix_from_binary(packed.take(pa.array(keep)), dim))
-    matrix = np.concatenate(vectors) if vectors else np.empty((0, dim), np.float32)
-    picked = np.sort(np.argsort(mixed(ids), kind="stable")[:size])
-    return matrix[picked], [ids[i] for i in picked], files.rows
+        batch_ids = batch.column("query_id").take(pa.array(keep)).to_pylist()
+        hashes = np.concatenate([order, mixed(batch_ids)])
+        kept = np.sort(np.argsort(hashes, kind="stable")[:size])  # in read order, as the queries come
+        both = ids + batch_ids
+        ids = [both[i] for i in kept]
+        matrix = np.concatenate([matrix, matrix_from_binary(packed.take(pa.array(keep)), dim)])[kept]
+        order = hashes[kept]
+    return matrix, ids, files.rows
 
 
 def sample_frame(spark: SparkSession, source: Source, dim: int, size: int) -> tuple[np.ndarray, list[str], int]:
