@@ -65,7 +65,13 @@ def index_job(dist, table: Path, index: Path, mode: str) -> dict:
         dist, ["index", "--embeddings", table, "--output", index, "--mode", mode], "4g" if mode == "overwrite" else "1g"
     )
     summary = json.loads((index / "_summary.json").read_text())
-    return {"wall_s": run["wall_s"], "stages": summary["seconds"], "count": summary["counts"].get("indexed")}
+    compared = summary.get("compared") or ""  # an update's: which of the table's rows its diff read
+    return {
+        "wall_s": run["wall_s"],
+        "stages": summary["seconds"],
+        "count": summary["counts"].get("indexed"),
+        "diff_reads": "appended files" if compared.startswith("the ") else "every row" if compared else "-",
+    }
 
 
 def search_job(dist, index: Path, queries: Path, out: Path) -> dict:
@@ -73,12 +79,25 @@ def search_job(dist, index: Path, queries: Path, out: Path) -> dict:
     return {"wall_s": run["wall_s"], "search_s": json.loads((out / "_summary.json").read_text())["seconds"]["search"]}
 
 
+def table_for(data: Catalog, folder: Path, name: str, rows: np.ndarray) -> tuple[Path, list[Path]]:
+    """The table holding `rows`, as the embed job would leave it: where rows were only added, the base table with a
+    new file beside its own (the files to remove after); else a table written afresh (embed rewrites a table when
+    photos go), without the fingerprint column where the name ends in OTHER_TOOLS."""
+    if name.endswith(OTHER_TOOLS) or not np.array_equal(rows[: data.base], np.arange(data.base)):
+        data.write(folder / f"table_{name}", rows, fingerprints=not name.endswith(OTHER_TOOLS))
+        return folder / f"table_{name}", []
+    data.write(folder / "added", rows[data.base :])
+    moved = [folder / "table_base" / f"appended-{part.name}" for part in sorted((folder / "added").glob("*.parquet"))]
+    for part, target in zip(sorted((folder / "added").glob("*.parquet")), moved):
+        shutil.move(part, target)
+    return folder / "table_base", moved
+
+
 def scenario(dist, data: Catalog, folder: Path, name: str, rows: np.ndarray, queries: Path) -> list[dict]:
-    """The base index updated to `rows`, next to a rebuild of `rows`: wall, count, recall, dropped rows returned.
-    A name ending in OTHER_TOOLS: the table is written without the fingerprint column."""
+    """The base index updated to `rows`, next to a rebuild of `rows`: wall, count, recall, dropped rows returned."""
     base = np.arange(data.base)
-    table, index = folder / f"table_{name}", folder / f"index_{name}"
-    data.write(table, rows, fingerprints=not name.endswith(OTHER_TOOLS))
+    table, appended = table_for(data, folder, name, rows)
+    index = folder / f"index_{name}"
     shutil.rmtree(index, ignore_errors=True)
     shutil.copytree(folder / "index_base", index)
     dropped = np.setdiff1d(base, rows)
@@ -91,6 +110,7 @@ def scenario(dist, data: Catalog, folder: Path, name: str, rows: np.ndarray, que
             {
                 "update": name,
                 "mode": mode,
+                "diff_reads": job["diff_reads"],
                 "rows": len(rows),
                 "index_wall_s": job["wall_s"],
                 "index_stages_s": job["stages"],
@@ -101,6 +121,8 @@ def scenario(dist, data: Catalog, folder: Path, name: str, rows: np.ndarray, que
             }
         )
     found[0]["x_rebuild"] = found[0]["index_wall_s"] / found[1]["index_wall_s"]
+    for part in appended:
+        part.unlink()
     return found
 
 
@@ -141,6 +163,7 @@ OTHER_TOOLS = ", no fingerprints"  # a table another tool wrote: the update read
 HEADERS = [
     "update",
     "mode",
+    "diff_reads",
     "rows",
     "holds",
     "exact_rows",
@@ -159,6 +182,9 @@ COLUMNS = {
     "update": "how the table changed from the indexed base (rows added, dropped), or ten successive 1% updates "
     f"(half a percent dropped, one added each); '{OTHER_TOOLS.strip(', ')}': the table has no fingerprint column",
     "mode": "incremental: index --mode incremental of the base index; overwrite: a rebuild of the changed table",
+    "diff_reads": "which rows the update compared: the appended files' (the table only grew: the added rows are a "
+    "new file beside the base table's, as the embed job adds photos) or every row (the table was rewritten, as "
+    "embed rewrites it when photos go)",
     "rows": "rows in the changed table",
     "holds": "rows the index holds afterwards (its summary's count); equal to rows is right",
     "exact_rows": "holds == rows",

@@ -83,11 +83,13 @@ def footer_schema(spark: SparkSession, uri: str) -> T.StructType | None:
         return None
 
 
-def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str) -> DataFrame:
-    """The Parquet table at uri; UsageError(complaint) if uri holds none, storage failures as they are."""
+def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str, names: list[str] | None = None) -> DataFrame:
+    """The Parquet table at uri (these files of it, by name under its folder, where given); UsageError(complaint) if
+    uri holds none, storage failures as they are."""
     schema = footer_schema(spark, uri)
+    paths = [f"{uri.rstrip('/')}/{name}" for name in names] if names is not None else [uri]
     try:
-        return (spark.read.schema(schema) if schema else spark.read).parquet(uri)
+        return (spark.read.schema(schema) if schema else spark.read).parquet(*paths)
     except Exception as e:  # Spark raises several types for "no Parquet here", by version
         if is_storage_failure(e):
             raise
@@ -102,14 +104,25 @@ class Embeddings(NamedTuple):
     dim: int
     weights_sha256: str | None  # None for tables written before embed recorded it
     count: int
+    files: list[Row] | None = None  # the files read (source_file()), where asked
 
 
-def opened(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, Column]:
+def source_file() -> Column:
+    """The file a row of a Parquet scan came from: its URI, size and modification time (ms), from Spark's _metadata."""
+    return F.struct(
+        F.col("_metadata.file_path").alias("path"),
+        F.col("_metadata.file_size").alias("size"),
+        F.unix_millis(F.col("_metadata.file_modification_time")).alias("mtime_ms"),
+    ).alias("source")
+
+
+def opened(spark: SparkSession, uri: str, what: str, names: list[str] | None = None) -> tuple[DataFrame, Column]:
     """An embeddings table's rows without an error (its columns checked, its values not: no Spark job) and its
-    weights_sha256 column (null for tables from before it). UsageError for a missing table or missing columns."""
+    weights_sha256 column (null for tables from before it); names: only these files of it. UsageError for a missing
+    table or missing columns."""
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
-    table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table")
+    table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table", names)
     missing = [c for c in VECTOR_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{what} {uri} is not an embeddings table: missing column(s) {', '.join(missing)}")
@@ -123,27 +136,33 @@ def opened(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, Column]
     return table, weights
 
 
-def open_embeddings(spark: SparkSession, uri: str, what: str) -> DataFrame:
-    """The rows of an embeddings table that have an embedding: VECTOR_COLUMNS and weights_sha256 (opened())."""
+def open_embeddings(spark: SparkSession, uri: str, what: str, sourced: bool = False) -> DataFrame:
+    """The rows of an embeddings table that have an embedding: VECTOR_COLUMNS and weights_sha256 (opened()); sourced:
+    with each row's file (source_file())."""
     table, weights = opened(spark, uri, what)
-    return table.where(F.col("embedding").isNotNull()).select(*VECTOR_COLUMNS, weights)
+    return table.where(F.col("embedding").isNotNull()).select(
+        *VECTOR_COLUMNS, weights, *([source_file()] if sourced else [])
+    )
 
 
-def open_fingerprints(spark: SparkSession, uri: str, what: str, stored: bool = True) -> DataFrame:
-    """Each row of an embeddings table as an index update compares it: image_id, model, weights_sha256, dim,
-    fingerprint, and its place (PLACE: its file's URI and row number there, where rows_at reads it again).
+def open_fingerprints(
+    spark: SparkSession, uri: str, what: str, stored: bool = True, names: list[str] | None = None
+) -> DataFrame:
+    """Each row of an embeddings table (of these files of it, where named) as an index update compares it: image_id,
+    model, weights_sha256, dim, fingerprint, its place (PLACE: its file's URI and row number there, where rows_at reads
+    it again) and its file (source_file()).
 
     stored, and a table with a fingerprint column (the embed job writes one): the vectors are not read, dim is null
     and rows of files written before the column have a null fingerprint (the caller tells them by their place).
     Otherwise every vector is read and fingerprinted here."""
-    table, weights = opened(spark, uri, what)
+    table, weights = opened(spark, uri, what, names)
     places = [F.col("_metadata.file_path").alias(PLACE[0]), F.col("_metadata.row_index").alias(PLACE[1])]
     if stored and "fingerprint" in table.columns:
         vector = [F.lit(None).cast("int").alias("dim"), F.col("fingerprint")]
     else:
         table = table.where(F.col("embedding").isNotNull())
         vector = [F.size("embedding").alias("dim"), fingerprint().alias("fingerprint")]
-    return table.select("image_id", "model", weights, *vector, *places)
+    return table.select("image_id", "model", weights, *vector, *places, source_file())
 
 
 def rows_at(places: DataFrame, rows: int, files: Location, partitions: int, dim: int) -> DataFrame:
@@ -240,16 +259,22 @@ def check_stats(what: str, uri: str, stats: Row) -> None:
         raise UsageError(f"{what} {uri} has repeated image_id values; re-embed with --mode overwrite")
 
 
-def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool = False) -> Embeddings:
+def read_embeddings(
+    spark: SparkSession, uri: str, what: str, distinct_ids: bool = False, files: bool = False
+) -> Embeddings:
     """Rows of an embeddings table that have an embedding, with the table's model, dimension and weights, checked in one
     pass.
 
     distinct_ids: also check that each image id comes once (a second shuffle; the index needs it, a search does not).
+    files: also say which files were read (one row a file reaches the driver).
     Raises UsageError for a missing table, missing columns, mixed models, weights or dimensions, repeated ids (where
     checked), or no vectors.
     """
-    valid = open_embeddings(spark, uri, what)
-    stats = valid.agg(*table_stats(F.lit(1), F.size("embedding"), F.col("image_id") if distinct_ids else None)).first()
+    valid = open_embeddings(spark, uri, what, sourced=files)
+    stats = valid.agg(
+        *table_stats(F.lit(1), F.size("embedding"), F.col("image_id") if distinct_ids else None),
+        *([F.collect_set("source").alias("files")] if files else []),
+    ).first()
     check_stats(what, uri, stats)
     return Embeddings(
         valid.select(*VECTOR_COLUMNS),
@@ -257,4 +282,5 @@ def read_embeddings(spark: SparkSession, uri: str, what: str, distinct_ids: bool
         int(stats["min_dim"]),
         stats["weights"],
         int(stats["rows"]),
+        stats["files"] if files else None,
     )

@@ -324,6 +324,48 @@ def test_an_update_reads_the_tables_fingerprints_not_its_vectors_and_the_vectors
     assert ivf.load(spark, str(index_dir)).count == 2000
 
 
+def test_a_table_that_only_grew_is_compared_by_its_appended_files_alone(spark, base, tmp_path, capsys):
+    import os
+
+    _, vectors, _ = base
+    table, index_dir = tmp_path / "table", tmp_path / "index"
+    write_embeddings(spark, table, vectors[:1000])
+    assert run_job(spark, "index", "--embeddings", table, "--output", index_dir, "--num-hash-tables", "0") == 0
+
+    def update_with(*appended: tuple[str, np.ndarray]) -> tuple[int, str, str]:
+        for prefix, rows in appended:  # as the embed job adds new photos: new files beside the old
+            write_embeddings(spark, tmp_path / prefix, rows, prefix=prefix)
+            spark.read.parquet(str(tmp_path / prefix)).write.mode("append").parquet(str(table))
+        capsys.readouterr()
+        code = run_job(spark, "index", "--embeddings", table, "--output", index_dir, "--mode", "incremental")
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    read = len(list(table.glob("*.parquet")))
+    code, out, _ = update_with(("new", vectors[1000:1100]))
+    appended = len(list(table.glob("*.parquet"))) - read
+    assert code == 0 and "100 added, 0 dropped, 0 changed" in out
+    assert f"the {appended} files appended; its {read} other files unchanged since the index read them" in out
+    code, out, _ = update_with()
+    assert code == 0 and "nothing written" in out and "no file appended" in out
+    # an appended row whose id an unchanged file holds: refused, nothing written
+    before = set(table.glob("*.parquet"))
+    code, _, err = update_with(("img", vectors[2000:2001]))
+    assert code == 2 and "repeated image_id" in err
+    assert ivf.load(spark, str(index_dir)).count == 1100
+    for part in set(table.glob("*.parquet")) - before:
+        part.unlink()
+    # a file the index read, changed: every row is compared again, and the answer is the same as a rebuild's
+    first = sorted(table.glob("part-*.parquet"))[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    code, out, _ = update_with(("more", vectors[1100:1150]))
+    files = len(list(table.glob("*.parquet")))
+    assert code == 0 and "50 added, 0 dropped, 0 changed" in out and f"every row of the table's {files} files" in out
+    graph = tmp_path / "graph"
+    search(spark, index_dir, graph, "--all", "-k", "3")
+    assert len(read_neighbours(spark, graph)) == 1150 * 3
+
+
 def test_the_bench_writes_the_fingerprints_spark_makes(spark):
     from scripts.vectors import spark_fingerprints
 

@@ -121,7 +121,12 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         if done is not None:
             after = ivf.load(spark, args.output) if not done.nothing else index
             summary.count(added=done.added, dropped=done.dropped, changed=done.changed, indexed=after.count)
-            summary.set(version=after.meta.get("version"), drift=done.drift, files_compacted=done.files_compacted)
+            summary.set(
+                version=after.meta.get("version"),
+                drift=done.drift,
+                files_compacted=done.files_compacted,
+                compared=done.compared,
+            )
             summary.finish()
             if not done.nothing:
                 storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
@@ -129,5 +134,5 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             return 0
         log.info("the catalog has drifted from its cells: rebuilding (--mode auto)")
     with summary.stage("read"):
-        table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True)
+        table = read_embeddings(spark, args.embeddings, "embeddings table", distinct_ids=True, files=True)
     return build(spark, args, table, lsh_params, summary)

@@ -16,7 +16,8 @@ from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
 from jobs import ivf, storage
-from jobs.index import calibrate, layout, lsh, train, write
+from jobs.filesystems import location
+from jobs.index import calibrate, layout, lsh, sources, train, write
 from jobs.index.summary import built_rows
 from jobs.ivf import CellPlan, IvfParams
 from jobs.knn import LshParams
@@ -100,13 +101,14 @@ def build(
         "added_since_training": 0,
         "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),
         "files": files,
+        "table_files": sources.recorded(place, table.files) if (place := location(spark, args.embeddings)) else None,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     ivf.save(spark, staged, meta, centroids, plan, projections)
     with summary.stage("commit"):
         storage.swap_in(spark, staged, args.output)
     summary.count(indexed=count)
-    summary.set(index={k: v for k, v in meta.items() if k != "files"})
+    summary.set(index={k: v for k, v in meta.items() if k not in ("files", "table_files")})
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
     print_summary("index summary", built_rows(args, meta, params, measured, plan, sizes, lsh_params, summary))

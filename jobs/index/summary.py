@@ -87,6 +87,8 @@ def updated_rows(args: argparse.Namespace, after: Index, done: Update, summary: 
                 f"{done.files_compacted} compacted)",
             ),
         ]
+    if done.compared:
+        rows.append(("compared", done.compared))
     drift = done.drift
     rows.append(
         (

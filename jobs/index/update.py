@@ -25,7 +25,7 @@ from pyspark.sql import functions as F
 from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location
-from jobs.index import layout, write
+from jobs.index import layout, sources, write
 from jobs.ivf import CellPlan, Index
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
@@ -56,6 +56,7 @@ class Update:
     files_written: int = 0
     files_compacted: int = 0
     drift: dict = field(default_factory=dict)
+    compared: str = ""  # which of the table's rows the diff read
 
     @property
     def nothing(self) -> bool:
@@ -118,15 +119,48 @@ def diff_stats() -> list[Column]:
     ]
 
 
-def compare(spark: SparkSession, uri: str, held: DataFrame, stored: bool) -> tuple[DataFrame, Row]:
-    """The rows of the diff of the table at uri against the held rows that are not the same, kept on disk, and the
-    whole diff's stats, gathered in the same pass; stored: by the table's own fingerprint column where it has one
-    (open_fingerprints)."""
-    observed = Observation("diff")
-    joined = diff(open_fingerprints(spark, uri, "embeddings table", stored), held).observe(observed, *diff_stats())
+def compare(
+    spark: SparkSession, uri: str, held: DataFrame, stored: bool, names: list[str] | None
+) -> tuple[DataFrame, Row]:
+    """The rows of the diff of the table at uri (of these files of it, where named) against the held rows that are not
+    the same, kept on disk, and the whole diff's stats with the files read, gathered in the same pass; stored: by the
+    table's own fingerprint column where it has one (open_fingerprints)."""
+    table = open_fingerprints(spark, uri, "embeddings table", stored, names)
+    if names is not None:  # appended files: only the index's rows of their ids can meet them
+        held = held.join(table.select("image_id"), "image_id", "left_semi")
+    observed, read = Observation("diff"), Observation("files")
+    table = table.observe(read, F.collect_set("source").alias("files"))
+    joined = diff(table, held).observe(observed, *diff_stats())
     changes = joined.where(F.col("change") != "same").persist(StorageLevel.DISK_ONLY)
     changes.count()
-    return changes, Row(**observed.get)
+    return changes, Row(**observed.get, **read.get)
+
+
+def find_changes(
+    spark: SparkSession, index: Index, uri: str, files: Location, table: Location
+) -> tuple[DataFrame | None, Row | None, dict, str]:
+    """The table's rows that differ from the index's (kept on disk; None where nothing did), the diff's stats, the
+    table's files as the new version records them, and which rows were compared. A table that only grew since the
+    index read it (every file it read still there, unchanged: the embed job appends new photos in new files) is
+    compared by its appended files alone, against the index's rows of the same ids; any other by every row."""
+    now = sources.listing(table)
+    grown = sources.appended(index.meta.get("table_files"), table, now)
+    unchanged = f"its {len(now) - len(grown or ())} other files unchanged since the index read them, not read"
+    if grown == []:
+        return None, None, index.meta["table_files"], f"no file appended; {unchanged}"
+    held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
+    changes, stats = compare(spark, uri, held, True, grown)
+    if stats["unfingerprinted"]:  # some files are from before the fingerprint column: read every vector
+        changes.unpersist()
+        changes, stats = compare(spark, uri, held, False, grown)
+    if grown is None:
+        return changes, stats, sources.recorded(table, stats["files"]), f"every row of the table's {len(now)} files"
+    if stats["same"] or stats["changed"]:  # an appended row whose id an unchanged file holds too
+        changes.unpersist()
+        raise UsageError(f"embeddings table {uri} has repeated image_id values; re-embed with --mode overwrite")
+    seen = index.meta["table_files"]
+    record = {**seen, "files": seen["files"] + [{"name": n, **now[n]} for n in grown]}
+    return changes, stats, record, f"the {len(grown)} files appended; {unchanged}"
 
 
 def check_table(index: Index, uri: str, stats: Row) -> None:
@@ -228,13 +262,11 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
             "with --mode overwrite"
         )
     with summary.stage("diff"):
-        held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
-        changes, stats = compare(spark, uri, held, stored=True)
-        if stats["unfingerprinted"]:  # some files are from before the fingerprint column: read every vector
-            changes.unpersist()
-            changes, stats = compare(spark, uri, held, stored=False)
+        changes, stats, table_record, compared = find_changes(spark, index, uri, files, table_files)
+        if changes is None:  # not a file changed since the index read them
+            return Update(drift=drift(index.meta, index.plan.sizes, 0), compared=compared)
         check_table(index, uri, stats)
-    done = Update(stats["added"], stats["dropped"], stats["changed"])
+    done = Update(stats["added"], stats["dropped"], stats["changed"], compared=compared)
     done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
         changes.unpersist()
@@ -256,7 +288,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         for n, e in enumerate(index.meta["files"])
     ] + added
     sizes = index.plan.sizes + added_sizes - dropped_sizes
-    meta = {**index.meta, "files": entries, "count": int(sizes.sum()), "version": version}
+    meta = {**index.meta, "files": entries, "count": int(sizes.sum()), "version": version, "table_files": table_record}
     compactable = [n for n, e in enumerate(entries) if e.get("deleted_rows", 0) > DELETED_SHARE * e["rows"]]
     grown = [n for n, e in enumerate(entries) if e.get("added_in")]
     piled = len({entries[n]["added_in"] for n in grown}) > COMPACT_UPDATES
