@@ -345,7 +345,7 @@ def test_a_table_that_only_grew_is_compared_by_its_appended_files_alone(spark, b
     code, out, _ = update_with(("new", vectors[1000:1100]))
     appended = len(list(table.glob("*.parquet"))) - read
     assert code == 0 and "100 added, 0 dropped, 0 changed" in out
-    assert f"the {appended} files appended; its {read} other files unchanged since the index read them" in out
+    assert f"{appended} appended file(s) alone; its {read} other files unchanged since the index read them" in out
     code, out, _ = update_with()
     assert code == 0 and "nothing written" in out and "no file appended" in out
     # an appended row whose id an unchanged file holds: refused, nothing written

@@ -30,7 +30,8 @@ def listing(table: Location) -> dict[str, dict]:
     for info in infos:
         name = info.path[len(table.root) + 1 :]
         if info.type == pafs.FileType.File and not any(part[:1] in "_." for part in name.split("/")):
-            found[name] = {"size": info.size, "mtime_ms": info.mtime_ns // 1_000_000}
+            mtime = info.mtime_ns // 1_000_000 if info.mtime_ns is not None else None  # None: never "unchanged"
+            found[name] = {"size": info.size, "mtime_ms": mtime}
     return found
 
 

@@ -160,7 +160,7 @@ def find_changes(
         raise UsageError(f"embeddings table {uri} has repeated image_id values; re-embed with --mode overwrite")
     seen = index.meta["table_files"]
     record = {**seen, "files": seen["files"] + [{"name": n, **now[n]} for n in grown]}
-    return changes, stats, record, f"the {len(grown)} files appended; {unchanged}"
+    return changes, stats, record, f"{len(grown)} appended file(s) alone; {unchanged}"
 
 
 def check_table(index: Index, uri: str, stats: Row) -> None:
