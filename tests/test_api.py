@@ -55,7 +55,9 @@ def test_the_api_answers_as_the_command_line_does(spark, catalog, tmp_path):
     columns = ["query_id", "rank", "neighbor_id", "similarity"]
     ours = found.toPandas().sort_values(["query_id", "rank"])[columns].reset_index(drop=True)
     theirs = read_neighbours(spark, tmp_path / "cli")[columns].reset_index(drop=True)
-    assert len(ours) == 750 and ours.equals(theirs)
+    assert len(ours) == 750 and ours[columns[:3]].equals(theirs[columns[:3]])
+    # the same scores up to float32 rounding: the queries are scored in other batches when read as a DataFrame
+    np.testing.assert_allclose(ours["similarity"], theirs["similarity"], rtol=0, atol=1e-6)
 
 
 def test_build_update_and_search_through_the_api_alone(spark, tmp_path):

@@ -113,4 +113,4 @@ def test_the_drivers_sample_of_a_table_is_drawn_batch_by_batch_as_from_the_whole
     assert batched[1] == whole[1] and len(whole[1]) == 40 and whole[2] == 500
     assert np.array_equal(batched[0], whole[0])
     ids = table.column("image_id").to_pylist()
-    assert ids[3] not in whole[1] and all(np.allclose(vectors[ids.index(i)], v) for i, v in zip(whole[1], whole[0]))
+    assert ids[3] not in whole[1] and all(np.allclose(vectors[int(i[1:])], v) for i, v in zip(whole[1], whole[0]))
