@@ -10,7 +10,7 @@ import pytest
 from conftest import read_neighbours, run_job, search, write_embeddings
 
 from jobs import ivf
-from jobs.index import update
+from jobs.index import diff, update
 from jobs.knn import squared_distances
 from jobs.tables import fingerprint
 from scripts.vectors import clustered_unit_vectors
@@ -258,14 +258,14 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
         )
     )
     table = open_fingerprints(spark, str(tmp_path / "table"), "embeddings table", stored=False)
-    joined = update.diff(table, held)
+    joined = diff.diff(table, held)
     assert {r["image_id"]: r["change"] for r in joined.collect()} == {
         "img00000": "same",
         "img00001": "changed",  # one ulp apart
         "img00009": "dropped",
         "img00002": "added",
     }
-    stats = joined.agg(*update.diff_stats()).first()
+    stats = joined.agg(*diff.diff_stats()).first()
     assert [stats[c] for c in ("added", "dropped", "changed", "same", "rows", "copies")] == [1, 1, 1, 1, 3, 1]
     places = joined.where(F.col("change").isin("added", "changed"))
     read = {
@@ -295,7 +295,7 @@ def test_an_update_reads_the_tables_fingerprints_not_its_vectors_and_the_vectors
     )
     for stored, fingerprints in ((True, True), (False, True), (True, False)):
         write_embeddings(spark, tmp_path / "t", vectors[:10], fingerprints=fingerprints)
-        read = read_schemas(update.diff(open_fingerprints(spark, str(tmp_path / "t"), "t", stored), held))
+        read = read_schemas(diff.diff(open_fingerprints(spark, str(tmp_path / "t"), "t", stored), held))
         assert len(read) == 1 and ("embedding" in read[0]) == (not (stored and fingerprints)), read
     # a table of files with and without the column (an older table an embed appended to): each row right
     kept = np.r_[0:1900]  # 100 dropped
