@@ -30,7 +30,7 @@ def listing(table: Location) -> dict[str, dict]:
     for info in infos:
         name = info.path[len(table.root) + 1 :]
         if info.type == pafs.FileType.File and not any(part[:1] in "_." for part in name.split("/")):
-            mtime = info.mtime_ns // 1_000_000 if info.mtime_ns is not None else None  # None: never "unchanged"
+            mtime = info.mtime_ns // 1_000_000 if info.mtime_ns is not None else None
             found[name] = {"size": info.size, "mtime_ms": mtime}
     return found
 
@@ -41,7 +41,11 @@ def appended(seen: dict | None, table: Location, now: dict[str, dict]) -> list[s
     of the table is compared."""
     if not seen or seen["root"] != table.root:
         return None
-    if any(now.get(f["name"]) != {"size": f["size"], "mtime_ms": f["mtime_ms"]} for f in seen["files"]):
+    # a file without a modification time can change at the same size unseen: never "unchanged"
+    if any(
+        f["mtime_ms"] is None or now.get(f["name"]) != {"size": f["size"], "mtime_ms": f["mtime_ms"]}
+        for f in seen["files"]
+    ):
         return None
     known = {f["name"] for f in seen["files"]}
     return sorted(name for name in now if name not in known)

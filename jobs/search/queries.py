@@ -108,7 +108,8 @@ class QueryFiles:
                 # older files of a table may lack some columns
                 present = [c for c in self.columns if c in parquet.schema_arrow.names]
                 for at, rows in row_group_rows(parquet, group, present, first, end, batch_rows):
-                    rows = rows.append_column("qidx", pa.array(np.arange(qidx + at, qidx + at + len(rows))))
+                    numbers = np.arange(qidx + at, qidx + at + len(rows), dtype=np.int64)
+                    rows = rows.append_column("qidx", pa.array(numbers))
                     yield self.batch(fs, deleted, path, rows, np.arange(offset + at, offset + at + len(rows)))
 
     def batch(
