@@ -34,7 +34,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search bench-shifted bench-update bench-report clean embed index search evaluate report help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
+.PHONY: setup build test lint demo bench-embed bench-search bench-shifted bench-update bench-report clean embed index search evaluate report pipeline help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -87,6 +87,10 @@ lint: setup ## ruff over jobs, tests, scripts and bench
 # ---- jobs through spark-submit; ARGS passes job options, e.g. make embed ARGS="--input imgs --output emb"
 embed index search evaluate report: build ## run one job through spark-submit: make embed ARGS="--input photos --output out/embeddings"
 	$(call submit,$@) $(ARGS)
+
+# The executors start and unpack the environment once for all the jobs: on a cluster that is 20 s or more a job
+pipeline: build ## run several jobs in one application: make pipeline ARGS="embed ... --then index ... --then search ..."
+	$(call submit,) $(ARGS)
 
 bench-embed: build ## embedding throughput benchmark (bench/results/embed.json)
 	$(PY) bench/embed.py

@@ -1,4 +1,5 @@
-"""Command line: `main.py JOB [options]` dispatches to `jobs.<JOB>`.
+"""Command line: `main.py JOB [options]` dispatches to `jobs.<JOB>`; `JOB [options] --then JOB [options] ...` runs
+several in order in one application (its executors start and unpack the environment once).
 
 Exit codes: 0 ok, 2 usage or input error, 3 storage unreachable or failing after its retries (safe to
 run again: committed work is kept), 1 a bug.
@@ -11,10 +12,12 @@ import importlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from jobs.errors import StorageError, UsageError, known_error_from_spark
+from jobs.localstart import split_steps
 from jobs.runlog import get_logger
 
 JOBS = {
@@ -39,7 +42,8 @@ def build_parser(job: str | None = None) -> argparse.ArgumentParser:
         # `main.py` through spark-submit, `vehicle-search` from the console entry point
         prog="vehicle-search" if os.path.basename(sys.argv[0]) == "vehicle-search" else "main.py",
         description="Vehicle image similarity search on Spark.",
-        epilog="exit codes: 0 ok, 2 usage or input error, 3 storage failed after retries (safe to run again), 1 bug",
+        epilog="several jobs in one application: JOB [options] --then JOB [options] ...; "
+        "exit codes: 0 ok, 2 usage or input error, 3 storage failed after retries (safe to run again), 1 bug",
     )
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, help_text in JOBS.items():
@@ -64,7 +68,7 @@ def spark_session(  # type: ignore[no-untyped-def]
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
-        SparkSession.builder.appName(f"vehicle-search-{job}")
+        SparkSession.builder.appName(f"vehicle-search-{'+'.join(s[0] for s in split_steps(argv) if s) or job}")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config(
             "spark.ui.showConsoleProgress", "false"
@@ -119,33 +123,73 @@ def stop(spark) -> None:  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None, spark=None) -> int:  # type: ignore[no-untyped-def]
-    """Parse, run one job, map failures to exit codes. Pass `spark` to run inside an existing session."""
+    """Parse, run the job (or the jobs chained with --then, in order, in one session), map failures to exit codes.
+    Every step's command line is checked before the first runs; the first failing step ends the chain. Pass `spark`
+    to run inside an existing session."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(next((a for a in argv if a in JOBS), None))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage and the error
-        return int(e.code or 0)
-    log = get_logger(f"jobs.{args.job}")
+    steps = split_steps(argv)
+    parsed = []
+    for number, step in enumerate(steps, 1):
+        try:
+            parsed.append(build_parser(next((a for a in step if a in JOBS), None)).parse_args(step))
+        except SystemExit as e:  # argparse already printed usage and the error
+            if len(steps) > 1 and e.code:
+                print(
+                    f"main.py: step {number} of {len(steps)} ({' '.join(step[:1])}) is wrong: nothing was run",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return int(e.code or 0)
     own_session = spark is None
     try:
         if own_session:
-            spark = spark_session(args.job, argv=argv)
-        module = importlib.import_module(f"jobs.{args.job}")
-        return int(module.run(spark, args) or 0)
+            spark = spark_session(parsed[0].job, argv=argv)
+        return run_steps(spark, parsed)
     except KeyboardInterrupt:
-        print(f"main.py {args.job}: interrupted", file=sys.stderr, flush=True)
+        print(f"main.py {parsed[0].job}: interrupted", file=sys.stderr, flush=True)
         return 130
-    except Exception as e:
-        known = e if isinstance(e, (UsageError, StorageError)) else known_error_from_spark(e)
-        if known is None:
-            log.exception("%s failed unexpectedly", args.job)
-            return 1
-        print(f"main.py {args.job}: error: {known}", file=sys.stderr, flush=True)
-        return known.exit_code
+    except Exception as e:  # the session could not start
+        return failed(e, parsed[0].job)
     finally:
         if own_session and spark is not None:
             stop(spark)
+
+
+def run_steps(spark, steps: Sequence[argparse.Namespace]) -> int:  # type: ignore[no-untyped-def]
+    """Run each parsed job in turn on `spark`; the exit code of the first that fails (the ones before it are
+    committed), else 0. A chain ends with one line of each job's seconds."""
+    log, times = get_logger("jobs.cli"), []
+    for number, args in enumerate(steps, 1):
+        started = time.monotonic()
+        try:
+            code = int(importlib.import_module(f"jobs.{args.job}").run(spark, args) or 0)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            code = failed(e, args.job)
+        times.append(f"{args.job} {time.monotonic() - started:.1f} s")
+        if code and len(steps) > 1:
+            print(
+                f"main.py: step {number} of {len(steps)} ({args.job}) failed; the {number - 1} before it are done,"
+                f" the {len(steps) - number} after it were not run",
+                file=sys.stderr,
+                flush=True,
+            )
+        if code:
+            return code
+    if len(steps) > 1:
+        log.info("%d jobs in one application: %s", len(steps), ", ".join(times))
+    return 0
+
+
+def failed(error: Exception, job: str) -> int:
+    """The exit code of a job's failure: a known one printed in one line, anything else logged with its trace."""
+    known = error if isinstance(error, (UsageError, StorageError)) else known_error_from_spark(error)
+    if known is None:
+        get_logger(f"jobs.{job}").error("%s failed unexpectedly", job, exc_info=error)
+        return 1
+    print(f"main.py {job}: error: {known}", file=sys.stderr, flush=True)
+    return known.exit_code
 
 
 @contextmanager

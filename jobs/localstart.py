@@ -8,8 +8,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyspark
-
 NO_ARCHIVE = "-Xshare:auto"  # the JVM's default: a command line that names this option stays valid without an archive
 # The JIT's optimising compiler (C2) took about one of 2 cores for the first seconds of every job (a 1M-vector search
 # of 1,000 queries: 3.5 -> 3.0 s, exact 16 -> 13 s; embed's steady rate +10%; bench/README.md). The jobs here do their
@@ -24,11 +22,31 @@ FEW_CORES = 4
 
 def class_archive() -> Path:
     """Where this environment's archive lives: beside its pyspark, named for pyspark's version (its jars)."""
+    import pyspark
+
     return Path(sys.prefix) / "share" / "vehicle-search" / f"spark-{pyspark.__version__}-classes.jsa"
 
 
+THEN = "--then"  # `main.py embed ... --then index ...`: several jobs, one after another, in one application
+
+
+def split_steps(words: Sequence[str]) -> list[list[str]]:
+    """A command line's jobs, each as its own command line (`JOB ARGS`), split at THEN."""
+    steps: list[list[str]] = [[]]
+    for word in words:
+        if word == THEN:
+            steps.append([])
+        else:
+            steps[-1].append(word)
+    return steps
+
+
 def trains_nothing(job: str | None, args: Sequence[str]) -> bool:
-    """Whether the job runs no Spark ML in the JVM: QUICK_JOBS, and index --mode incremental."""
+    """Whether the job (or every job chained after it with THEN) runs no Spark ML in the JVM: QUICK_JOBS, and
+    index --mode incremental."""
+    first, *later = split_steps(list(args))
+    if later:
+        return trains_nothing(job, first) and all(step and trains_nothing(step[0], step[1:]) for step in later)
     words = [word for arg in args for word in arg.split("=", 1)]  # --mode=incremental as --mode incremental
     mode = words[words.index("--mode") + 1] if "--mode" in words[:-1] else None
     return job in QUICK_JOBS or job == "index" and mode == "incremental"

@@ -117,6 +117,7 @@ def run_block(commands: str, env: dict[str, str]) -> str:
         if command.startswith("make "):
             print(f"{end - float(start):6.1f} s  {command[:100]}")
     print(f"{time.time() - started:6.1f} s  in all")
+    print("".join(re.findall(r"^.*jobs in one application.*\n", result.stdout + result.stderr, re.M)), end="")
     output = result.stdout + re.sub(r"^\+ \d+\.\d+ .*\n", "", result.stderr, flags=re.M)  # the trace shows the keys
     return output
 
@@ -216,7 +217,8 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
         block = block.replace(old, new)
     first, later = block.split("\n# later, ")
     later = f"# later, {later}"
-    setup = first.split("\nmake embed")[0]  # the exports, for the later lines
+    setup = first.split("\n# the whole pipeline")[0]  # the exports, for the later lines
+    assert first.count("make pipeline") == 1 and later.count("make pipeline") == 1
     endpoint = f"--conf spark.hadoop.fs.s3a.endpoint={moto} --conf spark.hadoop.fs.s3a.path.style.access=true"
     # the driver's own local directory (it unpacks the environment too) beside the workers', never shared with them
     env = {**submit_env(), "SUBMIT_OPTS": endpoint, "SPARK_LOCAL_DIRS": str(scratch / "driver")}
@@ -293,9 +295,8 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     for path in sorted((photos / "cat").glob("*.jpg"))[:3]:
         path.unlink()
         s3.delete_object(Bucket="vehicles", Key=f"vehicle-search/photos/cat/{path.name}")
-    graph = 'make search ARGS="--index $B/index --all -k 10 --output $B/knn_graph"'
-    assert graph in first
-    run_block(f"{setup}\n{later}\n{graph}", env)
+    assert "--then search --index $B/index --all -k 10 --output $B/knn_graph" in later
+    run_block(f"{setup}\n{later}", env)
     mirror(s3, "vehicle-search/embeddings/", table)
     for args in (["index", "--embeddings", table, "--output", out / "index", "--mode", "incremental"], graph_run):
         assert run_job(spark, *args) == 0, args

@@ -69,6 +69,14 @@ def test_only_the_jobs_that_work_in_python_get_the_quick_compiler_on_a_small_mac
         (["--output", "incremental"], False),
     ):
         assert (localstart.QUICK_COMPILER in (local_java_options(given, "index", argv) or "")) == quick, argv
+    # jobs chained in one application: the quick compiler only where none of them trains
+    for argv, quick in (
+        (["--input", "p", "--then", "search", "--all", "--then", "index", "--mode", "incremental"], True),
+        (["--input", "p", "--then", "search", "--all", "--then", "index", "--output", "i"], False),
+        (["--input", "p", "--then", "report", "--output", "r"], False),
+        (["--input", "p", "--then"], False),
+    ):
+        assert (localstart.QUICK_COMPILER in (local_java_options(given, "embed", argv) or "")) == quick, argv
     assert localstart.java_options() in (
         localstart.NO_ARCHIVE,
         f"-XX:SharedArchiveFile={localstart.class_archive()}",

@@ -11,9 +11,13 @@ from conftest import read_neighbours, run_job, search
 def test_photos_to_report_in_one_session(spark, demo_dir, tmp_path, mobilenet_weights):
     model = ["--model", "mobilenet_v2", "--weights", mobilenet_weights]
     out = tmp_path / "out"
-    assert run_job(spark, "embed", "--input", demo_dir / "catalog", "--output", out / "emb", *model) == 0
-    assert run_job(spark, "embed", "--input", demo_dir / "queries", "--output", out / "q", *model) == 0
-    assert run_job(spark, "index", "--embeddings", out / "emb", "--output", out / "index") == 0
+    # three jobs chained in one application, as `make pipeline` runs them
+    chain = [
+        *("embed", "--input", demo_dir / "catalog", "--output", out / "emb", *model),
+        *("--then", "embed", "--input", demo_dir / "queries", "--output", out / "q", *model),
+        *("--then", "index", "--embeddings", out / "emb", "--output", out / "index"),
+    ]
+    assert run_job(spark, *chain) == 0
     # the index says how its vectors were made, as the embed run recorded it; --images embeds queries the same way
     embedded = json.loads((out / "emb" / "_summary.json").read_text())
     made = json.loads((out / "index" / "index.json").read_text())["embedded_with"]
