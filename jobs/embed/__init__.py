@@ -15,7 +15,15 @@ from pyspark.sql import SparkSession
 
 from jobs import storage
 from jobs.embed.model import EmbedConfig, embed_images
-from jobs.embed.plan import EMBEDDINGS_COLUMNS, EMBEDDINGS_SCHEMA, make_plan, photo_location, plan_files, read_files
+from jobs.embed.plan import (
+    EMBEDDINGS_COLUMNS,
+    EMBEDDINGS_SCHEMA,
+    check_input,
+    make_plan,
+    photo_location,
+    plan_files,
+    read_files,
+)
 from jobs.embed.runtimes import RUNTIMES
 from jobs.embed.write import Outcome, commit, write_chunks
 from jobs.errors import UsageError
@@ -112,6 +120,14 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     extensions = [e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()]
     if args.batch_size < 1 or args.chunk_files < 1:
         raise UsageError("--batch-size and --chunk-files must be at least 1")
+    check_input(spark, args.input)
+    # the weights before the listing: on a cluster the listing's tasks wait for the executors to start, the driver
+    # need not
+    with summary.stage("weights"):
+        from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's, never the executors'
+        from jobs.weights import load_weights
+
+        weights = load_weights(args.model, args.weights, spark)
     with summary.stage("list"):
         plan = make_plan(
             spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box
@@ -124,10 +140,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         len(plan.removed),
     )
     with summary.stage("weights"):
-        from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's, never the executors'
-        from jobs.weights import load_weights
-
-        weights = load_weights(args.model, args.weights, spark)
         plan.check_weights(args.output, weights.sha256)
         threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
         choice = choose_backend(
