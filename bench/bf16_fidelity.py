@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from common import _vector_flags as cpu_flags  # noqa: E402
 from common import described, print_table, write_json  # noqa: E402
 
-from jobs.embed.backends import eager_runner, export_onnx  # noqa: E402
+from jobs.embed.network import eager_runner, export_onnx  # noqa: E402
 from jobs.embed.runtimes import Backend, load_exported  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from jobs.weights import load_weights  # noqa: E402

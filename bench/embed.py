@@ -41,7 +41,8 @@ from helpers import build_dist, spark_submit  # noqa: E402
 
 from jobs import imaging  # noqa: E402
 from jobs.backbones import build_backbone  # noqa: E402
-from jobs.embed.backends import candidates, eager_runner, export_onnx  # noqa: E402
+from jobs.embed.backends import candidates  # noqa: E402
+from jobs.embed.network import eager_runner, export_onnx  # noqa: E402
 from jobs.embed.runtimes import Backend, load_exported, native_bf16  # noqa: E402
 from jobs.imaging import preprocess  # noqa: E402
 from scripts.sample_data import synthetic_photos  # noqa: E402

@@ -39,7 +39,7 @@ import sys, time, json
 start = time.perf_counter()
 import numpy as np
 from jobs.weights import load_weights
-from jobs.embed.backends import eager_runner
+from jobs.embed.network import eager_runner
 from jobs.imaging import preprocess
 weights = load_weights("resnet18", sys.argv[1])
 run = eager_runner("resnet18", weights.data)

@@ -17,6 +17,7 @@ from jobs import ivf, storage
 from jobs.errors import UsageError
 from jobs.filesystems import Location
 from jobs.ivf import Index
+from jobs.ivf.files import live_rows
 from jobs.runlog import RunSummary, print_summary
 from jobs.search import answer, catalog, queries
 from jobs.search.queries import Source
@@ -127,7 +128,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     metrics: dict[str, float | int] = {f"recall@{args.k}": recall_at_k(approx, exact, args.k), "queries": len(sampled)}
     if method == "lsh":
         metrics["lsh_fallback_queries"] = approx.attrs.get("lsh_fallback_queries", 0)
-    labels = catalog.live_rows(spark, index, files, ["label"]).groupBy("label").count().toPandas()  # a row a label
+    labels = live_rows(spark, index, files, ["label"]).groupBy("label").count().toPandas()  # a row a label
     label_counts = {r.label: int(r.count) for r in labels.itertuples() if r.label is not None}
     query_labels = {q: lab for q, lab in zip(sampled["query_id"], sampled["query_label"]) if lab is not None}
     if query_labels and label_counts:

@@ -19,15 +19,24 @@ from jobs.runlog import get_logger
 
 log = get_logger("jobs.filesystems")
 S3_SCHEMES = ("s3a", "s3", "s3n")
+SHIPPED = "shipped"  # Location kind: a folder Spark copied to every executor (SparkContext.addFile), opened locally
 
 
 @dataclass(frozen=True)
 class Location:
     """A folder as pyarrow sees it: the filesystem's kind and options, and the folder's path on it."""
 
-    kind: str  # local, s3 or gcs
+    kind: str  # local, s3, gcs or SHIPPED
     root: str
     options: dict[str, Any] = field(default_factory=dict)
+
+    def opened_root(self) -> str:
+        """The folder's path on filesystem(): for a SHIPPED folder, this executor's copy (only a task can ask)."""
+        if self.kind != SHIPPED:
+            return self.root
+        from pyspark import SparkFiles
+
+        return SparkFiles.get(self.root)
 
     def filesystem(self, memory_map: bool = False) -> pafs.FileSystem:
         """pyarrow's filesystem; memory_map: local files are mapped rather than read into buffers of their own

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import serve_files
 
-from jobs.embed.backends import normalize
+from jobs.embed.network import normalize
 from jobs.errors import UsageError
 from jobs.imaging import preprocess
 from jobs.weights import build_model, load_weights

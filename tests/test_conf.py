@@ -94,7 +94,7 @@ print("embedded 96")
 
 @pytest.fixture(scope="module")
 def onnx_model(mobilenet_weights, tmp_path_factory) -> str:
-    from jobs.embed.backends import export_onnx
+    from jobs.embed.network import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "mobilenet_v2.onnx"
     path.write_bytes(export_onnx("mobilenet_v2", Path(mobilenet_weights).read_bytes()))

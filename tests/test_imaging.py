@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from jobs.embed.backends import normalize
+from jobs.embed.network import normalize
 from jobs.imaging import (
     ImageError,
     _pillow_resize_center_crop,

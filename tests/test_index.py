@@ -11,8 +11,7 @@ from pyspark.ml.feature import BucketedRandomProjectionLSHModel
 from pyspark.ml.functions import array_to_vector
 
 from jobs import ivf
-from jobs.index import write
-from jobs.ivf import rand_unit_vectors
+from jobs.ivf import rand_unit_vectors, write
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from scripts.vectors import clustered_unit_vectors
 

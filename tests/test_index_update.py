@@ -285,7 +285,7 @@ def test_an_update_reads_the_tables_fingerprints_not_its_vectors_and_the_vectors
     spark, base, tmp_path, copy_tree, capsys
 ):
     from jobs.filesystems import location
-    from jobs.search.catalog import live_rows
+    from jobs.ivf.files import live_rows
     from jobs.tables import open_fingerprints
 
     folder, vectors, _ = base

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.embed import backends
-from jobs.embed.backends import candidates, choose_backend, eager_runner, export_onnx
+from jobs.embed import backends, network
+from jobs.embed.backends import candidates, choose_backend
+from jobs.embed.network import eager_runner, export_onnx
 from jobs.embed.runtimes import Backend, fallbacks, load_exported
 from jobs.errors import UsageError
 from jobs.imaging import preprocess
@@ -56,8 +57,8 @@ def overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_folding_batchnorm_keeps_the_fp32_vectors(weights, crops):
-    net = backends.EmbeddingNet(build_model("mobilenet_v2", weights.data)).eval()
-    folded = backends.fold_batchnorm(backends.EmbeddingNet(build_model("mobilenet_v2", weights.data)))
+    net = network.EmbeddingNet(build_model("mobilenet_v2", weights.data)).eval()
+    folded = network.fold_batchnorm(network.EmbeddingNet(build_model("mobilenet_v2", weights.data)))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     with torch.inference_mode():
         exact, fused = net(torch.from_numpy(crops[:4])), folded(torch.from_numpy(crops[:4]))
@@ -145,7 +146,7 @@ import numpy as np
 for name in sys.argv[1].split(","):
     sys.modules[name] = None  # as on a Python without it: importing it fails
 import jobs
-driver_only = {"jobs.embed.backends", "jobs.backbones"}
+driver_only = {"jobs.embed.backends", "jobs.embed.network", "jobs.backbones"}
 for module in pkgutil.walk_packages(jobs.__path__, "jobs."):
     if module.name not in driver_only:
         importlib.import_module(module.name)

@@ -10,6 +10,7 @@ import pytest
 from conftest import force_plan, read_neighbours, row_groups_holding, search, write_embeddings
 
 from jobs import ivf
+from jobs.ivf.files import read_probed
 from jobs.search import catalog as catalog_files
 from jobs.search import queries as query_tables
 from jobs.vectors import binary_from_matrix, gather_matrix
@@ -142,7 +143,7 @@ def test_catalog_files_read_ahead_in_threads_come_back_in_order_and_counted(spar
     assert [file for file, _ in got] == sorted(file for file, _ in got) and len(got) == len(index.files_holding(probed))
     expected_bytes = 0
     for file, shard in got:
-        table, keep, nbytes, _, _ = catalog_files.read_probed(
+        table, keep, nbytes, _, _ = read_probed(
             files.filesystem(),
             f"{files.root}/{index.meta['files'][file]['name']}",
             probed,

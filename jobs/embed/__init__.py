@@ -9,6 +9,7 @@ write.py appends each chunk to the table, so that an interrupted run resumes whe
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pyspark.sql import SparkSession
@@ -18,6 +19,7 @@ from jobs.embed.model import EmbedConfig, embed_images
 from jobs.embed.plan import (
     EMBEDDINGS_COLUMNS,
     EMBEDDINGS_SCHEMA,
+    Plan,
     check_input,
     make_plan,
     photo_location,
@@ -29,6 +31,10 @@ from jobs.embed.write import Outcome, commit, write_chunks
 from jobs.errors import UsageError
 from jobs.imaging import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from jobs.runlog import RunSummary, get_logger, print_summary
+
+if TYPE_CHECKING:  # torch: the driver's, imported where it is used
+    from jobs.embed.backends import Choice
+    from jobs.weights import Weights
 
 __all__ = [
     "EMBEDDINGS_COLUMNS",
@@ -56,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--crop-to-box", action="store_true", help="crop to the labels file's bounding box before resizing"
     )
+    add_model_arguments(parser)
+    add_run_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its weights, and the runtime and precision it runs on."""
     parser.add_argument("--model", default="resnet18", choices=["resnet18", "mobilenet_v2"], help="backbone")
     parser.add_argument(
         "--weights",
@@ -78,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "export, no torch needed on executors) and eager PyTorch, timed on the first photos (jobs of 500+ photos; "
         "remembered per machine) among those that give fp32's vectors (cosine >= 0.9999)",
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which files are embedded again, how many may fail, and how the tasks read and report."""
     parser.add_argument(
         "--mode",
         default="incremental",
@@ -115,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(spark: SparkSession, args: argparse.Namespace) -> int:
-    summary = RunSummary("embed", vars(args))
+def prepare(spark: SparkSession, args: argparse.Namespace, summary: RunSummary) -> tuple[Plan, Weights, Choice]:
+    """What is to be embedded, the checked weights, and the backend the executors run."""
     extensions = [e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()]
     if args.batch_size < 1 or args.chunk_files < 1:
         raise UsageError("--batch-size and --chunk-files must be at least 1")
@@ -124,7 +140,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     # the weights before the listing: on a cluster the listing's tasks wait for the executors to start, the driver
     # need not
     with summary.stage("weights"):
-        from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's, never the executors'
+        from jobs.embed.backends import choose_backend  # torch: the driver's, never the executors'
+        from jobs.embed.network import probe_crops
         from jobs.weights import load_weights
 
         weights = load_weights(args.model, args.weights, spark)
@@ -151,19 +168,25 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             len(plan.todo),
             threads,
         )
-    backend = choice.backend
     log.info("model %s on backend %s", args.model, choice.line())
+    return plan, weights, choice
 
+
+def embed_and_commit(
+    spark: SparkSession, args: argparse.Namespace, summary: RunSummary, plan: Plan, weights: Weights, choice: Choice
+) -> None:
+    """Embed the plan's photos on the executors, chunk by chunk, and commit the table."""
     photos = None if args.reader == "spark" else photo_location(spark, plan.readable()["path"])
     if args.reader == "direct" and photos is None and not plan.readable().empty:
         raise UsageError(f"--reader direct: pyarrow cannot open the photos under {args.input} here; use --reader spark")
     log.info("photos read by %s", "the tasks (pyarrow)" if photos else "Spark")
+    summary.set(photos_read_by="tasks" if photos else "spark")
     config = EmbedConfig(args.model, args.batch_size, args.max_pixels, args.log_every, photos)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_size))
     spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
     # executors read a broadcast's value only when they use it: the weights only on a fallback to eager
     weights_bc = spark.sparkContext.broadcast(weights.data)
-    backend_bc = spark.sparkContext.broadcast(backend)
+    backend_bc = spark.sparkContext.broadcast(choice.backend)
     with summary.stage("embed"):
         write_chunks(
             spark,
@@ -177,6 +200,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     with summary.stage("commit"):
         commit(spark, plan, args.output)
 
+
+def summarised(
+    spark: SparkSession, args: argparse.Namespace, summary: RunSummary, plan: Plan, weights: Weights, choice: Choice
+) -> Outcome:
+    """The run's summary, written beside the table and printed; its outcome."""
     table = spark.read.parquet(args.output)
     outcome = Outcome(table, plan.todo["path"].tolist(), spark)
     vanished = len(plan.todo) - outcome.embedded - outcome.failed
@@ -194,10 +222,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         input=args.input,
         output=args.output,
         model=args.model,
-        precision=backend.precision,
-        backend=backend.runtime,
+        precision=choice.backend.precision,
+        backend=choice.backend.runtime,
         backend_choice={"how": choice.how, "seen": choice.seen},
-        photos_read_by="tasks" if photos else "spark",
         weights={"source": weights.source, "sha256": weights.sha256},
         images_per_second=round((outcome.embedded + outcome.failed) / seconds, 2) if seconds else None,
         **outcome.summary(),
@@ -220,5 +247,12 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         ("images/s", summary.data["images_per_second"]),
     ]
     print_summary("embed summary", rows, outcome.lines())
-    outcome.check(args.max_error_rate)
+    return outcome
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> int:
+    summary = RunSummary("embed", vars(args))
+    plan, weights, choice = prepare(spark, args, summary)
+    embed_and_commit(spark, args, summary, plan, weights, choice)
+    summarised(spark, args, summary, plan, weights, choice).check(args.max_error_rate)
     return 0

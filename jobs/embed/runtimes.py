@@ -92,7 +92,7 @@ def load_exported(backend: Backend, threads: int) -> Runner:
 def load(backend: Backend, threads: int, weights: Callable[[], bytes], model: str) -> Runner:
     """A runner for this backend with this many threads: eager builds the model from the weights (torch needed)."""
     if backend.runtime == "eager":
-        from jobs.embed.backends import eager_runner  # needs torch: only where it is installed
+        from jobs.embed.network import eager_runner  # needs torch: only where it is installed
 
         return eager_runner(model, weights(), backend.precision, threads)
     return load_exported(backend, threads)

@@ -23,7 +23,6 @@ MAX_GROUP_ROWS = 50_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    lsh_defaults = LshParams()
     parser.add_argument("--embeddings", required=True, help="embeddings table written by embed")
     parser.add_argument("--output", required=True, help="index folder (replaced atomically on re-runs)")
     parser.add_argument(
@@ -34,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "to their cells, gone or changed rows deleted) without retraining; auto: incremental unless the catalog has "
         "drifted from its cells, then a rebuild",
     )
+    add_ivf_arguments(parser)
+    add_lsh_arguments(parser)
+
+
+def add_ivf_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cells: how many, how they are trained, and the nprobe a search uses by default."""
     parser.add_argument("--cells", type=int, help="IVF cells (KMeans k); default about 4 x sqrt(vectors)")
     parser.add_argument(
         "--nprobe",
@@ -63,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=MAX_GROUP_ROWS,
         help="most catalog rows one search task holds (bigger cells are split)",
     )
+
+
+def add_lsh_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LSH keys kept beside the cells, and the seed of the sample and the hashes."""
+    lsh_defaults = LshParams()
     parser.add_argument(
         "--bucket-length",
         type=float,

@@ -17,9 +17,9 @@ from pyspark.sql import SparkSession
 
 from jobs import ivf, storage
 from jobs.filesystems import location
-from jobs.index import calibrate, layout, lsh, sources, train, write
+from jobs.index import calibrate, layout, lsh, sources, train
 from jobs.index.summary import built_rows
-from jobs.ivf import CellPlan, IvfParams
+from jobs.ivf import CellPlan, IvfParams, write
 from jobs.knn import LshParams
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.tables import FINGERPRINT, Embeddings
@@ -47,11 +47,46 @@ def provenance(spark: SparkSession, embeddings: str, table_sha256: str | None) -
     return {"weights_sha256": weights.get("sha256"), "weights_source": weights.get("source"), "embedded_with": made}
 
 
+def manifest(
+    spark: SparkSession,
+    args: argparse.Namespace,
+    table: Embeddings,
+    params: IvfParams,
+    plan: CellPlan,
+    measured: calibrate.Calibration | None,
+    lsh_params: LshParams | None,
+    files: list[dict],
+) -> dict:
+    """A new index's manifest: what it holds, how it was built and calibrated, its files and the table's it read."""
+    sizes = plan.sizes
+    return {
+        "model": table.model,
+        "dim": table.dim,
+        "count": table.count,
+        "default_method": "ivf",
+        "source": args.embeddings,
+        **provenance(spark, args.embeddings, table.weights_sha256),
+        "ivf": asdict(params),
+        "calibration": measured.report() if measured else None,
+        "groups": plan.groups,
+        "largest_cell": int(sizes.max()),
+        "empty_cells": int((sizes == 0).sum()),
+        "lsh": asdict(lsh_params) if lsh_params else None,
+        "fingerprint": FINGERPRINT,
+        "trained_rows": table.count,
+        "added_since_training": 0,
+        "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),
+        "files": files,
+        "table_files": sources.recorded(place, table.files) if (place := location(spark, args.embeddings)) else None,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def build(
     spark: SparkSession, args: argparse.Namespace, table: Embeddings, lsh_params: LshParams | None, summary: RunSummary
 ) -> int:
     """A new index from scratch: train, assign, write, calibrate, swap in."""
-    vectors, model_name, dim, count = table.rows, table.model, table.dim, table.count
+    vectors, dim, count = table.rows, table.dim, table.count
     cells = min(args.cells or train.default_cells(count), count)
     sample = min(count, args.train_sample or max(32 * cells, 10_000))
     staged = storage.sibling(args.output, "staging")
@@ -83,27 +118,7 @@ def build(
     assigned.unpersist()
     nprobe = args.nprobe or (measured.nprobe if measured else train.default_nprobe(len(centroids)))
     params = IvfParams(len(centroids), nprobe, sample, args.kmeans_iterations, args.max_group_rows, args.seed)
-    meta = {
-        "model": model_name,
-        "dim": dim,
-        "count": count,
-        "default_method": "ivf",
-        "source": args.embeddings,
-        **provenance(spark, args.embeddings, table.weights_sha256),
-        "ivf": asdict(params),
-        "calibration": measured.report() if measured else None,
-        "groups": plan.groups,
-        "largest_cell": int(sizes.max()),
-        "empty_cells": int((sizes == 0).sum()),
-        "lsh": asdict(lsh_params) if lsh_params else None,
-        "fingerprint": FINGERPRINT,
-        "trained_rows": count,
-        "added_since_training": 0,
-        "training_largest_over_mean": round(float(sizes.max() / max(sizes.mean(), 1e-9)), 2),
-        "files": files,
-        "table_files": sources.recorded(place, table.files) if (place := location(spark, args.embeddings)) else None,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    meta = manifest(spark, args, table, params, plan, measured, lsh_params, files)
     ivf.save(spark, staged, meta, centroids, plan, projections)
     with summary.stage("commit"):
         storage.swap_in(spark, staged, args.output)

@@ -11,7 +11,7 @@ from jobs.errors import UsageError
 from jobs.filesystems import Location
 from jobs.index import sources
 from jobs.ivf import Index
-from jobs.search.catalog import live_rows
+from jobs.ivf.files import live_rows
 from jobs.tables import PLACE, check_stats, open_fingerprints, table_stats
 
 CHANGES = ("added", "dropped", "changed", "same")

@@ -11,7 +11,6 @@ rewritten as one set.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -22,15 +21,15 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs import ivf, storage
+from jobs import ivf
 from jobs.errors import UsageError
 from jobs.filesystems import Location, location
-from jobs.index import layout, write
+from jobs.index import layout
 from jobs.index.diff import check_table, find_changes
-from jobs.ivf import CellPlan, Index
+from jobs.ivf import CellPlan, Index, write
+from jobs.ivf.files import deletions, live_rows
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
-from jobs.search.catalog import deletions, live_rows
 from jobs.tables import FINGERPRINT, rows_at
 
 log = get_logger("jobs.index")
@@ -152,6 +151,39 @@ def compact(spark: SparkSession, index: Index, files: Location, which: list[int]
     return [{**r.asDict(), "added_in": version} for r in write.write_files(frame, files, index.dim).collect()]
 
 
+def compacted(spark: SparkSession, staged: Index, files: Location, done: Update, summary: RunSummary) -> list[dict]:
+    """The staged version's file entries, sorted by cell, with its files rewritten whole where too many of their rows
+    are deleted, or where more than COMPACT_UPDATES updates have each added files of their own."""
+    entries = staged.meta["files"]
+    compactable = [n for n, e in enumerate(entries) if e.get("deleted_rows", 0) > DELETED_SHARE * e["rows"]]
+    grown = [n for n, e in enumerate(entries) if e.get("added_in")]
+    piled = len({entries[n]["added_in"] for n in grown}) > COMPACT_UPDATES
+    if piled or compactable:
+        with summary.stage("compact"):
+            which = sorted(set(compactable) | (set(grown) if piled else set()))
+            rewritten = compact(spark, staged, files, which, staged.meta["version"])
+            entries = [e for n, e in enumerate(entries) if n not in which] + rewritten
+            done.files_compacted = len(which)
+    return sorted(entries, key=lambda e: (e["first_cell"], e["name"]))
+
+
+def updatable(spark: SparkSession, index: Index, uri: str) -> tuple[Location, Location]:
+    """Where the index's catalog and the table at uri open with pyarrow; UsageError where either does not, or the
+    index has no fingerprints to compare."""
+    files, table_files = location(spark, index.catalog_uri), location(spark, uri)
+    if files is None or table_files is None:
+        raise UsageError(
+            f"an update writes {index.catalog_uri} and reads {uri} with pyarrow (local, s3a://, gs://); rebuild with "
+            "--mode overwrite"
+        )
+    if index.meta.get("fingerprint") != FINGERPRINT:
+        raise UsageError(
+            f"index {index.uri} was built by an older version, without the fingerprints an update compares; rebuild "
+            "with --mode overwrite"
+        )
+    return files, table_files
+
+
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
@@ -159,18 +191,8 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     vectors fingerprinted as they are read where a table has none) and only ids, fingerprints and places cross the one
     shuffle (the join with the index's ids); the same pass counts the changes, checks the table and keeps only the
     rows that changed. The vectors of the rows to add are then read at their places, and nothing else."""
-    files, table_files = location(spark, index.catalog_uri), location(spark, uri)
-    if files is None or table_files is None:
-        raise UsageError(
-            f"an update writes {index.catalog_uri} and reads {uri} with pyarrow (local, s3a://, gs://); rebuild with "
-            "--mode overwrite"
-        )
+    files, table_files = updatable(spark, index, uri)
     version = index.meta.get("version", 1) + 1
-    if index.meta.get("fingerprint") != FINGERPRINT:
-        raise UsageError(
-            f"index {index.uri} was built by an older version, without the fingerprints an update compares; rebuild "
-            "with --mode overwrite"
-        )
     with summary.stage("diff"):
         changes, stats, table_record, compared = find_changes(spark, index, uri, files, table_files)
         if changes is None:  # not a file changed since the index read them
@@ -199,16 +221,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     ] + added
     sizes = index.plan.sizes + added_sizes - dropped_sizes
     meta = {**index.meta, "files": entries, "count": int(sizes.sum()), "version": version, "table_files": table_record}
-    compactable = [n for n, e in enumerate(entries) if e.get("deleted_rows", 0) > DELETED_SHARE * e["rows"]]
-    grown = [n for n, e in enumerate(entries) if e.get("added_in")]
-    piled = len({entries[n]["added_in"] for n in grown}) > COMPACT_UPDATES
-    if piled or compactable:
-        with summary.stage("compact"):
-            which = sorted(set(compactable) | (set(grown) if piled else set()))
-            staged = replace(index, count=int(sizes.sum()), meta=meta)
-            rewritten = compact(spark, staged, files, which, version)
-            meta["files"] = [e for n, e in enumerate(entries) if n not in which] + rewritten
-            done.files_compacted = len(which)
+    meta["files"] = compacted(spark, replace(index, count=int(sizes.sum()), meta=meta), files, done, summary)
     done.files_written = len(added)
     meta.update(
         done.drift,
@@ -216,35 +229,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
         empty_cells=int((sizes == 0).sum()),
         updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    meta["files"] = sorted(meta["files"], key=lambda e: (e["first_cell"], e["name"]))
     plan = CellPlan(sizes, index.plan.first_group, index.plan.parts)
     ivf.save(spark, index.uri, meta, index.centroids, plan, lsh[0] if lsh else None)
-    remove_unused(spark, index.uri, version)
+    ivf.remove_unused(spark, index.uri, version)
     return done
-
-
-def referenced(meta: dict) -> set[str]:
-    return {
-        meta["cells"],
-        *(f"catalog/{e['name']}" for e in meta["files"]),
-        *(f"catalog/{e['deleted']}" for e in meta["files"] if e.get("deleted")),
-    }
-
-
-def remove_unused(spark: SparkSession, uri: str, version: int) -> None:
-    """Delete what neither this version nor the one before refers to: a search that began on the version before
-    still finds every file it needs (and a killed update's files go at the next update)."""
-    kept = set()
-    for v in (version - 1, version):
-        path = f"{uri}/{ivf.MANIFESTS}/v{v:08d}.json"
-        if storage.exists(spark, path):
-            kept |= referenced(json.loads(storage.read_text(spark, path)))
-    for v in ivf.versions(spark, uri):
-        if v < version - 1:
-            storage.delete(spark, f"{uri}/{ivf.MANIFESTS}/v{v:08d}.json")
-    candidates = [n for n in storage.names(spark, uri) if n.startswith("cells-v")]
-    candidates += [f"catalog/{n}" for n in storage.names(spark, f"{uri}/catalog") if n.endswith(".parquet")]
-    candidates += [f"catalog/_deleted/{n}" for n in storage.names(spark, f"{uri}/catalog/_deleted")]
-    for name in candidates:
-        if name not in kept:
-            storage.delete(spark, f"{uri}/{name}")

@@ -130,7 +130,8 @@ def sample_queries(neighbours: DataFrame, limit: int) -> tuple[pd.DataFrame, pd.
     return chosen, rows, neighbours.select("query_id", "query_path").distinct().count() if len(chosen) else 0
 
 
-def run(spark: SparkSession, args: argparse.Namespace) -> int:
+def checked_inputs(spark: SparkSession, args: argparse.Namespace) -> DataFrame:
+    """The neighbours table; UsageError for a bad option, a missing table or one that holds no neighbours."""
     if args.max_queries < 1 or args.map_points < 1:
         raise UsageError("--max-queries and --map-points must be at least 1")
     if not storage.exists(spark, args.neighbours):
@@ -138,11 +139,43 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
     for uri in args.embeddings:
         if not storage.exists(spark, uri):
             raise UsageError(f"embeddings table {uri} does not exist")
-    summary = RunSummary("report", vars(args))
     neighbours = spark.read.parquet(args.neighbours)
     missing = NEIGHBOUR_COLUMNS - set(neighbours.columns)
     if missing:
         raise UsageError(f"{args.neighbours} is not a neighbours table: missing {', '.join(sorted(missing))}")
+    return neighbours
+
+
+def gallery_facts(
+    spark: SparkSession, args: argparse.Namespace, sheets: list[tuple[Sheet, str]], total_queries: int, k: int
+) -> list[tuple[str, str]]:
+    """The lines atop the gallery: the search that wrote the neighbours, the precision shown, the evaluation."""
+    facts: list[tuple[str, str]] = [
+        ("neighbours", args.neighbours),
+        ("queries shown", f"{len(sheets)} of {total_queries}"),
+    ]
+    facts.append(("k", str(k)))
+    if storage.exists(spark, f"{args.neighbours}/_summary.json"):
+        run_info = json.loads(storage.read_text(spark, f"{args.neighbours}/_summary.json"))
+        facts += [
+            ("index", run_info.get("index", "")),
+            ("method", run_info.get("method", "")),
+            ("catalog images", run_info.get("counts", {}).get("catalog", "")),
+        ]
+    precisions = [s.precision for s, _ in sheets if s.precision is not None]
+    if precisions:
+        facts.append((f"mean precision@{k} (shown queries)", f"{np.mean(precisions):.3f}"))
+    if args.evaluation:
+        evaluation = json.loads(storage.read_text(spark, args.evaluation))
+        facts += [
+            (key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in evaluation.get("metrics", {}).items()
+        ]
+    return facts
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> int:
+    neighbours = checked_inputs(spark, args)
+    summary = RunSummary("report", vars(args))
     output = storage.qualify(spark, args.output)
     staging = storage.sibling(output, "staging")
     with summary.stage("sample"):
@@ -164,22 +197,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             points = pca_points(spark, args.embeddings, args.map_points)
             storage.write_bytes(spark, f"{staging}/embedding_map.png", embedding_map(points, spark))
             summary.count(map_points=len(points))
-    facts = [("neighbours", args.neighbours), ("queries shown", f"{len(sheets)} of {total_queries}"), ("k", k)]
-    if storage.exists(spark, f"{args.neighbours}/_summary.json"):
-        run_info = json.loads(storage.read_text(spark, f"{args.neighbours}/_summary.json"))
-        facts += [
-            ("index", run_info.get("index", "")),
-            ("method", run_info.get("method", "")),
-            ("catalog images", run_info.get("counts", {}).get("catalog", "")),
-        ]
-    precisions = [s.precision for s, _ in sheets if s.precision is not None]
-    if precisions:
-        facts.append((f"mean precision@{k} (shown queries)", f"{np.mean(precisions):.3f}"))
-    if args.evaluation:
-        evaluation = json.loads(storage.read_text(spark, args.evaluation))
-        facts += [
-            (key, f"{v:.4f}" if isinstance(v, float) else str(v)) for key, v in evaluation.get("metrics", {}).items()
-        ]
+    facts = gallery_facts(spark, args, sheets, total_queries, k)
     storage.write_text(spark, f"{staging}/index.html", gallery_html(sheets, facts, has_map))
     summary.count(
         sheets=len(sheets), queries=total_queries, placeholders=sum("placeholder" in img.info for img in cache.values())

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from jobs import ivf, storage
 from jobs.cli import session_settings
 from jobs.errors import UsageError
-from jobs.filesystems import Location
+from jobs.filesystems import SHIPPED, Location
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.search import catalog, groups, plan, queries, recall, results, tiles
 from jobs.search import summary as summarised
@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, help="neighbours table (or duplicate pairs) to write")
     parser.add_argument("-k", type=int, default=10, help="neighbours per query")
+    add_method_arguments(parser)
+    add_output_arguments(parser)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the queries are answered: the method, its cells and the recall it must reach."""
     parser.add_argument(
         "--method",
         choices=["ivf", "lsh", "exact"],
@@ -77,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"where there are at least {recall.MIN_QUERIES}: one extra pass over the catalog; 0: no estimate, and the "
         "index's nprobe unless --nprobe)",
     )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which neighbours count (self, pairs) and what the search writes beside its answers."""
     parser.add_argument(
         "--exclude-self", action="store_true", help="never return a query as its own neighbour (same image_id)"
     )
@@ -233,6 +243,31 @@ def answer(
     return tiles.search(spark, index, source, planned, files, probes, wanted, lsh=method == "lsh")
 
 
+def search_and_write(
+    spark: SparkSession, args: argparse.Namespace, index: ivf.Index
+) -> tuple[tiles.Found, recall.Estimate | None, int | None, int, dict, float]:
+    """Answer the queries args name and write the answers: what was found, the recall estimate, the nprobe chosen,
+    the rows written, what the tasks touched and the seconds it took."""
+    started = time.perf_counter()
+    files = catalog.locate(spark, index, args.reader)
+    source = query_source(spark, args, index, files)
+    found, measured, nprobe = find(spark, args, index, source, files)
+    answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
+
+    def checked() -> None:
+        seen = found.seen.value
+        if source.checked:
+            queries.check_seen(source.checked, index, seen.queries, seen.dims, seen.models, seen.digests)
+
+    with session_settings(spark, PYTHON_JOB):
+        written = results.write(spark, answers, args.output, checked)
+    touched = {**found.touched(index), "reader": "copies shipped by Spark" if files.kind == SHIPPED else "executors"}
+    seconds = time.perf_counter() - started
+    if args.duplicates:
+        touched.update(groups.duplicate_stats(spark, args.output, args.groups))
+    return found, measured, nprobe, written, touched, seconds
+
+
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     summary = RunSummary("search", vars(args))
     index = ivf.load(spark, args.index)
@@ -244,26 +279,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             "-k %d is more than the catalog of %d images holds: every query gets all of them", args.k, index.count
         )
     with summary.stage("search"):
-        started = time.perf_counter()
-        files = catalog.locate(spark, index, args.reader)
-        source = query_source(spark, args, index, files)
-        found, measured, nprobe = find(spark, args, index, source, files)
-        answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
-
-        def checked() -> None:
-            seen = found.seen.value
-            if source.checked:
-                queries.check_seen(source.checked, index, seen.queries, seen.dims, seen.models, seen.digests)
-
-        with session_settings(spark, PYTHON_JOB):
-            written = results.write(spark, answers, args.output, checked)
-        touched = {
-            **found.touched(index),
-            "reader": "copies shipped by Spark" if files.kind == catalog.SHIPPED else "executors",
-        }
-        seconds = time.perf_counter() - started
-        if args.duplicates:
-            touched.update(groups.duplicate_stats(spark, args.output, args.groups))
+        found, measured, nprobe, written, touched, seconds = search_and_write(spark, args, index)
     count = found.seen.value.queries
     summary.count(
         queries=count,

@@ -83,7 +83,8 @@ def embed_photos(
     listing = list_images(spark, uri, list(IMAGE_EXTENSIONS))
     todo = listing.merge(label_files(listing["path"], None), on="path")[PLAN_COLUMNS]
     todo = todo.astype(object).where(todo.notna(), None)
-    from jobs.embed.backends import choose_backend, probe_crops  # torch: the driver's only
+    from jobs.embed.backends import choose_backend  # torch: the driver's only
+    from jobs.embed.network import probe_crops
 
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
     # the catalog's own runtime where it can run here: a photo in the catalog and among the queries gets one vector

@@ -20,10 +20,10 @@ from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.errors import UsageError
-from jobs.filesystems import Location, location
+from jobs.filesystems import SHIPPED, Location, location
 from jobs.ivf import Index
+from jobs.ivf.files import live_rows
 from jobs.runlog import get_logger
-from jobs.search.catalog import SHIPPED, live_rows
 from jobs.tables import VECTOR_COLUMNS, check_vectors, open_embeddings, read_embeddings
 
 QUERY_COLUMNS = ["query_id", "query_path", "query_label", "vector"]

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from jobs.filesystems import Location
+from jobs.filesystems import SHIPPED, Location
 from jobs.index.calibrate import Nearest, exact_neighbours, recall_curve, smallest_nprobe
 from jobs.ivf import Index
-from jobs.search.catalog import SHIPPED, deletions
+from jobs.ivf.files import live_batches
 from jobs.search.queries import QueryFiles, Source, catalog_queries
 from jobs.search.scoring import Wanted
 from jobs.vectors import matrix_from_binary, packed_vectors
@@ -195,7 +194,7 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for task in (t for batch in batches for t in batch.column("id").to_pylist()):
-            yield from catalog_rows(files, entries[task::tasks], bool(ids))
+            yield from live_batches(files, entries[task::tasks], pass_columns(ids))
 
     return exact_neighbours(spark.range(tasks, numPartitions=tasks), sample, ids, depth, read)
 
@@ -210,7 +209,7 @@ def driver_pass(
         parts = list(
             pool.map(
                 lambda share: Nearest(sample, ids, depth).add_all(
-                    catalog_rows(files, entries[share::threads], bool(ids))
+                    live_batches(files, entries[share::threads], pass_columns(ids))
                 ),
                 range(threads),
             )
@@ -221,16 +220,9 @@ def driver_pass(
     return merged.cells, merged.d2
 
 
-def catalog_rows(files: Location, entries: list[dict], ids: bool) -> Iterator[pa.RecordBatch]:
-    """The live rows of these catalog files (cell, vector, and image_id where ids), a file at a time."""
-    fs = files.filesystem(memory_map=True)
-    for entry in entries:
-        with fs.open_input_file(f"{files.root}/{entry['name']}") as handle:
-            table = pq.ParquetFile(handle).read(columns=["image_id", "cell", "vector"] if ids else ["cell", "vector"])
-        gone = deletions(fs, files.root, entry)
-        if len(gone):
-            table = table.filter(pa.array(~np.isin(np.arange(len(table)), gone)))
-        yield from table.to_batches(max_chunksize=1 << 13)
+def pass_columns(ids: list[str]) -> list[str]:
+    """The catalog columns the exact pass reads: the ids only where the sample's own rows are to be left out."""
+    return ["image_id", "cell", "vector"] if ids else ["cell", "vector"]
 
 
 def default_sample(index: Index) -> int:

@@ -4,7 +4,7 @@ product each into a running top-k (topk.py); ties go to the smaller id (id_keys)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -12,15 +12,20 @@ import pyarrow as pa
 from jobs.knn import BucketIndex, squared_norms
 from jobs.vectors import gather_matrix
 
-if TYPE_CHECKING:
-    from jobs.search.topk import Similar, TopK
-
 STRING_COLUMNS = ["image_id", "path", "label"]
 SCORED_ENTRIES = 1 << 23  # most query x row distances in one matrix (32 MiB of float32; 3 such matrices live at once)
 QUERY_SLICE = 4096  # queries scored together against every row (exact)
 LSH_QUERIES = 32  # queries whose LSH candidates are gathered and scored together
 NO_KEY = np.iinfo(np.int64).max
 FLOAT_MAX = np.finfo(np.float32).max
+
+
+class Keeper(Protocol):
+    """What scored rows go into: a running top-k (topk.TopK) or every pair past a similarity (topk.Similar)."""
+
+    def add(
+        self, asking: np.ndarray, near: np.ndarray, query_sq: np.ndarray, rows: np.ndarray, keys: np.ndarray
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class ShardRows:
 
     def score(
         self,
-        keep: TopK | Similar,
+        keep: Keeper,
         vectors: np.ndarray,
         probes: tuple[np.ndarray, np.ndarray] | None,
         own_row: np.ndarray | None,
@@ -122,7 +127,7 @@ class ShardRows:
 
     def score_rows(
         self,
-        keep: TopK | Similar,
+        keep: Keeper,
         vectors: np.ndarray,
         query_sq: np.ndarray,
         asking: np.ndarray,
@@ -146,7 +151,7 @@ class ShardRows:
 
     def score_lsh(
         self,
-        keep: TopK,
+        keep: Keeper,
         vectors: np.ndarray,
         probe_keys: np.ndarray,
         own_row: np.ndarray | None,

@@ -182,6 +182,34 @@ def versions(spark: SparkSession, uri: str) -> list[int]:
     return sorted(int(n[1:-5]) for n in found if n.startswith("v") and n.endswith(".json") and n[1:-5].isdigit())
 
 
+def referenced(meta: dict) -> set[str]:
+    """The files a version's manifest refers to, relative to the index's folder."""
+    return {
+        meta["cells"],
+        *(f"catalog/{e['name']}" for e in meta["files"]),
+        *(f"catalog/{e['deleted']}" for e in meta["files"] if e.get("deleted")),
+    }
+
+
+def remove_unused(spark: SparkSession, uri: str, version: int) -> None:
+    """Delete what neither this version nor the one before refers to: a search that began on the version before
+    still finds every file it needs (and a killed update's files go at the next update)."""
+    kept = set()
+    for v in (version - 1, version):
+        path = f"{uri}/{MANIFESTS}/v{v:08d}.json"
+        if storage.exists(spark, path):
+            kept |= referenced(json.loads(storage.read_text(spark, path)))
+    for v in versions(spark, uri):
+        if v < version - 1:
+            storage.delete(spark, f"{uri}/{MANIFESTS}/v{v:08d}.json")
+    candidates = [n for n in storage.names(spark, uri) if n.startswith("cells-v")]
+    candidates += [f"catalog/{n}" for n in storage.names(spark, f"{uri}/catalog") if n.endswith(".parquet")]
+    candidates += [f"catalog/_deleted/{n}" for n in storage.names(spark, f"{uri}/catalog/_deleted")]
+    for name in candidates:
+        if name not in kept:
+            storage.delete(spark, f"{uri}/{name}")
+
+
 def load(spark: SparkSession, uri: str) -> Index:
     """The index's newest version; UsageError if there is none, or if an older version of this tool wrote it."""
     known = versions(spark, uri)
