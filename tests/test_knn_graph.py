@@ -7,7 +7,7 @@ import pandas as pd
 from conftest import force_plan, read_neighbours, run_job, search, write_embeddings
 
 from jobs.knn import exact_topk
-from jobs.search import tiles
+from jobs.search import plan
 
 
 def test_all_gives_the_knn_graph_and_duplicates_lists_each_close_pair_once(spark, tmp_path):
@@ -58,7 +58,7 @@ def test_all_answers_the_catalog_in_place_and_every_tiling_agrees(spark, catalog
     ]:
         force_plan(monkeypatch, blocks, ranges)
         if name == "chunks":
-            monkeypatch.setattr(tiles, "TASK_BYTES", 400 * (4 * 64 + 200))
+            monkeypatch.setattr(plan, "TASK_BYTES", 400 * (4 * 64 + 200))
         others[name] = search(spark, folder / "index", tmp_path / name, "--all", "-k", "5", *extra)["touched"]
         monkeypatch.undo()
         other = read_neighbours(spark, tmp_path / name)

@@ -14,7 +14,7 @@ from pyspark.sql.pandas.types import to_arrow_schema
 
 from jobs import ivf
 from jobs.knn import exact_topk
-from jobs.search import plan, results, tiles
+from jobs.search import plan, results
 from jobs.search.scoring import ShardRows
 from jobs.search.topk import TopK
 from jobs.tables import NEIGHBOURS_SCHEMA
@@ -90,7 +90,7 @@ def test_every_tiling_gives_the_same_answers_for_one_query_or_many(spark, catalo
     ]:
         force_plan(monkeypatch, blocks, ranges)
         if task_bytes:  # chunks of 40 queries: each its own pass over the cells they probe
-            monkeypatch.setattr(tiles, "TASK_BYTES", task_bytes * (4 * 64 + plan.QUERY_STRING_BYTES))
+            monkeypatch.setattr(plan, "TASK_BYTES", task_bytes * (4 * 64 + plan.QUERY_STRING_BYTES))
         for queries in ("q", "q1"):
             out = tmp_path / f"{name}-{queries}".replace(" ", "-")
             summary = search(

@@ -229,18 +229,15 @@ def answer(
     nprobe: int | None,
     files: Location,
 ) -> tiles.Found:
-    """Every query of source answered by `method` (nprobe: ivf's cells a query probes), as planned for its size."""
-    probes = (
-        None
-        if method == "exact" or method == "lsh" or (nprobe or index.params.nprobe) >= index.cells
-        else nprobe or index.params.nprobe
-    )
+    """Every query of source answered by `method` (nprobe: ivf's cells a query probes; None: the index's), as
+    planned for its size."""
+    k = wanted.k if wanted.min_similarity is None else None
     cores = spark.sparkContext.defaultParallelism
-    planned = plan.choose(
-        index, source.count, probes, cores, source.from_catalog, routable=method != "lsh", remote=files.kind != "local"
+    planned = plan.make(
+        index, method, nprobe, source.count, k, cores, files, source.files is not None, source.from_catalog
     )
-    log.info("%s: about %d queries, %s", method, source.count, planned.describe())
-    return tiles.search(spark, index, source, planned, files, probes, wanted, lsh=method == "lsh")
+    log.info("about %d queries: %s", source.count, planned.describe())
+    return tiles.search(spark, index, source, planned, files, wanted)
 
 
 def search_and_write(

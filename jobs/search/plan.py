@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jobs.filesystems import SHIPPED, Location
 from jobs.ivf import Index
 
 LOCAL_READ_SECONDS = 1 / 300e6  # a catalog byte read and gathered by a task from local disk (page cache included)
@@ -37,11 +38,12 @@ STAGE_SECONDS = 0.3  # each stage that routing adds
 # file's blocks are equal shares of its rows (GloVe 300k x 100k: 2 blocks 11.2-12.8 s, 4 blocks 11.7-16.1 s)
 STRAGGLER = 0.5
 TASK_BYTES = 256 << 20  # the query rows one task holds at once: more are answered in further passes over its cells
+MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 QUERY_STRING_BYTES = 200  # a query row's id, path and label, about
 
 
 @dataclass(frozen=True)
-class Plan:
+class Tiling:
     """Blocks of queries x ranges of cells, and what the estimate expects of them."""
 
     blocks: int
@@ -92,8 +94,8 @@ def estimate(
     ranges: int,
     from_catalog: bool = False,
     remote: bool = False,
-) -> Plan:
-    """The plan of blocks x ranges, the catalog bytes it is expected to read and the seconds it is expected to take."""
+) -> Tiling:
+    """The tiling of blocks x ranges, the catalog bytes it is expected to read and the seconds it should take."""
     share = 1.0 if nprobe is None else min(nprobe, index.cells) / index.cells
     bounds = range_bounds(index.plan.sizes, ranges) if ranges > 1 else np.array([0, index.cells])
     ranges = len(bounds) - 1
@@ -119,7 +121,7 @@ def estimate(
         task = max(tile_read * read_seconds, score / tiles + per_tile * VISIT_SECONDS) + TASK_SECONDS
         routing = (probe + queries * visits * (ROUTE_SECONDS + MERGE_SECONDS)) / cores
         seconds = routing + waves * task + 2 * STAGE_SECONDS
-    return Plan(blocks, bounds, passes, tiles * tile_read, seconds)
+    return Tiling(blocks, bounds, passes, tiles * tile_read, seconds)
 
 
 def choose(
@@ -130,8 +132,8 @@ def choose(
     from_catalog: bool = False,
     routable: bool = True,
     remote: bool = False,
-) -> Plan:
-    """Of the plans expected to take at most 10% longer than the fastest, the one that reads the least catalog bytes:
+) -> Tiling:
+    """Of the tilings expected to take at most 10% longer than the fastest, the one that reads the least catalog bytes:
     one range with as few blocks as hold the queries and up to 2 x cores more, or 1 .. 4 x cores ranges of cells;
     never more blocks than queries."""
     queries = max(queries, 1)
@@ -148,3 +150,69 @@ def choose(
     return min(
         (p for p in plans if p.expected_seconds <= 1.1 * fastest), key=lambda p: (p.expected_read, p.expected_seconds)
     )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A search, whole, decided before any of it runs: what each query reads (probes: cells each probes; None: every
+    cell), the tiling, the query rows a task scores at once, the tasks that read the queries and that merge the
+    ranges' candidates, and who reads the queries and the catalog. tiles.py carries it out as it says."""
+
+    method: str
+    probes: int | None
+    tiling: Tiling
+    chunk_rows: int
+    map_tasks: int
+    merge_tasks: int  # 0: nothing is merged (one range, or a search for pairs)
+    topk: bool  # each query's k nearest; else every row past a similarity (pairs)
+    queries_read_by: str
+    catalog_read_by: str
+
+    @property
+    def lsh(self) -> bool:
+        return self.method == "lsh"
+
+    def describe(self) -> str:
+        probing = f"nprobe {self.probes}" if self.probes is not None else "every cell"
+        merged = f", merged by {self.merge_tasks} task(s)" if self.merge_tasks else ""
+        return (
+            f"{self.method}, {probing}: {self.tiling.describe()}{merged}; {self.chunk_rows} query rows a pass; "
+            f"queries read by {self.queries_read_by}, the catalog by {self.catalog_read_by}"
+        )
+
+
+def make(
+    index: Index,
+    method: str,
+    nprobe: int | None,
+    queries: int,
+    k: int | None,
+    cores: int,
+    catalog: Location,
+    queries_by_tasks: bool,
+    from_catalog: bool = False,
+) -> Plan:
+    """The plan of a search by `method` of about `queries` queries (k: each wants its k nearest; None: the pairs past
+    a similarity) at nprobe (None: the index's), on `cores` cores, the catalog at `catalog`."""
+    wanted = nprobe or index.params.nprobe
+    probes = None if method in ("exact", "lsh") or wanted >= index.cells else wanted
+    tiling = choose(
+        index, queries, probes, cores, from_catalog, routable=method != "lsh", remote=catalog.kind != "local"
+    )
+    merge = merge_tasks(queries, k, tiling.ranges, 4 * cores) if tiling.routed and k is not None else 0
+    return Plan(
+        method,
+        probes,
+        tiling,
+        chunk_rows=max(1, TASK_BYTES // (4 * index.dim + QUERY_STRING_BYTES)),
+        map_tasks=max(tiling.blocks, cores) if tiling.routed else tiling.blocks,
+        merge_tasks=merge,
+        topk=k is not None,
+        queries_read_by="the tasks (pyarrow)" if queries_by_tasks else "Spark",
+        catalog_read_by="copies shipped by Spark" if catalog.kind == SHIPPED else "the tasks (pyarrow)",
+    )
+
+
+def merge_tasks(queries: int, k: int, visits: float, most: int) -> int:
+    """Tasks for the merge: enough for its candidate rows at MERGED_ROWS_PER_TASK each, at most `most`."""
+    return max(1, min(most, int(queries * k * visits // MERGED_ROWS_PER_TASK) + 1))

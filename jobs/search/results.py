@@ -67,7 +67,6 @@ class Answers:
         return self.frame if self.last is None else self.frame.mapInArrow(self.last, self.schema)
 
 
-MERGED_ROWS_PER_TASK = 1 << 18  # candidate rows a merge task holds
 BATCH_ROWS = 1 << 15  # rows a task hands Spark at a time: the JVM holds each batch whole (a 1g driver runs local tasks)
 
 
@@ -122,11 +121,6 @@ def merged(partials: DataFrame, k: int, tasks: int) -> Answers:
             yield from sliced(ranked(unpacked(rows), k))
 
     return Answers(partials.repartition(tasks, "qidx"), merge, NEIGHBOURS_SCHEMA)
-
-
-def merge_tasks(queries: int, k: int, visits: float, most: int) -> int:
-    """Tasks for the merge: enough for its candidate rows at MERGED_ROWS_PER_TASK each, at most `most`."""
-    return max(1, min(most, int(queries * k * visits // MERGED_ROWS_PER_TASK) + 1))
 
 
 def duplicate_pairs(partials: DataFrame) -> DataFrame:

@@ -4,6 +4,7 @@ range, and the per-range candidates are merged. Every task runs the one kernel (
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from jobs.partitions import partition_key
 from jobs.runlog import Stopwatch, get_logger
 from jobs.search import results
 from jobs.search.catalog import ROW_COLUMNS, CatalogFiles, ReadCounters
-from jobs.search.plan import QUERY_STRING_BYTES, TASK_BYTES, Plan
+from jobs.search.plan import Plan
 from jobs.search.queries import Source
 from jobs.search.scoring import Wanted
 from jobs.search.stream import QUERY_COLUMNS, Asked, answer
@@ -99,13 +100,13 @@ class Found:
         seen = self.seen.value
         return {
             "plan": self.plan.describe(),
-            "tasks": self.plan.tiles,
+            "tasks": self.plan.tiling.tiles,
             "cells": index.cells,
             "catalog_rows": index.count,
             "cells_probed": int(seen.cells.sum()) if seen.cells is not None else 0,
             "catalog_files": len(index.meta["files"]),
             "catalog_bytes": index.catalog_bytes,
-            "expected_bytes_read": round(self.plan.expected_read),
+            "expected_bytes_read": round(self.plan.tiling.expected_read),
             **self.counters.totals(),
             "lsh_fallback_queries": sum(seen.fallbacks.values()),
         }
@@ -144,122 +145,109 @@ def answered(
     yield from found
 
 
-def search(
-    spark: SparkSession,
-    index: Index,
-    source: Source,
-    plan: Plan,
-    files: Location,
-    nprobe: int | None,
-    wanted: Wanted,
-    lsh: bool = False,
-) -> Found:
-    """The search of every query of source as planned: nprobe cells each (None: every cell), LSH candidates only with
-    lsh."""
-    shipped = spark.sparkContext.broadcast((index, lsh_vectors(spark, index) if lsh else None))
-    seen, counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
-    chunk_rows = max(1, TASK_BYTES // (4 * index.dim + QUERY_STRING_BYTES))
-    columns = ROW_COLUMNS + (["buckets"] if lsh else [])
-    bounds, ranges, topk = plan.bounds, plan.ranges, wanted.min_similarity is None
-    tasks = plan.blocks if not plan.routed else max(plan.blocks, spark.sparkContext.defaultParallelism)
-    frame, read = source.tasks(spark, tasks)
+class Tasks:
+    """The tasks of a planned search, shipped to the executors with it: `local` answers its own queries (one range),
+    `route` sends each query to the ranges it probes, `tile` answers the queries of its range. They decide nothing:
+    the plan says what each reads and how much at once."""
 
-    def task_setup() -> tuple[Index, tuple | None, Seen]:
-        idx, projections = shipped.value
-        return idx, (projections, idx.lsh) if projections is not None else None, Seen(np.zeros(idx.cells, bool))
+    def __init__(self, spark: SparkSession, index: Index, plan: Plan, files: Location, wanted: Wanted, read) -> None:
+        self.shipped = spark.sparkContext.broadcast((index, lsh_vectors(spark, index) if plan.lsh else None))
+        self.seen, self.counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
+        self.plan, self.files, self.wanted, self.read = plan, files, wanted, read
+        self.columns = ROW_COLUMNS + (["buckets"] if plan.lsh else [])
 
-    def done(saw: Seen, rows: int, fallbacks: int = 0) -> None:
+    def setup(self) -> tuple[Index, tuple | None, Seen, Stopwatch]:
+        index, projections = self.shipped.value
+        lsh = (projections, index.lsh) if projections is not None else None
+        return index, lsh, Seen(np.zeros(index.cells, bool)), Stopwatch()
+
+    def done(self, saw: Seen, rows: int, fallbacks: int = 0) -> None:
         saw.rows[TaskContext.get().partitionId()] = rows
         saw.fallbacks[TaskContext.get().partitionId()] = fallbacks
-        seen.add(saw)
+        self.seen.add(saw)
 
-    def probed(idx: Index, saw: Seen, chunk: pa.RecordBatch) -> Asked | None:
-        vectors = saw.vectors(chunk, idx.dim)
+    def probed(self, index: Index, saw: Seen, chunk: pa.RecordBatch) -> Asked | None:
+        vectors = saw.vectors(chunk, index.dim)
         if vectors is None:  # empty, or a vector of the wrong length: the driver says which after the job
             return None
-        asked = Asked.probed(chunk, vectors, idx, nprobe, wanted)
+        asked = Asked.probed(chunk, vectors, index, self.plan.probes, self.wanted)
         saw.cells[asked.probes[0] if asked.probes is not None else slice(None)] = True
         return asked
 
-    def local(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx, model, saw = task_setup()
-        watch = Stopwatch()
-        catalog, rows, fallbacks = CatalogFiles(idx, files, counters, columns, watch), 0, 0
-        for chunk in watch.timed("reading queries", chunks(read(batches), chunk_rows)):
+    def local(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        index, lsh, saw, watch = self.setup()
+        catalog, rows, fallbacks = CatalogFiles(index, self.files, self.counters, self.columns, watch), 0, 0
+        for chunk in watch.timed("reading queries", chunks(self.read(batches), self.plan.chunk_rows)):
             rows += len(chunk)
             with watch("probing"):
-                asked = probed(idx, saw, chunk)
+                asked = self.probed(index, saw, chunk)
+            every = np.ones(index.cells, bool)
             for found in watch.timed(
-                "scoring",
-                answered(catalog, asked, wanted, np.ones(idx.cells, bool), model) if asked is not None else iter([]),
+                "scoring", answered(catalog, asked, self.wanted, every, lsh) if asked is not None else iter([])
             ):
                 with watch("ranking"):
-                    found = results.ranked(pa.Table.from_batches([found]), wanted.k) if topk else found
+                    found = results.ranked(pa.Table.from_batches([found]), self.wanted.k) if self.plan.topk else found
                 with watch("writing"):
                     yield from results.sliced(found)
             fallbacks += asked.fallbacks if asked is not None else 0
         catalog.close()
         task_log.info("search task %d: %d queries: %s", TaskContext.get().partitionId(), rows, watch.line())
-        done(saw, rows, fallbacks)
+        self.done(saw, rows, fallbacks)
 
-    if not plan.routed:
-        return Found(
-            results.Answers(
-                frame,
-                local,
-                NEIGHBOURS_SCHEMA if topk else results.PARTIAL_SCHEMA,
-                tasks if source.files is not None else None,
-            ),
-            seen,
-            counters,
-            plan,
-        )
-
-    def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx, _, saw = task_setup()
-        block, rows, watch = TaskContext.get().partitionId() % plan.blocks, 0, Stopwatch()
-        for chunk in watch.timed("reading queries", chunks(read(batches), chunk_rows)):
+    def route(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        index, _, saw, watch = self.setup()
+        bounds, ranges = self.plan.tiling.bounds, self.plan.tiling.ranges
+        block, rows = TaskContext.get().partitionId() % self.plan.tiling.blocks, 0
+        for chunk in watch.timed("reading queries", chunks(self.read(batches), self.plan.chunk_rows)):
             rows += len(chunk)
             with watch("probing"):
-                asked = probed(idx, saw, chunk)
+                asked = self.probed(index, saw, chunk)
             for part in range(ranges) if asked is not None else []:
                 with watch("routing"):
                     routed = routed_rows(asked, chunk, block * ranges + part, bounds[part], bounds[part + 1])
                 with watch("writing"):
                     yield from results.sliced(routed)
         task_log.info("search task %d: %d queries routed: %s", TaskContext.get().partitionId(), rows, watch.line())
-        done(saw, rows)
+        self.done(saw, rows)
 
-    def tile(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        idx, _, _ = task_setup()
-        watch = Stopwatch()
-        catalog, rows = CatalogFiles(idx, files, counters, columns, watch), 0
-        for chunk in watch.timed("reading queries", chunks(batches, chunk_rows)):
+    def tile(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        index, _, _, watch = self.setup()
+        bounds, ranges = self.plan.tiling.bounds, self.plan.tiling.ranges
+        catalog, rows = CatalogFiles(index, self.files, self.counters, self.columns, watch), 0
+        for chunk in watch.timed("reading queries", chunks(batches, self.plan.chunk_rows)):
             part, rows = chunk.column("tile")[0].as_py() % ranges, rows + len(chunk)
-            cells = np.zeros(idx.cells, bool)
+            cells = np.zeros(index.cells, bool)
             cells[bounds[part] : bounds[part + 1]] = True
-            for found in watch.timed("scoring", answered(catalog, Asked.routed(chunk, idx.dim), wanted, cells, None)):
+            asked = Asked.routed(chunk, index.dim)
+            for found in watch.timed("scoring", answered(catalog, asked, self.wanted, cells, None)):
                 with watch("packing"):
-                    found = results.packed(found) if topk else found
+                    found = results.packed(found) if self.plan.topk else found
                 with watch("writing"):
                     yield from results.sliced(found)
         catalog.close()
         if rows:
+            first, last = bounds[part], bounds[part + 1] - 1
             task_log.info(
-                "search task %d: %d queries of cells %d-%d: %s",
-                TaskContext.get().partitionId(),
-                rows,
-                bounds[part],
-                bounds[part + 1] - 1,
+                "search task %d: %d queries of cells %d-%d: %s", TaskContext.get().partitionId(), rows, first, last,
                 watch.line(),
-            )
+            )  # fmt: skip
 
-    routed = frame.mapInArrow(route, ROUTED_SCHEMA).repartition(plan.tiles, partition_key(F.col("tile"), plan.tiles))
-    candidates = routed.mapInArrow(tile, results.PACKED_SCHEMA if topk else results.PARTIAL_SCHEMA)
-    if not topk:
-        return Found(results.Answers(candidates), seen, counters, plan)
-    merge = results.merge_tasks(source.count, wanted.k, ranges, 4 * spark.sparkContext.defaultParallelism)
-    return Found(results.merged(candidates, wanted.k, merge), seen, counters, plan)
+
+def search(spark: SparkSession, index: Index, source: Source, plan: Plan, files: Location, wanted: Wanted) -> Found:
+    """The search of every query of source as planned."""
+    frame, read = source.tasks(spark, plan.map_tasks)
+    tasks = Tasks(spark, index, plan, files, wanted, read)
+    found = functools.partial(Found, seen=tasks.seen, counters=tasks.counters, plan=plan)
+    if not plan.tiling.routed:
+        schema = NEIGHBOURS_SCHEMA if plan.topk else results.PARTIAL_SCHEMA
+        return found(results.Answers(frame, tasks.local, schema, plan.map_tasks if source.files is not None else None))
+    tiling = plan.tiling
+    routed = frame.mapInArrow(tasks.route, ROUTED_SCHEMA)
+    routed = routed.repartition(tiling.tiles, partition_key(F.col("tile"), tiling.tiles))
+    candidates = routed.mapInArrow(tasks.tile, results.PACKED_SCHEMA if plan.topk else results.PARTIAL_SCHEMA)
+    if not plan.topk:
+        return found(results.Answers(candidates))
+    return found(results.merged(candidates, wanted.k, plan.merge_tasks))
 
 
 def routed_rows(asked: Asked, chunk: pa.RecordBatch, tile: int, first: int, end: int) -> pa.RecordBatch:
