@@ -60,13 +60,19 @@ def squared_norms(x: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x)
 
 
+def nearness(queries: np.ndarray, rows: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
+    """2 q.r - |r|^2 of every query x row: |q|^2 less their squared distance. The one scoring expression: one matrix
+    product and two passes over it."""
+    near = queries @ rows.T
+    near *= 2
+    near -= row_sq
+    return near
+
+
 def squared_distances(queries: np.ndarray, catalog: np.ndarray, catalog_sq: np.ndarray | None = None) -> np.ndarray:
-    """(n_queries, n_catalog) squared Euclidean distances (never negative), from the catalog's squared norms."""
-    catalog_sq = squared_norms(catalog) if catalog_sq is None else catalog_sq
-    products = queries @ catalog.T
-    products *= -2.0  # in place: the same sums as (|q|^2 + |c|^2) - 2 q.c, one matrix fewer
-    d2 = squared_norms(queries)[:, None] + catalog_sq[None, :]
-    d2 += products
+    """(n_queries, n_catalog) squared Euclidean distances (never negative): |q|^2 less the nearness."""
+    d2 = nearness(queries, catalog, squared_norms(catalog) if catalog_sq is None else catalog_sq)
+    np.subtract(squared_norms(queries)[:, None], d2, out=d2)
     return np.maximum(d2, 0.0, out=d2)
 
 
@@ -78,33 +84,40 @@ def ranks_in_runs(sorted_values: np.ndarray) -> np.ndarray:
     return np.arange(len(sorted_values)) - np.repeat(starts, np.diff(np.r_[starts, len(sorted_values)]))
 
 
+def ranked_within(groups: np.ndarray, distances: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of each group's k smallest distances (never negative; ties to the smaller key), by group and
+    nearest first, and their ranks 0 .. k-1: the one top-k, of a running search, its merge and the exact answers."""
+    if distances.dtype == np.float32 and len(groups) and groups.min() >= 0 and groups.max() < 2**31:
+        # one int64 sorts by group, then distance (a non-negative float32's bits ascend with it)
+        bits = (distances + np.float32(0)).view(np.uint32).astype(np.int64)
+        order = np.lexsort((keys, (groups.astype(np.int64) << 32) | bits))
+    else:
+        order = np.lexsort((keys, distances, groups))
+    rank = ranks_in_runs(groups[order])
+    top = rank < k
+    return order[top], rank[top]
+
+
 def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Columns and values of the k smallest entries of each row, smallest first, ties broken by keys[column].
 
     Rows with fewer than k finite entries are padded with column -1 and inf.
     """
     n_rows, n_cols = d2.shape
+    columns, values = np.full((n_rows, k), -1, np.int64), np.full((n_rows, k), np.inf, np.float32)
     kk = min(k, n_cols)
-    if kk == 0:
-        return np.full((n_rows, k), -1, np.int64), np.full((n_rows, k), np.inf, np.float32)
-    if kk < n_cols:
-        cols = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
-        kth = np.take_along_axis(d2, cols, axis=1).max(axis=1)
-        for row in np.flatnonzero(
-            np.isfinite(kth) & ((d2 <= kth[:, None]).sum(axis=1) > kk)
-        ):  # ties across the k-th place: lowest keys win
-            tied = np.flatnonzero(d2[row] <= kth[row])
-            cols[row] = tied[np.lexsort((keys[tied], d2[row, tied]))[:kk]]
+    if kk == 0 or n_rows == 0:
+        return columns, values
+    if kk < n_cols:  # each row's k smallest and any tied with the k-th
+        kth = np.take_along_axis(d2, np.argpartition(d2, kk - 1, axis=1)[:, kk - 1 : kk], axis=1)
+        row, col = np.nonzero(d2 <= kth)
     else:
-        cols = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols))
-    values = np.take_along_axis(d2, cols, axis=1)
-    order = np.lexsort((keys[cols], values), axis=1)
-    cols, values = np.take_along_axis(cols, order, axis=1), np.take_along_axis(values, order, axis=1)
-    cols = np.where(np.isfinite(values), cols, -1)
-    if kk < k:
-        cols = np.pad(cols, ((0, 0), (0, k - kk)), constant_values=-1)
-        values = np.pad(values, ((0, 0), (0, k - kk)), constant_values=np.inf)
-    return cols, values.astype(np.float32, copy=False)
+        row, col = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    order, rank = ranked_within(row, d2[row, col], keys[col], kk)
+    row, col = row[order], col[order]
+    values[row, rank] = d2[row, col]
+    columns[row, rank] = np.where(np.isfinite(d2[row, col]), col, -1)
+    return columns, values
 
 
 def exact_topk(

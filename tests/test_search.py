@@ -138,7 +138,7 @@ def test_answers_of_no_rows_are_written_as_an_empty_table_with_its_schema(spark,
         yield from ()
 
     answers = results.Answers(spark.range(3, numPartitions=3), nothing, NEIGHBOURS_SCHEMA)
-    assert results.write(spark, answers, str(tmp_path / "nb")) == 0
+    assert results.write(spark, answers, str(tmp_path / "nb"), True) == 0
     table = spark.read.parquet(str(tmp_path / "nb"))
     assert table.count() == 0 and table.columns == NEIGHBOURS_SCHEMA.names
 

@@ -20,7 +20,6 @@ from jobs.embed.plan import (
     EMBEDDINGS_COLUMNS,
     EMBEDDINGS_SCHEMA,
     Plan,
-    check_input,
     make_plan,
     photo_location,
     plan_files,
@@ -136,15 +135,6 @@ def prepare(spark: SparkSession, args: argparse.Namespace, summary: RunSummary) 
     extensions = [e.strip().lstrip(".").lower() for e in args.extensions.split(",") if e.strip()]
     if args.batch_size < 1 or args.chunk_files < 1:
         raise UsageError("--batch-size and --chunk-files must be at least 1")
-    check_input(spark, args.input)
-    # the weights before the listing: on a cluster the listing's tasks wait for the executors to start, the driver
-    # need not
-    with summary.stage("weights"):
-        from jobs.embed.backends import choose_backend  # torch: the driver's, never the executors'
-        from jobs.embed.network import probe_crops
-        from jobs.weights import load_weights
-
-        weights = load_weights(args.model, args.weights, spark)
     with summary.stage("list"):
         plan = make_plan(
             spark, args.input, args.output, args.model, args.mode, extensions, args.labels, args.crop_to_box
@@ -156,7 +146,12 @@ def prepare(spark: SparkSession, args: argparse.Namespace, summary: RunSummary) 
         plan.skipped,
         len(plan.removed),
     )
-    with summary.stage("weights"):
+    with summary.stage("weights"):  # after the listing: a wrong input or labels file is said before any download
+        from jobs.embed.backends import choose_backend  # torch: the driver's, never the executors'
+        from jobs.embed.network import probe_crops
+        from jobs.weights import load_weights
+
+        weights = load_weights(args.model, args.weights, spark)
         plan.check_weights(args.output, weights.sha256)
         threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
         choice = choose_backend(

@@ -141,18 +141,13 @@ def make_plan(
     return Plan(listing, todo, done, changed, target, weights_done, removed)
 
 
-def check_input(spark: SparkSession, input_uri: str) -> None:
-    """A UsageError where nothing is at input_uri (a driver-side check: no task runs)."""
+def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
+    """path, length, modification_us of every image file under input_uri (file contents are not read)."""
     if not storage.matches(spark, input_uri):
         raise UsageError(
             f"input {input_uri} does not exist"
             + (" (the pattern matches nothing)" if storage.is_glob(input_uri) else "")
         )
-
-
-def list_images(spark: SparkSession, input_uri: str, extensions: list[str]) -> pd.DataFrame:
-    """path, length, modification_us of every image file under input_uri (file contents are not read)."""
-    check_input(spark, input_uri)
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
+from jobs.ivf import cell_scores, unit_length
 from jobs.knn import nearest, squared_distances
 from jobs.vectors import matrix_from_binary
 
@@ -144,8 +145,7 @@ def recall_curve(
     """Recall@k of the sample at every nprobe 1 .. cells, and its standard error: the share of each row's neighbours
     whose cell is among its nprobe nearest cells (ranked as the search ranks them: by dot product for unit centroids),
     averaged over the rows."""
-    unit = bool(len(centroids)) and bool(np.abs(np.linalg.norm(centroids, axis=1) - 1).max() < 1e-4)
-    scores = -(sample @ centroids.T) if unit else squared_distances(sample, centroids)
+    scores = cell_scores(sample, centroids, unit_length(centroids))
     order = np.argsort(scores, axis=1, kind="stable")  # each row's cells in probe order
     place = np.empty_like(scores, dtype=np.int64)
     np.put_along_axis(place, order, np.arange(len(centroids))[None, :], axis=1)

@@ -10,14 +10,14 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.ivf import CellPlan
-from jobs.knn import LshParams, bucket_keys, squared_distances
+from jobs.ivf import CellPlan, cell_scores, unit_length
+from jobs.ivf.write import row_bytes
+from jobs.knn import LshParams, bucket_keys
 from jobs.partitions import partition_key
 from jobs.tables import fingerprint
 from jobs.vectors import binary_from_matrix, matrix_from_list
 
 FILE_BYTES = 64 << 20
-ROW_STRING_BYTES = 160  # an id, a path and a label, about
 CATALOG_COLUMNS = ["group", "cell", "image_id", "path", "label", "vector", "fingerprint"]
 ASSIGN_ROWS = 4096  # rows scored against all centroids at once (bounds the distance matrix)
 
@@ -29,12 +29,14 @@ def assign_cells(vectors: DataFrame, centroids: np.ndarray, lsh: tuple[np.ndarra
         ", buckets array<bigint>" if lsh else ""
     )
 
+    unit = unit_length(centroids)
+
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             matrix = matrix_from_list(batch.column("embedding"))
             cells = np.concatenate(
                 [
-                    np.argmin(squared_distances(matrix[s : s + ASSIGN_ROWS], centroids), axis=1)
+                    np.argmin(cell_scores(matrix[s : s + ASSIGN_ROWS], centroids, unit), axis=1)
                     for s in range(0, len(matrix), ASSIGN_ROWS)
                 ]
                 or [np.empty(0, np.int64)]
@@ -67,11 +69,6 @@ def cell_sizes(assigned: DataFrame, cells: int) -> np.ndarray:
     for row in assigned.groupBy("cell").count().collect():
         sizes[row["cell"]] = row["count"]
     return sizes
-
-
-def row_bytes(dim: int) -> int:
-    """About the stored size of one catalog row of dim-d vectors."""
-    return 4 * dim + ROW_STRING_BYTES
 
 
 def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.ndarray:

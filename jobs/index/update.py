@@ -131,7 +131,7 @@ def add_rows(
     """The `count` table rows at these places, read again there and laid out as a build lays them out (on the
     index's plan), in new files: their manifest entries and rows per cell (counted by the tasks that write them)."""
     # a task reads about a catalog file's worth of rows, and every core reads
-    tasks = max(spark.sparkContext.defaultParallelism, -(-count * layout.row_bytes(index.dim) // layout.FILE_BYTES))
+    tasks = max(spark.sparkContext.defaultParallelism, -(-count * write.row_bytes(index.dim) // layout.FILE_BYTES))
     assigned = layout.assign_cells(rows_at(places, count, table, tasks, index.dim), index.centroids, lsh)
     frame = layout.clustered(spark, assigned, index.plan, index.dim, spark.sparkContext.defaultParallelism)
     entries, sizes = [], np.zeros(index.cells, np.int64)

@@ -24,6 +24,21 @@ MANIFESTS = "_manifests"  # one immutable manifest per version: vN.json
 PROBE_BLOCK = 2048  # queries whose distances to every centroid are computed and ranked at once
 
 
+def unit_length(centroids: np.ndarray) -> bool:
+    """Whether every centroid is of unit length (KMeans with cosine distance: cosine cells)."""
+    return bool(len(centroids)) and bool(np.abs(np.linalg.norm(centroids, axis=1) - 1).max() < 1e-4)
+
+
+def cell_scores(vectors: np.ndarray, centroids: np.ndarray, unit: bool) -> np.ndarray:
+    """Each vector's score to each centroid, lowest nearest: the one order in which a search probes cells, the index
+    assigns rows and its calibration counts recall. For unit centroids (cosine cells) the negated dot product, else
+    the squared distance."""
+    if not unit:
+        return squared_distances(vectors, centroids)
+    scores = vectors @ centroids.T
+    return np.negative(scores, out=scores)
+
+
 @dataclass(frozen=True)
 class IvfParams:
     """How the index was built and how it searches by default."""
@@ -110,11 +125,7 @@ class Index:
         """probe's cells for a block of queries (a block's distances stay in cache: 3.5x faster than all at once)."""
         n, p = len(queries), min(max(nprobe, 1), self.cells)
         queries = queries.astype(np.float32, copy=False)
-        if self.unit_centroids:  # cosine cells: for unit centroids the nearest is the one of largest dot product
-            d2 = queries @ self.centroids.T
-            np.negative(d2, out=d2)
-        else:
-            d2 = squared_distances(queries, self.centroids)
+        d2 = cell_scores(queries, self.centroids, self.unit_centroids)
         near = np.argpartition(d2, p - 1, axis=1)[:, :p] if p < self.cells else np.tile(np.arange(self.cells), (n, 1))
         near = np.take_along_axis(near, np.argsort(np.take_along_axis(d2, near, axis=1), axis=1), axis=1)
         lists = list(near)
@@ -127,9 +138,7 @@ class Index:
     @property
     def unit_centroids(self) -> bool:
         if self._unit is None:
-            self._unit = bool(len(self.centroids)) and bool(
-                np.abs(np.linalg.norm(self.centroids, axis=1) - 1).max() < 1e-4
-            )
+            self._unit = unit_length(self.centroids)
         return self._unit
 
     def files_holding(self, cells: np.ndarray) -> np.ndarray:

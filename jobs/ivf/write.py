@@ -22,10 +22,10 @@ from pyspark.sql import functions as F
 
 from jobs import storage
 from jobs.filesystems import Location, file_per_task, mark_written, writable
-from jobs.index.layout import row_bytes
 from jobs.runlog import get_logger
 
 log = get_logger("jobs.index")
+ROW_STRING_BYTES = 160  # an id, a path and a label, about
 MIN_ROW_GROUP_BYTES = 128 << 10  # a row group ends at the first cell boundary past this: runs of small cells share one
 # a longer cell is cut into row groups of this size (bounds a writer's and a reader's memory)
 MAX_ROW_GROUP_BYTES = 16 << 20
@@ -46,6 +46,11 @@ MANIFEST_SCHEMA = ", ".join(
     f"{f.name} {'string' if f.type == pa.string() else 'int' if f.type == pa.int32() else 'bigint'}"
     for f in MANIFEST_ARROW
 )
+
+
+def row_bytes(dim: int) -> int:
+    """About the stored size of one catalog row of dim-d vectors."""
+    return 4 * dim + ROW_STRING_BYTES
 
 
 def catalog_schema(with_buckets: bool) -> pa.Schema:

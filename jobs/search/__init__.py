@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from jobs import ivf, storage
 from jobs.cli import session_settings
 from jobs.errors import UsageError
-from jobs.filesystems import SHIPPED, Location
+from jobs.filesystems import SHIPPED, Location, location
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.search import catalog, groups, plan, queries, recall, results, tiles
 from jobs.search import summary as summarised
@@ -210,14 +210,19 @@ def measure(
 
 
 def find(
-    spark: SparkSession, args: argparse.Namespace, index: ivf.Index, source: Source, files: Location
+    spark: SparkSession,
+    args: argparse.Namespace,
+    index: ivf.Index,
+    source: Source,
+    files: Location,
+    output: Location | None | str = "",
 ) -> tuple[tiles.Found, recall.Estimate | None, int | None]:
     """Every query of source answered as args ask (nothing runs until its answers are written or read), the recall
-    measured on a sample of them, and the nprobe chosen (None: args' or the index's)."""
+    measured on a sample of them, and the nprobe chosen (None: args' or the index's); output as plan.make takes it."""
     asked = wanted(args)
     measured = measure(spark, args, index, source, files, asked)
     nprobe = measured.nprobe if measured else args.nprobe
-    return answer(spark, index, source, args.method, asked, nprobe, files), measured, nprobe
+    return answer(spark, index, source, args.method, asked, nprobe, files, output), measured, nprobe
 
 
 def answer(
@@ -228,13 +233,14 @@ def answer(
     wanted: Wanted,
     nprobe: int | None,
     files: Location,
+    output: Location | None | str = "",
 ) -> tiles.Found:
     """Every query of source answered by `method` (nprobe: ivf's cells a query probes; None: the index's), as
-    planned for its size."""
+    planned for its size; output: where they are to be written (plan.make)."""
     k = wanted.k if wanted.min_similarity is None else None
     cores = spark.sparkContext.defaultParallelism
     planned = plan.make(
-        index, method, nprobe, source.count, k, cores, files, source.files is not None, source.from_catalog
+        index, method, nprobe, source.count, k, cores, files, source.files is not None, source.from_catalog, output
     )
     log.info("about %d queries: %s", source.count, planned.describe())
     return tiles.search(spark, index, source, planned, files, wanted)
@@ -248,7 +254,7 @@ def search_and_write(
     started = time.perf_counter()
     files = catalog.locate(spark, index, args.reader)
     source = query_source(spark, args, index, files)
-    found, measured, nprobe = find(spark, args, index, source, files)
+    found, measured, nprobe = find(spark, args, index, source, files, location(spark, args.output))
     answers = results.Answers(results.duplicate_pairs(found.answers.table)) if args.duplicates else found.answers
 
     def checked() -> None:
@@ -257,7 +263,7 @@ def search_and_write(
             queries.check_seen(source.checked, index, seen.queries, seen.dims, seen.models, seen.digests)
 
     with session_settings(spark, PYTHON_JOB):
-        written = results.write(spark, answers, args.output, checked)
+        written = results.write(spark, answers, args.output, found.plan.answers_by_tasks, checked)
     touched = {**found.touched(index), "reader": "copies shipped by Spark" if files.kind == SHIPPED else "executors"}
     seconds = time.perf_counter() - started
     if args.duplicates:

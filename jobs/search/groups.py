@@ -86,7 +86,7 @@ def duplicate_stats(spark: SparkSession, pairs_uri: str, groups_uri: str | None)
     pairs = spark.read.parquet(pairs_uri)
     if not groups_uri:
         return {"images_with_pairs": edges(pairs).select("node").distinct().count()}
-    write(spark, Answers(group_table(pairs)), groups_uri)
+    write(spark, Answers(group_table(pairs)), groups_uri, by_tasks=False)
     shape = (
         spark.read.parquet(groups_uri)
         .agg(

@@ -167,6 +167,11 @@ class Plan:
     topk: bool  # each query's k nearest; else every row past a similarity (pairs)
     queries_read_by: str
     catalog_read_by: str
+    answers_written_by: str  # the tasks that answer (pyarrow), Spark's writer, or "" where the caller reads them
+
+    @property
+    def answers_by_tasks(self) -> bool:
+        return self.answers_written_by.startswith("the tasks")
 
     @property
     def lsh(self) -> bool:
@@ -178,6 +183,7 @@ class Plan:
         return (
             f"{self.method}, {probing}: {self.tiling.describe()}{merged}; {self.chunk_rows} query rows a pass; "
             f"queries read by {self.queries_read_by}, the catalog by {self.catalog_read_by}"
+            + (f", answers written by {self.answers_written_by}" if self.answers_written_by else "")
         )
 
 
@@ -191,9 +197,12 @@ def make(
     catalog: Location,
     queries_by_tasks: bool,
     from_catalog: bool = False,
+    output: Location | None | str = "",
 ) -> Plan:
     """The plan of a search by `method` of about `queries` queries (k: each wants its k nearest; None: the pairs past
-    a similarity) at nprobe (None: the index's), on `cores` cores, the catalog at `catalog`."""
+    a similarity) at nprobe (None: the index's), on `cores` cores, the catalog at `catalog`, its answers written to
+    output (a Location pyarrow writes; None: Spark's writer only; "": read by the caller). Pairs are deduplicated
+    in Spark, which then writes them."""
     wanted = nprobe or index.params.nprobe
     probes = None if method in ("exact", "lsh") or wanted >= index.cells else wanted
     tiling = choose(
@@ -210,6 +219,7 @@ def make(
         topk=k is not None,
         queries_read_by="the tasks (pyarrow)" if queries_by_tasks else "Spark",
         catalog_read_by="copies shipped by Spark" if catalog.kind == SHIPPED else "the tasks (pyarrow)",
+        answers_written_by="" if output == "" else "the tasks (pyarrow)" if output and k is not None else "Spark",
     )
 
 

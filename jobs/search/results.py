@@ -20,7 +20,7 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
 from jobs import storage
 from jobs.filesystems import Location, file_per_task, mark_written, writable
-from jobs.knn import ranks_in_runs
+from jobs.knn import ranked_within
 from jobs.search.scoring import id_keys
 from jobs.tables import NEIGHBOURS_SCHEMA
 
@@ -72,14 +72,11 @@ BATCH_ROWS = 1 << 15  # rows a task hands Spark at a time: the JVM holds each ba
 
 def ranked(candidates: pa.Table, k: int) -> pa.RecordBatch:
     """The k nearest candidates of each query, ranked 1..k (ties to the smaller neighbour id): neighbours rows."""
-    qidx = candidates.column("qidx").to_numpy()
-    order = np.lexsort(
-        (id_keys(candidates.column("neighbor_id").combine_chunks()), candidates.column("distance").to_numpy(), qidx)
-    )
-    rank = ranks_in_runs(qidx[order])
-    best = candidates.take(pa.array(order[rank < k]))
+    keys = id_keys(candidates.column("neighbor_id").combine_chunks())
+    order, rank = ranked_within(candidates.column("qidx").to_numpy(), candidates.column("distance").to_numpy(), keys, k)
+    best = candidates.take(pa.array(order))
     columns = {name: best.column(name).combine_chunks() for name in NEIGHBOUR_COLUMNS if name != "rank"}
-    columns["rank"] = pa.array(rank[rank < k].astype(np.int32) + 1)
+    columns["rank"] = pa.array(rank.astype(np.int32) + 1)
     return pa.RecordBatch.from_arrays([columns[name] for name in NEIGHBOUR_COLUMNS], names=NEIGHBOUR_COLUMNS)
 
 
@@ -143,11 +140,14 @@ def duplicate_pairs(partials: DataFrame) -> DataFrame:
     ).dropDuplicates(["image_a", "image_b"])
 
 
-def write(spark: SparkSession, answers: Answers, output: str, check: Callable[[], None] | None = None) -> int:
-    """Write a result table, staged beside output and swapped in; its row count (counted as it is written: no second
-    read). check: run once the table is written; if it raises, nothing is swapped in."""
+def write(
+    spark: SparkSession, answers: Answers, output: str, by_tasks: bool, check: Callable[[], None] | None = None
+) -> int:
+    """Write a result table, staged beside output and swapped in, by the tasks that make its rows (by_tasks, as
+    planned; Spark's writer where the folder cannot be made) or by Spark; its row count (counted as it is written: no
+    second read). check: run once the table is written; if it raises, nothing is swapped in."""
     staged = storage.sibling(output, "staging")
-    files = writable(spark, staged) if answers.last is not None else None
+    files = writable(spark, staged) if by_tasks and answers.last is not None else None
     try:
         if files is not None:
             written = write_files(answers, files)

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from jobs.knn import BucketIndex, squared_norms
+from jobs.knn import BucketIndex, nearness, squared_norms
 from jobs.vectors import gather_matrix
 
 STRING_COLUMNS = ["image_id", "path", "label"]
@@ -141,9 +141,7 @@ class ShardRows:
         step = max(1, SCORED_ENTRIES // max(len(asking), 1))
         for first in range(lo, hi, step):
             end = min(first + step, hi)
-            near = vectors[asking] @ self.vectors[first:end].T
-            near *= 2
-            near -= self.squares[first:end]
+            near = nearness(vectors[asking], self.vectors[first:end], self.squares[first:end])
             if own_row is not None:
                 mine = np.flatnonzero((own_row[asking] >= first) & (own_row[asking] < end))
                 near[mine, own_row[asking[mine]] - first] = -np.inf
@@ -173,9 +171,7 @@ class ShardRows:
             candidates[asking] += mask.sum(axis=1)
             union = np.flatnonzero(mask.any(axis=0))
             if len(union):
-                near = vectors[asking] @ self.vectors[union].T
-                near *= 2
-                near -= self.squares[union]
+                near = nearness(vectors[asking], self.vectors[union], self.squares[union])
                 near[~mask[:, union]] = -np.inf
                 keep.add(asking, near, query_sq[asking], base + union, self.keys[union])
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from jobs.knn import ranks_in_runs
+from jobs.knn import ranked_within
 from jobs.search.scoring import FLOAT_MAX, NO_KEY, STRING_COLUMNS, ShardRows, cosine
 
 FLUSH_ENTRIES = 1 << 18  # candidates a running top-k holds back before it merges them
@@ -57,15 +57,9 @@ class TopK:
         d = np.concatenate([self.d2[touched].ravel(), d2])
         key = np.concatenate([self.keys[touched].ravel(), keys])
         row = np.concatenate([self.rows[touched].ravel(), rows])
-        # one int64 sorts by query, then distance (a non-negative float32's bits ascend with it); ties by key
-        order = np.lexsort(
-            (key, (queries.astype(np.int64) << 32) | (d + np.float32(0)).view(np.uint32).astype(np.int64))
-        )
-        queries, d, key, row = queries[order], d[order], key[order], row[order]
-        rank = ranks_in_runs(queries)
-        top = rank < self.k
-        target = (queries[top], rank[top])
-        self.rows[target], self.d2[target], self.keys[target] = row[top], d[top], key[top]
+        order, rank = ranked_within(queries, d, key, self.k)
+        target = (queries[order], rank)
+        self.rows[target], self.d2[target], self.keys[target] = row[order], d[order], key[order]
 
     def found(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.flush()
