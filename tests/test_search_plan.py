@@ -107,3 +107,25 @@ def test_the_cost_of_the_chosen_plan_grows_smoothly_with_the_queries(index, npro
     counts = np.unique(np.geomspace(1, 300_000, 80).astype(int))
     costs = np.array([plan.choose(index, int(n), nprobe, cores=2).expected_seconds for n in counts])
     assert (costs[1:] / costs[:-1]).max() < 1.5
+
+
+def test_the_whole_plan_is_one_value_the_tasks_only_carry_out():
+    from jobs.filesystems import SHIPPED, Location
+
+    local, shipped, out = Location("local", "/idx"), Location(SHIPPED, "catalog"), Location("local", "/out")
+    one = plan.make(GLOVE, "ivf", 105, 1, 10, 2, local, True, output=out)
+    assert (one.probes, one.tiling.routed, one.map_tasks, one.merge_tasks) == (105, False, 1, 0)
+    assert one.chunk_rows == plan.TASK_BYTES // (4 * 50 + plan.QUERY_STRING_BYTES)
+    assert one.answers_by_tasks and "answers written by the tasks" in one.describe()
+    # an nprobe of every cell, or the exact method, scans; LSH is never routed
+    assert plan.make(GLOVE, "ivf", 5000, 1, 10, 2, local, True).probes is None
+    assert plan.make(GLOVE, "exact", None, 1, 10, 2, local, True).probes is None
+    assert not plan.make(GLOVE, "lsh", None, 100_000, 10, 2, local, True).tiling.routed
+    # routed: the queries read by at least a task a core, the ranges' candidates merged
+    routed = plan.make(LARGE, "ivf", 1, 10_000, 10, 2, Location("s3", "bucket/idx"), True)
+    assert routed.tiling.routed and routed.map_tasks >= 2 and routed.merge_tasks >= 1
+    # pairs: nothing merged, written by Spark (deduplicated there); copies Spark ships, a DataFrame of queries
+    pairs = plan.make(GLOVE, "ivf", 105, GLOVE.count, None, 2, shipped, False, True, out)
+    assert pairs.merge_tasks == 0 and not pairs.answers_by_tasks and not pairs.topk
+    assert "queries read by Spark, the catalog by copies shipped by Spark" in pairs.describe()
+    assert plan.make(GLOVE, "ivf", 105, 1, 10, 2, local, True, output=None).answers_written_by == "Spark"
