@@ -65,7 +65,7 @@ class Index:
         self.loaded = ivf.load(self.spark, self.uri)
         self.count, self.dim, self.model = self.loaded.count, self.loaded.dim, self.loaded.model
         self.cells, self.nprobe = self.loaded.cells, self.loaded.params.nprobe
-        self.calibration: dict | None = self.loaded.meta.get("calibration")
+        self.calibration: dict | None = self.loaded.manifest.calibration
 
     def __repr__(self) -> str:
         held = f"{self.count} {self.model} {self.dim}-d vectors"
@@ -101,7 +101,7 @@ class Index:
 
         photos = queries if isinstance(queries, str) else None
         args = arguments("search", "--index", self.uri, "--output", "-", "-k", k, *flags(images=photos, **options))
-        args.method = args.method or self.loaded.meta.get("default_method", "ivf")
+        args.method = args.method or self.loaded.manifest.default_method
         if isinstance(queries, DataFrame):
             args.queries = "(DataFrame)"  # a source for check(); read below
         search.check(args, self.loaded)

@@ -106,7 +106,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
         raise UsageError("-k and --sample must be at least 1")
     summary = RunSummary("evaluate", vars(args))
     index = ivf.load(spark, args.index)
-    method = args.method or index.meta.get("default_method", "ivf")
+    method = args.method or index.manifest.default_method
     if method == "lsh" and index.lsh is None:
         raise UsageError(f"index {index.uri} has no LSH keys; evaluate --method ivf")
     held_out = args.queries is not None

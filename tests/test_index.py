@@ -230,3 +230,29 @@ def test_an_index_built_with_nprobe_given_reports_the_recall_measured_there(spar
     index = ivf.load(spark, str(tmp_path / "index"))
     assert index.params.nprobe == 1 and index.meta["calibration"]["recall_at"]["1"] < 0.95
     assert f"recall@10 {index.meta['calibration']['recall_at']['1']:.3f} at nprobe 1 (given)" in capsys.readouterr().out
+
+
+def test_the_manifest_reads_index_json_as_typed_fields():
+    from jobs.ivf.manifest import CatalogFile, Manifest
+
+    entry = {"name": "a.parquet", "rows": 10, "bytes": 999, "first_cell": 0, "last_cell": 3, "first_group": 0}
+    meta = {
+        "version": 4,
+        "model": "resnet18",
+        "dim": 512,
+        "count": 17,
+        "files": [
+            entry,
+            {**entry, "name": "b.parquet", "deleted": "_deleted/b.v4.npy", "deleted_rows": 3, "added_in": 2},
+        ],
+        "calibration": {"recall": 0.97, "target_recall": 0.95},
+        "embedded_with": {"precision": "bf16"},
+        "default_method": None,  # an index that named none searches with ivf
+        "unknown_later_field": 1,
+    }
+    manifest = Manifest.of(meta)
+    assert (manifest.version, manifest.count, manifest.default_method, manifest.catalog_bytes) == (4, 17, "ivf", 1998)
+    assert manifest.files[0] == CatalogFile("a.parquet", 10, 999, 0, 3) and manifest.files[1].deleted_rows == 3
+    assert manifest.files[1].added_in == 2 and manifest.files[0].deleted is None
+    assert (manifest.calibrated_recall, manifest.target_recall) == (0.97, 0.95)
+    assert manifest.made_with("precision") == "bf16" and manifest.made_with("backend") is None

@@ -13,16 +13,21 @@ def index_of(rows: int, dim: int, cells: int, files: int, row_bytes: int) -> Ind
     """An index's sizes alone (the plan looks at nothing else)."""
     sizes = np.full(cells, rows // cells, np.int64)
     meta = {
+        "model": "resnet18",
+        "dim": dim,
+        "count": rows,
         "files": [
             {
                 "name": f"part-{i}",
                 "first_group": i,
                 "last_group": i,
+                "first_cell": i * cells // files,
+                "last_cell": (i + 1) * cells // files - 1,
                 "rows": rows // files,
                 "bytes": rows // files * row_bytes,
             }
             for i in range(files)
-        ]
+        ],
     }
     return Index(
         "mem://index",

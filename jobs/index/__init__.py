@@ -132,7 +132,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> int:
             after = ivf.load(spark, args.output) if not done.nothing else index
             summary.count(added=done.added, dropped=done.dropped, changed=done.changed, indexed=after.count)
             summary.set(
-                version=after.meta.get("version"),
+                version=after.manifest.version,
                 drift=done.drift,
                 files_compacted=done.files_compacted,
                 compared=done.compared,

@@ -20,6 +20,7 @@ from jobs.filesystems import location
 from jobs.index import calibrate, layout, lsh, sources, train
 from jobs.index.summary import built_rows
 from jobs.ivf import CellPlan, IvfParams, write
+from jobs.ivf.manifest import Manifest
 from jobs.knn import LshParams
 from jobs.runlog import RunSummary, get_logger, print_summary
 from jobs.tables import FINGERPRINT, Embeddings
@@ -126,5 +127,6 @@ def build(
     summary.set(index={k: v for k, v in meta.items() if k not in ("files", "table_files")})
     summary.finish()
     storage.write_text(spark, f"{args.output}/_summary.json", summary.to_json())
-    print_summary("index summary", built_rows(args, meta, params, measured, plan, sizes, lsh_params, summary))
+    rows = built_rows(args, Manifest.of(meta), params, measured, plan, sizes, lsh_params, summary)
+    print_summary("index summary", rows)
     return 0

@@ -76,10 +76,10 @@ def find_changes(
     index read it (every file it read still there, unchanged: the embed job appends new photos in new files) is
     compared by its appended files alone, against the index's rows of the same ids; any other by every row."""
     now = sources.listing(table)
-    grown = sources.appended(index.meta.get("table_files"), table, now)
+    grown = sources.appended(index.manifest.table_files, table, now)
     unchanged = f"its {len(now) - len(grown or ())} other files unchanged since the index read them, not read"
     if grown == []:
-        return None, None, index.meta["table_files"], f"no file appended; {unchanged}"
+        return None, None, index.manifest.table_files, f"no file appended; {unchanged}"
     held = live_rows(spark, index, files, ["image_id", "cell", "fingerprint"], positions=True)
     changes, stats = compare(spark, uri, held, True, grown)
     if stats["unfingerprinted"]:  # some files are from before the fingerprint column: read every vector
@@ -90,7 +90,7 @@ def find_changes(
     if stats["same"] or stats["changed"]:  # an appended row whose id an unchanged file holds too
         changes.unpersist()
         raise UsageError(f"embeddings table {uri} has repeated image_id values; re-embed with --mode overwrite")
-    seen = index.meta["table_files"]
+    seen = index.manifest.table_files
     record = {**seen, "files": seen["files"] + [{"name": n, **now[n]} for n in grown]}
     return changes, stats, record, f"{len(grown)} appended file(s) alone; {unchanged}"
 
@@ -99,7 +99,7 @@ def check_table(index: Index, uri: str, stats: Row) -> None:
     """UsageError unless the table holds vectors of one model, dimension and weights, the index's, each id once."""
     check_stats("embeddings table", uri, stats)
     model, dim, digest = stats["model"], stats["min_dim"], stats["weights"]
-    weights = index.meta.get("weights_sha256")  # dim is None where only fingerprints were read: rows_at checks it
+    weights = index.manifest.weights_sha256  # dim is None where only fingerprints were read: rows_at checks it
     if model != index.model or dim not in (None, index.dim) or weights and digest not in (None, weights):
         raise UsageError(
             f"index {index.uri} holds {index.model} {index.dim}-d vectors of weights {str(weights)[:12]}, but {uri} "

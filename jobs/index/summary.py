@@ -9,6 +9,7 @@ import numpy as np
 from jobs.index import calibrate
 from jobs.index.update import Update
 from jobs.ivf import CellPlan, Index, IvfParams
+from jobs.ivf.manifest import Manifest
 from jobs.knn import LshParams
 from jobs.runlog import RunSummary
 
@@ -23,17 +24,17 @@ def calibration_line(measured: calibrate.Calibration | None, nprobe: int, given:
     )
 
 
-def model_line(meta: dict) -> str:
+def model_line(manifest: Manifest) -> str:
     """The model, and how its vectors were made where the embed run said."""
-    made = meta.get("embedded_with") or {}
-    digest = meta.get("weights_sha256")
-    parts = [meta["model"], f"{meta['dim']}-d", *(made[k] for k in ("precision", "backend") if made.get(k))]
+    digest = manifest.weights_sha256
+    made = [manifest.made_with(k) for k in ("precision", "backend")]
+    parts = [manifest.model, f"{manifest.dim}-d", *(m for m in made if m)]
     return ", ".join(parts + ([f"weights {digest[:12]}"] if digest else []))
 
 
 def built_rows(
     args: argparse.Namespace,
-    meta: dict,
+    manifest: Manifest,
     params: IvfParams,
     measured: calibrate.Calibration | None,
     plan: CellPlan,
@@ -44,8 +45,8 @@ def built_rows(
     return [
         ("embeddings", args.embeddings),
         ("index", args.output),
-        ("model", model_line(meta)),
-        ("vectors indexed", meta["count"]),
+        ("model", model_line(manifest)),
+        ("vectors indexed", manifest.count),
         (
             "IVF",
             f"{params.cells} cells (KMeans on {params.train_sample} vectors, {params.iterations} iterations), "
@@ -54,7 +55,7 @@ def built_rows(
         ("calibrated", calibration_line(measured, params.nprobe, args.nprobe is not None)),
         (
             "layout",
-            f"{plan.groups} groups in {len(meta['files'])} files; largest cell {int(sizes.max())} rows, "
+            f"{plan.groups} groups in {len(manifest.files)} files; largest cell {int(sizes.max())} rows, "
             f"{int((sizes == 0).sum())} cells empty",
         ),
         (
@@ -72,18 +73,18 @@ def updated_rows(args: argparse.Namespace, after: Index, done: Update, summary: 
     """An update's summary (or that of finding nothing to update)."""
     rows: list[tuple[str, object]] = [
         ("embeddings", args.embeddings),
-        ("index", f"{args.output} (version {after.meta.get('version')})"),
+        ("index", f"{args.output} (version {after.manifest.version})"),
     ]
     if done.nothing:
         rows.append(("changes", "none: the index already holds the table's rows; nothing written"))
     else:
-        deltas = sum(1 for e in after.meta["files"] if e.get("added_in"))
+        deltas = sum(1 for e in after.manifest.files if e.added_in)
         rows += [
             ("changes", f"{done.added} added, {done.dropped} dropped, {done.changed} changed (moved to their cells)"),
             ("vectors indexed", after.count),
             (
                 "files",
-                f"{len(after.meta['files'])} ({deltas} written by updates: {done.files_written} now, "
+                f"{len(after.manifest.files)} ({deltas} written by updates: {done.files_written} now, "
                 f"{done.files_compacted} compacted)",
             ),
         ]

@@ -28,6 +28,7 @@ from jobs.index import layout
 from jobs.index.diff import check_table, find_changes
 from jobs.ivf import CellPlan, Index, write
 from jobs.ivf.files import deletions, live_rows
+from jobs.ivf.manifest import Manifest
 from jobs.partitions import partition_key
 from jobs.runlog import RunSummary, get_logger
 from jobs.tables import FINGERPRINT, rows_at
@@ -62,12 +63,12 @@ class Update:
         return not (self.added or self.dropped or self.changed)
 
 
-def drift(meta: dict, sizes: np.ndarray, added: int) -> dict:
+def drift(manifest: Manifest, sizes: np.ndarray, added: int) -> dict:
     """How far the catalog has moved from the cells it was trained on, and whether a rebuild is advised."""
-    trained = meta.get("trained_rows") or meta["count"]
-    since = meta.get("added_since_training", 0) + added
+    trained = manifest.trained_rows or manifest.count
+    since = manifest.added_since_training + added
     ratio = float(sizes.max() / max(sizes.mean(), 1e-9)) if len(sizes) else 1.0
-    at_training = meta.get("training_largest_over_mean") or ratio
+    at_training = manifest.training_largest_over_mean or ratio
     reasons = (
         [f"{since} rows added since training, over {DRIFT_ADDED:.0%} of the {trained} trained on"]
         if since > DRIFT_ADDED * trained
@@ -90,7 +91,7 @@ def write_deletions(
     """Each touched file's new list of deleted rows (its old list and the new ones), written by the executors:
     {file: (the list's name under catalog/, how many rows it lists)}, and the rows dropped from each cell (one small
     row per file reaches the driver)."""
-    entries, count = index.meta["files"], len(index.meta["files"])
+    entries, count = index.manifest.files, len(index.manifest.files)
 
     def write_lists(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs = files.filesystem()
@@ -99,12 +100,12 @@ def write_deletions(
         for number in np.unique(table.column("file").to_numpy()).tolist():
             rows = table.filter(pc.equal(table.column("file"), number))
             merged = np.union1d(deletions(fs, files.root, entries[number]), rows.column("row")).astype(np.int64)
-            name = f"_deleted/{entries[number]['name']}.v{version}.npy"
+            name = f"_deleted/{entries[number].name}.v{version}.npy"
             buffer = io.BytesIO()
             np.save(buffer, merged, allow_pickle=False)
             with fs.open_output_stream(f"{files.root}/{name}") as stream:
                 stream.write(buffer.getvalue())
-            first, last = entries[number]["first_cell"], entries[number]["last_cell"]
+            first, last = entries[number].first_cell, entries[number].last_cell
             cell_rows = np.bincount(rows.column("cell").to_numpy() - first, minlength=last - first + 1)
             listed = {"file": number, "name": name, "rows": len(merged), "cell_rows": cell_rows.tolist()}
             yield pa.RecordBatch.from_pylist([listed], schema=LISTED)
@@ -113,7 +114,7 @@ def write_deletions(
     lists, sizes = {}, np.zeros(index.cells, np.int64)
     for row in spread.mapInArrow(write_lists, "file int, name string, rows bigint, cell_rows array<bigint>").collect():
         lists[row["file"]] = (row["name"], row["rows"])
-        first = entries[row["file"]]["first_cell"]
+        first = entries[row["file"]].first_cell
         sizes[first : first + len(row["cell_rows"])] += row["cell_rows"]
     return lists, sizes
 
@@ -176,7 +177,7 @@ def updatable(spark: SparkSession, index: Index, uri: str) -> tuple[Location, Lo
             f"an update writes {index.catalog_uri} and reads {uri} with pyarrow (local, s3a://, gs://); rebuild with "
             "--mode overwrite"
         )
-    if index.meta.get("fingerprint") != FINGERPRINT:
+    if index.manifest.fingerprint != FINGERPRINT:
         raise UsageError(
             f"index {index.uri} was built by an older version, without the fingerprints an update compares; rebuild "
             "with --mode overwrite"
@@ -192,14 +193,14 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     shuffle (the join with the index's ids); the same pass counts the changes, checks the table and keeps only the
     rows that changed. The vectors of the rows to add are then read at their places, and nothing else."""
     files, table_files = updatable(spark, index, uri)
-    version = index.meta.get("version", 1) + 1
+    version = index.manifest.version + 1
     with summary.stage("diff"):
         changes, stats, table_record, compared = find_changes(spark, index, uri, files, table_files)
         if changes is None:  # not a file changed since the index read them
-            return Update(drift=drift(index.meta, index.plan.sizes, 0), compared=compared)
+            return Update(drift=drift(index.manifest, index.plan.sizes, 0), compared=compared)
         check_table(index, uri, stats)
     done = Update(stats["added"], stats["dropped"], stats["changed"], compared=compared)
-    done.drift = drift(index.meta, index.plan.sizes, done.added + done.changed)
+    done.drift = drift(index.manifest, index.plan.sizes, done.added + done.changed)
     if done.nothing or auto and done.drift["rebuild_advised"]:
         changes.unpersist()
         return done if done.nothing else None

@@ -17,6 +17,7 @@ from pyspark.sql import SparkSession
 
 from jobs import storage
 from jobs.errors import UsageError
+from jobs.ivf.manifest import Manifest
 from jobs.knn import LshParams, squared_distances
 
 FORMAT_VERSION = 3
@@ -97,6 +98,14 @@ class Index:
     meta: dict[str, Any] = field(default_factory=dict)
     lsh_vectors: np.ndarray | None = field(default=None, repr=False, compare=False)  # kept beside the cells
     _unit: bool | None = field(default=None, repr=False, compare=False)
+    _manifest: Manifest | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The version's manifest as typed fields (meta is the same as written)."""
+        if self._manifest is None:
+            self._manifest = Manifest.of(self.meta)
+        return self._manifest
 
     @property
     def catalog_uri(self) -> str:
@@ -143,15 +152,15 @@ class Index:
 
     def files_holding(self, cells: np.ndarray) -> np.ndarray:
         """The manifest positions of the catalog files whose range of cells holds one of these (a mask per cell)."""
-        files = self.meta["files"]
-        first = np.array([f["first_cell"] for f in files], np.int64)
-        last = np.array([f["last_cell"] for f in files], np.int64)
+        files = self.manifest.files
+        first = np.array([f.first_cell for f in files], np.int64)
+        last = np.array([f.last_cell for f in files], np.int64)
         before = np.concatenate([[0], np.cumsum(cells)])  # marked cells below each cell number
         return np.flatnonzero(before[last + 1] > before[first]) if len(files) else np.empty(0, np.int64)
 
     @property
     def catalog_bytes(self) -> int:
-        return sum(f["bytes"] for f in self.meta["files"])
+        return self.manifest.catalog_bytes
 
 
 def save(

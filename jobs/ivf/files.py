@@ -5,7 +5,7 @@ read), and the live rows of many files as a Spark table."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.filesystems import Location
+from jobs.ivf.manifest import CatalogFile
 
 if TYPE_CHECKING:
     from jobs.ivf import Index
@@ -87,20 +88,20 @@ def read_probed(
     return table, keep, footer.bytes_of(chosen, columns), len(chosen), footer
 
 
-def deletions(fs: pafs.FileSystem, root: str, entry: dict) -> np.ndarray:
+def deletions(fs: pafs.FileSystem, root: str, entry: CatalogFile) -> np.ndarray:
     """The sorted row numbers deleted from a catalog file (its manifest entry names the file that lists them)."""
-    if not entry.get("deleted"):
+    if not entry.deleted:
         return np.empty(0, np.int64)
-    with fs.open_input_file(f"{root}/{entry['deleted']}") as handle:
+    with fs.open_input_file(f"{root}/{entry.deleted}") as handle:
         return np.load(io.BytesIO(handle.read()), allow_pickle=False)
 
 
 def live_table(
-    fs: pafs.FileSystem, root: str, entry: dict, columns: list[str], positions: int | None = None
+    fs: pafs.FileSystem, root: str, entry: CatalogFile, columns: list[str], positions: int | None = None
 ) -> pa.Table:
     """A catalog file's rows less those deleted, these columns; with positions (the file's manifest position), each
     row's file and row number in it."""
-    with fs.open_input_file(f"{root}/{entry['name']}") as handle:
+    with fs.open_input_file(f"{root}/{entry.name}") as handle:
         table = pq.read_table(handle, columns=columns)
     if positions is not None:
         table = table.append_column("file", pa.array(np.full(table.num_rows, positions, np.int32)))
@@ -109,7 +110,7 @@ def live_table(
     return table.filter(pa.array(~np.isin(np.arange(table.num_rows), deleted))) if len(deleted) else table
 
 
-def live_batches(files: Location, entries: list[dict], columns: list[str]) -> Iterator[pa.RecordBatch]:
+def live_batches(files: Location, entries: Sequence[CatalogFile], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The live rows of these catalog files, a file at a time."""
     fs, root = files.filesystem(memory_map=True), files.opened_root()
     for entry in entries:
@@ -138,7 +139,7 @@ def live_rows(
 ) -> DataFrame:
     """The rows of the catalog files the manifest holds (`which` of them), less those it deleted, these columns, one
     task a file; with positions, each row's file (its manifest position) and row number in it."""
-    entries = index.meta["files"]
+    entries = index.manifest.files
     which = list(range(len(entries))) if which is None else which
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -189,7 +189,7 @@ def measure(
     --recall-sample asks (the sample's pass reads the whole catalog: a few queries read a few cells)."""
     if args.method != "ivf" or (args.nprobe or 0) >= index.cells or args.recall_sample == 0:
         return None
-    target = args.target_recall or (index.meta.get("calibration") or {}).get("target_recall") or DEFAULT_TARGET
+    target = args.target_recall or index.manifest.target_recall or DEFAULT_TARGET
     with session_settings(spark, PYTHON_JOB):
         measured = recall.estimate(
             spark,
@@ -274,7 +274,7 @@ def search_and_write(
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     summary = RunSummary("search", vars(args))
     index = ivf.load(spark, args.index)
-    args.method = args.method or index.meta.get("default_method", "ivf")
+    args.method = args.method or index.manifest.default_method
     check(args, index)
     asked = wanted(args)
     if args.k > index.count - (1 if asked.exclude_self else 0):

@@ -29,13 +29,13 @@ READ_AHEAD = (
 def locate(spark: SparkSession, index: Index, reader: str = "auto") -> Location:
     """Where the executors open the catalog's files: with pyarrow where it can (local, s3a/s3, gs; checked on one
     file), else copies that Spark ships to every executor (any Hadoop filesystem; --reader spark forces it)."""
-    if reader != "spark" and index.meta["files"]:
+    if reader != "spark" and index.manifest.files:
         files = location(spark, index.catalog_uri)
-        if files is not None and opens(files, f"{files.root}/{index.meta['files'][0]['name']}"):
+        if files is not None and opens(files, f"{files.root}/{index.manifest.files[0].name}"):
             return files
     if reader == "direct":
         raise UsageError(f"--reader direct: pyarrow cannot open {index.catalog_uri} here; use --reader spark")
-    size = sum(f["bytes"] for f in index.meta["files"]) / 2**20
+    size = index.catalog_bytes / 2**20
     log.info(
         "the executors cannot open %s with pyarrow: Spark copies its %.0f MiB to every executor first",
         index.catalog_uri,
@@ -79,7 +79,7 @@ class CatalogFiles:
         self.index, self.counters, self.columns, self.watch = index, counters, columns, watch or Stopwatch()
         self.root = files.opened_root()
         self.fs = files.filesystem(memory_map=True)
-        self.entries = index.meta["files"]
+        self.entries = index.manifest.files
         self.footers: dict[int, Footer] = {}  # a file read again, for the next chunk of queries, skips its footer
         self.deleted: dict[int, np.ndarray] = {}
         self.reader = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="catalog-read")
@@ -90,7 +90,7 @@ class CatalogFiles:
         for file in self.index.files_holding(probed).tolist():
             if file not in self.deleted:
                 self.deleted[file] = deletions(self.fs, self.root, self.entries[file])
-            path = f"{self.root}/{self.entries[file]['name']}"
+            path = f"{self.root}/{self.entries[file].name}"
             read = self.reader.submit(
                 read_probed, self.fs, path, probed, self.columns, self.footers.get(file), self.deleted[file]
             )

@@ -50,8 +50,8 @@ class Photos:
 
 def index_weights(spark: SparkSession, index: Index, override: str | None) -> Weights:
     """The weights the index's vectors came from (index.json's source, or --weights), checked against its sha256."""
-    source = override or index.meta.get("weights_source")
-    expected = index.meta.get("weights_sha256")
+    source = override or index.manifest.weights_source
+    expected = index.manifest.weights_sha256
     if not source and expected:
         raise UsageError(
             f"index {index.uri} does not say where its weights came from (sha256 {expected[:12]}); give --weights"
@@ -68,7 +68,7 @@ def index_weights(spark: SparkSession, index: Index, override: str | None) -> We
 
 def catalog_precision(index: Index) -> str:
     """The precision the catalog was embedded at, where this CPU runs it natively; else fp32, saying so."""
-    precision = (index.meta.get("embedded_with") or {}).get("precision", "fp32")
+    precision = index.manifest.made_with("precision") or "fp32"
     if precision == "bf16" and not native_bf16():
         log.warning("the catalog was embedded in bf16; this CPU has no native bf16: query photos embedded in fp32")
         return "fp32"
@@ -88,7 +88,7 @@ def embed_photos(
 
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
     # the catalog's own runtime where it can run here: a photo in the catalog and among the queries gets one vector
-    runtime = (index.meta.get("embedded_with") or {}).get("backend")
+    runtime = index.manifest.made_with("backend")
     runtime = runtime if runtime in RUNTIMES else "auto"
     choice = choose_backend(runtime, catalog_precision(index), index.model, weights, probe_crops, len(todo), threads)
     log.info(

@@ -70,15 +70,13 @@ class QueryFiles:
     def of_catalog(cls, index: Index, files: Location) -> QueryFiles:
         """The catalog's live rows, file by file in the manifest's order (row groups of neighbouring cells together)."""
         fs, groups = files.filesystem(), []
-        for entry in index.meta["files"]:
-            with fs.open_input_file(f"{files.root}/{entry['name']}") as handle:
+        for entry in index.manifest.files:
+            with fs.open_input_file(f"{files.root}/{entry.name}") as handle:
                 meta = pq.ParquetFile(handle).metadata
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
-            groups += [(f"{files.root}/{entry['name']}", g, sizes[g], int(offsets[g])) for g in range(len(sizes))]
-        deleted = {
-            f"{files.root}/{e['name']}": f"{files.root}/{e['deleted']}" for e in index.meta["files"] if e.get("deleted")
-        }
+            groups += [(f"{files.root}/{entry.name}", g, sizes[g], int(offsets[g])) for g in range(len(sizes))]
+        deleted = {f"{files.root}/{e.name}": f"{files.root}/{e.deleted}" for e in index.manifest.files if e.deleted}
         return cls(files, groups, ["image_id", "path", "label", "vector", "cell"], deleted, catalog=True)
 
     def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int, int]]]:
@@ -213,9 +211,9 @@ def check_against_index(uri: str, index: Index, model: str, dim: int, digest: st
             f"queries {uri} are {model} {dim}-d vectors but index {index.uri} holds {index.model} {index.dim}-d; "
             f"embed the queries with --model {index.model}"
         )
-    expected = index.meta.get("weights_sha256")
+    expected = index.manifest.weights_sha256
     if expected and digest and digest != expected:
-        source = index.meta.get("weights_source")
+        source = index.manifest.weights_source
         raise UsageError(
             f"queries {uri} were embedded with weights sha256 {digest[:12]} but index {index.uri} with "
             f"{expected[:12]}; "

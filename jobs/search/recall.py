@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from jobs.filesystems import SHIPPED, Location
 from jobs.index.calibrate import Nearest, exact_neighbours, recall_curve, smallest_nprobe
 from jobs.ivf import Index
 from jobs.ivf.files import live_batches
+from jobs.ivf.manifest import CatalogFile
 from jobs.search.queries import QueryFiles, Source, catalog_queries
 from jobs.search.scoring import Wanted
 from jobs.vectors import matrix_from_binary, packed_vectors
@@ -187,7 +188,7 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
     if files.kind == SHIPPED:
         frame = catalog_queries(spark, index, files).selectExpr("query_id AS image_id", "own_cell AS cell", "vector")
         return exact_neighbours(frame, sample, ids, depth)
-    entries = index.meta["files"]
+    entries = index.manifest.files
     if index.count * index.dim * 4 <= DRIVER_PASS_BYTES:
         return driver_pass(files, entries, sample, ids, depth)
     tasks = min(len(entries), spark.sparkContext.defaultParallelism * 2)
@@ -200,7 +201,7 @@ def catalog_pass(spark: SparkSession, index: Index, files: Location, sample: np.
 
 
 def driver_pass(
-    files: Location, entries: list[dict], sample: np.ndarray, ids: list[str], depth: int
+    files: Location, entries: Sequence[CatalogFile], sample: np.ndarray, ids: list[str], depth: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """catalog_pass on the driver: a thread a core, a share of the files each (reading and scoring release the
     GIL), their bests merged."""
@@ -264,7 +265,7 @@ def estimate(
     error = error * np.sqrt(max(0.0, (queries - len(sample)) / max(queries - 1, 1)))  # a finite population
     reaching = smallest_nprobe(curve, error, target)
     at = min(nprobe or reaching or index.cells, index.cells)
-    calibrated = (index.meta.get("calibration") or {}).get("recall")
+    calibrated = index.manifest.calibrated_recall
     return Estimate(
         len(sample),
         queries,

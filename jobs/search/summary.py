@@ -47,7 +47,7 @@ def rows(
     if measured:
         rows.insert(3, (f"recall@{args.k}", measured.line()))
     elif args.method == "ivf" and nprobe < index.cells:
-        calibrated = (index.meta.get("calibration") or {}).get("recall")
+        calibrated = index.manifest.calibrated_recall
         rows.insert(3, (f"recall@{args.k}", f"not measured (--recall-sample); the index's own rows: {calibrated}"))
     if args.duplicates:
         rows.append(("images with a pair", touched["images_with_pairs"]))

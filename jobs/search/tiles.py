@@ -104,7 +104,7 @@ class Found:
             "cells": index.cells,
             "catalog_rows": index.count,
             "cells_probed": int(seen.cells.sum()) if seen.cells is not None else 0,
-            "catalog_files": len(index.meta["files"]),
+            "catalog_files": len(index.manifest.files),
             "catalog_bytes": index.catalog_bytes,
             "expected_bytes_read": round(self.plan.tiling.expected_read),
             **self.counters.totals(),
