@@ -50,10 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pca_points(spark: SparkSession, uris: list[str], limit: int) -> pd.DataFrame:
-    """PCA (fitted in Spark on every embedding) to 2-D; at most `limit` sampled points for drawing."""
-    from pyspark.ml.feature import PCA
-    from pyspark.ml.functions import array_to_vector, vector_to_array
-
+    """A seeded sample of at most `limit` embeddings, projected to 2-D by their own principal components: the map
+    draws these points, and a few thousand fix its two axes as well as every row would (fitted on the driver, on the
+    sample alone: no pass over the tables but the sample's)."""
     tables = [
         spark.read.parquet(u)
         .where(F.col("embedding").isNotNull())
@@ -63,14 +62,13 @@ def pca_points(spark: SparkSession, uris: list[str], limit: int) -> pd.DataFrame
     table = tables[0]
     for other in tables[1:]:
         table = table.unionByName(other)
-    vectors = table.withColumn("features", array_to_vector("embedding"))
-    model = PCA(k=2, inputCol="features", outputCol="pc").fit(vectors)
     # a seeded random top-N (each partition keeps at most `limit` rows): min(limit, rows) points reach the driver
-    sampled = vectors.orderBy(F.rand(seed=0)).limit(limit)
-    projected = model.transform(sampled).withColumn("pc", vector_to_array("pc"))
-    return projected.select(
-        "image_id", "path", "label", "model", F.col("pc")[0].alias("x"), F.col("pc")[1].alias("y")
-    ).toPandas()
+    sampled = table.orderBy(F.rand(seed=0)).limit(limit).toPandas()
+    matrix = np.array(sampled["embedding"].tolist(), np.float64).reshape(len(sampled), -1)
+    centred = matrix - matrix.mean(axis=0) if len(matrix) else matrix
+    axes = np.linalg.svd(centred, full_matrices=False)[2][:2] if centred.size else np.zeros((0, centred.shape[1]))
+    xy = np.pad(centred @ axes.T, ((0, 0), (0, 2 - len(axes))))
+    return sampled.drop(columns="embedding").assign(x=xy[:, 0], y=xy[:, 1])
 
 
 def gallery_html(sheets: list[tuple[Sheet, str]], facts: list[tuple[str, str]], has_map: bool) -> str:
