@@ -64,9 +64,11 @@ def pca_points(spark: SparkSession, uris: list[str], limit: int) -> pd.DataFrame
         table = table.unionByName(other)
     # a seeded random top-N (each partition keeps at most `limit` rows): min(limit, rows) points reach the driver
     sampled = table.orderBy(F.rand(seed=0)).limit(limit).toPandas()
-    matrix = np.array(sampled["embedding"].tolist(), np.float64).reshape(len(sampled), -1)
-    centred = matrix - matrix.mean(axis=0) if len(matrix) else matrix
-    axes = np.linalg.svd(centred, full_matrices=False)[2][:2] if centred.size else np.zeros((0, centred.shape[1]))
+    if sampled.empty:
+        return sampled.drop(columns="embedding").assign(x=[], y=[])
+    matrix = np.array(sampled["embedding"].tolist(), np.float64)
+    centred = matrix - matrix.mean(axis=0)
+    axes = np.linalg.svd(centred, full_matrices=False)[2][:2]  # fewer than 2 where there are fewer points or dims
     xy = np.pad(centred @ axes.T, ((0, 0), (0, 2 - len(axes))))
     return sampled.drop(columns="embedding").assign(x=xy[:, 0], y=xy[:, 1])
 
