@@ -132,7 +132,7 @@ PYTHON_PREFIX ?= /usr
 EXECUTOR_PACKAGES = 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnxruntime>=1.20' 'openvino>=2025.0'
 DRIVER_PACKAGES = torch==2.13.0 'boto3>=1.28' 'matplotlib>=3.7' scipy 'onnx>=1.17'
 # $(call pack,VENV,PACKAGES,ARCHIVE). Left out: what no job runs (test suites, C headers, pip, torch's test binaries,
-# OpenVINO's GPU and NPU plugins and the frontends of formats other than ONNX), which every executor would unpack for
+# OpenVINO's GPU and NPU plugins, the frontends of formats other than ONNX, pyarrow's Flight RPC), which every executor would unpack for
 # every job. Packed as .tar.gz, which Spark unpacks with the system's tar: its Java unpacker for a plain .tar refuses
 # the link bin/python -> the nodes' interpreter (and drops the files' modes).
 define pack
@@ -143,7 +143,8 @@ define pack
 	cd $(1)/lib/python3.11/site-packages && find . -depth -type d \( -name tests -o -name test -o -name include \) \
 		-exec rm -rf {} + && rm -rf pip setuptools torch/bin/test_* torch/bin/*Test torch/bin/protoc* \
 		openvino/libs/libopenvino_intel_[gn]pu_plugin.so openvino/libs/cache.json \
-		openvino/libs/libopenvino_{tensorflow,tensorflow_lite,paddle,pytorch,jax,gguf}_frontend.so*
+		openvino/libs/libopenvino_{tensorflow,tensorflow_lite,paddle,pytorch,jax,gguf}_frontend.so* \
+		pyarrow/libarrow_flight.so* pyarrow/libarrow_python_flight.so* pyarrow/_flight.*.so
 	# venv-pack 0.2 rewrites a link only when it reads <base prefix>/bin/python (python3.11 would become python3.113.11)
 	base=$$($(1)/bin/python -c 'import sys; print(sys.base_prefix)') && cd $(1)/bin && \
 		rm -f python python3 python3.11 && ln -s "$$base/bin/python" python3.11 && ln -s python3.11 python3 && ln -s python3.11 python
