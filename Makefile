@@ -132,9 +132,9 @@ PYTHON_PREFIX ?= /usr
 EXECUTOR_PACKAGES = 'pillow>=10.1' 'pyarrow>=14' 'numpy>=1.24' 'pandas>=2.0,<3' 'onnxruntime>=1.20' 'openvino>=2025.0'
 DRIVER_PACKAGES = torch==2.13.0 'boto3>=1.28' 'matplotlib>=3.7' scipy 'onnx>=1.17'
 # $(call pack,VENV,PACKAGES,ARCHIVE). Left out: what no job runs (test suites, C headers, pip, torch's test binaries,
-# OpenVINO's GPU and NPU plugins, the frontends of formats other than ONNX, pyarrow's Flight RPC), which every executor would unpack for
-# every job. Packed as .tar.gz, which Spark unpacks with the system's tar: its Java unpacker for a plain .tar refuses
-# the link bin/python -> the nodes' interpreter (and drops the files' modes).
+# OpenVINO's GPU and NPU plugins, the frontends of formats other than ONNX, pyarrow's Flight RPC), which every
+# executor would unpack for every application. Packed as .tar.gz, which Spark unpacks with the system's tar: its Java
+# unpacker for a plain .tar refuses the link bin/python -> the nodes' interpreter (and drops the files' modes).
 define pack
 	@mkdir -p dist
 	rm -rf $(1)
