@@ -108,9 +108,15 @@ def nearest(d2: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     kk = min(k, n_cols)
     if kk == 0 or n_rows == 0:
         return columns, values
-    if kk < n_cols:  # each row's k smallest and any tied with the k-th
-        kth = np.take_along_axis(d2, np.argpartition(d2, kk - 1, axis=1)[:, kk - 1 : kk], axis=1)
-        row, col = np.nonzero(d2 <= kth)
+    if kk < n_cols:  # each row's k smallest, and where others tie with the k-th, all of those
+        cols = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        kth = np.take_along_axis(d2, cols, axis=1).max(axis=1, keepdims=True)
+        tied = np.flatnonzero((d2 <= kth).sum(axis=1) > kk)
+        row, col = np.repeat(np.arange(n_rows), kk), cols.ravel()
+        if len(tied):
+            more_row, more_col = np.nonzero(d2[tied] <= kth[tied])
+            kept = ~np.isin(row, tied)
+            row, col = np.concatenate([row[kept], tied[more_row]]), np.concatenate([col[kept], more_col])
     else:
         row, col = np.divmod(np.arange(n_rows * n_cols), n_cols)
     order, rank = ranked_within(row, d2[row, col], keys[col], kk)
