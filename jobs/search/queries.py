@@ -6,7 +6,6 @@ vector is float32 bytes (catalog rows) or list<float> (embeddings tables): the t
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,7 +21,8 @@ from jobs import storage
 from jobs.errors import UsageError
 from jobs.filesystems import SHIPPED, Location, location
 from jobs.ivf import Index
-from jobs.ivf.files import live_rows
+from jobs.ivf.files import deletions, live_rows
+from jobs.ivf.manifest import CatalogFile
 from jobs.runlog import get_logger
 from jobs.tables import VECTOR_COLUMNS, check_vectors, open_embeddings, read_embeddings
 
@@ -39,7 +39,7 @@ class QueryFiles:
     place: Location
     groups: list[tuple[str, int, int, int]]  # (file, row group, rows, its first row in the file) in the table's order
     columns: list[str]
-    deleted: dict[str, str] = field(default_factory=dict)  # catalog file -> the file listing its deleted rows
+    deleted: dict[str, CatalogFile] = field(default_factory=dict)  # catalog file -> its entry, which lists deletions
     catalog: bool = False
 
     @property
@@ -76,7 +76,7 @@ class QueryFiles:
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
             groups += [(f"{files.root}/{entry.name}", g, sizes[g], int(offsets[g])) for g in range(len(sizes))]
-        deleted = {f"{files.root}/{e.name}": f"{files.root}/{e.deleted}" for e in index.manifest.files if e.deleted}
+        deleted = {f"{files.root}/{e.name}": e for e in index.manifest.files if e.deleted}
         return cls(files, groups, ["image_id", "path", "label", "vector", "cell"], deleted, catalog=True)
 
     def runs(self, tasks: int) -> list[list[tuple[str, int, int, int, int, int]]]:
@@ -116,8 +116,7 @@ class QueryFiles:
         """read()'s batch of these rows of a file (their row numbers in it)."""
         if self.catalog:
             if path in self.deleted and path not in deleted:
-                with fs.open_input_file(self.deleted[path]) as handle:
-                    deleted[path] = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+                deleted[path] = deletions(fs, self.place.root, self.deleted[path])
             if len(deleted.get(path, ())):
                 rows = rows.filter(pa.array(~np.isin(numbers, deleted[path])))
             return batch_of(rows, "vector", own_cell=rows.column("cell").combine_chunks())
