@@ -168,14 +168,14 @@ def run_steps(spark, steps: Sequence[argparse.Namespace]) -> int:  # type: ignor
         except Exception as e:
             code = failed(e, args.job)
         times.append(f"{args.job} {time.monotonic() - started:.1f} s")
-        if code and len(steps) > 1:
-            print(
-                f"main.py: step {number} of {len(steps)} ({args.job}) failed; the {number - 1} before it are done,"
-                f" the {len(steps) - number} after it were not run",
-                file=sys.stderr,
-                flush=True,
-            )
         if code:
+            if len(steps) > 1:
+                print(
+                    f"main.py: step {number} of {len(steps)} ({args.job}) failed; the {number - 1} before it are done,"
+                    f" the {len(steps) - number} after it were not run",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return code
     if len(steps) > 1:
         log.info("%d jobs in one application: %s", len(steps), ", ".join(times))
