@@ -7,11 +7,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import read_neighbours, run_job, search, write_embeddings
+from pyspark.ml.common import _py2java
 from pyspark.ml.feature import BucketedRandomProjectionLSHModel
 from pyspark.ml.functions import array_to_vector
+from pyspark.ml.linalg import DenseMatrix
 
 from jobs import ivf
-from jobs.ivf import rand_unit_vectors, write
+from jobs.ivf import write
 from jobs.knn import LshParams, bucket_keys, squared_distances
 from scripts.vectors import clustered_unit_vectors
 
@@ -45,8 +47,15 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
     assert sorted(p.name for p in (folder / "index" / "catalog").iterdir()) == sorted(
         [f["name"] for f in index.meta["files"]] + ["_SUCCESS"]
     )
-    model = BucketedRandomProjectionLSHModel.load(str(folder / "index" / "model"))
-    assert model.getNumHashTables() == LshParams().num_hash_tables
+    # the LSH functions, kept with the cells: unit vectors that hash as Spark ML's BucketedRandomProjectionLSH does
+    projections = index.lsh_vectors
+    assert projections.shape == (LshParams().num_hash_tables, 64)
+    assert np.allclose(np.linalg.norm(projections, axis=1), 1, atol=1e-5)
+    jvm = spark._jvm.org.apache.spark.ml
+    matrix = _py2java(spark.sparkContext, DenseMatrix(len(projections), 64, projections.T.astype(float).ravel()))
+    java_model = jvm.feature.BucketedRandomProjectionLSHModel("brp", matrix)  # Spark's own hashing of them
+    java_model.set(java_model.bucketLength(), index.lsh.bucket_length).setInputCol("features").setOutputCol("hashes")
+    model = BucketedRandomProjectionLSHModel(java_model)
     sample = spark.createDataFrame([([float(x) for x in v],) for v in vectors[:20]], "e array<float>")
     spark_hashes = np.array(
         [
@@ -54,9 +63,6 @@ def test_index_stores_the_catalog_clustered_by_nearest_cell(spark, catalog):
             for row in model.transform(sample.select(array_to_vector("e").alias("features"))).collect()
         ]
     )
-    projections = rand_unit_vectors(spark, str(folder / "index" / "model"))
-    # kept beside the cells too: an update or an LSH search reads them with the index, not with a Spark job
-    np.testing.assert_array_equal(index.lsh_vectors, projections)
     np.testing.assert_array_equal(np.floor(vectors[:20] @ projections.T / index.lsh.bucket_length), spark_hashes)
     np.testing.assert_array_equal(
         np.stack(stored["buckets"].iloc[:20].to_numpy()), bucket_keys(vectors[:20], projections, index.lsh)

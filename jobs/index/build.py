@@ -93,8 +93,8 @@ def build(
     staged = storage.sibling(args.output, "staging")
     with summary.stage("train"):
         log.info("KMeans: %d cells from %d of %d vectors, %d iterations", cells, sample, count, args.kmeans_iterations)
-        centroids = train.train_centroids(vectors, count, cells, sample, args.kmeans_iterations, args.seed)
-        projections = lsh.fit_and_save(vectors, lsh_params, args.seed, f"{staged}/model") if lsh_params else None
+        centroids = train.train_centroids(vectors, count, dim, cells, sample, args.kmeans_iterations, args.seed)
+        projections = lsh.random_projections(dim, lsh_params, args.seed) if lsh_params else None
     with summary.stage("assign"):
         # read twice (cell sizes, then the write); on disk, because heap-cached columnar batches of
         # float32 vectors ran a 4g driver out of memory at 1M x 512

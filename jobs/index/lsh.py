@@ -1,26 +1,14 @@
-"""LSH hash functions for `search --method lsh`: a Spark ML BucketedRandomProjectionLSH model, saved in the index."""
+"""LSH hash functions for `search --method lsh`: seeded random unit vectors, kept with the index's cells."""
 
 from __future__ import annotations
 
 import numpy as np
-from pyspark.sql import DataFrame
 
-from jobs.ivf import rand_unit_vectors
 from jobs.knn import LshParams
 
 
-def fit_and_save(vectors: DataFrame, params: LshParams, seed: int, uri: str) -> np.ndarray:
-    """Fit the model (its random projections need one row only), save it at uri, return its unit vectors."""
-    from pyspark.ml.feature import BucketedRandomProjectionLSH  # here, as train.py imports KMeans
-    from pyspark.ml.functions import array_to_vector
-
-    lsh = BucketedRandomProjectionLSH(
-        inputCol="features",
-        outputCol="hashes",
-        bucketLength=params.bucket_length,
-        numHashTables=params.num_hash_tables,
-        seed=seed,
-    )
-    model = lsh.fit(vectors.limit(1).select(array_to_vector("embedding").alias("features")))
-    model.write().overwrite().save(uri)
-    return rand_unit_vectors(vectors.sparkSession, uri)
+def random_projections(dim: int, params: LshParams, seed: int) -> np.ndarray:
+    """(num_hash_tables, dim) float32 random unit vectors: Spark ML BucketedRandomProjectionLSH's hash functions,
+    floor(x . v / bucket_length), drawn here from the seed, so that building them runs no Spark job."""
+    drawn = np.random.default_rng(seed).standard_normal((params.num_hash_tables, dim))
+    return (drawn / np.linalg.norm(drawn, axis=1, keepdims=True)).astype(np.float32)

@@ -204,7 +204,7 @@ def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, aut
     if done.nothing or auto and done.drift["rebuild_advised"]:
         changes.unpersist()
         return done if done.nothing else None
-    lsh = (ivf.lsh_vectors(spark, index), index.lsh) if index.lsh else None
+    lsh = (index.lsh_vectors, index.lsh) if index.lsh else None
     with summary.stage("add"):
         places, count = changes.where(F.col("change").isin("added", "changed")), done.added + done.changed
         added, added_sizes = (

@@ -242,15 +242,7 @@ def load(spark: SparkSession, uri: str) -> Index:
         centroids = cells["centroids"]
         vectors = cells["lsh_vectors"] if "lsh_vectors" in cells.files else None
     lsh = LshParams(**meta["lsh"]) if meta.get("lsh") else None
+    if lsh and vectors is None:  # LSH functions kept in a Spark ML model folder, as built before
+        raise UsageError(f"index {uri} was written by an older version of this tool; rebuild it with the index job")
     params = IvfParams(**meta["ivf"])
     return Index(uri, meta["model"], meta["dim"], meta["count"], params, centroids, plan, lsh, meta, vectors)
-
-
-def lsh_vectors(spark: SparkSession, index: Index) -> np.ndarray:
-    """The index's LSH random unit vectors: kept beside its cells, or (an index built before) read from its model."""
-    return index.lsh_vectors if index.lsh_vectors is not None else rand_unit_vectors(spark, f"{index.uri}/model")
-
-
-def rand_unit_vectors(spark: SparkSession, model_uri: str) -> np.ndarray:
-    """The LSH model's random unit vectors (numHashTables x dim), read from its saved data."""
-    return np.asarray(spark.read.parquet(f"{model_uri}/data").first()[0].toArray(), dtype=np.float32)

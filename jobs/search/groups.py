@@ -25,20 +25,19 @@ def edges(pairs: DataFrame) -> DataFrame:
     ).distinct()
 
 
-def _partner_min(links: DataFrame, labels: DataFrame) -> DataFrame:
-    """(node, label): the smallest label among a node's partners and its own."""
+def settle(links: DataFrame, labels: DataFrame) -> DataFrame:
+    """One round, (node, before, label): the smallest label among a node's partners and its own, then the label of
+    that label (a label is itself a node of the same component, so this only ever shrinks it)."""
     theirs = (
         links.join(labels.withColumnRenamed("node", "partner"), "partner")
         .groupBy("node")
         .agg(F.min("label").alias("theirs"))
     )
-    return labels.join(theirs, "node").select("node", F.least("label", "theirs").alias("label"))
-
-
-def _jump(labels: DataFrame) -> DataFrame:
-    """(node, label of its label): a label is itself a node of the same component, so this only ever shrinks it."""
-    of_label = labels.select(F.col("node").alias("label"), F.col("label").alias("next"))
-    return labels.join(of_label, "label").select("node", F.least("label", "next").alias("label"))
+    stepped = labels.join(theirs, "node").select("node", "label", F.least("label", "theirs").alias("step"))
+    of_step = stepped.select(F.col("node").alias("step"), F.col("step").alias("next"))
+    return stepped.join(of_step, "step").select(
+        "node", F.col("label").alias("before"), F.least("step", "next").alias("label")
+    )
 
 
 def components(pairs: DataFrame, max_rounds: int = MAX_ROUNDS) -> DataFrame:
@@ -46,13 +45,9 @@ def components(pairs: DataFrame, max_rounds: int = MAX_ROUNDS) -> DataFrame:
     links = edges(pairs).localCheckpoint()
     labels = links.groupBy("node").agg(F.least(F.min("partner"), F.first("node")).alias("label")).localCheckpoint()
     for rounds in range(1, max_rounds + 1):
-        settled = _jump(_partner_min(links, labels)).localCheckpoint()
-        changed = (
-            settled.join(labels.withColumnRenamed("label", "before"), "node")
-            .where(F.col("label") != F.col("before"))
-            .count()
-        )
-        labels = settled
+        settled = settle(links, labels).localCheckpoint()
+        changed = settled.where(F.col("label") != F.col("before")).count()  # of the checkpoint: no shuffle
+        labels = settled.select("node", "label")
         log.info("duplicate groups: round %d, %d labels changed", rounds, changed)
         if not changed:
             break

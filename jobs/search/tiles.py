@@ -16,7 +16,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from jobs.filesystems import Location
-from jobs.ivf import Index, lsh_vectors
+from jobs.ivf import Index
 from jobs.partitions import partition_key
 from jobs.runlog import Stopwatch, get_logger
 from jobs.search import results
@@ -151,7 +151,7 @@ class Tasks:
     the plan says what each reads and how much at once."""
 
     def __init__(self, spark: SparkSession, index: Index, plan: Plan, files: Location, wanted: Wanted, read) -> None:
-        self.shipped = spark.sparkContext.broadcast((index, lsh_vectors(spark, index) if plan.lsh else None))
+        self.shipped = spark.sparkContext.broadcast((index, index.lsh_vectors if plan.lsh else None))
         self.seen, self.counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
         self.plan, self.files, self.wanted, self.read = plan, files, wanted, read
         self.columns = ROW_COLUMNS + (["buckets"] if plan.lsh else [])
