@@ -34,7 +34,7 @@ OUT ?= out/demo
 K ?= 10
 PER_PHOTO ?= 20
 
-.PHONY: setup build test lint demo bench-embed bench-search bench-shifted bench-update bench-report clean embed index search evaluate report pipeline help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
+.PHONY: setup build test lint demo bench-embed bench-search bench-shifted bench-update bench-train bench-report clean embed index search evaluate report pipeline help pack-env pack-env-full emr-submit dataproc-submit s3a-jars test-spark35 weights
 help: ## list the targets (every target has a `## ` description)
 	@awk -F ':[^#]*## ' '/^[a-zA-Z0-9][a-zA-Z0-9 _.-]*:[^=].*## / {printf "  %-36s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -107,6 +107,10 @@ bench-shifted: build ## recall on queries unlike the catalog: estimate, truth, c
 bench-update: build ## index updates next to full rebuilds, GloVe 250k (bench/results/index_update.json)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/index_update.py
+
+bench-train: build ## the cells' KMeans on both sides of the driver/Spark ML threshold (bench/results/train.json)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/train.py
 
 bench-report: ## bench/README.md from bench/results/*.json
 	$(PY) bench/report.py

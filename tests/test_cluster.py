@@ -30,10 +30,13 @@ pytestmark = pytest.mark.slow
 SPARK_CLASS = str(Path(sys.executable).parent / "spark-class")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: all held open at once while chosen (one at a time, the system may give one twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -65,7 +68,7 @@ def cluster(tmp_path_factory):
     job's folders after a few seconds (spark.worker.cleanup, as README advises), or ten jobs would leave 36 GB."""
     folder = tmp_path_factory.mktemp("cluster")
     scratch = folder
-    port, ui = free_port(), free_port()
+    port, ui, *worker_ui = free_ports(4)
     cleanup = (
         "-Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.interval=5 -Dspark.worker.cleanup.appDataTtl=5"
     )
@@ -78,7 +81,7 @@ def cluster(tmp_path_factory):
         for n in (1, 2):
             own = {"SPARK_WORKER_DIR": str(scratch / f"work{n}"), "SPARK_LOCAL_DIRS": str(scratch / f"local{n}")}
             worker = [SPARK_CLASS, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}"]
-            options = ["--host", "127.0.0.1", "--cores", "1", "--memory", "2g", "--webui-port", str(free_port())]
+            options = ["--host", "127.0.0.1", "--cores", "1", "--memory", "2g", "--webui-port", str(worker_ui[n - 1])]
             processes.append(start([*worker, *options], folder / f"worker{n}.log", {**env, **own}))
         wait_until(lambda: alive_workers(ui) == 2, 90, "both workers to register")
         yield f"spark://127.0.0.1:{port}", scratch
@@ -239,38 +242,21 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     remote["knn_graph"] = read_remote(s3, "vehicle-search/knn_graph/")
     evaluation = json.loads(s3.get_object(Bucket="vehicles", Key="vehicle-search/evaluation.json")["Body"].read())
     report = {o["Key"] for o in s3.list_objects_v2(Bucket="vehicles", Prefix="vehicle-search/report/")["Contents"]}
+    embedded, searched = (
+        json.loads(s3.get_object(Bucket="vehicles", Key=f"vehicle-search/{name}/_summary.json")["Body"].read())
+        for name in ("embeddings", "similar")
+    )
 
-    # The local run embeds the same photos with torch's resize (the executors here have none and use Pillow's): the
-    # vectors agree to cosine 0.999. From them on, the local pipeline reads the cluster's own vectors (a copy of the
+    # The same pipeline on local[2]. It embeds the same photos with torch's resize (the executors here have none and
+    # use Pillow's): the vectors agree to cosine 0.999. From them on, it reads the cluster's own vectors (a copy of the
     # table), so every answer after embed must equal the cluster's exactly; photo queries, embedded here, up to ties.
     out = tmp_path / "local"
-    embed = ["embed", "--input", photos, "--output", out / "embeddings", "--model", "mobilenet_v2"]
-    assert run_job(spark, *embed, "--weights", mobilenet_weights) == 0
-    ours = spark.read.parquet(str(out / "embeddings")).toPandas()
+    table = mirror(s3, "vehicle-search/embeddings/", out / "cluster_embeddings")
+    ours, local = replay_locally(spark, photos, queries, table, out, mobilenet_weights)
     assert named(remote["embeddings"], "path") == named(ours, "path") and len(ours) == 24
     assert remote["embeddings"]["path"].str.startswith("s3a://vehicles/vehicle-search/photos/").all()
     vectors = [dict(zip(t["path"].map(short), t["embedding"])) for t in (remote["embeddings"], ours)]
     assert min(float(np.dot(v, vectors[1][path])) for path, v in vectors[0].items()) >= 0.999
-    table = mirror(s3, "vehicle-search/embeddings/", out / "cluster_embeddings")
-    search = ["search", "--index", out / "index"]
-    graph_run = [*search, "--all", "-k", "10", "--output", out / "knn_graph"]
-    for args in (
-        ["index", "--embeddings", table, "--output", out / "index"],
-        [*search, "--images", queries, "--weights", mobilenet_weights, "--output", out / "similar", "-k", "10"],
-        graph_run,
-        [
-            "search",
-            "--index",
-            out / "index",
-            "--duplicates",
-            "--min-similarity",
-            "0.95",
-            "--output",
-            out / "duplicates",
-        ],
-    ):
-        assert run_job(spark, *args) == 0, args
-    local = {name: spark.read.parquet(str(out / name)).toPandas() for name in ("similar", "knn_graph", "duplicates")}
     same_neighbours(remote["similar"], local["similar"])
     assert named(remote["knn_graph"], "query_path", "rank", "neighbor_path") == named(
         local["knn_graph"], "query_path", "rank", "neighbor_path"
@@ -280,25 +266,20 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     assert pairs[0] == pairs[1] and pairs[0]
     assert evaluation["metrics"]["recall@10"] >= 0.9 and evaluation["metrics"]["queries"] == 24, evaluation
     assert {"vehicle-search/report/index.html", "vehicle-search/report/report_summary.json"} <= report
-    embedded = json.loads(
-        s3.get_object(Bucket="vehicles", Key="vehicle-search/embeddings/_summary.json")["Body"].read()
-    )
     assert embedded["weights"]["source"] == "s3a://vehicles/vehicle-search/models/mobilenet_v2-b0353104.pth"
-    searched = json.loads(s3.get_object(Bucket="vehicles", Key="vehicle-search/similar/_summary.json")["Body"].read())
     assert searched["touched"]["reader"] == "executors"  # pyarrow on the executors read the catalog from S3
     assert KEYS["AWS_SECRET_ACCESS_KEY"] not in json.dumps([embedded, searched])
 
-    # photos added and removed, then the README's later lines (embed the new ones, update the index) and a search
+    # photos added and removed, then the README's later lines (embed the new ones, update the index) and a search;
+    # then the same update on local[2], of a copy of the table the cluster updated
     for path in sorted((demo_dir / "catalog" / "grace_hopper").glob("*.jpg")):
         s3.upload_file(str(path), "vehicles", f"vehicle-search/photos/grace_hopper/{path.name}")
-    shutil.copytree(demo_dir / "catalog" / "grace_hopper", photos / "grace_hopper")
     for path in sorted((photos / "cat").glob("*.jpg"))[:3]:
-        path.unlink()
         s3.delete_object(Bucket="vehicles", Key=f"vehicle-search/photos/cat/{path.name}")
     assert "--then search --index $B/index --all -k 10 --output $B/knn_graph" in later
     run_block(f"{setup}\n{later}", env)
     mirror(s3, "vehicle-search/embeddings/", table)
-    for args in (["index", "--embeddings", table, "--output", out / "index", "--mode", "incremental"], graph_run):
+    for args in (["index", "--embeddings", table, "--output", out / "index", "--mode", "incremental"], graph(out)):
         assert run_job(spark, *args) == 0, args
     updated = read_remote(s3, "vehicle-search/knn_graph/")
     index_summary = json.loads(
@@ -310,6 +291,28 @@ def test_readme_standalone_block_runs_the_pipeline_on_two_workers_and_s3_as_loca
     assert named(updated, "query_path", "rank", "neighbor_path") == named(
         local_graph, "query_path", "rank", "neighbor_path"
     )
+
+
+def graph(out: Path) -> list:
+    return ["search", "--index", out / "index", "--all", "-k", "10", "--output", out / "knn_graph"]
+
+
+def replay_locally(spark, photos: Path, queries: Path, table: Path, out: Path, weights: str):
+    """The first block on local[2] with local paths: the photos embedded here, then the cluster's table (a copy)
+    indexed and searched; the local embeddings, and the similar, knn_graph and duplicates tables."""
+    embed = ["embed", "--input", photos, "--output", out / "embeddings", "--model", "mobilenet_v2"]
+    search = ["search", "--index", out / "index"]
+    duplicates = [*search, "--duplicates", "--min-similarity", "0.95", "--output", out / "duplicates"]
+    for args in (
+        [*embed, "--weights", weights],
+        ["index", "--embeddings", table, "--output", out / "index"],
+        [*search, "--images", queries, "--weights", weights, "--output", out / "similar", "-k", "10"],
+        graph(out),
+        duplicates,
+    ):
+        assert run_job(spark, *args) == 0, args
+    tables = {name: spark.read.parquet(str(out / name)).toPandas() for name in ("similar", "knn_graph", "duplicates")}
+    return spark.read.parquet(str(out / "embeddings")).toPandas(), tables
 
 
 def processes() -> dict[int, tuple[int, str]]:

@@ -37,10 +37,12 @@ def train_centroids(
     rows = vectors.sample(fraction=fraction, seed=seed) if fraction < 1.0 else vectors
     rows = rows.where(F.exists("embedding", lambda x: x != 0)).limit(sample)  # cosine is undefined for a zero vector
     if sample * dim * 4 <= DRIVER_SAMPLE_BYTES:
-        embeddings = rows.select("embedding").toPandas()["embedding"]  # bounded by DRIVER_SAMPLE_BYTES
-        if embeddings.empty:
+        # bounded by DRIVER_SAMPLE_BYTES; in the order of the ids, not of the files (which a local copy of the same
+        # table lists otherwise), so that the same rows give the same cells
+        sampled = rows.select("image_id", "embedding").toPandas().sort_values("image_id", kind="stable")
+        if sampled.empty:
             raise UsageError("the embeddings table has no non-zero vector to train the cells on")
-        data = np.stack(embeddings.to_list()).astype(np.float32)
+        data = np.stack(sampled["embedding"].to_list()).astype(np.float32)
         centroids = spherical_kmeans(data, cells, iterations, seed)
     else:
         centroids = spark_kmeans(rows, cells, iterations, seed)
