@@ -169,8 +169,9 @@ def prepare(spark: SparkSession, args: argparse.Namespace, summary: RunSummary) 
 
 def embed_and_commit(
     spark: SparkSession, args: argparse.Namespace, summary: RunSummary, plan: Plan, weights: Weights, choice: Choice
-) -> None:
-    """Embed the plan's photos on the executors, chunk by chunk, and commit the table."""
+) -> tuple[int, int]:
+    """Embed the plan's photos on the executors, chunk by chunk, and commit the table; the rows written with a vector
+    and with an error."""
     photos = None if args.reader == "spark" else photo_location(spark, plan.readable()["path"])
     if args.reader == "direct" and photos is None and not plan.readable().empty:
         raise UsageError(f"--reader direct: pyarrow cannot open the photos under {args.input} here; use --reader spark")
@@ -183,7 +184,7 @@ def embed_and_commit(
     weights_bc = spark.sparkContext.broadcast(weights.data)
     backend_bc = spark.sparkContext.broadcast(choice.backend)
     with summary.stage("embed"):
-        write_chunks(
+        written = write_chunks(
             spark,
             plan,
             args.model,
@@ -194,14 +195,20 @@ def embed_and_commit(
         )
     with summary.stage("commit"):
         commit(spark, plan, args.output)
+    return written
 
 
 def summarised(
-    spark: SparkSession, args: argparse.Namespace, summary: RunSummary, plan: Plan, weights: Weights, choice: Choice
+    spark: SparkSession,
+    args: argparse.Namespace,
+    summary: RunSummary,
+    prepared: tuple[Plan, Weights, Choice],
+    written: tuple[int, int],
 ) -> Outcome:
     """The run's summary, written beside the table and printed; its outcome."""
+    plan, weights, choice = prepared
     table = spark.read.parquet(args.output)
-    outcome = Outcome(table, plan.todo["path"].tolist(), spark)
+    outcome = Outcome(table, plan.todo["path"].tolist(), spark, written)
     vanished = len(plan.todo) - outcome.embedded - outcome.failed
     seconds = summary.data["seconds"].get("embed", 0.0)
     summary.count(
@@ -247,7 +254,7 @@ def summarised(
 
 def run(spark: SparkSession, args: argparse.Namespace) -> int:
     summary = RunSummary("embed", vars(args))
-    plan, weights, choice = prepare(spark, args, summary)
-    embed_and_commit(spark, args, summary, plan, weights, choice)
-    summarised(spark, args, summary, plan, weights, choice).check(args.max_error_rate)
+    prepared = prepare(spark, args, summary)
+    written = embed_and_commit(spark, args, summary, *prepared)
+    summarised(spark, args, summary, prepared, written).check(args.max_error_rate)
     return 0

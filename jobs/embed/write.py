@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from jobs import storage
@@ -21,8 +21,9 @@ FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the 
 
 def write_chunks(
     spark: SparkSession, plan: Plan, model: str, chunk_files: int, embed: Callable[[pd.DataFrame], DataFrame]
-) -> None:
-    """Embed the plan's files chunk by chunk, each chunk committed to plan.target before the next starts."""
+) -> tuple[int, int]:
+    """Embed the plan's files chunk by chunk, each chunk committed to plan.target before the next starts; the rows
+    written with a vector and with an error, counted as they are written (the table is not read again)."""
     readable, rejected = plan.readable(), plan.rejected()
     # a killed run can leave committed task files in _temporary that the next append would adopt
     storage.delete(spark, f"{plan.target}/_temporary")
@@ -30,10 +31,12 @@ def write_chunks(
         error_rows(spark, rejected, model).write.mode("append").parquet(plan.target)
     started = time.perf_counter()
     chunks = [readable.iloc[i : i + chunk_files] for i in range(0, len(readable), chunk_files)]
-    done_files = 0
+    done_files, embedded, failed = 0, 0, len(rejected)
     for n, chunk in enumerate(chunks, 1):
+        counted = Observation(f"chunk {n}")
+        rows = F.count(F.when(F.col("error").isNull(), 1)).alias("embedded"), F.count("error").alias("failed")
         try:
-            embed(chunk).write.mode("append").parquet(plan.target)
+            embed(chunk).observe(counted, *rows).write.mode("append").parquet(plan.target)
         except Exception:
             log.warning(
                 "chunk %d/%d failed; %d/%d files of this run are committed in %s and the next run "
@@ -46,8 +49,10 @@ def write_chunks(
             )
             raise
         done_files += len(chunk)
+        embedded, failed = embedded + counted.get["embedded"], failed + counted.get["failed"]
         rate = done_files / (time.perf_counter() - started)
         log.info("chunk %d/%d committed: %d/%d files, %.1f images/s", n, len(chunks), done_files, len(readable), rate)
+    return embedded, failed
 
 
 def commit(spark: SparkSession, plan: Plan, output: str) -> None:
@@ -79,22 +84,16 @@ def drop_stale(table: DataFrame, stale: pd.DataFrame, spark: SparkSession) -> Da
 class Outcome:
     """Embedded and failed counts among this run's files, the commonest reasons, and the first failed files."""
 
-    def __init__(self, table: DataFrame, paths: list[str], spark: SparkSession) -> None:
-        self.embedded, self.failed = 0, 0
+    def __init__(self, table: DataFrame, paths: list[str], spark: SparkSession, written: tuple[int, int]) -> None:
+        self.embedded, self.failed = written  # as write_chunks counted them
         self.reasons: list[tuple[str, int]] = []
         self.failed_files: list[tuple[str, str]] = []
-        if not paths:
-            return
-        wanted = spark.createDataFrame([(p,) for p in paths], "path string")
-        mine = table.join(F.broadcast(wanted), "path", "left_semi")
-        counts = mine.groupBy("error").count().collect()
-        self.embedded = sum(r["count"] for r in counts if r.error is None)
-        self.reasons = sorted(((r.error, r["count"]) for r in counts if r.error is not None), key=lambda x: -x[1])
-        self.failed = sum(n for _, n in self.reasons)
-        if self.failed:
-            first = (
-                mine.where(F.col("error").isNotNull()).select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
-            )
+        if self.failed:  # only then is the table read again, for this run's failed rows
+            wanted = spark.createDataFrame([(p,) for p in paths], "path string")
+            mine = table.join(F.broadcast(wanted), "path", "left_semi").where(F.col("error").isNotNull())
+            counts = mine.groupBy("error").count().collect()
+            self.reasons = sorted(((r.error, r["count"]) for r in counts), key=lambda x: -x[1])
+            first = mine.select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
             self.failed_files = [(r.path, r.error) for r in first.collect()]
 
     def summary(self) -> dict:
