@@ -73,6 +73,7 @@ def cluster(tmp_path_factory):
         "-Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.interval=5 -Dspark.worker.cleanup.appDataTtl=5"
     )
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(folder), "SPARK_WORKER_OPTS": cleanup}
+    env["SPARK_DAEMON_JAVA_OPTS"] = "-XX:TieredStopAtLevel=1"  # the master and workers only pass messages here
     processes = []
     try:
         master = [SPARK_CLASS, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port)]
