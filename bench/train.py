@@ -1,12 +1,14 @@
 """The cells' KMeans on both sides of DRIVER_SAMPLE_BYTES: numpy on the driver against Spark ML on the same sample.
 
-  python bench/train.py [--points glove:300000,clustered:10000,clustered:50000,clustered:100000]
+  python bench/train.py [--points glove:300000,clustered:10000,clustered:50000,clustered:100000,...]
 
-Each point is a catalog (GloVe 6B 50-d, or 512-d unit vectors around random centres, 100 a centre, noise 0.6) written
+Each point is a catalog (GloVe 6B 50-d, or unit vectors around random centres, 100 a centre, noise 0.6, 512-d unless
+kind:size:dim says otherwise) written
 as an embeddings table and trained as the index job trains it (its default cells and sample, 10 iterations, seed 42),
 in one local[2] session: once by the trainer the job picks (the driver where the sample is at most
 DRIVER_SAMPLE_BYTES) and once by the other. Quality is the mean cosine of every catalog row to its nearest centroid
-and the largest cell against the mean; the clustered points put samples on both sides of the threshold.
+and the largest cell against the mean. The points lie on both sides of both bounds: 512-d at 50k and 100k rows
+(the sample's bytes), 128-d at 200k and 300k (the products of an iteration; the sample's bytes fit at both).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from search import data_of, vectors_of  # noqa: E402
 
 from jobs.index import train  # noqa: E402
 from jobs.ivf import cell_scores  # noqa: E402
+from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
 LOWER, HIGHER = "lower is better", "higher is better"
 COLUMNS = {
     "catalog": "the catalog trained on",
     "cells": "cells (KMeans k): the index job's default, about 4 x sqrt(rows)",
     "sample_mib": "the training sample: rows x dimension x 4 bytes",
-    "picked": "the trainer the index job picks: driver (numpy) up to DRIVER_SAMPLE_BYTES, else spark (Spark ML)",
+    "products_g": "sample rows x cells x dimension, in billions: the products of one iteration",
+    "picked": "the trainer the index job picks: driver (numpy) up to DRIVER_SAMPLE_BYTES and DRIVER_PRODUCTS, else "
+    "spark (Spark ML)",
     "driver_s": f"seconds to train on the driver, sample collected; {LOWER}",
     "spark_s": f"seconds to train with Spark ML KMeans (cosine, block solver); {LOWER}",
     "driver_x_spark": f"driver_s / spark_s; {LOWER}",
@@ -58,25 +63,25 @@ def quality(vectors: np.ndarray, centroids: np.ndarray) -> tuple[float, float]:
     return float(np.concatenate(best).mean()), float(sizes.max() / sizes.mean())
 
 
-def trained(rows, count: int, dim: int, threshold: int) -> tuple[float, np.ndarray]:
-    """Seconds and centroids of the index job's training, with DRIVER_SAMPLE_BYTES set to threshold."""
+def trained(rows, count: int, dim: int, driver: bool) -> tuple[float, np.ndarray]:
+    """Seconds and centroids of the index job's training, on the driver or with Spark ML."""
     cells = train.default_cells(count)
     sample = min(count, max(32 * cells, 10_000))
-    saved, train.DRIVER_SAMPLE_BYTES = train.DRIVER_SAMPLE_BYTES, threshold
+    saved, train.on_driver = train.on_driver, lambda *_: driver
     try:
         started = time.perf_counter()
         centroids = train.train_centroids(rows, count, dim, cells, sample, 10, 42)
         return time.perf_counter() - started, centroids
     finally:
-        train.DRIVER_SAMPLE_BYTES = saved
+        train.on_driver = saved
 
 
-def point(spark, folder: Path, kind: str, count: int) -> dict:
+def point(spark, folder: Path, kind: str, count: int, dim: int | None) -> dict:
     from pyspark.sql import functions as F
 
-    vectors, _ = vectors_of(kind, count, 0)
+    vectors = clustered_unit_vectors(count, dim, noise=0.6, seed=7)[0] if dim else vectors_of(kind, count, 0)[0]
     dim = vectors.shape[1]
-    path = folder / f"{kind}_{count}"
+    path = folder / f"{kind}_{count}_{dim}"
     path.mkdir()
     for part, rows in enumerate(np.array_split(np.arange(count), 4)):
         embedding = pa.ListArray.from_arrays(np.arange(len(rows) + 1, dtype=np.int32) * dim, vectors[rows].ravel())
@@ -87,12 +92,14 @@ def point(spark, folder: Path, kind: str, count: int) -> dict:
     sample = min(count, max(32 * cells, 10_000))
     found = {
         "catalog": f"{kind} {count:,} x {dim}",
+        "dim": dim,
         "cells": cells,
         "sample_mib": round(sample * dim * 4 / 2**20, 1),
-        "picked": "driver" if sample * dim * 4 <= train.DRIVER_SAMPLE_BYTES else "spark",
+        "products_g": round(sample * cells * dim / 1e9, 1),
+        "picked": "driver" if train.on_driver(sample, cells, dim) else "spark",
     }
-    for name, threshold in (("driver", 2**62), ("spark", -1)):
-        seconds, centroids = trained(rows, count, dim, threshold)
+    for name in ("driver", "spark"):
+        seconds, centroids = trained(rows, count, dim, name == "driver")
         found[f"{name}_s"] = seconds
         found[f"{name}_cosine"], found[f"{name}_largest"] = quality(vectors, centroids)
     found["driver_x_spark"] = found["driver_s"] / found["spark_s"]
@@ -101,7 +108,12 @@ def point(spark, folder: Path, kind: str, count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", default="glove:300000,clustered:10000,clustered:50000,clustered:100000")
+    parser.add_argument(
+        "--points",
+        default="glove:300000,clustered:10000,clustered:50000,clustered:100000,clustered:200000:128,"
+        "clustered:300000:128",
+        help="kind:size[:dim], comma-separated",
+    )
     parser.add_argument("--name", default="train")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -112,14 +124,15 @@ def main() -> None:
     rows, data = [], []
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "data") as folder:
         for spec in args.points.split(","):
-            kind, size = spec.split(":")
-            rows.append(point(spark, Path(folder), kind, int(size)))
-            data.append(data_of(kind, int(size), 50 if kind == "glove" else 512))
+            kind, size, *dim = spec.split(":")
+            rows.append(point(spark, Path(folder), kind, int(size), int(dim[0]) if dim else None))
+            data.append(data_of(kind, int(size), rows[-1]["dim"]))
             print(rows[-1], flush=True)
     spark.stop()
     table = [[round(r[h], 3) if isinstance(r[h], float) else r[h] for h in COLUMNS] for r in rows]
     print_table(
-        f"the cells' KMeans, driver against Spark ML, local[2]; threshold {train.DRIVER_SAMPLE_BYTES / 2**20:.0f} MiB",
+        f"the cells' KMeans, driver against Spark ML, local[2]; the driver's bounds: "
+        f"{train.DRIVER_SAMPLE_BYTES >> 20} MiB of sample, {train.DRIVER_PRODUCTS / 1e9:.1f}G products an iteration",
         list(COLUMNS),
         table,
         COLUMNS,

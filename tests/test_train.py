@@ -52,3 +52,10 @@ def test_the_driver_and_spark_ml_train_cells_as_good_on_the_same_sample(spark, t
         quality(vectors, on_driver),
         quality(vectors, by_spark),
     )
+
+
+def test_the_driver_trains_only_samples_small_in_bytes_and_in_work():
+    assert train.on_driver(32768, 1024, 512)  # 64 MiB and 2^34 products: both bounds, just
+    assert not train.on_driver(32769, 1024, 512)  # a row more passes both
+    assert not train.on_driver(70_000, 2191, 128)  # 34 MiB, but 19.6G products an iteration
+    assert train.on_driver(70_000, 2191, 50)  # GloVe 300k: 13 MiB, 7.7G

@@ -21,23 +21,26 @@ def default_nprobe(cells: int) -> int:
     return max(1, min(cells, round(2.25 * np.sqrt(cells))))
 
 
-# A sample this small trains on the driver: Spark ML's KMeans runs a dozen Spark jobs whatever the sample's size,
-# 11 s of a pipeline on 24 photos on a two-worker cluster, while numpy trains 64 MiB of vectors in a few seconds
-# (bench/train.py). The bound keeps the driver's memory fixed: with the default sample (32 rows a cell, 4 sqrt(N)
-# cells) catalogs of up to about 65k rows at 512-d, 190k at 300-d and 6.9M at 50-d train here, larger on executors.
+# A small sample trains on the driver: Spark ML's KMeans runs a dozen Spark jobs whatever the sample's size, 11 s of
+# a pipeline on 24 photos on a two-worker cluster, while numpy trains 64 MiB of vectors in a few seconds
+# (bench/train.py). Two bounds keep the driver's share fixed: the sample's bytes (its memory) and the products an
+# iteration computes, sample rows x cells x dimension (its time: about 4 s for 10 iterations on 2 cores). With the
+# default sample (32 rows a cell, 4 sqrt(N) cells) that is catalogs of up to 65k rows at 512-d, 262k at 128-d and
+# 671k at 50-d; larger ones train on the executors.
 DRIVER_SAMPLE_BYTES = 64 << 20
-ASSIGN_ROWS = 8192  # sample rows scored against every centroid at once on the driver
+DRIVER_PRODUCTS = 1 << 34
+SCORES_BYTES = 64 << 20  # the scores of sample rows against every centroid held at once on the driver
 
 
 def train_centroids(
     vectors: DataFrame, count: int, dim: int, cells: int, sample: int, iterations: int, seed: int
 ) -> np.ndarray:
     """(cells, dim) float32 unit centroids, spherical KMeans (cosine) on a seeded sample of `embedding`, in locality
-    order: on the driver where the sample is at most DRIVER_SAMPLE_BYTES, else Spark ML's KMeans (block solver)."""
+    order: on the driver where the sample is small (on_driver), else Spark ML's KMeans (block solver)."""
     fraction = min(1.0, 1.1 * sample / max(count, 1))
     rows = vectors.sample(fraction=fraction, seed=seed) if fraction < 1.0 else vectors
     rows = rows.where(F.exists("embedding", lambda x: x != 0)).limit(sample)  # cosine is undefined for a zero vector
-    if sample * dim * 4 <= DRIVER_SAMPLE_BYTES:
+    if on_driver(sample, cells, dim):
         # bounded by DRIVER_SAMPLE_BYTES; in the order of the ids, not of the files (which a local copy of the same
         # table lists otherwise), so that the same rows give the same cells
         sampled = rows.select("image_id", "embedding").toPandas().sort_values("image_id", kind="stable")
@@ -48,6 +51,11 @@ def train_centroids(
     else:
         centroids = spark_kmeans(rows, cells, iterations, seed)
     return centroids[locality_order(centroids)]
+
+
+def on_driver(sample: int, cells: int, dim: int) -> bool:
+    """Whether a sample of this many rows trains its cells on the driver: DRIVER_SAMPLE_BYTES and DRIVER_PRODUCTS."""
+    return sample * dim * 4 <= DRIVER_SAMPLE_BYTES and sample * cells * dim <= DRIVER_PRODUCTS
 
 
 def spark_kmeans(rows: DataFrame, cells: int, iterations: int, seed: int) -> np.ndarray:
@@ -85,11 +93,12 @@ def spherical_kmeans(data: np.ndarray, cells: int, iterations: int, seed: int, t
     unit = data / np.linalg.norm(data, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
     centroids = seeds(unit, cells, rng)
+    rows = max(1, SCORES_BYTES // (4 * len(centroids)))
     for _ in range(iterations):
         nearest = np.concatenate(
             [
-                cell_scores(unit[start : start + ASSIGN_ROWS], centroids, True).argmin(axis=1)
-                for start in range(0, len(unit), ASSIGN_ROWS)
+                cell_scores(unit[start : start + rows], centroids, True).argmin(axis=1)
+                for start in range(0, len(unit), rows)
             ]
         )
         order = np.argsort(nearest, kind="stable")
