@@ -17,6 +17,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRINTED: list[dict[str, Any]] = []  # the tables and notes this run printed, kept in its JSON for the report
 
 
+LOWER, HIGHER = "lower is better", "higher is better"  # how the columns' definitions say which way is better
+
+
 def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     """Best wall time of `repeat` runs, and the last result."""
     best, result = float("inf"), None

@@ -29,11 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import described, print_table, write_json  # noqa: E402
+from common import HIGHER, LOWER, described, print_table, write_json  # noqa: E402
 from helpers import build_dist  # noqa: E402
 from search import DATA, TRUTH_QUERIES, found_rows, recall, row_id, row_path, submit, write_embeddings  # noqa: E402
 
-LOWER, HIGHER = "lower is better", "higher is better"
 COLUMNS = {
     "catalog": "the catalog and how its queries differ from it",
     "queries": "queries searched",

@@ -27,14 +27,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import note, print_table, write_json  # noqa: E402
+from common import HIGHER, LOWER, note, print_table, write_json  # noqa: E402
 from search import data_of, vectors_of  # noqa: E402
 
 from jobs.index import train  # noqa: E402
 from jobs.ivf import cell_scores  # noqa: E402
 from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
-LOWER, HIGHER = "lower is better", "higher is better"
 COLUMNS = {
     "catalog": "the catalog trained on",
     "cells": "cells (KMeans k): the index job's default, about 4 x sqrt(rows)",
