@@ -16,6 +16,7 @@ from jobs.runlog import get_logger
 from jobs.tables import fingerprint
 
 log = get_logger("jobs.embed")
+REASONS_KEPT = 20  # failure reasons in the summary, commonest first
 FAILED_FILES_SHOWN = 10  # failed paths named in the summary: enough to see the pattern, bounded for a big input
 
 
@@ -91,14 +92,15 @@ class Outcome:
         if self.failed:  # only then is the table read again, for this run's failed rows
             wanted = spark.createDataFrame([(p,) for p in paths], "path string")
             mine = table.join(F.broadcast(wanted), "path", "left_semi").where(F.col("error").isNotNull())
-            counts = mine.groupBy("error").count().collect()
-            self.reasons = sorted(((r.error, r["count"]) for r in counts), key=lambda x: -x[1])
+            # the commonest reasons only: an error message may name its file, so there may be one a failed row
+            counts = mine.groupBy("error").count().orderBy(F.desc("count"), "error").limit(REASONS_KEPT).collect()
+            self.reasons = [(r.error, r["count"]) for r in counts]
             first = mine.select("path", "error").orderBy("path").limit(FAILED_FILES_SHOWN)
             self.failed_files = [(r.path, r.error) for r in first.collect()]
 
     def summary(self) -> dict:
         return {
-            "errors": [{"error": e, "count": n} for e, n in self.reasons[:20]],
+            "errors": [{"error": e, "count": n} for e, n in self.reasons],
             "failed_files": [{"path": p, "error": e} for p, e in self.failed_files],
         }
 

@@ -151,14 +151,14 @@ class Tasks:
     the plan says what each reads and how much at once."""
 
     def __init__(self, spark: SparkSession, index: Index, plan: Plan, files: Location, wanted: Wanted, read) -> None:
-        self.shipped = spark.sparkContext.broadcast((index, index.lsh_vectors if plan.lsh else None))
+        self.shipped = spark.sparkContext.broadcast(index)  # with its LSH vectors, where it has them
         self.seen, self.counters = spark.sparkContext.accumulator(Seen(), SeenParam()), ReadCounters.start(spark)
         self.plan, self.files, self.wanted, self.read = plan, files, wanted, read
         self.columns = ROW_COLUMNS + (["buckets"] if plan.lsh else [])
 
     def setup(self) -> tuple[Index, tuple | None, Seen, Stopwatch]:
-        index, projections = self.shipped.value
-        lsh = (projections, index.lsh) if projections is not None else None
+        index = self.shipped.value
+        lsh = (index.lsh_vectors, index.lsh) if self.plan.lsh else None
         return index, lsh, Seen(np.zeros(index.cells, bool)), Stopwatch()
 
     def done(self, saw: Seen, rows: int, fallbacks: int = 0) -> None:
