@@ -43,7 +43,8 @@ from common import described, print_table, timed, write_json  # noqa: E402
 from helpers import build_dist, submit_command, submit_env  # noqa: E402
 
 from jobs.cli import JOBS  # noqa: E402
-from scripts.vectors import clustered_unit_vectors, spark_fingerprints  # noqa: E402
+from jobs.vectors import spark_fingerprints  # noqa: E402
+from scripts.vectors import clustered_unit_vectors  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 COUNT_SCRIPT = (

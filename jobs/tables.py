@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import NamedTuple
-from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +16,7 @@ from pyspark.sql import types as T
 
 from jobs import storage
 from jobs.errors import UsageError, is_storage_failure
-from jobs.filesystems import Location, location, path_on_filesystem
+from jobs.filesystems import Location, location
 
 NEIGHBOURS_SCHEMA = T.StructType(
     [
@@ -32,7 +31,8 @@ NEIGHBOURS_SCHEMA = T.StructType(
     ]
 )
 VECTOR_COLUMNS = ("image_id", "path", "label", "model", "embedding")
-PLACE = ("source_file", "source_row")  # where a row of an embeddings table lies: its file's URI, its row number there
+PLACE = ("source_file", "source_row")  # where a row of an embeddings table lies: its file (as the table's filesystem
+# opens it) and its row number there
 PLACES = pa.schema([("image_id", pa.string()), (PLACE[0], pa.string()), (PLACE[1], pa.int64())])
 EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
 FINGERPRINT = "xxhash64(embedding)"  # what a table's and an index's fingerprint column hold (fingerprint())
@@ -83,13 +83,11 @@ def footer_schema(spark: SparkSession, uri: str) -> T.StructType | None:
         return None
 
 
-def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str, names: list[str] | None = None) -> DataFrame:
-    """The Parquet table at uri (these files of it, by name under its folder, where given); UsageError(complaint) if
-    uri holds none, storage failures as they are."""
+def read_parquet_or_explain(spark: SparkSession, uri: str, complaint: str) -> DataFrame:
+    """The Parquet table at uri; UsageError(complaint) if uri holds none, storage failures as they are."""
     schema = footer_schema(spark, uri)
-    paths = [f"{uri.rstrip('/')}/{name}" for name in names] if names is not None else [uri]
     try:
-        return (spark.read.schema(schema) if schema else spark.read).parquet(*paths)
+        return (spark.read.schema(schema) if schema else spark.read).parquet(uri)
     except Exception as e:  # Spark raises several types for "no Parquet here", by version
         if is_storage_failure(e):
             raise
@@ -116,13 +114,12 @@ def source_file() -> Column:
     ).alias("source")
 
 
-def opened(spark: SparkSession, uri: str, what: str, names: list[str] | None = None) -> tuple[DataFrame, Column]:
+def opened(spark: SparkSession, uri: str, what: str) -> tuple[DataFrame, Column]:
     """An embeddings table's rows without an error (its columns checked, its values not: no Spark job) and its
-    weights_sha256 column (null for tables from before it); names: only these files of it. UsageError for a missing
-    table or missing columns."""
+    weights_sha256 column (null for tables from before it). UsageError for a missing table or missing columns."""
     if not storage.exists(spark, uri):
         raise UsageError(f"{what} {uri} does not exist")
-    table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table", names)
+    table = read_parquet_or_explain(spark, uri, f"{what} {uri} is not a Parquet table")
     missing = [c for c in VECTOR_COLUMNS if c not in table.columns]
     if missing:
         raise UsageError(f"{what} {uri} is not an embeddings table: missing column(s) {', '.join(missing)}")
@@ -145,26 +142,6 @@ def open_embeddings(spark: SparkSession, uri: str, what: str, sourced: bool = Fa
     )
 
 
-def open_fingerprints(
-    spark: SparkSession, uri: str, what: str, stored: bool = True, names: list[str] | None = None
-) -> DataFrame:
-    """Each row of an embeddings table (of these files of it, where named) as an index update compares it: image_id,
-    model, weights_sha256, dim, fingerprint, its place (PLACE: its file's URI and row number there, where rows_at reads
-    it again) and its file (source_file()).
-
-    stored, and a table with a fingerprint column (the embed job writes one): the vectors are not read, dim is null
-    and rows of files written before the column have a null fingerprint (the caller tells them by their place).
-    Otherwise every vector is read and fingerprinted here."""
-    table, weights = opened(spark, uri, what, names)
-    places = [F.col("_metadata.file_path").alias(PLACE[0]), F.col("_metadata.row_index").alias(PLACE[1])]
-    if stored and "fingerprint" in table.columns:
-        vector = [F.lit(None).cast("int").alias("dim"), F.col("fingerprint")]
-    else:
-        table = table.where(F.col("embedding").isNotNull())
-        vector = [F.size("embedding").alias("dim"), fingerprint().alias("fingerprint")]
-    return table.select("image_id", "model", weights, *vector, *places, source_file())
-
-
 def rows_at(places: DataFrame, rows: int, files: Location, partitions: int, dim: int) -> DataFrame:
     """image_id, path, label, embedding of the embeddings table's rows at these places (image_id and PLACE; `rows` of
     them), read with pyarrow by `partitions` tasks, each runs of places (only the row groups that hold them).
@@ -175,16 +152,16 @@ def rows_at(places: DataFrame, rows: int, files: Location, partitions: int, dim:
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         fs, asked = files.filesystem(), pa.Table.from_batches(list(batches), PLACES)
-        for uri in pc.unique(asked.column(PLACE[0])).to_pylist():
-            here = asked.filter(pc.equal(asked.column(PLACE[0]), uri)).sort_by(PLACE[1])
-            with fs.open_input_file(path_on_filesystem(unquote(uri))) as handle:
+        for path in pc.unique(asked.column(PLACE[0])).to_pylist():
+            here = asked.filter(pc.equal(asked.column(PLACE[0]), path)).sort_by(PLACE[1])
+            with fs.open_input_file(path) as handle:
                 found = read_rows(pq.ParquetFile(handle), here.column(PLACE[1]).to_numpy(), wanted.names)
             if not found.column("image_id").equals(here.column("image_id")):
-                raise UsageError(f"the embeddings table changed while it was read ({uri}); run the job again")
+                raise UsageError(f"the embeddings table changed while it was read ({path}); run the job again")
             lengths = pc.list_value_length(found.column("embedding"))
             if pc.any(pc.not_equal(lengths, dim)).as_py():
                 raise UsageError(
-                    f"{uri} has vectors of other than {dim} values, the index's dimension; rebuild with "
+                    f"{path} has vectors of other than {dim} values, the index's dimension; rebuild with "
                     "--mode overwrite"
                 )
             yield from found.cast(wanted).to_batches()

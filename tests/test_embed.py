@@ -16,7 +16,7 @@ import pytest
 from conftest import run_job
 
 from jobs.embed import EMBEDDINGS_SCHEMA, plan_files
-from scripts.vectors import spark_fingerprints
+from jobs.vectors import spark_fingerprints
 
 
 def read_table(spark, path: Path) -> pd.DataFrame:

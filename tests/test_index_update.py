@@ -13,6 +13,7 @@ from jobs import ivf
 from jobs.index import diff, update
 from jobs.knn import squared_distances
 from jobs.tables import fingerprint
+from jobs.vectors import spark_fingerprints
 from scripts.vectors import clustered_unit_vectors
 
 DIM = 32
@@ -237,66 +238,59 @@ def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp
 
 
 def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_their_places(spark, tmp_path):
-    from pyspark.sql import functions as F
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from jobs.filesystems import location
-    from jobs.tables import open_fingerprints, rows_at
+    from jobs.tables import rows_at
 
     one_ulp = float(np.nextafter(np.float32(0), np.float32(1)))
     vectors = np.array([[0.5, 0.25], [1.0, one_ulp], [0.6, 0.8], [0.0, 1.0]], np.float32)
-    write_embeddings(spark, tmp_path / "table", vectors[:3], numbers=[0, 1, 2])  # img00000, img00001, img00002
-    held_vectors = {"img00000": [0.5, 0.25], "img00001": [1.0, 0.0], "img00009": [0.0, 1.0]}
-    held = (
-        spark.createDataFrame(list(held_vectors.items()), "image_id string, embedding array<float>")
-        .select("image_id", fingerprint().alias("fingerprint"))
-        .select(
-            "image_id",
-            F.lit(3).alias("cell"),
-            "fingerprint",
-            F.lit(0).alias("file"),
-            F.lit(7).cast("long").alias("row"),
+    for fingerprints in (True, False):  # the embed job's column, or the vectors fingerprinted here as Spark does
+        folder = tmp_path / f"table{fingerprints}"
+        write_embeddings(spark, folder, vectors[:3], numbers=[0, 1, 2], fingerprints=fingerprints)
+        parts, stats = [str(p) for p in sorted(folder.glob("*.parquet"))], diff.StatsParam().zero({})
+        batches = [b for n, part in enumerate(parts) for b in diff.table_side(pq.ParquetFile(part), n, stats)]
+        table = pa.Table.from_batches(batches, diff.SIDES)
+        assert ("embedding" in diff.table_columns(pq.read_schema(parts[0]))) == (not fingerprints)
+        assert [stats[k] for k in ("rows", "model", "other_model")] == [3, "resnet18", "resnet18"]
+        assert stats["min_dim"] == stats["max_dim"] == (None if fingerprints else 2)
+        held_vectors = np.array([[0.5, 0.25], [1.0, 0.0], [0.0, 1.0]], np.float32)
+        held = pa.table(
+            {
+                "side": pa.array([diff.HELD] * 3, pa.int8()),
+                "image_id": ["img00000", "img00001", "img00009"],
+                "fingerprint": spark_fingerprints(held_vectors),
+                "file": pa.array([0, 0, 1], pa.int32()),
+                "row": pa.array([7, 8, 2], pa.int64()),
+                "cell": pa.array([3, 3, 4], pa.int32()),
+            },
+            schema=diff.SIDES,
         )
-    )
-    table = open_fingerprints(spark, str(tmp_path / "table"), "embeddings table", stored=False)
-    joined = diff.diff(table, held)
-    assert {r["image_id"]: r["change"] for r in joined.collect()} == {
-        "img00000": "same",
-        "img00001": "changed",  # one ulp apart
-        "img00009": "dropped",
-        "img00002": "added",
-    }
-    stats = joined.agg(*diff.diff_stats()).first()
-    assert [stats[c] for c in ("added", "dropped", "changed", "same", "rows", "copies")] == [1, 1, 1, 1, 3, 1]
-    places = joined.where(F.col("change").isin("added", "changed"))
-    read = {
-        r["image_id"]: r["embedding"]
-        for r in rows_at(places, 2, location(spark, str(tmp_path / "table")), 2, dim=2).collect()
-    }
-    assert read == {"img00001": [1.0, one_ulp], "img00002": [0.6000000238418579, 0.800000011920929]}
+        changed, copies = diff.join_sides(pa.concat_tables([table, held]), parts, full=True)
+        found = {r["image_id"]: r for r in changed.to_pylist()}
+        assert {i: r["change"] for i, r in found.items()} == {
+            "img00001": "changed",  # one ulp apart
+            "img00009": "dropped",
+            "img00002": "added",
+        }
+        assert copies == 1 and (found["img00009"]["file"], found["img00009"]["row"]) == (1, 2)
+        # where only appended files were read, an id the index holds is not dropped but met (the same or not)
+        grown, _ = diff.join_sides(pa.concat_tables([table, held]), parts, full=False)
+        assert sorted(grown.column("change").to_pylist()) == ["added", "changed", "same"]
+        again, copies = diff.join_sides(pa.concat_tables([table, table]), parts, full=True)
+        assert copies == 2
+        places = spark.createDataFrame(changed.to_pylist(), diff.spark_schema(diff.CHANGED)).where(
+            "change in ('added', 'changed')"
+        )
+        read = {r["image_id"]: r["embedding"] for r in rows_at(places, 2, location(spark, str(folder)), 2, 2).collect()}
+        assert read == {"img00001": [1.0, one_ulp], "img00002": [0.6000000238418579, 0.800000011920929]}
 
 
-def read_schemas(frame) -> list[str]:
-    """The columns each Parquet scan of a DataFrame's plan reads."""
-    plan = frame._jdf.queryExecution().executedPlan().toString()
-    return [line.split("ReadSchema: ", 1)[1] for line in plan.splitlines() if "ReadSchema: " in line]
-
-
-def test_an_update_reads_the_tables_fingerprints_not_its_vectors_and_the_vectors_of_files_without_them(
+def test_an_update_reads_the_vectors_of_files_without_fingerprints_and_each_row_is_right(
     spark, base, tmp_path, copy_tree, capsys
 ):
-    from jobs.filesystems import location
-    from jobs.ivf.files import live_rows
-    from jobs.tables import open_fingerprints
-
     folder, vectors, _ = base
-    index = ivf.load(spark, str(folder / "index"))
-    held = live_rows(
-        spark, index, location(spark, index.catalog_uri), ["image_id", "cell", "fingerprint"], positions=True
-    )
-    for stored, fingerprints in ((True, True), (False, True), (True, False)):
-        write_embeddings(spark, tmp_path / "t", vectors[:10], fingerprints=fingerprints)
-        read = read_schemas(diff.diff(open_fingerprints(spark, str(tmp_path / "t"), "t", stored), held))
-        assert len(read) == 1 and ("embedding" in read[0]) == (not (stored and fingerprints)), read
     # a table of files with and without the column (an older table an embed appended to): each row right
     kept = np.r_[0:1900]  # 100 dropped
     moved = vectors[:1900].copy()
@@ -367,8 +361,6 @@ def test_a_table_that_only_grew_is_compared_by_its_appended_files_alone(spark, b
 
 
 def test_the_bench_writes_the_fingerprints_spark_makes(spark):
-    from scripts.vectors import spark_fingerprints
-
     matrix = np.random.default_rng(1).standard_normal((40, 9)).astype(np.float32)
     matrix[0, 0], matrix[1, 1], matrix[2] = -0.0, np.nan, 0.0
     rows = [(i, [float(x) for x in row]) for i, row in enumerate(matrix)]
@@ -392,7 +384,7 @@ def test_read_rows_reads_the_row_groups_that_hold_the_rows_and_a_moved_row_is_an
     assert read.column("image_id").to_pylist() == [ids[r] for r in rows]
     # a place that holds another id than the one found there before: the table changed meanwhile
     places = spark.createDataFrame(
-        [("id5", (tmp_path / "f.parquet").as_uri(), 6)], "image_id string, source_file string, source_row long"
+        [("id5", str(tmp_path / "f.parquet"), 6)], "image_id string, source_file string, source_row long"
     )
     with pytest.raises(Exception, match="changed while it was read") as caught:
         rows_at(places, 1, location(spark, str(tmp_path)), 1, dim=1).collect()

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from jobs.ivf import CellPlan, cell_scores, unit_length
 from jobs.ivf.write import row_bytes
@@ -87,21 +89,28 @@ def file_of_groups(plan: CellPlan, rows_per_file: int, min_files: int) -> np.nda
 
 
 def clustered(spark: SparkSession, assigned: DataFrame, plan: CellPlan, dim: int, min_files: int) -> DataFrame:
-    """The catalog with its group, one Spark partition per output file, sorted by group, cell and id."""
-    cell_table = spark.createDataFrame(
-        [(int(c), int(plan.first_group[c]), int(plan.parts[c])) for c in range(len(plan.sizes))],
-        "cell int, first_group int, parts int",
-    )
+    """The catalog with its group, one Spark partition per output file, sorted by group, cell and id. A row's group
+    is one of its cell's, by its fingerprint (any of them serves: a search reads a cell's groups together)."""
     files = file_of_groups(plan, FILE_BYTES // row_bytes(dim), min_files)
-    group_table = spark.createDataFrame([(int(g), int(f)) for g, f in enumerate(files)], "group int, file int")
-    rows = (
-        assigned.join(F.broadcast(cell_table), "cell")
-        .withColumn("group", (F.col("first_group") + F.expr("pmod(hash(image_id), parts)")).cast("int"))
-        .join(F.broadcast(group_table), "group")
-    )
+    first_group, parts = plan.first_group.astype(np.int64), np.maximum(plan.parts, 1).astype(np.int64)
+
+    def place(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            cells = batch.column("cell").to_numpy(zero_copy_only=False).astype(np.int64)
+            prints = pc.fill_null(batch.column("fingerprint"), 0).to_numpy(zero_copy_only=False)
+            groups = first_group[cells] + np.mod(prints, parts[cells])
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, pa.array(groups.astype(np.int32)), pa.array(files[groups].astype(np.int32))],
+                names=[*batch.schema.names, "group", "file"],
+            )
+
+    fields = [f for f in assigned.schema.fields if f.name != "group"]
+    schema = T.StructType([*fields, T.StructField("group", T.IntegerType()), T.StructField("file", T.IntegerType())])
     n_files = int(files.max()) + 1 if len(files) else 1
     return (
-        rows.repartition(n_files, partition_key(F.col("file"), n_files))
+        assigned.select(*[f.name for f in fields])
+        .mapInArrow(place, schema)
+        .repartition(n_files, partition_key(F.col("file"), n_files))
         .sortWithinPartitions("group", "cell", "image_id")
         .select(*CATALOG_COLUMNS, *(["buckets"] if "buckets" in assigned.columns else []))
     )
