@@ -360,7 +360,7 @@ def test_a_table_that_only_grew_is_compared_by_its_appended_files_alone(spark, b
     assert len(read_neighbours(spark, graph)) == 1150 * 3
 
 
-def test_the_bench_writes_the_fingerprints_spark_makes(spark):
+def test_vectors_are_fingerprinted_here_as_spark_fingerprints_them(spark):
     matrix = np.random.default_rng(1).standard_normal((40, 9)).astype(np.float32)
     matrix[0, 0], matrix[1, 1], matrix[2] = -0.0, np.nan, 0.0
     rows = [(i, [float(x) for x in row]) for i, row in enumerate(matrix)]
