@@ -214,6 +214,26 @@ def test_an_update_of_other_weights_or_an_old_index_is_refused_with_one_line(spa
     assert len(err) == 1 and "rebuild with --mode overwrite" in err[0] and "fingerprints" in err[0]
 
 
+def test_an_update_from_a_folder_that_is_no_embeddings_table_is_refused_with_one_line(
+    spark, base, tmp_path, copy_tree, capsys
+):
+    folder, _, _ = base
+    index_dir = copy_tree(folder / "index", tmp_path / "index")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8 a photo, not Parquet")
+    spark.createDataFrame([("x", 1)], "image_id string, n int").write.parquet(str(tmp_path / "other"))
+    for table, said in (
+        (tmp_path / "photos", "is not Parquet"),
+        (tmp_path / "other", "missing column(s) path, label, model, embedding"),
+        (tmp_path / "missing", "does not exist"),
+    ):
+        capsys.readouterr()
+        assert run_job(spark, "index", "--embeddings", table, "--output", index_dir, "--mode", "incremental") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert ivf.load(spark, str(index_dir)).meta["version"] == 1  # untouched
+
+
 def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp_path, copy_tree, capsys):
     folder, vectors, _ = base
     index_dir = copy_tree(folder / "index", tmp_path / "index")
@@ -285,6 +305,16 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
         )
         read = {r["image_id"]: r["embedding"] for r in rows_at(places, 2, location(spark, str(folder)), 2, 2).collect()}
         assert read == {"img00001": [1.0, one_ulp], "img00002": [0.6000000238418579, 0.800000011920929]}
+
+
+def test_the_filter_of_appended_ids_passes_every_one_of_them_and_few_others():
+    import pyarrow as pa
+
+    ids = pa.array([f"{i:040x}" for i in range(40_000)])
+    bits = np.zeros(diff.ID_FILTER_BITS // 8, np.uint8)
+    diff.mark(bits, ids[:20_000])
+    passed = diff.passes(bits, ids)
+    assert passed[:20_000].all() and passed[20_000:].sum() < 20  # about 2e-5 of others at 20k ids in 8M bits
 
 
 def test_an_update_reads_the_vectors_of_files_without_fingerprints_and_each_row_is_right(

@@ -8,6 +8,7 @@ brings each id's rows together and a task joins them there; only the changed row
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,6 +51,8 @@ CHANGED = pa.schema(
         ("cell", pa.int32()),
     ]
 )
+ID_FILTER_BITS = 1 << 23  # a filter of the appended files' ids (1 MB): only the index's ids that pass it are joined
+FILTER_TASKS = 32  # the most tasks that build it, each sending the driver its 1 MB
 NO_STATS = {"rows": 0, "min_dim": None, "max_dim": None, "model": None, "other_model": None, "weights": None}
 
 
@@ -139,16 +142,57 @@ def join_sides(both: pa.Table, paths: list[str], full: bool) -> tuple[pa.Table, 
     return changed, int(copies or 0)
 
 
+def id_positions(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Each id's two bits in a filter of ID_FILTER_BITS (crc32 of its bytes, two seeds)."""
+    raw = ids.cast(pa.binary()).to_pylist()
+    first = np.fromiter((zlib.crc32(v or b"") for v in raw), np.int64, len(raw))
+    second = np.fromiter((zlib.crc32(v or b"", 0x9E3779B9) for v in raw), np.int64, len(raw))
+    return first % ID_FILTER_BITS, second % ID_FILTER_BITS
+
+
+def mark(bits: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> None:
+    """The ids added to a filter."""
+    for position in id_positions(ids):
+        np.bitwise_or.at(bits, position >> 3, np.left_shift(1, position & 7).astype(np.uint8))
+
+
+def passes(bits: np.ndarray, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which ids the filter may hold (all it holds, and about 1% of others where it holds a million)."""
+    first, second = id_positions(ids)
+    return ((bits[first >> 3] >> (first & 7)) & (bits[second >> 3] >> (second & 7)) & 1).astype(bool)
+
+
+def id_filter(spark: SparkSession, table: Location, paths: list[str]) -> np.ndarray:
+    """The filter (two bits an id, a Bloom filter) of the ids of these table files, built by the tasks: the index's
+    rows whose ids miss it cannot meet them, and need not cross the shuffle."""
+
+    def marked(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        fs, bits = table.filesystem(), np.zeros(ID_FILTER_BITS // 8, np.uint8)
+        for number in (n for batch in batches for n in batch.column("id").to_pylist()):
+            with fs.open_input_file(paths[number]) as handle:
+                for ids in opened_parquet(handle, paths[number]).iter_batches(columns=["image_id"]):
+                    mark(bits, ids.column(0))
+        yield pa.RecordBatch.from_arrays([pa.array([bits.tobytes()], pa.binary())], names=["bits"])
+
+    found = np.zeros(ID_FILTER_BITS // 8, np.uint8)
+    tasks = max(1, min(len(paths), FILTER_TASKS))
+    for row in spark.range(len(paths), numPartitions=tasks).mapInArrow(marked, "bits binary").collect():
+        found |= np.frombuffer(row["bits"], np.uint8)
+    return found
+
+
 def compare(
     spark: SparkSession, index: Index, catalog: Location, table: Location, listed: dict[str, dict], full: bool
 ) -> tuple[DataFrame, Row]:
     """The table's `listed` files (sources.listing()) against the index's live rows: the rows that are not the same
-    (CHANGED, kept on disk) and the diff's stats, counted in the same pass."""
+    (CHANGED, kept on disk) and the diff's stats, counted in the same pass. Where not full (appended files alone), only
+    the index's rows that pass a filter of the files' ids are joined: the shuffle follows the appended rows."""
     names = sorted(listed)
     entries, stats = index.manifest.files, spark.sparkContext.accumulator(StatsParam().zero({}), StatsParam())
     units = [(TABLE, n) for n in range(len(names))] + [(HELD, n) for n in range(len(entries))]
     units = [units[u] for u in np.random.default_rng(0).permutation(len(units))]  # both sides over every task
     paths = [f"{table.root}/{name}" for name in names]
+    bits = None if full else spark.sparkContext.broadcast(id_filter(spark, table, paths))
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         table_fs, catalog_fs, root = table.filesystem(), catalog.filesystem(memory_map=True), catalog.opened_root()
@@ -156,6 +200,8 @@ def compare(
         for side, number in (units[u] for batch in batches for u in batch.column("id").to_pylist()):
             if side == HELD:
                 held = live_table(catalog_fs, root, entries[number], ["image_id", "fingerprint", "cell"], number)
+                if bits is not None:
+                    held = held.filter(pa.array(passes(bits.value, held.column("image_id"))))
                 kind = pa.array(np.full(held.num_rows, HELD, np.int8))
                 yield from held.select(list(SIDES.names[1:])).add_column(0, "side", kind).cast(SIDES).to_batches()
                 continue
@@ -170,7 +216,8 @@ def compare(
         stats.add({**StatsParam().zero({}), "copies": copies})
         yield from changed.to_batches()
 
-    upper_rows = index.count + sum(f["size"] for f in listed.values()) // (4 * index.dim)  # a vector takes 4 B a value
+    # a vector takes 4 B a value; where filtered, the index's rows that cross are about the table's
+    upper_rows = (index.count if full else 0) + sum(f["size"] for f in listed.values()) // (4 * index.dim)
     partitions = max(int(spark.conf.get("spark.sql.shuffle.partitions")), -(-upper_rows // JOIN_ROWS))
     tasks = max(1, min(len(units), 4 * spark.sparkContext.defaultParallelism))
     sides = spark.range(len(units), numPartitions=tasks).mapInArrow(read, spark_schema(SIDES))
@@ -179,6 +226,8 @@ def compare(
     joined = sides.repartition(partitions, "image_id").mapInArrow(join, spark_schema(CHANGED))
     changes = joined.observe(observed, *counts).persist(StorageLevel.DISK_ONLY)
     changes.count()
+    if bits is not None:
+        bits.destroy()
     return changes, Row(**observed.get, **stats.value)
 
 
@@ -193,7 +242,7 @@ def opened_parquet(handle, path: str) -> pq.ParquetFile:
         parquet = pq.ParquetFile(handle)
     except pa.ArrowInvalid as e:
         raise UsageError(f"embeddings table file {path} is not Parquet ({e})") from e
-    missing = [c for c in VECTOR_COLUMNS if c not in parquet.schema_arrow.names and c not in ("path", "label")]
+    missing = [c for c in VECTOR_COLUMNS if c not in parquet.schema_arrow.names]
     if missing:
         raise UsageError(f"{path} is not an embeddings table file: missing column(s) {', '.join(missing)}")
     return parquet
@@ -209,6 +258,8 @@ def find_changes(
     now = sources.listing(table)
     if not now:
         raise UsageError(f"embeddings table {uri} does not exist or holds no Parquet files")
+    with table.filesystem().open_input_file(f"{table.root}/{min(now)}") as handle:  # said here, not by a task
+        opened_parquet(handle, f"{table.root}/{min(now)}")
     grown = sources.appended(index.manifest.table_files, table, now)
     unchanged = f"its {len(now) - len(grown or ())} other files unchanged since the index read them, not read"
     if grown == []:
