@@ -260,6 +260,7 @@ def test_drift_past_the_threshold_is_reported_and_auto_rebuilds(spark, base, tmp
 def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_their_places(spark, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import from_arrow_schema
 
     from jobs.filesystems import location
     from jobs.tables import rows_at
@@ -300,7 +301,7 @@ def test_the_diff_tells_each_row_apart_and_the_rows_to_add_are_read_again_at_the
         assert sorted(grown.column("change").to_pylist()) == ["added", "changed", "same"]
         again, copies = diff.join_sides(pa.concat_tables([table, table]), parts, full=True)
         assert copies == 2
-        places = spark.createDataFrame(changed.to_pylist(), diff.spark_schema(diff.CHANGED)).where(
+        places = spark.createDataFrame(changed.to_pylist(), from_arrow_schema(diff.CHANGED)).where(
             "change in ('added', 'changed')"
         )
         read = {r["image_id"]: r["embedding"] for r in rows_at(places, 2, location(spark, str(folder)), 2, 2).collect()}

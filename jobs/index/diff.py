@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from pyspark import AccumulatorParam, StorageLevel
 from pyspark.sql import DataFrame, Observation, Row, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from jobs.errors import UsageError
 from jobs.filesystems import Location
@@ -220,20 +221,15 @@ def compare(
     upper_rows = (index.count if full else 0) + sum(f["size"] for f in listed.values()) // (4 * index.dim)
     partitions = max(int(spark.conf.get("spark.sql.shuffle.partitions")), -(-upper_rows // JOIN_ROWS))
     tasks = max(1, min(len(units), 4 * spark.sparkContext.defaultParallelism))
-    sides = spark.range(len(units), numPartitions=tasks).mapInArrow(read, spark_schema(SIDES))
+    sides = spark.range(len(units), numPartitions=tasks).mapInArrow(read, from_arrow_schema(SIDES))
     observed = Observation("diff")
     counts = [F.count(F.when(F.col("change") == change, 1)).alias(change) for change in CHANGES]
-    joined = sides.repartition(partitions, "image_id").mapInArrow(join, spark_schema(CHANGED))
+    joined = sides.repartition(partitions, "image_id").mapInArrow(join, from_arrow_schema(CHANGED))
     changes = joined.observe(observed, *counts).persist(StorageLevel.DISK_ONLY)
     changes.count()
     if bits is not None:
         bits.destroy()
     return changes, Row(**observed.get, **stats.value)
-
-
-def spark_schema(schema: pa.Schema) -> str:
-    names = {pa.int8(): "tinyint", pa.int32(): "int", pa.int64(): "bigint", pa.string(): "string"}
-    return ", ".join(f"{field.name} {names[field.type]}" for field in schema)
 
 
 def opened_parquet(handle, path: str) -> pq.ParquetFile:

@@ -188,10 +188,10 @@ def updatable(spark: SparkSession, index: Index, uri: str) -> tuple[Location, Lo
 def update(spark: SparkSession, index: Index, uri: str, summary: RunSummary, auto: bool) -> Update | None:
     """Bring the index up to date with the table at uri; None where --mode auto finds a rebuild advised instead.
 
-    The table's ids and fingerprints are read in the JVM (its fingerprint column, which the embed job writes; the
-    vectors fingerprinted as they are read where a table has none) and only ids, fingerprints and places cross the one
-    shuffle (the join with the index's ids); the same pass counts the changes, checks the table and keeps only the
-    rows that changed. The vectors of the rows to add are then read at their places, and nothing else."""
+    The diff (diff.py) reads the table's ids and fingerprints with pyarrow in the tasks (its fingerprint column, which
+    the embed job writes; the vectors fingerprinted as Spark does where a file has none), and only ids, fingerprints
+    and places cross its one shuffle by id; the same pass counts the changes, checks the table and keeps only the rows
+    that changed. The vectors of the rows to add are then read at their places, and nothing else."""
     files, table_files = updatable(spark, index, uri)
     version = index.manifest.version + 1
     with summary.stage("diff"):
